@@ -1,0 +1,40 @@
+"""kumo_listener: an ESMTP listener configured like KumoMTA's, with a Rust
+core and policy written in Python.
+
+The public API mirrors KumoMTA's Lua API (``kumo.on``,
+``kumo.start_esmtp_listener``, ``kumo.reject``, connection metadata)::
+
+    import kumo_listener as kumo
+
+    @kumo.on("init")
+    def init():
+        kumo.start_esmtp_listener(listen="0.0.0.0:25", hostname="mx.example.net")
+"""
+
+from . import serde
+from ._core import ConnectionMeta, EnvelopeAddress, Message, ParamsError, validate_overrides
+from .memoize import memoize
+from .policy import EVENTS, Policy, default_policy, on
+from .reject import Reject
+from .server import Listener, Server, configure, default_server, serve, start_esmtp_listener
+
+__all__ = [
+    "EVENTS",
+    "ConnectionMeta",
+    "EnvelopeAddress",
+    "Listener",
+    "Message",
+    "ParamsError",
+    "Policy",
+    "Reject",
+    "Server",
+    "configure",
+    "default_policy",
+    "default_server",
+    "memoize",
+    "on",
+    "serde",
+    "serve",
+    "start_esmtp_listener",
+    "validate_overrides",
+]

@@ -1,0 +1,91 @@
+"""The ``kumo-listener`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import runpy
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from . import _core
+from .server import configure, default_server
+
+DEFAULT_LISTEN = "127.0.0.1:2525"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return check(Path(args.file))
+    return serve(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kumo-listener", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the listener")
+    serve.add_argument("--policy", help="a Python policy file")
+    serve.add_argument(
+        "--listen",
+        help=f"address to listen on when the policy has no init handler (default {DEFAULT_LISTEN})",
+    )
+    serve.add_argument("--maildir", default="maildir", help="Maildir to deliver to (default ./maildir)")
+    serve.add_argument("--sink", choices=["maildir", "discard"], default="maildir")
+    serve.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
+    check = commands.add_parser("check", help="validate a TOML or JSON overrides file")
+    check.add_argument("file")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    configure(sink=args.sink, maildir=args.maildir)
+    if args.policy:
+        runpy.run_path(args.policy, run_name="kumo_policy")
+    server = default_server()
+    has_init = server.policy.handler("init") is not None
+    if has_init and args.listen:
+        print("kumo-listener: --listen conflicts with the policy's init handler", file=sys.stderr)
+        return 2
+
+    def ready() -> None:
+        if not has_init:
+            server.start_esmtp_listener(listen=args.listen or DEFAULT_LISTEN)
+        places = ", ".join(f"{host}:{port}" for host, port in (x.address for x in server.listeners))
+        print(f"kumo-listener: listening on {places or 'nothing'}; mail goes to {server.sink}", flush=True)
+
+    asyncio.run(server.run(handle_signals=True, run_init=True, on_ready=ready))
+    return 0
+
+
+def load_overrides(path: Path) -> Any:
+    """Read a TOML or JSON file (by extension; TOML when unsure)."""
+    if path.suffix.lower() == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def check(path: Path) -> int:
+    try:
+        data = load_overrides(path)
+    except (OSError, ValueError) as error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return 1
+    errors = _core.validate_overrides(data)
+    for error in errors:
+        print(f"{path}: {error}", file=sys.stderr)
+    if not errors:
+        print(f"{path}: OK")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Running listeners: the server object and the dispatcher of policy calls.
+
+The Rust core queues every policy call; the dispatcher, running on one
+asyncio loop, takes them and runs the handlers there. ``async def`` handlers
+become tasks, so a slow one does not hold up other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from . import _core
+from .policy import Policy, default_policy
+from .reject import Reject
+
+logger = logging.getLogger("kumo_listener")
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A started listener."""
+
+    listen: str
+    """The ``listen`` address as configured, e.g. ``"0.0.0.0:25"``."""
+    address: tuple[str, int]
+    """The bound ``(host, port)``; with port 0 in ``listen``, the real port."""
+
+
+class _Dispatcher:
+    """Runs queued policy calls on the current asyncio loop."""
+
+    def __init__(self, core: _core.Core, policy: Policy, loop: asyncio.AbstractEventLoop) -> None:
+        self._core = core
+        self._policy = policy
+        self._loop = loop
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def start(self) -> None:
+        self._loop.add_reader(self._core.wake_fd(), self._drain)
+        self._drain()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._core.wake_fd())
+        self._drain()
+
+    def _drain(self) -> None:
+        jobs, logs = self._core.take()
+        for level, message in logs:
+            logger.log(level, "%s", message)
+        for job in jobs:
+            self._run(job)
+
+    def _run(self, job: _core.Job) -> None:
+        handler = self._policy.handler(job.event)
+        if handler is None:
+            job.complete(None)
+            return
+        try:
+            result = handler(*job.args)
+        except Exception as error:
+            self._fail(job, error)
+            return
+        if inspect.isawaitable(result):
+            self._await(job, result)
+        else:
+            self._complete(job, result)
+
+    def _await(self, job: _core.Job, awaitable: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(awaitable, loop=self._loop)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Future[Any]) -> None:
+            self._tasks.discard(task)
+            if task.cancelled():
+                self._fail(job, asyncio.CancelledError(f"{job.event} handler was cancelled"))
+            elif (error := task.exception()) is not None:
+                self._fail(job, error)
+            else:
+                self._complete(job, task.result())
+
+        task.add_done_callback(done)
+
+    def _complete(self, job: _core.Job, result: Any) -> None:
+        try:
+            job.complete(result)
+        except (TypeError, ValueError) as error:
+            peer = _peer_of(job)
+            logger.error("%s handler returned an unusable result for %s:\n%s", job.event, peer, error)
+            job.fail(f"{job.event}: {error}")
+
+    def _fail(self, job: _core.Job, error: BaseException) -> None:
+        if isinstance(error, Reject):
+            job.reject(error.code, error.message)
+            return
+        peer = _peer_of(job)
+        text = "".join(traceback.format_exception(error)).rstrip()
+        logger.error("%s handler failed for %s:\n%s", job.event, peer, text)
+        job.fail(f"{job.event}: {error!r}")
+
+
+def _peer_of(job: _core.Job) -> str:
+    for arg in job.args:
+        if isinstance(arg, _core.ConnectionMeta):
+            return str(arg.get_meta("received_from"))
+    return "?"
+
+
+class Server:
+    """Listeners sharing one sink and one policy.
+
+    Embedded use (tests, applications)::
+
+        with kumo.Server(policy=policy, maildir=tmp_path) as server:
+            listener = server.start_esmtp_listener(listen="127.0.0.1:0")
+            host, port = listener.address
+            ...
+
+    ``with`` (or :meth:`start`) runs the dispatcher on a background thread;
+    :meth:`run` runs it on the caller's asyncio loop instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: Policy | None = None,
+        sink: str = "maildir",
+        maildir: str | os.PathLike[str] = "maildir",
+        shutdown_grace: float = 30.0,
+    ) -> None:
+        self.policy = policy if policy is not None else default_policy
+        self._core = _core.Core(sink, os.fspath(maildir) if sink == "maildir" else None)
+        self._shutdown_grace = shutdown_grace
+        self._listeners: list[Listener] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._sync_handlers()
+        self.policy.watch(self._sync_handlers)
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return list(self._listeners)
+
+    @property
+    def sink(self) -> str:
+        """What the sink is, e.g. ``"Maildir ./maildir"``."""
+        return self._core.describe_sink()
+
+    def start_esmtp_listener(self, **params: Any) -> Listener:
+        """Validate ``params`` and start a listener (see the contract's list)."""
+        bound = self._core.start_listener(params)
+        listener = Listener(str(params.get("listen", "127.0.0.1:2025")), bound)
+        self._listeners.append(listener)
+        return listener
+
+    def _sync_handlers(self) -> None:
+        self._core.set_handlers(self.policy.events())
+
+    async def run(
+        self,
+        *,
+        handle_signals: bool = False,
+        run_init: bool = False,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve on the running loop until :meth:`stop` (or SIGINT/SIGTERM
+        with ``handle_signals``), then shut down gracefully. ``on_ready`` is
+        called once ``init`` has run."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stopping = asyncio.Event()
+        dispatcher = _Dispatcher(self._core, self.policy, loop)
+        dispatcher.start()
+        if handle_signals:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, self._stopping.set)
+        try:
+            if run_init:
+                await self.run_init()
+            if on_ready is not None:
+                on_ready()
+            await self._stopping.wait()
+        finally:
+            await self._shut_down()
+            dispatcher.close()
+
+    async def run_init(self) -> None:
+        """Run the policy's ``init`` handler with this server as the one that
+        ``kumo.start_esmtp_listener`` starts listeners on."""
+        init = self.policy.handler("init")
+        if init is None:
+            return
+        with current_server(self):
+            result = init()
+            if inspect.isawaitable(result):
+                await result
+
+    async def _shut_down(self) -> None:
+        self._core.begin_shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._shutdown_grace
+        while self._core.active_sessions() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self._core.active_sessions():
+            logger.warning("%d sessions still open after the shutdown grace", self._core.active_sessions())
+
+    def start(self) -> Server:
+        """Run the dispatcher on a background thread."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        ready = threading.Event()
+
+        def serve() -> None:
+            async def main() -> None:
+                task = asyncio.ensure_future(self.run())
+                await asyncio.sleep(0)
+                ready.set()
+                await task
+
+            asyncio.run(main())
+
+        self._thread = threading.Thread(target=serve, name="kumo-listener-policy", daemon=True)
+        self._thread.start()
+        ready.wait()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Shut down gracefully: stop accepting, let sessions finish (421 to
+        idle ones), then stop the dispatcher. Safe from any thread."""
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stopping.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+_current: Server | None = None
+_default: Server | None = None
+_default_settings: dict[str, Any] = {"sink": "maildir", "maildir": "maildir"}
+
+
+@contextmanager
+def current_server(server: Server) -> Iterator[Server]:
+    """Make ``kumo.start_esmtp_listener`` start listeners on ``server``."""
+    global _current
+    previous, _current = _current, server
+    try:
+        yield server
+    finally:
+        _current = previous
+
+
+def configure(*, sink: str | None = None, maildir: str | os.PathLike[str] | None = None) -> None:
+    """Set the sink of the default server, before it is first used."""
+    if _default is not None:
+        raise RuntimeError("the default server is already running; configure it before use")
+    if sink is not None:
+        _default_settings["sink"] = sink
+    if maildir is not None:
+        _default_settings["maildir"] = maildir
+
+
+def default_server() -> Server:
+    """The server behind the module-level API, created on first use."""
+    global _default
+    if _default is None:
+        _default = Server(policy=default_policy, **_default_settings)
+    return _default
+
+
+def start_esmtp_listener(**params: Any) -> Listener:
+    """Start a listener (``kumo.start_esmtp_listener``), normally from ``init``."""
+    return (_current or default_server()).start_esmtp_listener(**params)
+
+
+def serve() -> None:
+    """Run the default server: ``init``, then serve until SIGINT/SIGTERM."""
+    asyncio.run(default_server().run(handle_signals=True, run_init=True))

@@ -1,0 +1,292 @@
+//! The queue between tokio sessions and the Python thread.
+//!
+//! Sessions never touch Python: they push a [`Call`] and await its outcome.
+//! The Python dispatcher watches [`Bridge::wake_fd`] from its asyncio loop,
+//! takes every queued call in one go and completes each (possibly later,
+//! for `async def` handlers). Log records travel the same way so that Rust
+//! events reach Python's `logging`.
+
+use crate::message::Message;
+use crate::meta::MetaStore;
+use crate::params::GenericParams;
+use crate::cidr::CidrSet;
+use crate::parser::Mailbox;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// The policy events a session can raise, by their registration names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    GetDynamicParameters,
+    ConnectionAccepted,
+    Ehlo,
+    MailFrom,
+    RcptTo,
+    GetListenerDomain,
+    Data,
+    MessageReceived,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 8] = [
+        EventKind::GetDynamicParameters,
+        EventKind::ConnectionAccepted,
+        EventKind::Ehlo,
+        EventKind::MailFrom,
+        EventKind::RcptTo,
+        EventKind::GetListenerDomain,
+        EventKind::Data,
+        EventKind::MessageReceived,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::GetDynamicParameters => "smtp_server_get_dynamic_parameters",
+            EventKind::ConnectionAccepted => "smtp_server_connection_accepted",
+            EventKind::Ehlo => "smtp_server_ehlo",
+            EventKind::MailFrom => "smtp_server_mail_from",
+            EventKind::RcptTo => "smtp_server_rcpt_to",
+            EventKind::GetListenerDomain => "get_listener_domain",
+            EventKind::Data => "smtp_server_data",
+            EventKind::MessageReceived => "smtp_server_message_received",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+
+    fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+}
+
+/// An event with its arguments.
+#[derive(Debug)]
+pub enum Event {
+    GetDynamicParameters { listener: Arc<str>, meta: MetaStore },
+    ConnectionAccepted { meta: MetaStore },
+    Ehlo { domain: String, meta: MetaStore, extensions: Vec<String> },
+    MailFrom { sender: Mailbox, meta: MetaStore },
+    RcptTo { recipient: Mailbox, meta: MetaStore },
+    GetListenerDomain { domain: String, listener: Arc<str>, meta: MetaStore },
+    Data { message: Arc<Message>, meta: MetaStore },
+    MessageReceived { message: Arc<Message>, meta: MetaStore },
+}
+
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::GetDynamicParameters { .. } => EventKind::GetDynamicParameters,
+            Event::ConnectionAccepted { .. } => EventKind::ConnectionAccepted,
+            Event::Ehlo { .. } => EventKind::Ehlo,
+            Event::MailFrom { .. } => EventKind::MailFrom,
+            Event::RcptTo { .. } => EventKind::RcptTo,
+            Event::GetListenerDomain { .. } => EventKind::GetListenerDomain,
+            Event::Data { .. } => EventKind::Data,
+            Event::MessageReceived { .. } => EventKind::MessageReceived,
+        }
+    }
+}
+
+/// What `get_listener_domain` said about a domain.
+#[derive(Debug, Default)]
+pub struct ListenerDomain {
+    pub relay_to: bool,
+    pub relay_from: CidrSet,
+}
+
+/// A handler's successful result, already converted to native types.
+#[derive(Debug)]
+pub enum Response {
+    Nothing,
+    Params(Box<GenericParams>),
+    Extensions(Vec<String>),
+    ListenerDomain(ListenerDomain),
+}
+
+/// How a policy call ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Done(Response),
+    /// The handler raised `Reject(code, text)`.
+    Reject { code: u16, text: String },
+    /// The handler raised, returned something unusable, or timed out. Already logged.
+    Failed(String),
+}
+
+/// One queued policy call, completed exactly once by the Python side.
+#[derive(Debug)]
+pub struct Call {
+    pub event: Event,
+    reply: oneshot::Sender<Outcome>,
+}
+
+impl Call {
+    pub fn finish(self, outcome: Outcome) {
+        // The session may have gone away (timeout, disconnect); nothing to do then.
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// A log record for Python's `kumo_listener` logger; levels are Python's.
+#[derive(Debug)]
+pub struct LogRecord {
+    pub level: u8,
+    pub message: String,
+}
+
+pub const LOG_DEBUG: u8 = 10;
+pub const LOG_INFO: u8 = 20;
+pub const LOG_WARNING: u8 = 30;
+pub const LOG_ERROR: u8 = 40;
+
+#[derive(Default)]
+struct Queue {
+    calls: Vec<Call>,
+    logs: Vec<LogRecord>,
+    /// A wake-up byte is in the pipe and not yet drained.
+    notified: bool,
+}
+
+pub struct Bridge {
+    queue: Mutex<Queue>,
+    wake_writer: UnixStream,
+    wake_reader: UnixStream,
+    registered: AtomicU32,
+}
+
+impl Bridge {
+    pub fn new() -> std::io::Result<Self> {
+        let (wake_writer, wake_reader) = UnixStream::pair()?;
+        wake_writer.set_nonblocking(true)?;
+        wake_reader.set_nonblocking(true)?;
+        Ok(Self {
+            queue: Mutex::default(),
+            wake_writer,
+            wake_reader,
+            registered: AtomicU32::new(0),
+        })
+    }
+
+    /// The descriptor the Python loop watches for readability.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake_reader.as_raw_fd()
+    }
+
+    pub fn set_registered(&self, kinds: impl IntoIterator<Item = EventKind>) {
+        let mask = kinds.into_iter().fold(0, |mask, kind| mask | kind.bit());
+        self.registered.store(mask, Ordering::Release);
+    }
+
+    pub fn is_registered(&self, kind: EventKind) -> bool {
+        self.registered.load(Ordering::Acquire) & kind.bit() != 0
+    }
+
+    /// Queue `event` for Python and wait up to `timeout` for its outcome.
+    pub async fn call(&self, event: Event, timeout: Duration) -> Outcome {
+        let kind = event.kind();
+        let (reply, outcome) = oneshot::channel();
+        self.push(|queue| queue.calls.push(Call { event, reply }));
+        match tokio::time::timeout(timeout, outcome).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Outcome::Failed(format!("{} handler was dropped without an answer", kind.name())),
+            Err(_) => {
+                let message = format!("{} handler did not finish within {timeout:?}", kind.name());
+                self.log(LOG_ERROR, message.clone());
+                Outcome::Failed(message)
+            }
+        }
+    }
+
+    pub fn log(&self, level: u8, message: String) {
+        self.push(|queue| queue.logs.push(LogRecord { level, message }));
+    }
+
+    /// Everything queued so far. Drains the wake-up pipe first, so a call
+    /// queued after this returns always writes a fresh wake-up byte.
+    pub fn take(&self) -> (Vec<Call>, Vec<LogRecord>) {
+        let mut sink = [0u8; 64];
+        while matches!((&self.wake_reader).read(&mut sink), Ok(n) if n > 0) {}
+        let mut queue = self.lock();
+        queue.notified = false;
+        (std::mem::take(&mut queue.calls), std::mem::take(&mut queue.logs))
+    }
+
+    fn push(&self, add: impl FnOnce(&mut Queue)) {
+        let mut queue = self.lock();
+        add(&mut queue);
+        if !queue.notified {
+            queue.notified = true;
+            // A full pipe already guarantees a wake-up; any other error means
+            // the reader is gone and there is nobody left to wake.
+            let _ = (&self.wake_writer).write(&[1]);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn readable(bridge: &Bridge) -> bool {
+        let mut fds = libc::pollfd { fd: bridge.wake_fd(), events: libc::POLLIN, revents: 0 };
+        unsafe { libc::poll(&mut fds, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn event_names_round_trip() {
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::from_name(kind.name()), Some(kind));
+        }
+        assert_eq!(EventKind::from_name("init"), None);
+    }
+
+    #[test]
+    fn registration_mask() {
+        let bridge = Bridge::new().unwrap();
+        bridge.set_registered([EventKind::Ehlo, EventKind::Data]);
+        assert!(bridge.is_registered(EventKind::Ehlo));
+        assert!(!bridge.is_registered(EventKind::RcptTo));
+    }
+
+    #[tokio::test]
+    async fn a_call_wakes_the_reader_and_gets_its_outcome() {
+        let bridge = Arc::new(Bridge::new().unwrap());
+        assert!(!readable(&bridge));
+        let caller = {
+            let bridge = bridge.clone();
+            tokio::spawn(async move {
+                let event = Event::ConnectionAccepted { meta: MetaStore::new() };
+                bridge.call(event, Duration::from_secs(5)).await
+            })
+        };
+        while !readable(&bridge) {
+            tokio::task::yield_now().await;
+        }
+        let (calls, _) = bridge.take();
+        assert!(!readable(&bridge));
+        assert_eq!(calls.len(), 1);
+        calls.into_iter().for_each(|c| c.finish(Outcome::Reject { code: 550, text: "no".into() }));
+        assert!(matches!(caller.await.unwrap(), Outcome::Reject { code: 550, .. }));
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_call_times_out() {
+        let bridge = Bridge::new().unwrap();
+        let event = Event::ConnectionAccepted { meta: MetaStore::new() };
+        let outcome = bridge.call(event, Duration::from_millis(10)).await;
+        assert!(matches!(outcome, Outcome::Failed(m) if m.contains("did not finish")));
+        let (_, logs) = bridge.take();
+        assert_eq!(logs.len(), 1);
+    }
+}

@@ -1,0 +1,19 @@
+//! kumo_listener: an ESMTP listener configured the way KumoMTA configures
+//! its listeners, with policy written in Python.
+//!
+//! Pure logic (no I/O, no Python): [`parser`], [`framing`], [`reply`],
+//! [`cidr`], [`params`], [`message`]. The server: [`server`], [`session`],
+//! [`sink`], and [`bridge`] to the Python thread. [`py`] is the binding.
+
+pub mod bridge;
+pub mod cidr;
+pub mod framing;
+pub mod message;
+pub mod meta;
+pub mod params;
+pub mod parser;
+mod py;
+pub mod reply;
+pub mod server;
+pub mod session;
+pub mod sink;

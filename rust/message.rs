@@ -1,0 +1,188 @@
+//! Messages as handed to policy and sinks: identifiers, trace headers and
+//! splitting a transaction by `batch_handling`. No I/O.
+
+use crate::meta::MetaStore;
+use crate::params::BatchHandling;
+use crate::parser::Mailbox;
+use bytes::Bytes;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One message: the whole transaction (before splitting) or one split part.
+#[derive(Debug)]
+pub struct Message {
+    pub id: String,
+    /// The reverse path; the null sender `<>` has an empty local part and domain.
+    pub sender: Mailbox,
+    pub recipients: Vec<Mailbox>,
+    /// The message as received, trace headers first. Shared by split parts.
+    pub data: Bytes,
+    pub meta: MetaStore,
+}
+
+impl Message {
+    pub fn new(id: String, sender: Mailbox, recipients: Vec<Mailbox>, data: Bytes) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            sender,
+            recipients,
+            data,
+            meta: MetaStore::new(),
+        })
+    }
+}
+
+/// A process-unique, time-ordered identifier of 32 hex digits.
+pub fn new_message_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    let sequence = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{nanos:016x}{:08x}{:08x}", std::process::id(), sequence as u32)
+}
+
+/// Split a transaction into the messages that policy and the sink receive.
+/// Each part gets its own id and a copy of the transaction's metadata.
+pub fn split(transaction: &Message, handling: BatchHandling) -> Vec<Arc<Message>> {
+    let groups: Vec<Vec<Mailbox>> = match handling {
+        BatchHandling::BifurcateAlways => {
+            transaction.recipients.iter().map(|r| vec![r.clone()]).collect()
+        }
+        BatchHandling::BatchByDomain => group_by_domain(&transaction.recipients),
+    };
+    let meta = transaction.meta.snapshot();
+    groups
+        .into_iter()
+        .map(|recipients| {
+            let part = Message::new(
+                new_message_id(),
+                transaction.sender.clone(),
+                recipients,
+                transaction.data.clone(),
+            );
+            part.meta.merge(&meta);
+            part
+        })
+        .collect()
+}
+
+fn group_by_domain(recipients: &[Mailbox]) -> Vec<Vec<Mailbox>> {
+    let mut groups: Vec<Vec<Mailbox>> = Vec::new();
+    for recipient in recipients {
+        let existing = groups
+            .iter_mut()
+            .find(|g| g[0].domain.eq_ignore_ascii_case(&recipient.domain));
+        match existing {
+            Some(group) => group.push(recipient.clone()),
+            None => groups.push(vec![recipient.clone()]),
+        }
+    }
+    groups
+}
+
+/// What a `Received:` header says about the transaction.
+pub struct ReceivedInfo<'a> {
+    pub helo_domain: &'a str,
+    pub client_ip: IpAddr,
+    pub hostname: &'a str,
+    pub protocol: &'a str,
+    pub id: &'a str,
+    pub recipients: &'a [Mailbox],
+}
+
+/// An RFC 5321 §4.4 `Received:` header, folded, ending in CRLF.
+pub fn received_header(info: &ReceivedInfo) -> String {
+    let ReceivedInfo { helo_domain, client_ip, hostname, protocol, id, recipients } = info;
+    let address_literal = match client_ip {
+        IpAddr::V4(ip) => format!("[{ip}]"),
+        IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
+    };
+    // Naming the recipient of a multi-recipient transaction would disclose
+    // the others to each of them.
+    let for_clause = match recipients {
+        [only] => format!("\r\n\tfor <{only}>"),
+        _ => String::new(),
+    };
+    let date = chrono::Local::now().to_rfc2822();
+    format!(
+        "Received: from {helo_domain} ({address_literal})\r\n\tby {hostname} (kumo_listener) with {protocol} id {id}{for_clause};\r\n\t{date}\r\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mailbox(s: &str) -> Mailbox {
+        let (local_part, domain) = s.split_once('@').unwrap();
+        Mailbox { local_part: local_part.into(), domain: domain.into() }
+    }
+
+    fn transaction(recipients: &[&str]) -> Arc<Message> {
+        let message = Message::new(
+            new_message_id(),
+            mailbox("a@x.example"),
+            recipients.iter().map(|r| mailbox(r)).collect(),
+            Bytes::from_static(b"Subject: t\r\n\r\nbody\r\n"),
+        );
+        message.meta.set("tenant", "acme");
+        message
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let a = new_message_id();
+        let b = new_message_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+    }
+
+    #[test]
+    fn bifurcate_always_gives_one_message_per_recipient() {
+        let parts = split(&transaction(&["1@a.example", "2@a.example", "3@b.example"]), BatchHandling::BifurcateAlways);
+        assert_eq!(parts.len(), 3);
+        assert!(parts.iter().all(|p| p.recipients.len() == 1));
+        assert_eq!(parts[0].meta.get_str("tenant").as_deref(), Some("acme"));
+        assert_ne!(parts[0].id, parts[1].id);
+    }
+
+    #[test]
+    fn batch_by_domain_groups_case_insensitively_in_first_seen_order() {
+        let parts = split(
+            &transaction(&["1@a.example", "2@b.example", "3@A.EXAMPLE"]),
+            BatchHandling::BatchByDomain,
+        );
+        let domains: Vec<Vec<String>> = parts
+            .iter()
+            .map(|p| p.recipients.iter().map(|r| r.to_string()).collect())
+            .collect();
+        assert_eq!(
+            domains,
+            vec![vec!["1@a.example".to_string(), "3@A.EXAMPLE".to_string()], vec!["2@b.example".to_string()]]
+        );
+    }
+
+    #[test]
+    fn received_header_names_a_single_recipient_only() {
+        let recipients = [mailbox("r@b.example")];
+        let info = ReceivedInfo {
+            helo_domain: "client.example",
+            client_ip: "192.0.2.1".parse().unwrap(),
+            hostname: "mx.example",
+            protocol: "ESMTP",
+            id: "abc",
+            recipients: &recipients,
+        };
+        let header = received_header(&info);
+        assert!(header.starts_with("Received: from client.example ([192.0.2.1])\r\n\tby mx.example"));
+        assert!(header.contains("for <r@b.example>;"));
+        assert!(header.ends_with("\r\n"));
+        let two = [mailbox("r@b.example"), mailbox("s@b.example")];
+        let header = received_header(&ReceivedInfo { recipients: &two, ..info });
+        assert!(!header.contains("for <"));
+    }
+}

@@ -1,0 +1,246 @@
+//! The server handle Python drives, and the jobs it hands to Python.
+
+use super::convert::to_json;
+use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyMessage};
+use super::ParamsError;
+use crate::bridge::{Bridge, Call, Event, EventKind, ListenerDomain, Outcome, Response};
+use crate::cidr::{parse_cidr, CidrSet};
+use crate::params::{parse_listener_config, parse_overrides, ParamErrors};
+use crate::server::{self, ServerState};
+use crate::sink::{Maildir, Sink};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+pub fn params_error(errors: &ParamErrors) -> PyErr {
+    ParamsError::new_err(errors.to_string())
+}
+
+/// One server: its listeners, its sink, and the queue to Python policy.
+#[pyclass(frozen, module = "kumo_listener._core", name = "Core")]
+pub struct PyCore {
+    state: Arc<ServerState>,
+}
+
+#[pymethods]
+impl PyCore {
+    #[new]
+    #[pyo3(signature = (sink, maildir=None))]
+    fn new(sink: &str, maildir: Option<PathBuf>) -> PyResult<Self> {
+        let sink = match (sink, maildir) {
+            ("discard", _) => Sink::Discard,
+            ("maildir", Some(path)) => Sink::Maildir(Arc::new(
+                Maildir::open(&path).map_err(|e| PyOSError::new_err(format!("maildir {}: {e}", path.display())))?,
+            )),
+            ("maildir", None) => return Err(PyValueError::new_err("the maildir sink needs a directory")),
+            (other, _) => {
+                return Err(PyValueError::new_err(format!("sink: expected \"maildir\" or \"discard\", got {other:?}")))
+            }
+        };
+        let bridge = Bridge::new().map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok(Self { state: ServerState::new(Arc::new(bridge), sink) })
+    }
+
+    /// Validate `params`, bind the listener and start serving it.
+    /// Returns the bound `(host, port)`.
+    fn start_listener(&self, py: Python<'_>, params: &Bound<'_, PyDict>) -> PyResult<(String, u16)> {
+        let value = to_json(params.as_any(), "")?;
+        let config = parse_listener_config(&value).map_err(|e| params_error(&e))?;
+        let state = self.state.clone();
+        let bound = py
+            .detach(|| server::start_listener(state, config))
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok((bound.ip().to_string(), bound.port()))
+    }
+
+    /// Tell the core which events have handlers, so it skips the others.
+    fn set_handlers(&self, events: Vec<String>) {
+        self.state.bridge.set_registered(events.iter().filter_map(|name| EventKind::from_name(name)));
+    }
+
+    /// The descriptor that becomes readable when jobs or logs are queued.
+    fn wake_fd(&self) -> i32 {
+        self.state.bridge.wake_fd()
+    }
+
+    /// Queued policy calls and log records `(level, message)`.
+    fn take(&self) -> (Vec<PyJob>, Vec<(u8, String)>) {
+        let (calls, logs) = self.state.bridge.take();
+        let jobs = calls.into_iter().map(PyJob::new).collect();
+        (jobs, logs.into_iter().map(|record| (record.level, record.message)).collect())
+    }
+
+    /// Stop accepting; sessions answer 421 at their next read.
+    fn begin_shutdown(&self) {
+        self.state.begin_shutdown();
+    }
+
+    fn active_sessions(&self) -> usize {
+        self.state.active_sessions()
+    }
+
+    fn describe_sink(&self) -> String {
+        self.state.sink.describe()
+    }
+}
+
+/// A policy call waiting for its handler's result.
+#[pyclass(frozen, module = "kumo_listener._core", name = "Job")]
+pub struct PyJob {
+    kind: EventKind,
+    call: Mutex<Option<Call>>,
+}
+
+impl PyJob {
+    fn new(call: Call) -> Self {
+        Self { kind: call.event.kind(), call: Mutex::new(Some(call)) }
+    }
+
+    fn finish(&self, outcome: Outcome) -> PyResult<()> {
+        let call = self.call.lock().map_err(|_| PyRuntimeError::new_err("job lock poisoned"))?.take();
+        let call = call.ok_or_else(|| PyRuntimeError::new_err("job already finished"))?;
+        call.finish(outcome);
+        Ok(())
+    }
+
+    fn with_event<R>(&self, read: impl FnOnce(&Event) -> PyResult<R>) -> PyResult<R> {
+        let call = self.call.lock().map_err(|_| PyRuntimeError::new_err("job lock poisoned"))?;
+        let call = call.as_ref().ok_or_else(|| PyRuntimeError::new_err("job already finished"))?;
+        read(&call.event)
+    }
+}
+
+fn meta_object(py: Python<'_>, meta: &crate::meta::MetaStore) -> PyResult<Py<PyConnectionMeta>> {
+    Py::new(py, PyConnectionMeta { store: meta.clone() })
+}
+
+fn message_object(py: Python<'_>, message: &Arc<crate::message::Message>) -> PyResult<Py<PyMessage>> {
+    Py::new(py, PyMessage { message: message.clone() })
+}
+
+#[pymethods]
+impl PyJob {
+    /// The event name the handler is registered under.
+    #[getter]
+    fn event(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// The handler's positional arguments.
+    #[getter]
+    fn args<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        self.with_event(|event| {
+            let args: Vec<Bound<'py, PyAny>> = match event {
+                Event::GetDynamicParameters { listener, meta } => {
+                    vec![PyString::new(py, listener).into_any(), meta_object(py, meta)?.into_bound(py).into_any()]
+                }
+                Event::ConnectionAccepted { meta } => vec![meta_object(py, meta)?.into_bound(py).into_any()],
+                Event::Ehlo { domain, meta, extensions } => vec![
+                    PyString::new(py, domain).into_any(),
+                    meta_object(py, meta)?.into_bound(py).into_any(),
+                    PyList::new(py, extensions)?.into_any(),
+                ],
+                Event::MailFrom { sender: address, meta } | Event::RcptTo { recipient: address, meta } => vec![
+                    Py::new(py, PyEnvelopeAddress::new(address.clone()))?.into_bound(py).into_any(),
+                    meta_object(py, meta)?.into_bound(py).into_any(),
+                ],
+                Event::GetListenerDomain { domain, listener, meta } => vec![
+                    PyString::new(py, domain).into_any(),
+                    PyString::new(py, listener).into_any(),
+                    meta_object(py, meta)?.into_bound(py).into_any(),
+                ],
+                Event::Data { message, meta } | Event::MessageReceived { message, meta } => vec![
+                    message_object(py, message)?.into_bound(py).into_any(),
+                    meta_object(py, meta)?.into_bound(py).into_any(),
+                ],
+            };
+            PyTuple::new(py, args)
+        })
+    }
+
+    /// Finish with the handler's return value. Raises (and leaves the job
+    /// open) when the value does not fit the event.
+    fn complete(&self, result: &Bound<'_, PyAny>) -> PyResult<()> {
+        let response = convert_result(self.kind, result)?;
+        self.finish(Outcome::Done(response))
+    }
+
+    /// Finish with `Reject(code, message)`.
+    fn reject(&self, code: u16, message: String) -> PyResult<()> {
+        self.finish(Outcome::Reject { code, text: message })
+    }
+
+    /// Finish with a failure (already logged by the caller).
+    fn fail(&self, reason: String) -> PyResult<()> {
+        self.finish(Outcome::Failed(reason))
+    }
+}
+
+fn convert_result(kind: EventKind, result: &Bound<'_, PyAny>) -> PyResult<Response> {
+    if result.is_none() {
+        return Ok(Response::Nothing);
+    }
+    match kind {
+        EventKind::GetDynamicParameters => {
+            let value = to_json(result, "")?;
+            let params = parse_overrides(&value, "").map_err(|e| params_error(&e))?;
+            Ok(Response::Params(Box::new(params)))
+        }
+        EventKind::Ehlo => ehlo_extensions(result).map(Response::Extensions),
+        EventKind::GetListenerDomain => listener_domain(&to_json(result, "")?).map(Response::ListenerDomain),
+        _ => Err(PyTypeError::new_err(format!(
+            "{} handlers must return None, got {}",
+            kind.name(),
+            result.get_type().name()?
+        ))),
+    }
+}
+
+fn ehlo_extensions(result: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    let extensions: Vec<String> = result
+        .extract()
+        .map_err(|_| PyTypeError::new_err("smtp_server_ehlo handlers must return None or a list of str"))?;
+    match extensions.iter().position(|e| e.is_empty() || e.chars().any(char::is_control)) {
+        Some(index) => Err(PyValueError::new_err(format!("[{index}]: an EHLO extension must be a non-empty line"))),
+        None => Ok(extensions),
+    }
+}
+
+fn listener_domain(value: &Value) -> PyResult<ListenerDomain> {
+    let Value::Object(map) = value else {
+        return Err(PyTypeError::new_err("get_listener_domain handlers must return None or a dict"));
+    };
+    let mut domain = ListenerDomain::default();
+    for (key, item) in map {
+        match (key.as_str(), item) {
+            ("relay_to", Value::Bool(relay_to)) => domain.relay_to = *relay_to,
+            ("relay_from", Value::Array(cidrs)) => domain.relay_from = cidr_set(cidrs)?,
+            ("relay_to" | "relay_from", _) => {
+                return Err(PyTypeError::new_err(format!("{key}: expected {}", expected_for(key))))
+            }
+            // KumoMTA's reporting switches: accepted so policies port unchanged.
+            ("log_oob" | "log_arf", _) => {}
+            _ => return Err(PyValueError::new_err(format!("{key}: unknown get_listener_domain key"))),
+        }
+    }
+    Ok(domain)
+}
+
+fn expected_for(key: &str) -> &'static str {
+    if key == "relay_to" { "a bool" } else { "a list of CIDR strings" }
+}
+
+fn cidr_set(items: &[Value]) -> PyResult<CidrSet> {
+    let mut set = CidrSet::new();
+    for (index, item) in items.iter().enumerate() {
+        let net = item
+            .as_str()
+            .ok_or_else(|| PyTypeError::new_err(format!("relay_from[{index}]: expected a CIDR string")))
+            .and_then(|s| parse_cidr(s).map_err(|e| PyValueError::new_err(format!("relay_from[{index}]: {e}"))))?;
+        set.insert(net, ());
+    }
+    Ok(set)
+}

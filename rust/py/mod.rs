@@ -1,0 +1,50 @@
+//! The `kumo_listener._core` extension module: a thin layer over the core.
+
+mod convert;
+mod core;
+mod objects;
+
+use crate::params::{parse_duration, parse_overrides};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyValueError};
+use pyo3::prelude::*;
+
+create_exception!(
+    _core,
+    ParamsError,
+    PyValueError,
+    "Invalid listener parameters; the message lists every error with its key path."
+);
+
+/// Check an overrides table (a dynamic result or a TOML/JSON file's contents).
+/// Returns every error as `"key.path: message"`; empty when valid.
+#[pyfunction]
+fn validate_overrides(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    let value = convert::to_json(value, "")?;
+    Ok(match parse_overrides(&value, "") {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+    })
+}
+
+/// Seconds in a duration given as a number or a string like `"5 minutes"`.
+#[pyfunction]
+fn duration_seconds(value: &Bound<'_, PyAny>) -> PyResult<f64> {
+    let value = convert::to_json(value, "")?;
+    parse_duration(&value)
+        .map(|d| d.as_secs_f64())
+        .map_err(PyValueError::new_err)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<core::PyCore>()?;
+    m.add_class::<core::PyJob>()?;
+    m.add_class::<objects::PyConnectionMeta>()?;
+    m.add_class::<objects::PyMessage>()?;
+    m.add_class::<objects::PyEnvelopeAddress>()?;
+    m.add("ParamsError", m.py().get_type::<ParamsError>())?;
+    m.add_function(wrap_pyfunction!(validate_overrides, m)?)?;
+    m.add_function(wrap_pyfunction!(duration_seconds, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The objects policy handlers receive: connection metadata, messages and
+//! envelope addresses. Each is a thin view on state the Rust side shares.
+
+use super::convert::{to_json, to_python};
+use crate::message::Message;
+use crate::meta::MetaStore;
+use crate::parser::Mailbox;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use std::sync::Arc;
+
+fn get_meta<'py>(py: Python<'py>, store: &MetaStore, name: &str) -> PyResult<Bound<'py, PyAny>> {
+    match store.get(name) {
+        Some(value) => to_python(py, &value),
+        None => Ok(py.None().into_bound(py)),
+    }
+}
+
+fn set_meta(store: &MetaStore, name: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
+    store.set(name, to_json(value, name)?);
+    Ok(())
+}
+
+/// Metadata of one connection, shared by every event of that connection.
+#[pyclass(frozen, module = "kumo_listener._core", name = "ConnectionMeta")]
+pub struct PyConnectionMeta {
+    pub store: MetaStore,
+}
+
+#[pymethods]
+impl PyConnectionMeta {
+    /// The value stored under `name`, or None.
+    fn get_meta<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        get_meta(py, &self.store, name)
+    }
+
+    /// Store a JSON-serialisable value under `name`.
+    fn set_meta(&self, name: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        set_meta(&self.store, name, value)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ConnectionMeta({})", serde_json::Value::Object(self.store.snapshot()))
+    }
+}
+
+/// An envelope address: `user@domain`, or the null sender `<>`.
+#[pyclass(frozen, module = "kumo_listener._core", name = "EnvelopeAddress")]
+pub struct PyEnvelopeAddress {
+    mailbox: Mailbox,
+}
+
+impl PyEnvelopeAddress {
+    pub fn new(mailbox: Mailbox) -> Self {
+        Self { mailbox }
+    }
+}
+
+#[pymethods]
+impl PyEnvelopeAddress {
+    #[getter]
+    fn user(&self) -> &str {
+        &self.mailbox.local_part
+    }
+
+    #[getter]
+    fn domain(&self) -> &str {
+        &self.mailbox.domain
+    }
+
+    fn __str__(&self) -> String {
+        if self.mailbox.local_part.is_empty() && self.mailbox.domain.is_empty() {
+            String::new()
+        } else {
+            self.mailbox.to_string()
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("EnvelopeAddress({:?})", self.__str__())
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other
+            .cast::<PyEnvelopeAddress>()
+            .is_ok_and(|other| other.get().mailbox == self.mailbox)
+    }
+
+    fn __hash__(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.mailbox.local_part.hash(&mut hasher);
+        self.mailbox.domain.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+/// A received message: the whole transaction in `smtp_server_data`, one
+/// split part in `smtp_server_message_received`.
+#[pyclass(frozen, module = "kumo_listener._core", name = "Message")]
+pub struct PyMessage {
+    pub message: Arc<Message>,
+}
+
+#[pymethods]
+impl PyMessage {
+    #[getter]
+    fn id(&self) -> &str {
+        &self.message.id
+    }
+
+    #[getter]
+    fn sender(&self) -> PyEnvelopeAddress {
+        PyEnvelopeAddress::new(self.message.sender.clone())
+    }
+
+    #[getter]
+    fn recipients(&self) -> Vec<PyEnvelopeAddress> {
+        self.message.recipients.iter().cloned().map(PyEnvelopeAddress::new).collect()
+    }
+
+    /// The message as received, trace headers included.
+    #[getter]
+    fn data<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.message.data)
+    }
+
+    fn get_meta<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        get_meta(py, &self.message.meta, name)
+    }
+
+    fn set_meta(&self, name: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        set_meta(&self.message.meta, name, value)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Message(id={:?}, recipients={})", self.message.id, self.message.recipients.len())
+    }
+}

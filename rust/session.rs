@@ -1,0 +1,577 @@
+//! One SMTP session: the RFC 5321 state machine over a TCP stream.
+//!
+//! Bytes are framed by [`crate::framing`], commands parsed by
+//! [`crate::parser`]; this module decides what each command means in the
+//! current state, consults Python policy through the [`Bridge`], and writes
+//! replies. Replies to pipelined commands are collected and written in one
+//! go just before the session waits for more input.
+
+use crate::bridge::{Event, EventKind, Outcome, Response, LOG_INFO, LOG_WARNING};
+use crate::framing::{DataFramer, DataLimits, DataVerdict, LineEvent, LineFramer};
+use crate::message::{self, Message, ReceivedInfo};
+use crate::meta::MetaStore;
+use crate::params::Params;
+use crate::parser::{parse_command, Command, MailParams, Mailbox, ReversePath};
+use crate::reply::{generic_enhanced, split_enhanced, write_reply};
+use crate::server::ListenerShared;
+use bytes::{Buf, Bytes, BytesMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, timeout_at, Instant};
+
+/// After this many rejected commands the client is clearly not a mail
+/// client (Postfix's `smtpd_hard_error_limit`).
+const MAX_ERRORS: usize = 20;
+
+/// Why a session stopped reading.
+enum Stop {
+    /// The client closed, or the socket failed: nothing more to say.
+    Gone,
+    /// A reply that closes the connection has been queued.
+    Closing,
+}
+
+type Step = Result<(), Stop>;
+
+struct Transaction {
+    sender: Mailbox,
+    params: MailParams,
+    recipients: Vec<Mailbox>,
+    /// Whether `get_listener_domain` lets this peer relay mail from the
+    /// sender's domain; asked at the first RCPT that needs it.
+    relay_from_sender_domain: Option<bool>,
+}
+
+struct Helo {
+    domain: String,
+    extended: bool,
+}
+
+pub struct Session {
+    stream: TcpStream,
+    input: BytesMut,
+    output: Vec<u8>,
+    listener: Arc<ListenerShared>,
+    params: Params,
+    meta: MetaStore,
+    remote: SocketAddr,
+    local: SocketAddr,
+    helo: Option<Helo>,
+    transaction: Option<Transaction>,
+    transactions_started: usize,
+    errors: usize,
+    lines: LineFramer,
+}
+
+/// Serve one accepted connection to the end.
+pub async fn run(stream: TcpStream, remote: SocketAddr, local: SocketAddr, listener: Arc<ListenerShared>) {
+    let remote = canonical(remote);
+    let local = canonical(local);
+    let mut params = Params::default();
+    params.apply(&listener.config.params, remote.ip(), local.ip());
+    let meta = MetaStore::new();
+    meta.set("received_from", remote.to_string());
+    meta.set("received_via", local.to_string());
+    meta.set("hostname", params.hostname.clone());
+    let mut session = Session {
+        stream,
+        input: BytesMut::with_capacity(params.data_buffer_size.min(64 * 1024)),
+        output: Vec::with_capacity(512),
+        lines: LineFramer::new(params.line_length_hard_limit),
+        listener,
+        params,
+        meta,
+        remote,
+        local,
+        helo: None,
+        transaction: None,
+        transactions_started: 0,
+        errors: 0,
+    };
+    let result = match session.open().await {
+        Ok(()) => session.command_loop().await,
+        Err(stop) => Err(stop),
+    };
+    if matches!(result, Err(Stop::Closing)) {
+        let _ = session.flush().await;
+        let _ = session.stream.shutdown().await;
+    }
+}
+
+fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(crate::cidr::canonical_ip(address.ip()), address.port())
+}
+
+impl Session {
+    /// Evaluate the dynamic parameters, run `connection_accepted`, greet.
+    async fn open(&mut self) -> Step {
+        if self.listener.server.is_shutting_down() {
+            return self.close_with(421, "4.3.2", "shutting down");
+        }
+        self.apply_dynamic_parameters().await?;
+        self.consult_at_connect(EventKind::ConnectionAccepted).await?;
+        let greeting = format!("{} {}", self.params.hostname, self.params.banner);
+        write_reply(&mut self.output, 220, None, &greeting);
+        Ok(())
+    }
+
+    async fn apply_dynamic_parameters(&mut self) -> Step {
+        let Some(Response::Params(overrides)) = self.consult_at_connect(EventKind::GetDynamicParameters).await? else {
+            return self.adopt_meta();
+        };
+        self.params.apply(&overrides, self.remote.ip(), self.local.ip());
+        self.lines.set_limit(self.params.line_length_hard_limit);
+        self.meta.set("hostname", self.params.hostname.clone());
+        self.adopt_meta()
+    }
+
+    fn adopt_meta(&mut self) -> Step {
+        self.meta.merge(&self.params.meta);
+        Ok(())
+    }
+
+    /// A connection-level event: any refusal or failure ends the connection.
+    async fn consult_at_connect(&mut self, kind: EventKind) -> Result<Option<Response>, Stop> {
+        if !self.listener.server.bridge.is_registered(kind) {
+            return Ok(None);
+        }
+        let event = match kind {
+            EventKind::GetDynamicParameters => Event::GetDynamicParameters {
+                listener: self.listener.name.clone(),
+                meta: self.meta.clone(),
+            },
+            _ => Event::ConnectionAccepted { meta: self.meta.clone() },
+        };
+        match self.call(event).await {
+            Outcome::Done(response) => Ok(Some(response)),
+            Outcome::Reject { code, text } => {
+                self.policy_reply(code, &text);
+                Err(Stop::Closing)
+            }
+            Outcome::Failed(_) => self.close_with(421, "4.3.0", "temporary failure, try again later").map(|()| None),
+        }
+    }
+
+    async fn call(&self, event: Event) -> Outcome {
+        let bridge = &self.listener.server.bridge;
+        bridge.call(event, self.params.data_processing_timeout).await
+    }
+
+    /// Consult policy about a command. `Some` means go on; `None` means a
+    /// refusal was queued as the reply.
+    async fn consult(&mut self, event: Event) -> Result<Option<Response>, Stop> {
+        match self.call(event).await {
+            Outcome::Done(response) => Ok(Some(response)),
+            Outcome::Reject { code, text } => {
+                self.policy_reply(code, &text);
+                if code == 421 {
+                    return Err(Stop::Closing);
+                }
+                Ok(None)
+            }
+            Outcome::Failed(_) => {
+                self.reply(451, "4.3.0", "temporary policy failure, try again later");
+                Ok(None)
+            }
+        }
+    }
+
+    fn policy_reply(&mut self, code: u16, text: &str) {
+        let (enhanced, text) = split_enhanced(code, text);
+        let enhanced = enhanced.unwrap_or_else(|| generic_enhanced(code));
+        let enhanced = self.wants_enhanced().then_some(enhanced);
+        write_reply(&mut self.output, code, enhanced, text);
+    }
+
+    fn wants_enhanced(&self) -> bool {
+        self.helo.as_ref().is_some_and(|helo| helo.extended)
+    }
+
+    fn reply(&mut self, code: u16, enhanced: &str, text: &str) {
+        let enhanced = self.wants_enhanced().then_some(enhanced);
+        write_reply(&mut self.output, code, enhanced, text);
+    }
+
+    /// Queue a reply that always carries its enhanced code and closes.
+    fn close_with(&mut self, code: u16, enhanced: &str, text: &str) -> Step {
+        let text = format!("{} {text}", self.params.hostname);
+        write_reply(&mut self.output, code, Some(enhanced), &text);
+        Err(Stop::Closing)
+    }
+
+    fn reject_command(&mut self, code: u16, enhanced: &str, text: &str) -> Step {
+        self.reply(code, enhanced, text);
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            return self.close_with(421, "4.7.0", "too many errors");
+        }
+        Ok(())
+    }
+
+    async fn command_loop(&mut self) -> Step {
+        let mut deadline = self.command_deadline();
+        loop {
+            match self.lines.next(&self.input) {
+                LineEvent::Line { len, consumed } => {
+                    let parsed = parse_command(&self.input[..len]);
+                    self.input.advance(consumed);
+                    self.dispatch(parsed).await?;
+                    deadline = self.command_deadline();
+                }
+                LineEvent::TooLong { consumed } => {
+                    self.input.advance(consumed);
+                    self.reject_command(500, "5.2.3", "line too long")?;
+                    deadline = self.command_deadline();
+                }
+                LineEvent::NeedMore { discard } => {
+                    self.input.advance(discard);
+                    self.flush().await?;
+                    self.fill(deadline).await?;
+                }
+            }
+        }
+    }
+
+    /// A client gets `client_timeout` to send each whole command: trickling
+    /// bytes does not extend it.
+    fn command_deadline(&self) -> Instant {
+        Instant::now() + self.params.client_timeout
+    }
+
+    /// Read more input, or stop on end of stream, deadline or shutdown.
+    async fn fill(&mut self, deadline: Instant) -> Step {
+        let server = self.listener.server.clone();
+        if self.input.capacity() - self.input.len() < 4096 {
+            self.input.reserve(self.params.data_buffer_size.max(4096));
+        }
+        tokio::select! {
+            read = timeout_at(deadline, self.stream.read_buf(&mut self.input)) => match read {
+                Ok(Ok(0)) | Ok(Err(_)) => Err(Stop::Gone),
+                Ok(Ok(_)) => Ok(()),
+                Err(_) => self.close_with(421, "4.3.2", "idle too long, closing connection"),
+            },
+            () = server.shutdown_requested() => self.close_with(421, "4.3.2", "shutting down"),
+        }
+    }
+
+    async fn flush(&mut self) -> Step {
+        if self.output.is_empty() {
+            return Ok(());
+        }
+        let written = timeout(self.params.client_timeout, self.stream.write_all(&self.output)).await;
+        self.output.clear();
+        match written {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Stop::Gone),
+        }
+    }
+
+    async fn dispatch(&mut self, parsed: Result<Command, crate::parser::ParseError>) -> Step {
+        let command = match parsed {
+            Ok(command) => command,
+            Err(error) => {
+                let (code, enhanced, text) = error.reply();
+                return self.reject_command(code, enhanced, &text);
+            }
+        };
+        match command {
+            Command::Ehlo(domain) => self.hello(domain, true).await,
+            Command::Helo(domain) => self.hello(domain, false).await,
+            Command::MailFrom { reverse_path, params } => self.mail_from(reverse_path, params).await,
+            Command::RcptTo { forward_path } => self.rcpt_to(forward_path).await,
+            Command::Data => self.data().await,
+            Command::Rset => {
+                self.transaction = None;
+                self.reply(250, "2.0.0", "OK");
+                Ok(())
+            }
+            Command::Noop => {
+                self.reply(250, "2.0.0", "OK");
+                Ok(())
+            }
+            Command::Quit => {
+                let text = format!("{} closing connection", self.params.hostname);
+                self.reply(221, "2.0.0", &text);
+                Err(Stop::Closing)
+            }
+            Command::Vrfy(_) => {
+                self.reply(252, "2.1.5", "cannot VRFY user, but will accept message and attempt delivery");
+                Ok(())
+            }
+            Command::Help => {
+                self.reply(214, "2.0.0", "commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP");
+                Ok(())
+            }
+            Command::StartTls => {
+                self.reply(454, "4.7.0", "TLS not available");
+                Ok(())
+            }
+            Command::Auth { .. } => self.reject_command(503, "5.5.1", "authentication not enabled"),
+            Command::XClient(_) => self.reject_command(550, "5.7.0", "insufficient authorization"),
+        }
+    }
+
+    fn extensions(&self) -> Vec<String> {
+        vec![
+            "PIPELINING".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            format!("SIZE {}", self.params.max_message_size),
+            "STARTTLS".into(),
+        ]
+    }
+
+    async fn hello(&mut self, domain: String, extended: bool) -> Step {
+        self.transaction = None;
+        self.meta.set("ehlo_domain", domain.clone());
+        self.meta.set("reception_protocol", if extended { "ESMTP" } else { "SMTP" });
+        if !extended {
+            self.helo = Some(Helo { domain, extended });
+            let text = format!("{} Hello {}", self.params.hostname, self.helo_domain());
+            self.reply(250, "2.0.0", &text);
+            return Ok(());
+        }
+        let mut extensions = self.extensions();
+        if self.listener.server.bridge.is_registered(EventKind::Ehlo) {
+            let event = Event::Ehlo { domain: domain.clone(), meta: self.meta.clone(), extensions };
+            match self.consult(event).await? {
+                None => return Ok(()),
+                Some(Response::Extensions(replaced)) => extensions = replaced,
+                Some(_) => extensions = self.extensions(),
+            }
+        }
+        self.helo = Some(Helo { domain, extended });
+        let mut text = format!("{} Hello {}", self.params.hostname, self.helo_domain());
+        for extension in &extensions {
+            text.push('\n');
+            text.push_str(extension);
+        }
+        write_reply(&mut self.output, 250, None, &text);
+        Ok(())
+    }
+
+    fn helo_domain(&self) -> &str {
+        self.helo.as_ref().map(|h| h.domain.as_str()).unwrap_or_default()
+    }
+
+    async fn mail_from(&mut self, reverse_path: ReversePath, params: MailParams) -> Step {
+        if self.helo.is_none() {
+            return self.reject_command(503, "5.5.1", "send EHLO or HELO first");
+        }
+        if self.transaction.is_some() {
+            return self.reject_command(503, "5.5.1", "nested MAIL command");
+        }
+        if self.transactions_started >= self.params.max_messages_per_connection {
+            let text = format!("{} too many messages on this connection, reconnect", self.params.hostname);
+            self.reply(421, "4.5.3", &text);
+            return Err(Stop::Closing);
+        }
+        if params.size.is_some_and(|size| size > self.params.max_message_size as u64) {
+            return self.reject_command(552, "5.3.4", "message size exceeds fixed maximum message size");
+        }
+        let sender = match reverse_path {
+            ReversePath::Null => Mailbox { local_part: String::new(), domain: String::new() },
+            ReversePath::Mailbox(mailbox) => mailbox,
+        };
+        if !params.smtputf8 && !sender.is_ascii() {
+            return self.reject_command(553, "5.6.7", "non-ASCII address requires SMTPUTF8");
+        }
+        if self.listener.server.bridge.is_registered(EventKind::MailFrom) {
+            let event = Event::MailFrom { sender: sender.clone(), meta: self.meta.clone() };
+            if self.consult(event).await?.is_none() {
+                return Ok(());
+            }
+        }
+        self.transactions_started += 1;
+        self.transaction = Some(Transaction {
+            sender,
+            params,
+            recipients: Vec::new(),
+            relay_from_sender_domain: None,
+        });
+        self.reply(250, "2.1.0", "OK");
+        Ok(())
+    }
+
+    fn in_relay_hosts(&self) -> bool {
+        self.params.relay_hosts.contains(self.remote.ip())
+    }
+
+    /// `Some(None)`: no handler or it returned None. `None`: refusal queued.
+    async fn listener_domain(&mut self, domain: &str) -> Result<Option<Option<crate::bridge::ListenerDomain>>, Stop> {
+        if !self.listener.server.bridge.is_registered(EventKind::GetListenerDomain) {
+            return Ok(Some(None));
+        }
+        let event = Event::GetListenerDomain {
+            domain: domain.to_string(),
+            listener: self.listener.name.clone(),
+            meta: self.meta.clone(),
+        };
+        Ok(self.consult(event).await?.map(|response| match response {
+            Response::ListenerDomain(found) => Some(found),
+            _ => None,
+        }))
+    }
+
+    async fn rcpt_to(&mut self, recipient: Mailbox) -> Step {
+        let Some(transaction) = &self.transaction else {
+            return self.reject_command(503, "5.5.1", "need MAIL command first");
+        };
+        if transaction.recipients.len() >= self.params.max_recipients_per_message {
+            self.reply(452, "4.5.3", "too many recipients");
+            return Ok(());
+        }
+        if !transaction.params.smtputf8 && !recipient.is_ascii() {
+            return self.reject_command(553, "5.6.7", "non-ASCII address requires SMTPUTF8");
+        }
+        let Some(permitted) = self.relay_permitted(&recipient).await? else {
+            return Ok(());
+        };
+        if !permitted {
+            return self.reject_command(550, "5.7.1", "relaying not permitted");
+        }
+        if self.listener.server.bridge.is_registered(EventKind::RcptTo) {
+            let event = Event::RcptTo { recipient: recipient.clone(), meta: self.meta.clone() };
+            if self.consult(event).await?.is_none() {
+                return Ok(());
+            }
+        }
+        if let Some(transaction) = &mut self.transaction {
+            transaction.recipients.push(recipient);
+        }
+        self.reply(250, "2.1.5", "OK");
+        Ok(())
+    }
+
+    /// Relaying is allowed from `relay_hosts`, to a domain that
+    /// `get_listener_domain` opens (`relay_to`, or `relay_from` holding the
+    /// peer), or from a sender domain whose `relay_from` holds the peer.
+    /// `None`: policy refused and the reply is queued.
+    async fn relay_permitted(&mut self, recipient: &Mailbox) -> Result<Option<bool>, Stop> {
+        if self.in_relay_hosts() {
+            return Ok(Some(true));
+        }
+        let peer = self.remote.ip();
+        match self.listener_domain(&recipient.domain).await? {
+            None => return Ok(None),
+            Some(Some(domain)) if domain.relay_to || domain.relay_from.contains(peer) => return Ok(Some(true)),
+            Some(_) => {}
+        }
+        self.sender_domain_relays().await
+    }
+
+    async fn sender_domain_relays(&mut self) -> Result<Option<bool>, Stop> {
+        let Some(transaction) = &self.transaction else {
+            return Ok(Some(false));
+        };
+        if let Some(known) = transaction.relay_from_sender_domain {
+            return Ok(Some(known));
+        }
+        let domain = transaction.sender.domain.clone();
+        if domain.is_empty() {
+            return Ok(Some(false));
+        }
+        let peer = self.remote.ip();
+        let Some(found) = self.listener_domain(&domain).await? else {
+            return Ok(None);
+        };
+        let allowed = found.is_some_and(|d| d.relay_from.contains(peer));
+        if let Some(transaction) = &mut self.transaction {
+            transaction.relay_from_sender_domain = Some(allowed);
+        }
+        Ok(Some(allowed))
+    }
+
+    async fn data(&mut self) -> Step {
+        let Some(transaction) = self.transaction.take() else {
+            return self.reject_command(503, "5.5.1", "need MAIL command first");
+        };
+        if transaction.recipients.is_empty() {
+            self.transaction = Some(transaction);
+            return self.reject_command(503, "5.5.1", "need RCPT command first");
+        }
+        write_reply(&mut self.output, 354, None, "end data with <CR><LF>.<CR><LF>");
+        self.flush().await?;
+        let (verdict, body) = self.read_body().await?;
+        match verdict {
+            DataVerdict::Accept => self.accept_message(transaction, body).await,
+            DataVerdict::TooBig => self.reject_command(552, "5.3.4", "message size exceeds fixed maximum message size"),
+            DataVerdict::LineTooLong => self.reject_command(500, "5.2.3", "message line too long"),
+            DataVerdict::BareLineEnding => {
+                self.reject_command(550, "5.6.0", "message contains a bare CR or LF; lines must end in CRLF")
+            }
+        }
+    }
+
+    async fn read_body(&mut self) -> Result<(DataVerdict, Vec<u8>), Stop> {
+        let limits = DataLimits {
+            max_message_size: self.params.max_message_size,
+            max_line_length: self.params.line_length_hard_limit,
+            line_endings: self.params.invalid_line_endings,
+        };
+        let mut framer = DataFramer::new(limits);
+        let mut body = Vec::with_capacity(self.input.len().clamp(4096, self.params.max_message_size));
+        loop {
+            let fed = framer.feed(&self.input, &mut body);
+            self.input.advance(fed.consumed);
+            if fed.done {
+                return Ok((framer.verdict(), body));
+            }
+            let deadline = Instant::now() + self.params.client_timeout;
+            self.fill(deadline).await?;
+        }
+    }
+
+    async fn accept_message(&mut self, transaction: Transaction, body: Vec<u8>) -> Step {
+        let id = message::new_message_id();
+        let data = self.with_trace_headers(&id, &transaction, body);
+        let message = Message::new(id, transaction.sender, transaction.recipients, data);
+        let bridge = self.listener.server.bridge.clone();
+        if bridge.is_registered(EventKind::Data) {
+            let event = Event::Data { message: message.clone(), meta: self.meta.clone() };
+            if self.consult(event).await?.is_none() {
+                return Ok(());
+            }
+        }
+        let parts = message::split(&message, self.params.batch_handling);
+        if bridge.is_registered(EventKind::MessageReceived) {
+            for part in &parts {
+                let event = Event::MessageReceived { message: part.clone(), meta: self.meta.clone() };
+                if self.consult(event).await?.is_none() {
+                    return Ok(());
+                }
+            }
+        }
+        if let Err(error) = self.listener.server.sink.deliver(parts).await {
+            bridge.log(LOG_WARNING, format!("message {} from {}: sink failed: {error}", message.id, self.remote));
+            self.reply(451, "4.3.0", "temporary failure storing the message, try again later");
+            return Ok(());
+        }
+        bridge.log(LOG_INFO, format!("message {} from {} accepted", message.id, self.remote));
+        let text = format!("OK id={}", message.id);
+        self.reply(250, "2.0.0", &text);
+        Ok(())
+    }
+
+    fn with_trace_headers(&self, id: &str, transaction: &Transaction, body: Vec<u8>) -> Bytes {
+        if !self.params.trace_headers.received_header {
+            return Bytes::from(body);
+        }
+        let protocol = self.meta.get_str("reception_protocol").unwrap_or_else(|| "SMTP".into());
+        let header = message::received_header(&ReceivedInfo {
+            helo_domain: self.helo_domain(),
+            client_ip: self.remote.ip(),
+            hostname: &self.params.hostname,
+            protocol: &protocol,
+            id,
+            recipients: &transaction.recipients,
+        });
+        let mut data = Vec::with_capacity(header.len() + body.len());
+        data.extend_from_slice(header.as_bytes());
+        data.extend_from_slice(&body);
+        Bytes::from(data)
+    }
+}

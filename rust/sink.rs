@@ -1,0 +1,162 @@
+//! Where accepted messages go: a durable Maildir, or nowhere (benchmarks).
+
+use crate::message::Message;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone)]
+pub enum Sink {
+    Maildir(Arc<Maildir>),
+    Discard,
+}
+
+impl Sink {
+    /// Store every message durably, or none of them.
+    pub async fn deliver(&self, messages: Vec<Arc<Message>>) -> io::Result<()> {
+        match self {
+            Sink::Discard => Ok(()),
+            Sink::Maildir(maildir) => {
+                let maildir = maildir.clone();
+                tokio::task::spawn_blocking(move || maildir.deliver(&messages))
+                    .await
+                    .map_err(io::Error::other)?
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Sink::Discard => "discard".into(),
+            Sink::Maildir(maildir) => format!("Maildir {}", maildir.root.display()),
+        }
+    }
+}
+
+/// A Maildir (`tmp/`, `new/`, `cur/`). A message is written to `tmp/` and
+/// fsynced, renamed into `new/`, and the directory fsynced, so whatever is in
+/// `new/` is complete and survives a crash.
+#[derive(Debug)]
+pub struct Maildir {
+    root: PathBuf,
+    host: String,
+}
+
+impl Maildir {
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        for sub in ["tmp", "new", "cur"] {
+            fs::create_dir_all(root.join(sub))?;
+        }
+        let host = gethostname::gethostname()
+            .to_string_lossy()
+            .replace(['/', ':'], "_");
+        Ok(Self { root, host })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn deliver(&self, messages: &[Arc<Message>]) -> io::Result<()> {
+        let names: Vec<String> = messages.iter().map(|m| self.file_name(m)).collect();
+        let mut staged = Vec::with_capacity(messages.len());
+        for (message, name) in messages.iter().zip(&names) {
+            let path = self.root.join("tmp").join(name);
+            let written = write_durably(&path, &message.data);
+            staged.push(path);
+            if let Err(err) = written {
+                remove_all(&staged);
+                return Err(err);
+            }
+        }
+        let published = self.publish(&names);
+        remove_all(&staged);
+        published
+    }
+
+    /// Move staged files into `new/`, all or none.
+    fn publish(&self, names: &[String]) -> io::Result<()> {
+        let mut moved = Vec::with_capacity(names.len());
+        let result = names
+            .iter()
+            .try_for_each(|name| {
+                let target = self.root.join("new").join(name);
+                fs::rename(self.root.join("tmp").join(name), &target)?;
+                moved.push(target);
+                Ok(())
+            })
+            .and_then(|()| File::open(self.root.join("new"))?.sync_all());
+        if result.is_err() {
+            remove_all(&moved);
+        }
+        result
+    }
+
+    fn file_name(&self, message: &Message) -> String {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        format!("{secs}.{}.{}", message.id, self.host)
+    }
+}
+
+fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    file.write_all(data)?;
+    file.sync_all()
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for path in paths {
+        // Already gone (renamed away) is the normal case here.
+        let _ = fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parser::Mailbox;
+    use bytes::Bytes;
+
+    fn message(body: &'static [u8]) -> Arc<Message> {
+        let who = Mailbox { local_part: "a".into(), domain: "b.example".into() };
+        Message::new(crate::message::new_message_id(), who.clone(), vec![who], Bytes::from_static(body))
+    }
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kumo-sink-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn entries(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect()
+    }
+
+    #[test]
+    fn delivered_messages_are_complete_in_new_and_tmp_is_empty() {
+        let root = scratch_dir("ok");
+        let maildir = Maildir::open(&root).unwrap();
+        maildir.deliver(&[message(b"one\r\n"), message(b"two\r\n")]).unwrap();
+        let mut bodies: Vec<Vec<u8>> = entries(&root.join("new")).iter().map(|p| fs::read(p).unwrap()).collect();
+        bodies.sort();
+        assert_eq!(bodies, vec![b"one\r\n".to_vec(), b"two\r\n".to_vec()]);
+        assert!(entries(&root.join("tmp")).is_empty());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_failed_delivery_leaves_nothing_behind() {
+        let root = scratch_dir("fail");
+        let maildir = Maildir::open(&root).unwrap();
+        fs::remove_dir_all(root.join("new")).unwrap();
+        assert!(maildir.deliver(&[message(b"one\r\n")]).is_err());
+        assert!(entries(&root.join("tmp")).is_empty());
+        fs::remove_dir_all(root).unwrap();
+    }
+}

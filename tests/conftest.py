@@ -1,0 +1,131 @@
+"""Fixtures: a real server on loopback, real clients."""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import kumo_listener as kumo
+
+
+class RawClient:
+    """A plain socket speaking SMTP byte by byte, for what smtplib won't send."""
+
+    def __init__(self, address: tuple[str, int], source: str | None = None, timeout: float = 10.0):
+        self.sock = socket.create_connection(
+            address, timeout=timeout, source_address=(source, 0) if source else None
+        )
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed; unread: {self.buffer!r}")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def reply(self) -> tuple[int, list[str]]:
+        """One whole (possibly multi-line) reply: the code and the texts."""
+        texts = []
+        while True:
+            line = self.line().decode("utf-8", "replace")
+            assert len(line) >= 4 and line[:3].isdigit() and line[3] in " -", line
+            texts.append(line[4:])
+            if line[3] == " ":
+                return int(line[:3]), texts
+
+    def command(self, data: bytes | str) -> tuple[int, list[str]]:
+        self.send(data.encode() + b"\r\n" if isinstance(data, str) else data)
+        return self.reply()
+
+    def closed(self) -> bool:
+        """True once the server has closed the connection (after any buffered bytes)."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def policy() -> kumo.Policy:
+    return kumo.Policy()
+
+
+@pytest.fixture
+def maildir(tmp_path: Path) -> Path:
+    return tmp_path / "maildir"
+
+
+@pytest.fixture
+def server(policy: kumo.Policy, maildir: Path) -> Iterator[kumo.Server]:
+    with kumo.Server(policy=policy, maildir=maildir, shutdown_grace=5) as running:
+        yield running
+
+
+@pytest.fixture
+def listen(server: kumo.Server):
+    """Start a listener on an ephemeral port with test-friendly defaults."""
+
+    def start(**params) -> tuple[str, int]:
+        params.setdefault("listen", "127.0.0.1:0")
+        params.setdefault("hostname", "mx.test.example")
+        return server.start_esmtp_listener(**params).address
+
+    return start
+
+
+@pytest.fixture
+def raw():
+    clients: list[RawClient] = []
+
+    def connect(address: tuple[str, int], source: str | None = None, timeout: float = 10.0) -> RawClient:
+        client = RawClient(address, source, timeout)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def smtp():
+    clients: list[smtplib.SMTP] = []
+
+    def connect(address: tuple[str, int], source: str | None = None) -> smtplib.SMTP:
+        client = smtplib.SMTP(
+            address[0], address[1], timeout=10, source_address=(source, 0) if source else None
+        )
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        try:
+            client.close()
+        except OSError:
+            pass
+
+
+def delivered(maildir: Path) -> list[bytes]:
+    """Contents of every message in ``new/``, oldest name first."""
+    return [path.read_bytes() for path in sorted((maildir / "new").iterdir())]
+
+
+@pytest.fixture
+def kumo_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="kumo_listener")
+    return caplog
