@@ -6,10 +6,10 @@
 //! for `async def` handlers). Log records travel the same way so that Rust
 //! events reach Python's `logging`.
 
+use crate::cidr::CidrSet;
 use crate::message::Message;
 use crate::meta::MetaStore;
 use crate::params::GenericParams;
-use crate::cidr::CidrSet;
 use crate::parser::Mailbox;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -115,7 +115,10 @@ pub enum Response {
 pub enum Outcome {
     Done(Response),
     /// The handler raised `Reject(code, text)`.
-    Reject { code: u16, text: String },
+    Reject {
+        code: u16,
+        text: String,
+    },
     /// The handler raised, returned something unusable, or timed out. Already logged.
     Failed(String),
 }
@@ -166,12 +169,7 @@ impl Bridge {
         let (wake_writer, wake_reader) = UnixStream::pair()?;
         wake_writer.set_nonblocking(true)?;
         wake_reader.set_nonblocking(true)?;
-        Ok(Self {
-            queue: Mutex::default(),
-            wake_writer,
-            wake_reader,
-            registered: AtomicU32::new(0),
-        })
+        Ok(Self { queue: Mutex::default(), wake_writer, wake_reader, registered: AtomicU32::new(0) })
     }
 
     /// The descriptor the Python loop watches for readability.

@@ -4,7 +4,10 @@
 use crate::meta::MetaStore;
 use crate::params::BatchHandling;
 use crate::parser::Mailbox;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use bytes::Bytes;
+use serde_json::{Map, Value};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,58 +27,72 @@ pub struct Message {
 
 impl Message {
     pub fn new(id: String, sender: Mailbox, recipients: Vec<Mailbox>, data: Bytes) -> Arc<Self> {
-        Arc::new(Self {
-            id,
-            sender,
-            recipients,
-            data,
-            meta: MetaStore::new(),
-        })
+        Arc::new(Self { id, sender, recipients, data, meta: MetaStore::new() })
     }
 }
 
 /// A process-unique, time-ordered identifier of 32 hex digits.
 pub fn new_message_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or_default();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default();
     let sequence = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{nanos:016x}{:08x}{:08x}", std::process::id(), sequence as u32)
 }
 
+/// KumoMTA's supplemental trace header, added to each split part so that
+/// bounces and feedback reports can be tied back to it.
+pub struct Supplemental<'a> {
+    pub header_name: &'a str,
+    pub include_meta_names: &'a [String],
+}
+
 /// Split a transaction into the messages that policy and the sink receive.
 /// Each part gets its own id and a copy of the transaction's metadata.
-pub fn split(transaction: &Message, handling: BatchHandling) -> Vec<Arc<Message>> {
+pub fn split(transaction: &Message, handling: BatchHandling, supplemental: Option<&Supplemental>) -> Vec<Arc<Message>> {
     let groups: Vec<Vec<Mailbox>> = match handling {
-        BatchHandling::BifurcateAlways => {
-            transaction.recipients.iter().map(|r| vec![r.clone()]).collect()
-        }
+        BatchHandling::BifurcateAlways => transaction.recipients.iter().map(|r| vec![r.clone()]).collect(),
         BatchHandling::BatchByDomain => group_by_domain(&transaction.recipients),
     };
     let meta = transaction.meta.snapshot();
     groups
         .into_iter()
         .map(|recipients| {
-            let part = Message::new(
-                new_message_id(),
-                transaction.sender.clone(),
-                recipients,
-                transaction.data.clone(),
-            );
+            let data = match supplemental {
+                Some(supplemental) => {
+                    let header = supplemental_header(supplemental, &recipients, &meta);
+                    [header.as_bytes(), &transaction.data].concat().into()
+                }
+                None => transaction.data.clone(),
+            };
+            let part = Message::new(new_message_id(), transaction.sender.clone(), recipients, data);
             part.meta.merge(&meta);
             part
         })
         .collect()
 }
 
+/// `Name: base64(JSON)` naming the recipient(s) and the chosen metadata.
+fn supplemental_header(supplemental: &Supplemental, recipients: &[Mailbox], meta: &Map<String, Value>) -> String {
+    let recipient = match recipients {
+        [only] => Value::String(only.to_string()),
+        many => many.iter().map(|r| Value::String(r.to_string())).collect(),
+    };
+    let mut object = Map::new();
+    object.insert("_@_".into(), Value::String("\\_o< DUCK!".into()));
+    object.insert("recipient".into(), recipient);
+    for name in supplemental.include_meta_names {
+        if let Some(value) = meta.get(name) {
+            object.insert(name.clone(), value.clone());
+        }
+    }
+    let encoded = BASE64.encode(Value::Object(object).to_string());
+    format!("{}: {encoded}\r\n", supplemental.header_name)
+}
+
 fn group_by_domain(recipients: &[Mailbox]) -> Vec<Vec<Mailbox>> {
     let mut groups: Vec<Vec<Mailbox>> = Vec::new();
     for recipient in recipients {
-        let existing = groups
-            .iter_mut()
-            .find(|g| g[0].domain.eq_ignore_ascii_case(&recipient.domain));
+        let existing = groups.iter_mut().find(|g| g[0].domain.eq_ignore_ascii_case(&recipient.domain));
         match existing {
             Some(group) => group.push(recipient.clone()),
             None => groups.push(vec![recipient.clone()]),
@@ -143,7 +160,8 @@ mod tests {
 
     #[test]
     fn bifurcate_always_gives_one_message_per_recipient() {
-        let parts = split(&transaction(&["1@a.example", "2@a.example", "3@b.example"]), BatchHandling::BifurcateAlways);
+        let parts =
+            split(&transaction(&["1@a.example", "2@a.example", "3@b.example"]), BatchHandling::BifurcateAlways, None);
         assert_eq!(parts.len(), 3);
         assert!(parts.iter().all(|p| p.recipients.len() == 1));
         assert_eq!(parts[0].meta.get_str("tenant").as_deref(), Some("acme"));
@@ -152,18 +170,27 @@ mod tests {
 
     #[test]
     fn batch_by_domain_groups_case_insensitively_in_first_seen_order() {
-        let parts = split(
-            &transaction(&["1@a.example", "2@b.example", "3@A.EXAMPLE"]),
-            BatchHandling::BatchByDomain,
-        );
-        let domains: Vec<Vec<String>> = parts
-            .iter()
-            .map(|p| p.recipients.iter().map(|r| r.to_string()).collect())
-            .collect();
+        let parts =
+            split(&transaction(&["1@a.example", "2@b.example", "3@A.EXAMPLE"]), BatchHandling::BatchByDomain, None);
+        let domains: Vec<Vec<String>> =
+            parts.iter().map(|p| p.recipients.iter().map(|r| r.to_string()).collect()).collect();
         assert_eq!(
             domains,
             vec![vec!["1@a.example".to_string(), "3@A.EXAMPLE".to_string()], vec!["2@b.example".to_string()]]
         );
+    }
+
+    #[test]
+    fn supplemental_header_encodes_recipient_and_chosen_meta() {
+        let names = vec!["tenant".to_string(), "absent".to_string()];
+        let supplemental = Supplemental { header_name: "X-KumoRef", include_meta_names: &names };
+        let parts = split(&transaction(&["1@a.example"]), BatchHandling::BifurcateAlways, Some(&supplemental));
+        let text = std::str::from_utf8(&parts[0].data).unwrap();
+        let (header, rest) = text.split_once("\r\n").unwrap();
+        assert_eq!(rest, "Subject: t\r\n\r\nbody\r\n");
+        let encoded = header.strip_prefix("X-KumoRef: ").unwrap();
+        let decoded: Value = serde_json::from_slice(&BASE64.decode(encoded).unwrap()).unwrap();
+        assert_eq!(decoded, serde_json::json!({"_@_": "\\_o< DUCK!", "recipient": "1@a.example", "tenant": "acme"}));
     }
 
     #[test]

@@ -51,9 +51,7 @@ fn is_enhanced_code(s: &str) -> bool {
     let rest: Vec<&str> = parts.collect();
     class_ok
         && rest.len() == 2
-        && rest
-            .iter()
-            .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        && rest.iter().all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn clamp_code(code: u16) -> u16 {
@@ -93,10 +91,7 @@ mod tests {
 
     #[test]
     fn multi_line_uses_dashes_until_the_last_line() {
-        assert_eq!(
-            render(220, None, "mx.example\nwelcome"),
-            "220-mx.example\r\n220 welcome\r\n"
-        );
+        assert_eq!(render(220, None, "mx.example\nwelcome"), "220-mx.example\r\n220 welcome\r\n");
     }
 
     #[test]

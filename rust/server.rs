@@ -111,10 +111,9 @@ impl Drop for ConnectionSlot {
 
 /// Bind `config.listen` and start accepting on the runtime.
 pub fn start_listener(server: Arc<ServerState>, config: ListenerConfig) -> io::Result<SocketAddr> {
-    let address: SocketAddr = config
-        .listen
-        .parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("listen: invalid address {:?}", config.listen)))?;
+    let address: SocketAddr = config.listen.parse().map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("listen: invalid address {:?}", config.listen))
+    })?;
     let socket = bind(address)?;
     let bound = socket.local_addr()?;
     let listener = Arc::new(ListenerShared {
@@ -138,8 +137,7 @@ fn bind(address: SocketAddr) -> io::Result<std::net::TcpListener> {
     }
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
-    socket.bind(&address.into())
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))?;
+    socket.bind(&address.into()).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))?;
     socket.listen(1024)?;
     Ok(socket.into())
 }

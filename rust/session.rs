@@ -8,7 +8,7 @@
 
 use crate::bridge::{Event, EventKind, Outcome, Response, LOG_INFO, LOG_WARNING};
 use crate::framing::{DataFramer, DataLimits, DataVerdict, LineEvent, LineFramer};
-use crate::message::{self, Message, ReceivedInfo};
+use crate::message::{self, Message, ReceivedInfo, Supplemental};
 use crate::meta::MetaStore;
 use crate::params::Params;
 use crate::parser::{parse_command, Command, MailParams, Mailbox, ReversePath};
@@ -44,11 +44,6 @@ struct Transaction {
     relay_from_sender_domain: Option<bool>,
 }
 
-struct Helo {
-    domain: String,
-    extended: bool,
-}
-
 pub struct Session {
     stream: TcpStream,
     input: BytesMut,
@@ -58,7 +53,10 @@ pub struct Session {
     meta: MetaStore,
     remote: SocketAddr,
     local: SocketAddr,
-    helo: Option<Helo>,
+    /// The domain given by the last successful EHLO or HELO.
+    helo: Option<String>,
+    /// The client said EHLO, so replies carry enhanced status codes.
+    esmtp: bool,
     transaction: Option<Transaction>,
     transactions_started: usize,
     errors: usize,
@@ -86,6 +84,7 @@ pub async fn run(stream: TcpStream, remote: SocketAddr, local: SocketAddr, liste
         remote,
         local,
         helo: None,
+        esmtp: false,
         transaction: None,
         transactions_started: 0,
         errors: 0,
@@ -138,10 +137,9 @@ impl Session {
             return Ok(None);
         }
         let event = match kind {
-            EventKind::GetDynamicParameters => Event::GetDynamicParameters {
-                listener: self.listener.name.clone(),
-                meta: self.meta.clone(),
-            },
+            EventKind::GetDynamicParameters => {
+                Event::GetDynamicParameters { listener: self.listener.name.clone(), meta: self.meta.clone() }
+            }
             _ => Event::ConnectionAccepted { meta: self.meta.clone() },
         };
         match self.call(event).await {
@@ -186,7 +184,7 @@ impl Session {
     }
 
     fn wants_enhanced(&self) -> bool {
-        self.helo.as_ref().is_some_and(|helo| helo.extended)
+        self.esmtp
     }
 
     fn reply(&mut self, code: u16, enhanced: &str, text: &str) {
@@ -324,37 +322,37 @@ impl Session {
         ]
     }
 
+    /// EHLO or HELO. As in KumoMTA, `smtp_server_ehlo` sees both (with no
+    /// extensions for HELO), so a policy that refuses a domain can't be
+    /// sidestepped by saying HELO.
     async fn hello(&mut self, domain: String, extended: bool) -> Step {
         self.transaction = None;
+        self.helo = None;
+        self.esmtp = extended;
         self.meta.set("ehlo_domain", domain.clone());
         self.meta.set("reception_protocol", if extended { "ESMTP" } else { "SMTP" });
-        if !extended {
-            self.helo = Some(Helo { domain, extended });
-            let text = format!("{} Hello {}", self.params.hostname, self.helo_domain());
-            self.reply(250, "2.0.0", &text);
-            return Ok(());
-        }
-        let mut extensions = self.extensions();
+        let mut extensions = if extended { self.extensions() } else { Vec::new() };
         if self.listener.server.bridge.is_registered(EventKind::Ehlo) {
-            let event = Event::Ehlo { domain: domain.clone(), meta: self.meta.clone(), extensions };
+            let event = Event::Ehlo { domain: domain.clone(), meta: self.meta.clone(), extensions: extensions.clone() };
             match self.consult(event).await? {
                 None => return Ok(()),
-                Some(Response::Extensions(replaced)) => extensions = replaced,
-                Some(_) => extensions = self.extensions(),
+                Some(Response::Extensions(replaced)) if extended => extensions = replaced,
+                Some(_) => {}
             }
         }
-        self.helo = Some(Helo { domain, extended });
-        let mut text = format!("{} Hello {}", self.params.hostname, self.helo_domain());
+        let mut text = format!("{} Hello {domain}", self.params.hostname);
         for extension in &extensions {
             text.push('\n');
             text.push_str(extension);
         }
+        self.helo = Some(domain);
+        // RFC 2034: the EHLO reply lists extensions, not status codes.
         write_reply(&mut self.output, 250, None, &text);
         Ok(())
     }
 
     fn helo_domain(&self) -> &str {
-        self.helo.as_ref().map(|h| h.domain.as_str()).unwrap_or_default()
+        self.helo.as_deref().unwrap_or_default()
     }
 
     async fn mail_from(&mut self, reverse_path: ReversePath, params: MailParams) -> Step {
@@ -386,12 +384,7 @@ impl Session {
             }
         }
         self.transactions_started += 1;
-        self.transaction = Some(Transaction {
-            sender,
-            params,
-            recipients: Vec::new(),
-            relay_from_sender_domain: None,
-        });
+        self.transaction = Some(Transaction { sender, params, recipients: Vec::new(), relay_from_sender_domain: None });
         self.reply(250, "2.1.0", "OK");
         Ok(())
     }
@@ -513,7 +506,7 @@ impl Session {
             line_endings: self.params.invalid_line_endings,
         };
         let mut framer = DataFramer::new(limits);
-        let mut body = Vec::with_capacity(self.input.len().clamp(4096, self.params.max_message_size));
+        let mut body = Vec::with_capacity(self.input.len().max(4096).min(self.params.max_message_size));
         loop {
             let fed = framer.feed(&self.input, &mut body);
             self.input.advance(fed.consumed);
@@ -529,6 +522,8 @@ impl Session {
         let id = message::new_message_id();
         let data = self.with_trace_headers(&id, &transaction, body);
         let message = Message::new(id, transaction.sender, transaction.recipients, data);
+        // As in KumoMTA, a message starts with a copy of its connection's metadata.
+        message.meta.merge(&self.meta.snapshot());
         let bridge = self.listener.server.bridge.clone();
         if bridge.is_registered(EventKind::Data) {
             let event = Event::Data { message: message.clone(), meta: self.meta.clone() };
@@ -536,7 +531,11 @@ impl Session {
                 return Ok(());
             }
         }
-        let parts = message::split(&message, self.params.batch_handling);
+        let trace = &self.params.trace_headers;
+        let supplemental = trace
+            .supplemental_header
+            .then(|| Supplemental { header_name: &trace.header_name, include_meta_names: &trace.include_meta_names });
+        let parts = message::split(&message, self.params.batch_handling, supplemental.as_ref());
         if bridge.is_registered(EventKind::MessageReceived) {
             for part in &parts {
                 let event = Event::MessageReceived { message: part.clone(), meta: self.meta.clone() };

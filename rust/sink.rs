@@ -20,9 +20,7 @@ impl Sink {
             Sink::Discard => Ok(()),
             Sink::Maildir(maildir) => {
                 let maildir = maildir.clone();
-                tokio::task::spawn_blocking(move || maildir.deliver(&messages))
-                    .await
-                    .map_err(io::Error::other)?
+                tokio::task::spawn_blocking(move || maildir.deliver(&messages)).await.map_err(io::Error::other)?
             }
         }
     }
@@ -50,9 +48,7 @@ impl Maildir {
         for sub in ["tmp", "new", "cur"] {
             fs::create_dir_all(root.join(sub))?;
         }
-        let host = gethostname::gethostname()
-            .to_string_lossy()
-            .replace(['/', ':'], "_");
+        let host = gethostname::gethostname().to_string_lossy().replace(['/', ':'], "_");
         Ok(Self { root, host })
     }
 
@@ -96,10 +92,7 @@ impl Maildir {
     }
 
     fn file_name(&self, message: &Message) -> String {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
         format!("{secs}.{}.{}", message.id, self.host)
     }
 }

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import smtplib
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import kumo_listener as kumo
+import pytest
 
 
 class RawClient:
@@ -91,7 +91,9 @@ def listen(server: kumo.Server):
 def raw():
     clients: list[RawClient] = []
 
-    def connect(address: tuple[str, int], source: str | None = None, timeout: float = 10.0) -> RawClient:
+    def connect(
+        address: tuple[str, int], source: str | None = None, timeout: float = 10.0
+    ) -> RawClient:
         client = RawClient(address, source, timeout)
         clients.append(client)
         return client
@@ -114,10 +116,8 @@ def smtp():
 
     yield connect
     for client in clients:
-        try:
+        with contextlib.suppress(OSError):
             client.close()
-        except OSError:
-            pass
 
 
 def delivered(maildir: Path) -> list[bytes]:

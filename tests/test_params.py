@@ -6,9 +6,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytest
-
 import kumo_listener as kumo
+import pytest
 
 
 def greeting(address: tuple[str, int], raw, via: str = "127.0.0.1", source: str | None = None):
@@ -80,20 +79,36 @@ def test_merge_precedence_and_meta_key_by_key(policy, listen, raw):
             "127.0.0.0/8": {"hostname": "wide-peer.example"},
             "127.0.0.9": {"hostname": "peer.example", "meta": {"b": "peer"}},
         },
-        via={"127.0.0.2": {"hostname": "via.example", "meta": {"c": "via"}},
-             "127.0.0.3": {"banner": "three"}},
+        via={
+            "127.0.0.2": {"hostname": "via.example", "meta": {"c": "via"}},
+            "127.0.0.3": {"banner": "three"},
+        },
     )
     assert greeting(address, raw) == (220, ["wide-peer.example kumo_listener"])
     assert greeting(address, raw, source="127.0.0.9") == (220, ["peer.example kumo_listener"])
-    assert seen["meta"] == {"a": "base", "b": "peer", "c": "base", "d": None,
-                            "hostname": "peer.example"}
+    assert seen["meta"] == {
+        "a": "base",
+        "b": "peer",
+        "c": "base",
+        "d": None,
+        "hostname": "peer.example",
+    }
     assert greeting(address, raw, via="127.0.0.2", source="127.0.0.9") == (
-        220, ["via.example kumo_listener"])
+        220,
+        ["via.example kumo_listener"],
+    )
     assert seen["meta"]["b"] == "peer" and seen["meta"]["c"] == "via"
     assert greeting(address, raw, via="127.0.0.3", source="127.0.0.9") == (
-        220, ["dynamic.example three"])
-    assert seen["meta"] == {"a": "base", "b": "peer", "c": "dynamic", "d": "dynamic",
-                            "hostname": "dynamic.example"}
+        220,
+        ["dynamic.example three"],
+    )
+    assert seen["meta"] == {
+        "a": "base",
+        "b": "peer",
+        "c": "dynamic",
+        "d": "dynamic",
+        "hostname": "dynamic.example",
+    }
     assert seen["listener"] == "0.0.0.0:0"
     assert seen["hostname_before_hook"] == "peer.example"
 
@@ -102,12 +117,17 @@ def test_nested_blocks_apply_recursively(listen, raw):
     address = listen(
         listen="0.0.0.0:0",
         relay_hosts=["127.0.0.0/8"],
-        via={"127.0.0.2": {"hostname": "via.example",
-                           "peer": {"127.0.0.9": {"hostname": "via-peer.example"}}}},
+        via={
+            "127.0.0.2": {
+                "hostname": "via.example",
+                "peer": {"127.0.0.9": {"hostname": "via-peer.example"}},
+            }
+        },
     )
     assert greeting(address, raw, via="127.0.0.2")[1] == ["via.example kumo_listener"]
     assert greeting(address, raw, via="127.0.0.2", source="127.0.0.9")[1] == [
-        "via-peer.example kumo_listener"]
+        "via-peer.example kumo_listener"
+    ]
 
 
 def test_seed_example_wildcard_listener_with_toml_overrides(policy, listen, raw, tmp_path: Path):
@@ -172,13 +192,20 @@ def ipv6_available() -> bool:
 @pytest.mark.skipif(not ipv6_available(), reason="no IPv6 on this host")
 def test_dual_stack_listener_matches_ipv4_keys_for_mapped_clients(policy, listen, raw):
     seen = {}
-    policy.on("smtp_server_connection_accepted",
-              lambda meta: seen.update(src=meta.get_meta("received_from")))
-    address = listen(listen="[::]:0", relay_hosts=["127.0.0.0/8"],
-                     peer={"127.0.0.9": {"hostname": "v4-peer.example"}},
-                     via={"127.0.0.2": {"banner": "via two"}})
+    policy.on(
+        "smtp_server_connection_accepted",
+        lambda meta: seen.update(src=meta.get_meta("received_from")),
+    )
+    address = listen(
+        listen="[::]:0",
+        relay_hosts=["127.0.0.0/8"],
+        peer={"127.0.0.9": {"hostname": "v4-peer.example"}},
+        via={"127.0.0.2": {"banner": "via two"}},
+    )
     assert greeting(address, raw, via="127.0.0.2", source="127.0.0.9") == (
-        220, ["v4-peer.example via two"])
+        220,
+        ["v4-peer.example via two"],
+    )
     assert seen["src"].startswith("127.0.0.9:")
     client = raw(("::1", address[1]))
     assert client.reply() == (220, ["mx.test.example kumo_listener"])

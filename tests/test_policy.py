@@ -6,9 +6,8 @@ import asyncio
 import json
 import time
 
-import pytest
-
 import kumo_listener as kumo
+import pytest
 
 
 def transaction(client, sender="a@b.example", recipient="c@d.example"):
@@ -103,8 +102,14 @@ def test_connection_meta_is_shared_by_every_event(policy, listen, raw):
     def rcpt(recipient, meta):
         seen["tenant"] = meta.get_meta("tenant")
         seen["recipient"] = (str(recipient), recipient.user, recipient.domain)
-        for name in ("received_from", "received_via", "hostname", "ehlo_domain",
-                     "reception_protocol", "missing"):
+        for name in (
+            "received_from",
+            "received_via",
+            "hostname",
+            "ehlo_domain",
+            "reception_protocol",
+            "missing",
+        ):
             seen[name] = meta.get_meta(name)
 
     @policy.on("smtp_server_mail_from")
@@ -157,8 +162,10 @@ def test_relaying(policy, listen, raw):
     assert denied == (550, ["5.7.1 relaying not permitted"])
     assert transaction(raw(address))[0] == 250
 
-    domains = {"local.example": {"relay_to": True},
-               "sender-trusted.example": {"relay_from": ["127.0.0.8/30"]}}
+    domains = {
+        "local.example": {"relay_to": True},
+        "sender-trusted.example": {"relay_from": ["127.0.0.8/30"]},
+    }
     asked = []
 
     @policy.on("get_listener_domain")
@@ -168,10 +175,12 @@ def test_relaying(policy, listen, raw):
 
     assert transaction(raw(address, source="127.0.0.9"), recipient="x@local.example")[0] == 250
     assert transaction(raw(address, source="127.0.0.9"))[0] == 550
-    assert transaction(raw(address, source="127.0.0.9"),
-                       sender="s@sender-trusted.example")[0] == 250
-    assert transaction(raw(address, source="127.0.0.12"),
-                       sender="s@sender-trusted.example")[0] == 550
+    assert (
+        transaction(raw(address, source="127.0.0.9"), sender="s@sender-trusted.example")[0] == 250
+    )
+    assert (
+        transaction(raw(address, source="127.0.0.12"), sender="s@sender-trusted.example")[0] == 550
+    )
     assert ("local.example", "127.0.0.1:0") in asked
 
 
@@ -270,5 +279,7 @@ def test_memoize_async():
 def test_serde_loaders(tmp_path):
     (tmp_path / "p.toml").write_text('[via."10.0.0.1"]\nhostname = "mx.example"\n')
     (tmp_path / "p.json").write_text(json.dumps({"hostname": "mx.example"}))
-    assert kumo.serde.toml_load(tmp_path / "p.toml") == {"via": {"10.0.0.1": {"hostname": "mx.example"}}}
+    assert kumo.serde.toml_load(tmp_path / "p.toml") == {
+        "via": {"10.0.0.1": {"hostname": "mx.example"}}
+    }
     assert kumo.serde.json_load(str(tmp_path / "p.json")) == {"hostname": "mx.example"}

@@ -50,8 +50,18 @@ def test_helo_replies_without_enhanced_codes(address, raw):
 def test_every_reply_after_ehlo_has_an_enhanced_code(address, raw):
     client = raw(address)
     ehlo(client)
-    for command in ["NOOP", "RSET", "VRFY someone", "HELP", "FOO", "RCPT TO:<a@b.example>",
-                    "MAIL FROM:<a@b.example>", "MAIL FROM:<a@b.example>", "DATA", "STARTTLS"]:
+    for command in [
+        "NOOP",
+        "RSET",
+        "VRFY someone",
+        "HELP",
+        "FOO",
+        "RCPT TO:<a@b.example>",
+        "MAIL FROM:<a@b.example>",
+        "MAIL FROM:<a@b.example>",
+        "DATA",
+        "STARTTLS",
+    ]:
         _, lines = client.command(command)
         assert all(ENHANCED.match(line) for line in lines), (command, lines)
 

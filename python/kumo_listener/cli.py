@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         "--listen",
         help=f"address to listen on when the policy has no init handler (default {DEFAULT_LISTEN})",
     )
-    serve.add_argument("--maildir", default="maildir", help="Maildir to deliver to (default ./maildir)")
+    serve.add_argument(
+        "--maildir", default="maildir", help="Maildir to deliver to (default ./maildir)"
+    )
     serve.add_argument("--sink", choices=["maildir", "discard"], default="maildir")
     serve.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
     check = commands.add_parser("check", help="validate a TOML or JSON overrides file")
@@ -60,7 +62,10 @@ def serve(args: argparse.Namespace) -> int:
         if not has_init:
             server.start_esmtp_listener(listen=args.listen or DEFAULT_LISTEN)
         places = ", ".join(f"{host}:{port}" for host, port in (x.address for x in server.listeners))
-        print(f"kumo-listener: listening on {places or 'nothing'}; mail goes to {server.sink}", flush=True)
+        print(
+            f"kumo-listener: listening on {places or 'nothing'}; mail goes to {server.sink}",
+            flush=True,
+        )
 
     asyncio.run(server.run(handle_signals=True, run_init=True, on_ready=ready))
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-class Reject(Exception):  # noqa: N818 - the contract's name, as in KumoMTA's kumo.reject
+class Reject(Exception):
     """Raised in any ``smtp_server_*`` event, becomes that SMTP reply.
 
     ``message`` may start with an enhanced status code (``"5.7.1 go away"``);

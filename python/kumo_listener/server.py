@@ -95,7 +95,9 @@ class _Dispatcher:
             job.complete(result)
         except (TypeError, ValueError) as error:
             peer = _peer_of(job)
-            logger.error("%s handler returned an unusable result for %s:\n%s", job.event, peer, error)
+            logger.error(
+                "%s handler returned an unusable result for %s:\n%s", job.event, peer, error
+            )
             job.fail(f"{job.event}: {error}")
 
     def _fail(self, job: _core.Job, error: BaseException) -> None:
@@ -212,7 +214,9 @@ class Server:
         while self._core.active_sessions() and loop.time() < deadline:
             await asyncio.sleep(0.02)
         if self._core.active_sessions():
-            logger.warning("%d sessions still open after the shutdown grace", self._core.active_sessions())
+            logger.warning(
+                "%d sessions still open after the shutdown grace", self._core.active_sessions()
+            )
 
     def start(self) -> Server:
         """Run the dispatcher on a background thread."""

@@ -62,15 +62,15 @@ fn dict_to_json(dict: &Bound<'_, PyDict>, path: &str) -> PyResult<Value> {
 }
 
 fn label(path: &str) -> &str {
-    if path.is_empty() { "value" } else { path }
+    if path.is_empty() {
+        "value"
+    } else {
+        path
+    }
 }
 
 fn type_error(path: &str, expected: &str, got: &Bound<'_, PyAny>) -> PyErr {
-    let type_name = got
-        .get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into());
+    let type_name = got.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
     PyTypeError::new_err(format!("{}: expected {expected}, got {type_name}", label(path)))
 }
 

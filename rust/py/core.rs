@@ -50,9 +50,8 @@ impl PyCore {
         let value = to_json(params.as_any(), "")?;
         let config = parse_listener_config(&value).map_err(|e| params_error(&e))?;
         let state = self.state.clone();
-        let bound = py
-            .detach(|| server::start_listener(state, config))
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let bound =
+            py.detach(|| server::start_listener(state, config)).map_err(|e| PyOSError::new_err(e.to_string()))?;
         Ok((bound.ip().to_string(), bound.port()))
     }
 
@@ -230,7 +229,11 @@ fn listener_domain(value: &Value) -> PyResult<ListenerDomain> {
 }
 
 fn expected_for(key: &str) -> &'static str {
-    if key == "relay_to" { "a bool" } else { "a list of CIDR strings" }
+    if key == "relay_to" {
+        "a bool"
+    } else {
+        "a list of CIDR strings"
+    }
 }
 
 fn cidr_set(items: &[Value]) -> PyResult<CidrSet> {

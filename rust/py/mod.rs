@@ -6,7 +6,7 @@ mod objects;
 
 use crate::params::{parse_duration, parse_overrides};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 create_exception!(
@@ -31,9 +31,7 @@ fn validate_overrides(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
 #[pyfunction]
 fn duration_seconds(value: &Bound<'_, PyAny>) -> PyResult<f64> {
     let value = convert::to_json(value, "")?;
-    parse_duration(&value)
-        .map(|d| d.as_secs_f64())
-        .map_err(PyValueError::new_err)
+    parse_duration(&value).map(|d| d.as_secs_f64()).map_err(PyValueError::new_err)
 }
 
 #[pymodule]

@@ -81,9 +81,7 @@ impl PyEnvelopeAddress {
     }
 
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
-        other
-            .cast::<PyEnvelopeAddress>()
-            .is_ok_and(|other| other.get().mailbox == self.mailbox)
+        other.cast::<PyEnvelopeAddress>().is_ok_and(|other| other.get().mailbox == self.mailbox)
     }
 
     fn __hash__(&self) -> u64 {

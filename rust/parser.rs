@@ -1,0 +1,1021 @@
+//! SMTP command parser (RFC 5321, with RFC 6531 UTF-8 addresses).
+//!
+//! Pure logic: one command line (without its CRLF) in, a [`Command`] or a
+//! [`ParseError`] carrying the reply to send out. No I/O and no session state:
+//! whether a command is allowed right now (SMTPUTF8 negotiated, XCLIENT
+//! authorised, ...) is for the session to decide.
+
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+const LONGEST_VERB: usize = "STARTTLS".len();
+const MAX_DOMAIN_LEN: usize = 255;
+const MAX_LABEL_LEN: usize = 63;
+
+/// An address. `domain` is empty for the bare `<postmaster>` recipient.
+/// The local part is not limited to 64 octets: many real senders exceed it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Mailbox {
+    pub local_part: String,
+    pub domain: String,
+}
+
+impl Mailbox {
+    pub fn is_ascii(&self) -> bool {
+        self.local_part.is_ascii() && self.domain.is_ascii()
+    }
+}
+
+impl fmt::Display for Mailbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if is_dot_string(&self.local_part) {
+            f.write_str(&self.local_part)?;
+        } else {
+            write_quoted_string(f, &self.local_part)?;
+        }
+        if !self.domain.is_empty() {
+            write!(f, "@{}", self.domain)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_quoted_string(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
+    f.write_char('"')?;
+    for c in text.chars() {
+        if matches!(c, '"' | '\\') {
+            f.write_char('\\')?;
+        }
+        f.write_char(c)?;
+    }
+    f.write_char('"')
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReversePath {
+    Null,
+    Mailbox(Mailbox),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body {
+    SevenBit,
+    EightBitMime,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MailParams {
+    pub size: Option<u64>,
+    pub body: Option<Body>,
+    pub smtputf8: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Ehlo(String),
+    Helo(String),
+    MailFrom {
+        reverse_path: ReversePath,
+        params: MailParams,
+    },
+    RcptTo {
+        forward_path: Mailbox,
+    },
+    Data,
+    Rset,
+    Noop,
+    Quit,
+    Vrfy(String),
+    Help,
+    StartTls,
+    /// `mechanism` is upper-cased.
+    Auth {
+        mechanism: String,
+        initial_response: Option<String>,
+    },
+    /// The raw argument text; its meaning is decided by the session.
+    XClient(String),
+}
+
+/// A rejected command line, with the reply the client should get.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseError {
+    code: u16,
+    enhanced: &'static str,
+    text: Cow<'static, str>,
+}
+
+impl ParseError {
+    /// (reply code, enhanced status code, human-readable text).
+    pub fn reply(&self) -> (u16, &'static str, String) {
+        (self.code, self.enhanced, self.text.to_string())
+    }
+
+    fn new(code: u16, enhanced: &'static str, text: impl Into<Cow<'static, str>>) -> Self {
+        Self { code, enhanced, text: text.into() }
+    }
+
+    fn control_characters() -> Self {
+        Self::new(500, "5.5.2", "command contains control characters")
+    }
+
+    fn invalid_utf8() -> Self {
+        Self::new(501, "5.5.2", "invalid UTF-8 in command")
+    }
+
+    fn unrecognized() -> Self {
+        Self::new(500, "5.5.2", "command not recognized")
+    }
+
+    fn syntax(text: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(501, "5.5.4", text)
+    }
+
+    fn bad_sender() -> Self {
+        Self::new(501, "5.1.7", "bad sender address syntax")
+    }
+
+    fn bad_recipient() -> Self {
+        Self::new(501, "5.1.3", "bad recipient address syntax")
+    }
+
+    fn unsupported_parameter(command: &str, keyword: &str) -> Self {
+        Self::new(555, "5.5.4", format!("unsupported {command} parameter {keyword}"))
+    }
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.code, self.enhanced, self.text)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Parses one command line, given without its CRLF.
+pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
+    let line = decode_line(line)?;
+    let (verb, args) = split_verb(line);
+    let mut buffer = [0; LONGEST_VERB];
+    let verb = upper_case_verb(verb, &mut buffer).ok_or_else(ParseError::unrecognized)?;
+    match verb {
+        b"EHLO" => parse_hello(args, "syntax: EHLO hostname").map(Command::Ehlo),
+        b"HELO" => parse_hello(args, "syntax: HELO hostname").map(Command::Helo),
+        b"MAIL" => parse_mail(args),
+        b"RCPT" => parse_rcpt(args),
+        b"DATA" => without_arguments(args, Command::Data, "syntax: DATA takes no arguments"),
+        b"RSET" => without_arguments(args, Command::Rset, "syntax: RSET takes no arguments"),
+        b"QUIT" => without_arguments(args, Command::Quit, "syntax: QUIT takes no arguments"),
+        b"STARTTLS" => without_arguments(args, Command::StartTls, "syntax: STARTTLS takes no arguments"),
+        b"NOOP" => Ok(Command::Noop),
+        b"HELP" => Ok(Command::Help),
+        b"VRFY" => parse_vrfy(args),
+        b"AUTH" => parse_auth(args),
+        b"XCLIENT" => Ok(Command::XClient(args.to_owned())),
+        _ => Err(ParseError::unrecognized()),
+    }
+}
+
+/// Rejects control characters and invalid UTF-8, and drops trailing whitespace.
+fn decode_line(line: &[u8]) -> Result<&str, ParseError> {
+    if line.iter().any(|&byte| byte < b' ' && byte != b'\t') {
+        return Err(ParseError::control_characters());
+    }
+    let line = std::str::from_utf8(line).map_err(|_| ParseError::invalid_utf8())?;
+    Ok(line.trim_end_matches(is_blank))
+}
+
+fn is_blank(c: char) -> bool {
+    c == ' ' || c == '\t'
+}
+
+fn split_verb(line: &str) -> (&str, &str) {
+    match line.split_once(is_blank) {
+        Some((verb, args)) => (verb, args.trim_start_matches(is_blank)),
+        None => (line, ""),
+    }
+}
+
+/// Upper-cases the verb into `buffer` so it can be matched without allocating;
+/// `None` when it is too long to be any known verb.
+fn upper_case_verb<'b>(verb: &str, buffer: &'b mut [u8; LONGEST_VERB]) -> Option<&'b [u8]> {
+    let upper = buffer.get_mut(..verb.len())?;
+    upper.copy_from_slice(verb.as_bytes());
+    upper.make_ascii_uppercase();
+    Some(upper)
+}
+
+fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(is_blank).filter(|word| !word.is_empty())
+}
+
+fn without_arguments(args: &str, command: Command, usage: &'static str) -> Result<Command, ParseError> {
+    if args.is_empty() {
+        Ok(command)
+    } else {
+        Err(ParseError::syntax(usage))
+    }
+}
+
+/// Like Postfix, any token is accepted as the client's name, and extra words are ignored.
+fn parse_hello(args: &str, usage: &'static str) -> Result<String, ParseError> {
+    let domain = words(args).next().ok_or_else(|| ParseError::syntax(usage))?;
+    Ok(domain.to_owned())
+}
+
+fn parse_vrfy(args: &str) -> Result<Command, ParseError> {
+    if args.is_empty() {
+        return Err(ParseError::syntax("syntax: VRFY address"));
+    }
+    Ok(Command::Vrfy(args.to_owned()))
+}
+
+fn parse_auth(args: &str) -> Result<Command, ParseError> {
+    let usage = || ParseError::syntax("syntax: AUTH mechanism [initial-response]");
+    let mut words = words(args);
+    let mechanism = words.next().ok_or_else(usage)?.to_ascii_uppercase();
+    let initial_response = words.next().map(str::to_owned);
+    if words.next().is_some() {
+        return Err(usage());
+    }
+    Ok(Command::Auth { mechanism, initial_response })
+}
+
+fn parse_mail(args: &str) -> Result<Command, ParseError> {
+    let path = strip_path_keyword(args, "FROM:").ok_or_else(|| ParseError::syntax("syntax: MAIL FROM:<address>"))?;
+    let (reverse_path, params) = parse_reverse_path(path).ok_or_else(ParseError::bad_sender)?;
+    let params = parse_mail_params(params)?;
+    Ok(Command::MailFrom { reverse_path, params })
+}
+
+fn parse_rcpt(args: &str) -> Result<Command, ParseError> {
+    let path = strip_path_keyword(args, "TO:").ok_or_else(|| ParseError::syntax("syntax: RCPT TO:<address>"))?;
+    let (forward_path, params) = parse_forward_path(path).ok_or_else(ParseError::bad_recipient)?;
+    reject_rcpt_params(params)?;
+    Ok(Command::RcptTo { forward_path })
+}
+
+/// Strips `FROM:` / `TO:` (any case) and the one space Postfix tolerates after
+/// the colon; `None` if the keyword is missing or nothing follows it.
+fn strip_path_keyword<'a>(args: &'a str, keyword: &str) -> Option<&'a str> {
+    let (head, rest) = args.split_at_checked(keyword.len())?;
+    if !head.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let path = rest.strip_prefix(' ').unwrap_or(rest);
+    (!path.is_empty()).then_some(path)
+}
+
+/// Returns the path and the parameter text after it.
+fn parse_reverse_path(input: &str) -> Option<(ReversePath, &str)> {
+    if let Some(rest) = input.strip_prefix("<>") {
+        return Some((ReversePath::Null, end_of_path(rest)?));
+    }
+    let (mailbox, params) = parse_path(input)?;
+    Some((ReversePath::Mailbox(mailbox), params))
+}
+
+/// Returns the path and the parameter text after it.
+fn parse_forward_path(input: &str) -> Option<(Mailbox, &str)> {
+    parse_bare_postmaster(input).or_else(|| parse_path(input))
+}
+
+/// `<postmaster>` without a domain is a valid recipient (RFC 5321 §4.5.1).
+fn parse_bare_postmaster(input: &str) -> Option<(Mailbox, &str)> {
+    let (path, rest) = input.split_at_checked("<postmaster>".len())?;
+    let local_part = path.strip_prefix('<')?.strip_suffix('>')?;
+    if !local_part.eq_ignore_ascii_case("postmaster") {
+        return None;
+    }
+    let mailbox = Mailbox { local_part: local_part.to_owned(), domain: String::new() };
+    Some((mailbox, end_of_path(rest)?))
+}
+
+/// `<[source-route:]local-part@domain>`, returning the parameter text after it.
+fn parse_path(input: &str) -> Option<(Mailbox, &str)> {
+    let input = skip_source_route(input.strip_prefix('<')?)?;
+    let (local_part, rest) = parse_local_part(input)?;
+    let (domain, rest) = parse_domain(rest.strip_prefix('@')?)?;
+    let params = end_of_path(rest.strip_prefix('>')?)?;
+    Some((Mailbox { local_part, domain: domain.to_owned() }, params))
+}
+
+/// A closed path must end the line or be followed by whitespace.
+fn end_of_path(rest: &str) -> Option<&str> {
+    (rest.is_empty() || rest.starts_with(is_blank)).then_some(rest)
+}
+
+/// Skips an obsolete `@a.example,@b.example:` source route, which RFC 5321
+/// says must be accepted and ignored.
+fn skip_source_route(input: &str) -> Option<&str> {
+    if !input.starts_with('@') {
+        return Some(input);
+    }
+    let mut rest = input;
+    loop {
+        let (_, after_domain) = parse_domain(rest.strip_prefix('@')?)?;
+        if let Some(next) = after_domain.strip_prefix(',') {
+            rest = next;
+        } else {
+            return after_domain.strip_prefix(':');
+        }
+    }
+}
+
+/// Returns the unquoted, unescaped local part and the text after it.
+fn parse_local_part(input: &str) -> Option<(String, &str)> {
+    match input.strip_prefix('"') {
+        Some(quoted) => parse_quoted_string(quoted),
+        None => parse_dot_string(input),
+    }
+}
+
+fn parse_dot_string(input: &str) -> Option<(String, &str)> {
+    let end = input.bytes().position(|byte| !is_atext_or_dot(byte)).unwrap_or(input.len());
+    let (dot_string, rest) = input.split_at(end);
+    has_valid_dots(dot_string).then(|| (dot_string.to_owned(), rest))
+}
+
+/// Parses the rest of a quoted string whose opening quote is already consumed,
+/// copying unescaped runs in one go.
+fn parse_quoted_string(input: &str) -> Option<(String, &str)> {
+    let bytes = input.as_bytes();
+    let mut content = String::new();
+    let mut run_start = 0;
+    let mut index = 0;
+    loop {
+        match *bytes.get(index)? {
+            b'"' => {
+                content.push_str(&input[run_start..index]);
+                return Some((content, &input[index + 1..]));
+            }
+            b'\\' => {
+                content.push_str(&input[run_start..index]);
+                if !is_quotable(*bytes.get(index + 1)?) {
+                    return None;
+                }
+                // The escaped character starts the next run.
+                run_start = index + 1;
+                index += 2;
+            }
+            byte if is_qtext(byte) => index += 1,
+            _ => return None,
+        }
+    }
+}
+
+/// RFC 5321 qtextSMTP, plus any UTF-8 byte (RFC 6531).
+fn is_qtext(byte: u8) -> bool {
+    matches!(byte, b' ' | b'!' | b'#'..=b'[' | b']'..=b'~' | 0x80..)
+}
+
+/// What may follow a backslash in a quoted-pairSMTP.
+fn is_quotable(byte: u8) -> bool {
+    matches!(byte, b' '..=b'~')
+}
+
+/// RFC 5321 atext, plus any UTF-8 byte (RFC 6531).
+fn is_atext(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric()
+        || byte >= 0x80
+        || matches!(
+            byte,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'/'
+                | b'='
+                | b'?'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'{'
+                | b'|'
+                | b'}'
+                | b'~'
+        )
+}
+
+fn is_atext_or_dot(byte: u8) -> bool {
+    is_atext(byte) || byte == b'.'
+}
+
+/// No leading, trailing or doubled dots (and not empty).
+fn has_valid_dots(text: &str) -> bool {
+    text.split('.').all(|atom| !atom.is_empty())
+}
+
+fn is_dot_string(text: &str) -> bool {
+    text.bytes().all(is_atext_or_dot) && has_valid_dots(text)
+}
+
+/// A domain name or address literal, returned as given, and the text after it.
+fn parse_domain(input: &str) -> Option<(&str, &str)> {
+    if input.starts_with('[') {
+        let end = input.find(']')? + 1;
+        let (literal, rest) = input.split_at(end);
+        is_valid_address_literal(&literal[1..end - 1]).then_some((literal, rest))
+    } else {
+        let end = input.bytes().position(|byte| !is_domain_byte(byte)).unwrap_or(input.len());
+        let (domain, rest) = input.split_at(end);
+        is_valid_domain_name(domain).then_some((domain, rest))
+    }
+}
+
+/// Letters, digits, hyphens and dots; any non-ASCII character counts as a
+/// letter so that U-labels (RFC 6531) pass without IDNA validation.
+fn is_domain_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | 0x80..)
+}
+
+/// Lengths are counted in octets, also for U-labels.
+fn is_valid_domain_name(domain: &str) -> bool {
+    domain.len() <= MAX_DOMAIN_LEN && domain.split('.').all(is_valid_label)
+}
+
+fn is_valid_label(label: &str) -> bool {
+    (1..=MAX_LABEL_LEN).contains(&label.len()) && !label.starts_with('-') && !label.ends_with('-')
+}
+
+/// `IPv4` or `IPv6:address` (the tag in any case); other tagged literals are refused.
+fn is_valid_address_literal(content: &str) -> bool {
+    match content.split_at_checked("IPv6:".len()) {
+        Some((tag, address)) if tag.eq_ignore_ascii_case("IPv6:") => address.parse::<Ipv6Addr>().is_ok(),
+        _ => content.parse::<Ipv4Addr>().is_ok(),
+    }
+}
+
+fn parse_mail_params(text: &str) -> Result<MailParams, ParseError> {
+    let mut params = MailParams::default();
+    for word in words(text) {
+        let (keyword, value) = split_parameter(word, "MAIL")?;
+        if keyword.eq_ignore_ascii_case("SIZE") {
+            set_once(&mut params.size, parse_size(value)?, keyword)?;
+        } else if keyword.eq_ignore_ascii_case("BODY") {
+            set_once(&mut params.body, parse_body(value)?, keyword)?;
+        } else if keyword.eq_ignore_ascii_case("SMTPUTF8") {
+            if params.smtputf8 {
+                return Err(duplicate_parameter(keyword));
+            }
+            if value.is_some() {
+                return Err(ParseError::syntax("syntax: SMTPUTF8 takes no value"));
+            }
+            params.smtputf8 = true;
+        } else {
+            return Err(ParseError::unsupported_parameter("MAIL", keyword));
+        }
+    }
+    Ok(params)
+}
+
+/// No RCPT parameter is supported; the first one is reported.
+fn reject_rcpt_params(text: &str) -> Result<(), ParseError> {
+    match words(text).next() {
+        Some(word) => {
+            let (keyword, _) = split_parameter(word, "RCPT")?;
+            Err(ParseError::unsupported_parameter("RCPT", keyword))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Splits `KEYWORD[=value]`. The keyword is validated because it is echoed in replies.
+fn split_parameter<'a>(word: &'a str, command: &str) -> Result<(&'a str, Option<&'a str>), ParseError> {
+    let (keyword, value) = match word.split_once('=') {
+        Some((keyword, value)) => (keyword, Some(value)),
+        None => (word, None),
+    };
+    if !is_esmtp_keyword(keyword) {
+        return Err(ParseError::syntax(format!("bad {command} parameter syntax")));
+    }
+    Ok((keyword, value))
+}
+
+fn is_esmtp_keyword(keyword: &str) -> bool {
+    let mut bytes = keyword.bytes();
+    bytes.next().is_some_and(|first| first.is_ascii_alphanumeric())
+        && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
+}
+
+fn set_once<T>(slot: &mut Option<T>, value: T, keyword: &str) -> Result<(), ParseError> {
+    if slot.is_some() {
+        return Err(duplicate_parameter(keyword));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn duplicate_parameter(keyword: &str) -> ParseError {
+    ParseError::syntax(format!("duplicate MAIL parameter {keyword}"))
+}
+
+fn parse_size(value: Option<&str>) -> Result<u64, ParseError> {
+    // The digit check matters: `u64::from_str` would also accept a leading `+`.
+    value
+        .filter(|digits| digits.bytes().all(|byte| byte.is_ascii_digit()))
+        .and_then(|digits| digits.parse().ok())
+        .ok_or_else(|| ParseError::syntax("syntax: SIZE=<number>"))
+}
+
+fn parse_body(value: Option<&str>) -> Result<Body, ParseError> {
+    match value {
+        Some(value) if value.eq_ignore_ascii_case("7BIT") => Ok(Body::SevenBit),
+        Some(value) if value.eq_ignore_ascii_case("8BITMIME") => Ok(Body::EightBitMime),
+        _ => Err(ParseError::syntax("syntax: BODY=7BIT or BODY=8BITMIME")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Command {
+        parse_command(line.as_bytes()).unwrap_or_else(|error| panic!("{line:?} rejected: {error}"))
+    }
+
+    fn reply_to(line: &[u8]) -> (u16, &'static str, String) {
+        match parse_command(line) {
+            Ok(command) => panic!("{:?} accepted as {command:?}", String::from_utf8_lossy(line)),
+            Err(error) => error.reply(),
+        }
+    }
+
+    fn codes(line: &str) -> (u16, &'static str) {
+        let (code, enhanced, _) = reply_to(line.as_bytes());
+        (code, enhanced)
+    }
+
+    fn mailbox(local_part: &str, domain: &str) -> Mailbox {
+        Mailbox { local_part: local_part.into(), domain: domain.into() }
+    }
+
+    fn mail_from(line: &str) -> (ReversePath, MailParams) {
+        match parse(line) {
+            Command::MailFrom { reverse_path, params } => (reverse_path, params),
+            other => panic!("{line:?} parsed as {other:?}"),
+        }
+    }
+
+    fn sender(line: &str) -> Mailbox {
+        match mail_from(line).0 {
+            ReversePath::Mailbox(mailbox) => mailbox,
+            ReversePath::Null => panic!("{line:?} parsed as the null sender"),
+        }
+    }
+
+    fn params(line: &str) -> MailParams {
+        mail_from(line).1
+    }
+
+    fn recipient(line: &str) -> Mailbox {
+        match parse(line) {
+            Command::RcptTo { forward_path } => forward_path,
+            other => panic!("{line:?} parsed as {other:?}"),
+        }
+    }
+
+    fn text(error: (u16, &'static str, String)) -> String {
+        error.2
+    }
+
+    const BAD_SENDER: (u16, &str) = (501, "5.1.7");
+    const BAD_RECIPIENT: (u16, &str) = (501, "5.1.3");
+    const SYNTAX: (u16, &str) = (501, "5.5.4");
+    const UNSUPPORTED: (u16, &str) = (555, "5.5.4");
+    const UNRECOGNIZED: (u16, &str) = (500, "5.5.2");
+
+    #[test]
+    fn every_verb_is_case_insensitive() {
+        let cases = [
+            ("EHLO", " a.example", Command::Ehlo("a.example".into())),
+            ("HELO", " a.example", Command::Helo("a.example".into())),
+            ("MAIL", " FROM:<>", Command::MailFrom { reverse_path: ReversePath::Null, params: MailParams::default() }),
+            ("RCPT", " TO:<a@b.example>", Command::RcptTo { forward_path: mailbox("a", "b.example") }),
+            ("DATA", "", Command::Data),
+            ("RSET", "", Command::Rset),
+            ("NOOP", "", Command::Noop),
+            ("QUIT", "", Command::Quit),
+            ("VRFY", " someone", Command::Vrfy("someone".into())),
+            ("HELP", "", Command::Help),
+            ("STARTTLS", "", Command::StartTls),
+            ("AUTH", " PLAIN", Command::Auth { mechanism: "PLAIN".into(), initial_response: None }),
+            ("XCLIENT", " NAME=x", Command::XClient("NAME=x".into())),
+        ];
+        for (verb, args, expected) in cases {
+            let mixed: String = verb
+                .chars()
+                .enumerate()
+                .map(|(index, c)| if index % 2 == 0 { c.to_ascii_lowercase() } else { c })
+                .collect();
+            for spelling in [verb.to_owned(), verb.to_ascii_lowercase(), mixed] {
+                assert_eq!(parse(&format!("{spelling}{args}")), expected, "{spelling}{args}");
+            }
+        }
+    }
+
+    #[test]
+    fn hello_keeps_its_argument_as_given() {
+        assert_eq!(parse("EHLO Mail.Example"), Command::Ehlo("Mail.Example".into()));
+        assert_eq!(parse("EHLO [1.2.3.4]"), Command::Ehlo("[1.2.3.4]".into()));
+        assert_eq!(parse("HELO [IPv6:::1]"), Command::Helo("[IPv6:::1]".into()));
+        assert_eq!(parse("HELO not_a_valid-name!"), Command::Helo("not_a_valid-name!".into()));
+    }
+
+    #[test]
+    fn hello_ignores_extra_words_and_whitespace() {
+        assert_eq!(parse("EHLO a.example extra words"), Command::Ehlo("a.example".into()));
+        assert_eq!(parse("EHLO   a.example  "), Command::Ehlo("a.example".into()));
+        assert_eq!(parse("EHLO\ta.example"), Command::Ehlo("a.example".into()));
+    }
+
+    #[test]
+    fn hello_without_argument_is_rejected() {
+        assert_eq!(reply_to(b"EHLO"), (501, "5.5.4", "syntax: EHLO hostname".into()));
+        assert_eq!(reply_to(b"EHLO   "), (501, "5.5.4", "syntax: EHLO hostname".into()));
+        assert_eq!(reply_to(b"HELO"), (501, "5.5.4", "syntax: HELO hostname".into()));
+    }
+
+    #[test]
+    fn commands_without_arguments() {
+        assert_eq!(parse("DATA"), Command::Data);
+        assert_eq!(parse("RSET "), Command::Rset);
+        assert_eq!(parse("QUIT"), Command::Quit);
+        assert_eq!(parse("STARTTLS"), Command::StartTls);
+    }
+
+    #[test]
+    fn commands_without_arguments_reject_one() {
+        assert_eq!(reply_to(b"DATA now"), (501, "5.5.4", "syntax: DATA takes no arguments".into()));
+        assert_eq!(reply_to(b"RSET x"), (501, "5.5.4", "syntax: RSET takes no arguments".into()));
+        assert_eq!(reply_to(b"QUIT x"), (501, "5.5.4", "syntax: QUIT takes no arguments".into()));
+        assert_eq!(reply_to(b"STARTTLS x"), (501, "5.5.4", "syntax: STARTTLS takes no arguments".into()));
+    }
+
+    #[test]
+    fn noop_and_help_ignore_their_argument() {
+        assert_eq!(parse("NOOP"), Command::Noop);
+        assert_eq!(parse("NOOP anything at all"), Command::Noop);
+        assert_eq!(parse("HELP"), Command::Help);
+        assert_eq!(parse("HELP MAIL"), Command::Help);
+    }
+
+    #[test]
+    fn vrfy_needs_an_argument() {
+        assert_eq!(parse("VRFY John Smith"), Command::Vrfy("John Smith".into()));
+        assert_eq!(codes("VRFY"), SYNTAX);
+        assert_eq!(codes("VRFY  "), SYNTAX);
+    }
+
+    #[test]
+    fn auth_upper_cases_the_mechanism_and_keeps_the_response() {
+        assert_eq!(parse("AUTH login"), Command::Auth { mechanism: "LOGIN".into(), initial_response: None });
+        assert_eq!(
+            parse("AUTH plain AGFsaWNlAHNlY3JldA=="),
+            Command::Auth { mechanism: "PLAIN".into(), initial_response: Some("AGFsaWNlAHNlY3JldA==".into()) }
+        );
+        assert_eq!(
+            parse("AUTH PLAIN ="),
+            Command::Auth { mechanism: "PLAIN".into(), initial_response: Some("=".into()) }
+        );
+    }
+
+    #[test]
+    fn auth_rejects_missing_or_extra_arguments() {
+        assert_eq!(codes("AUTH"), SYNTAX);
+        assert_eq!(codes("AUTH PLAIN abc def"), SYNTAX);
+    }
+
+    #[test]
+    fn xclient_keeps_the_raw_rest_of_the_line() {
+        assert_eq!(parse("XCLIENT NAME=x ADDR=192.0.2.1"), Command::XClient("NAME=x ADDR=192.0.2.1".into()));
+        assert_eq!(parse("XCLIENT"), Command::XClient(String::new()));
+        assert_eq!(parse("XCLIENT   "), Command::XClient(String::new()));
+    }
+
+    #[test]
+    fn unknown_verbs_are_not_recognized() {
+        for line in [
+            "GET / HTTP/1.1",
+            "POST /",
+            "PROXY TCP4 1.2.3.4 5.6.7.8 1 2",
+            "",
+            "   ",
+            " NOOP",
+            "MAILFROM:<a@b>",
+            "STARTTLSX",
+        ] {
+            assert_eq!(reply_to(line.as_bytes()), (500, "5.5.2", "command not recognized".into()), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn control_characters_are_rejected() {
+        let lines: [&[u8]; 6] =
+            [b"NOOP\x00", b"NOOP\nRSET", b"NOOP\r", b"\x1bNOOP", b"MAIL FROM:<a\x01@b>", b"\x00\x80"];
+        for line in lines {
+            assert_eq!(reply_to(line), (500, "5.5.2", "command contains control characters".into()), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_rejected() {
+        assert_eq!(reply_to(b"\x80\x81"), (501, "5.5.2", "invalid UTF-8 in command".into()));
+        assert_eq!(reply_to(b"MAIL FROM:<\xff@b.example>"), (501, "5.5.2", "invalid UTF-8 in command".into()));
+    }
+
+    #[test]
+    fn tab_is_whitespace_between_words_only() {
+        let (reverse_path, params) = mail_from("MAIL\tFROM:<a@b.example>\tSIZE=1");
+        assert_eq!(reverse_path, ReversePath::Mailbox(mailbox("a", "b.example")));
+        assert_eq!(params.size, Some(1));
+        assert_eq!(codes("MAIL FROM:<\"a\tb\"@b.example>"), BAD_SENDER);
+    }
+
+    #[test]
+    fn mail_from_with_size_and_body() {
+        let (reverse_path, params) = mail_from("MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME");
+        assert_eq!(reverse_path, ReversePath::Mailbox(mailbox("a", "b.example")));
+        assert_eq!(params, MailParams { size: Some(1000), body: Some(Body::EightBitMime), smtputf8: false });
+    }
+
+    #[test]
+    fn mail_from_null_sender() {
+        assert_eq!(mail_from("MAIL FROM:<>"), (ReversePath::Null, MailParams::default()));
+        assert_eq!(mail_from("MAIL FROM:<> BODY=7BIT").1.body, Some(Body::SevenBit));
+        assert_eq!(codes("MAIL FROM:<>x"), BAD_SENDER);
+    }
+
+    #[test]
+    fn mail_from_keyword_is_case_insensitive_and_tolerates_one_space() {
+        assert_eq!(sender("mail from:<a@b.example>"), mailbox("a", "b.example"));
+        assert_eq!(sender("MAIL From: <a@b.example>"), mailbox("a", "b.example"));
+        assert_eq!(sender("MAIL  FROM:<a@b.example>"), mailbox("a", "b.example"));
+        assert_eq!(codes("MAIL FROM:  <a@b.example>"), BAD_SENDER);
+    }
+
+    #[test]
+    fn mail_without_from_keyword_is_a_syntax_error() {
+        for line in [
+            "MAIL",
+            "MAIL <a@b.example>",
+            "MAIL FROM <a@b.example>",
+            "MAIL FRM:<a@b.example>",
+            "MAIL TO:<a@b.example>",
+            "MAIL FROM:",
+            "MAIL FROM: ",
+        ] {
+            assert_eq!(reply_to(line.as_bytes()), (501, "5.5.4", "syntax: MAIL FROM:<address>".into()), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn mail_from_requires_a_well_formed_path() {
+        assert_eq!(reply_to(b"MAIL FROM:a@b.example"), (501, "5.1.7", "bad sender address syntax".into()));
+        for line in [
+            "MAIL FROM:<a@b.example",
+            "MAIL FROM:a@b.example>",
+            "MAIL FROM:<a@b.example>SIZE=1",
+            "MAIL FROM:<a>",
+            "MAIL FROM:<postmaster>",
+            "MAIL FROM:<@b.example>",
+            "MAIL FROM:<a@>",
+            "MAIL FROM:<a b@c.example>",
+            "MAIL FROM:<<a@b.example>>",
+        ] {
+            assert_eq!(codes(line), BAD_SENDER, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn mail_params_are_case_insensitive_and_tolerate_extra_spaces() {
+        assert_eq!(
+            params("MAIL FROM:<a@b.example>   size=42  body=7bit\tsmtputf8"),
+            MailParams { size: Some(42), body: Some(Body::SevenBit), smtputf8: true }
+        );
+        assert_eq!(params("MAIL FROM:<a@b.example> Body=8bitMime").body, Some(Body::EightBitMime));
+    }
+
+    #[test]
+    fn size_must_be_a_u64() {
+        assert_eq!(params("MAIL FROM:<a@b.example> SIZE=0").size, Some(0));
+        assert_eq!(params("MAIL FROM:<a@b.example> SIZE=18446744073709551615").size, Some(u64::MAX));
+        for value in ["SIZE", "SIZE=", "SIZE=abc", "SIZE=+5", "SIZE=-5", "SIZE=1k", "SIZE=18446744073709551616"] {
+            assert_eq!(codes(&format!("MAIL FROM:<a@b.example> {value}")), SYNTAX, "{value}");
+        }
+    }
+
+    #[test]
+    fn body_must_be_7bit_or_8bitmime() {
+        for value in ["BODY", "BODY=", "BODY=BINARYMIME", "BODY=8BIT"] {
+            assert_eq!(codes(&format!("MAIL FROM:<a@b.example> {value}")), SYNTAX, "{value}");
+        }
+    }
+
+    #[test]
+    fn smtputf8_takes_no_value() {
+        assert!(params("MAIL FROM:<a@b.example> SMTPUTF8").smtputf8);
+        assert_eq!(codes("MAIL FROM:<a@b.example> SMTPUTF8=yes"), SYNTAX);
+        assert_eq!(codes("MAIL FROM:<a@b.example> SMTPUTF8="), SYNTAX);
+    }
+
+    #[test]
+    fn mail_params_may_not_repeat() {
+        for repeated in ["SIZE=1 SIZE=2", "BODY=7BIT body=7bit", "SMTPUTF8 SMTPUTF8"] {
+            assert_eq!(codes(&format!("MAIL FROM:<a@b.example> {repeated}")), SYNTAX, "{repeated}");
+        }
+        assert_eq!(text(reply_to(b"MAIL FROM:<a@b.example> SIZE=1 size=1")), "duplicate MAIL parameter size");
+    }
+
+    #[test]
+    fn unknown_mail_params_are_unsupported() {
+        assert_eq!(reply_to(b"MAIL FROM:<a@b.example> FOO=1"), (555, "5.5.4", "unsupported MAIL parameter FOO".into()));
+        assert_eq!(text(reply_to(b"MAIL FROM:<a@b.example> RET=FULL")), "unsupported MAIL parameter RET");
+        assert_eq!(text(reply_to(b"MAIL FROM:<a@b.example> SIZE=1 AUTH=<>")), "unsupported MAIL parameter AUTH");
+        assert_eq!(codes("MAIL FROM:<> X-CUSTOM"), UNSUPPORTED);
+    }
+
+    #[test]
+    fn malformed_parameter_keywords_are_syntax_errors() {
+        for param in ["=1", "-X=1", "A_B=1", "Ü=1"] {
+            assert_eq!(
+                reply_to(format!("MAIL FROM:<a@b.example> {param}").as_bytes()),
+                (501, "5.5.4", "bad MAIL parameter syntax".into()),
+                "{param}"
+            );
+        }
+        assert_eq!(reply_to(b"RCPT TO:<a@b.example> =1"), (501, "5.5.4", "bad RCPT parameter syntax".into()));
+    }
+
+    #[test]
+    fn rcpt_to_accepts_a_mailbox() {
+        assert_eq!(recipient("RCPT TO:<a@b.example>"), mailbox("a", "b.example"));
+        assert_eq!(recipient("rcpt to: <a@b.example>"), mailbox("a", "b.example"));
+        assert_eq!(recipient("RCPT TO:<a@b.example>   "), mailbox("a", "b.example"));
+    }
+
+    #[test]
+    fn rcpt_to_accepts_bare_postmaster_as_given() {
+        assert_eq!(recipient("RCPT TO:<postmaster>"), mailbox("postmaster", ""));
+        assert_eq!(recipient("RCPT TO:<Postmaster>"), mailbox("Postmaster", ""));
+        assert_eq!(recipient("RCPT TO:<Postmaster@b.example>"), mailbox("Postmaster", "b.example"));
+        assert_eq!(codes("RCPT TO:<postmaster>x"), BAD_RECIPIENT);
+        assert_eq!(codes("RCPT TO:<postmasters>"), BAD_RECIPIENT);
+        assert_eq!(codes("RCPT TO:<\"postmaster\">"), BAD_RECIPIENT);
+    }
+
+    #[test]
+    fn rcpt_to_rejects_bad_addresses() {
+        assert_eq!(reply_to(b"RCPT TO:<>"), (501, "5.1.3", "bad recipient address syntax".into()));
+        for line in ["RCPT TO:a@b.example", "RCPT TO:<user>", "RCPT TO:<a@-b.example>", "RCPT TO:<a@b.example"] {
+            assert_eq!(codes(line), BAD_RECIPIENT, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn rcpt_without_to_keyword_is_a_syntax_error() {
+        for line in ["RCPT", "RCPT <a@b.example>", "RCPT FROM:<a@b.example>", "RCPT TO:"] {
+            assert_eq!(reply_to(line.as_bytes()), (501, "5.5.4", "syntax: RCPT TO:<address>".into()), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn rcpt_params_are_unsupported() {
+        assert_eq!(reply_to(b"RCPT TO:<a@b> NOTIFY=NEVER"), (555, "5.5.4", "unsupported RCPT parameter NOTIFY".into()));
+        assert_eq!(codes("RCPT TO:<postmaster> ORCPT=rfc822;a@b"), UNSUPPORTED);
+    }
+
+    #[test]
+    fn source_route_is_ignored() {
+        assert_eq!(recipient("RCPT TO:<@a,@b:u@c>"), mailbox("u", "c"));
+        assert_eq!(sender("MAIL FROM:<@a.example,@b.example:user@c.example>"), mailbox("user", "c.example"));
+        assert_eq!(sender("MAIL FROM:<@a.example:user@c.example>"), mailbox("user", "c.example"));
+    }
+
+    #[test]
+    fn malformed_source_routes_are_rejected() {
+        for path in ["<@a>", "<@a:>", "<@:u@c>", "<@a,u@c>", "<@a,:u@c>", "<@-a:u@c>", "<@a;u@c>"] {
+            assert_eq!(codes(&format!("RCPT TO:{path}")), BAD_RECIPIENT, "{path}");
+        }
+    }
+
+    #[test]
+    fn dot_string_local_parts() {
+        assert_eq!(sender("MAIL FROM:<first.last@b.example>").local_part, "first.last");
+        let every_atext = "!#$%&'*+-/=?^_`{|}~Az09";
+        assert_eq!(sender(&format!("MAIL FROM:<{every_atext}@b.example>")).local_part, every_atext);
+        for local_part in [".a", "a.", "a..b", "a(b", "a,b", "a\\b"] {
+            assert_eq!(codes(&format!("MAIL FROM:<{local_part}@b.example>")), BAD_SENDER, "{local_part}");
+        }
+    }
+
+    #[test]
+    fn quoted_local_parts_are_unquoted_and_unescaped() {
+        assert_eq!(sender("MAIL FROM:<\"a b\"@x.example>"), mailbox("a b", "x.example"));
+        assert_eq!(sender(r#"MAIL FROM:<"a\"b\\c"@x.example>"#).local_part, r#"a"b\c"#);
+        assert_eq!(sender(r#"MAIL FROM:<"\a>b"@x.example>"#).local_part, "a>b");
+        assert_eq!(sender("MAIL FROM:<\"\"@x.example>").local_part, "");
+        assert_eq!(sender("MAIL FROM:<\"jörg\"@x.example>").local_part, "jörg");
+    }
+
+    #[test]
+    fn malformed_quoted_local_parts_are_rejected() {
+        for local_part in [r#""a"#, r#""a\"#, r#""a\"@x.example"#, r#""a"b"#, "\"a\"\"b\""] {
+            assert_eq!(codes(&format!("MAIL FROM:<{local_part}@x.example>")), BAD_SENDER, "{local_part}");
+        }
+        assert_eq!(codes("MAIL FROM:<\"a\\é\"@x.example>"), BAD_SENDER);
+    }
+
+    #[test]
+    fn display_quotes_only_when_needed() {
+        assert_eq!(sender("MAIL FROM:<\"a b\"@x.example>").to_string(), "\"a b\"@x.example");
+        assert_eq!(sender("MAIL FROM:<a.b@x>").to_string(), "a.b@x");
+        assert_eq!(sender("MAIL FROM:<\"ab\"@x>").to_string(), "ab@x");
+        assert_eq!(sender("MAIL FROM:<\"a..b\"@x>").to_string(), "\"a..b\"@x");
+        assert_eq!(mailbox(r#"a"b\c"#, "x").to_string(), r#""a\"b\\c"@x"#);
+        assert_eq!(mailbox("", "x").to_string(), "\"\"@x");
+        assert_eq!(recipient("RCPT TO:<Postmaster>").to_string(), "Postmaster");
+    }
+
+    #[test]
+    fn display_round_trips_through_the_parser() {
+        for address in ["\"a b\"@x.example", "a.b@x", r#""a\"b\\c"@x"#, "jörg@bücher.example", "u@[IPv6:::1]"] {
+            let parsed = sender(&format!("MAIL FROM:<{address}>"));
+            assert_eq!(parsed.to_string(), address);
+            assert_eq!(sender(&format!("MAIL FROM:<{parsed}>")), parsed);
+        }
+    }
+
+    #[test]
+    fn address_literals() {
+        assert_eq!(sender("MAIL FROM:<a@[127.0.0.1]>").domain, "[127.0.0.1]");
+        assert_eq!(sender("MAIL FROM:<a@[IPv6:::1]>").domain, "[IPv6:::1]");
+        assert_eq!(sender("MAIL FROM:<a@[ipv6:2001:db8::1]>").domain, "[ipv6:2001:db8::1]");
+        assert_eq!(sender("MAIL FROM:<a@[IPv6:::ffff:192.0.2.1]>").domain, "[IPv6:::ffff:192.0.2.1]");
+    }
+
+    #[test]
+    fn bad_address_literals_are_rejected() {
+        for literal in
+            ["[999.1.1.1]", "[1.2.3]", "[::1]", "[IPv6:1.2.3.4]", "[IPv6:zz::1]", "[x-tag:foo]", "[127.0.0.1", "[]"]
+        {
+            assert_eq!(codes(&format!("MAIL FROM:<a@{literal}>")), BAD_SENDER, "{literal}");
+        }
+    }
+
+    #[test]
+    fn utf8_addresses_are_accepted() {
+        let address = sender("MAIL FROM:<jörg@bücher.example>");
+        assert_eq!(address, mailbox("jörg", "bücher.example"));
+        assert!(!address.is_ascii());
+        assert!(!mailbox("a", "bücher.example").is_ascii());
+        assert!(mailbox("a", "b.example").is_ascii());
+    }
+
+    #[test]
+    fn domain_labels_are_validated() {
+        let longest_label = "a".repeat(63);
+        assert_eq!(
+            sender(&format!("MAIL FROM:<a@{longest_label}.example>")).domain,
+            format!("{longest_label}.example")
+        );
+        assert_eq!(sender("MAIL FROM:<a@x-1.B2.example>").domain, "x-1.B2.example");
+        let too_long_label = "a".repeat(64);
+        for domain in [
+            "-a.example",
+            "a-.example",
+            "a.-b.example",
+            "a..example",
+            ".a.example",
+            "a.example.",
+            "a_b.example",
+            too_long_label.as_str(),
+        ] {
+            assert_eq!(codes(&format!("MAIL FROM:<a@{domain}>")), BAD_SENDER, "{domain}");
+        }
+    }
+
+    #[test]
+    fn domain_is_at_most_255_octets() {
+        let label = "a".repeat(63);
+        let longest = format!("{label}.{label}.{label}.{}", "a".repeat(63));
+        assert_eq!(longest.len(), 255);
+        assert_eq!(sender(&format!("MAIL FROM:<a@{longest}>")).domain, longest);
+        let one_too_long = format!("{label}.{label}.{label}.{}.a", "a".repeat(62));
+        assert_eq!(one_too_long.len(), 256);
+        assert_eq!(codes(&format!("MAIL FROM:<a@{one_too_long}>")), BAD_SENDER);
+        assert_eq!(codes(&format!("MAIL FROM:<a@b.{longest}>")), BAD_SENDER);
+    }
+
+    #[test]
+    fn parse_error_display_has_codes_and_text() {
+        let error = parse_command(b"DATA now").unwrap_err();
+        assert_eq!(error.to_string(), "501 5.5.4 syntax: DATA takes no arguments");
+        assert_eq!(codes("FOO"), UNRECOGNIZED);
+    }
+}

@@ -1,0 +1,162 @@
+"""The ``kumo-listener`` command: ``check`` and ``serve`` as separate processes."""
+
+from __future__ import annotations
+
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RawClient, delivered
+
+KUMO = [sys.executable, "-m", "kumo_listener"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KUMO, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_check_accepts_a_valid_file(tmp_path: Path):
+    path = tmp_path / "params.toml"
+    path.write_text('[via."10.0.0.1"]\nhostname = "mx.example-customer.com"\n')
+    result = run("check", str(path))
+    assert (result.returncode, result.stdout.strip()) == (0, f"{path}: OK")
+
+
+def test_check_lists_every_error_with_its_key_path(tmp_path: Path):
+    path = tmp_path / "params.toml"
+    path.write_text(
+        '[via."10.0.0.1"]\nmax_connections = 5\nhostname = 7\n\n'
+        '[peer."192.168.1.1/24"]\nbanner = "x"\n'
+    )
+    result = run("check", str(path))
+    assert result.returncode == 1
+    assert f"{path}: via.'10.0.0.1'.max_connections: only allowed at the top level" in result.stderr
+    assert f"{path}: via.'10.0.0.1'.hostname: expected a string" in result.stderr
+    assert "did you mean 192.168.1.0/24?" in result.stderr
+
+
+def test_check_json_and_unreadable_files(tmp_path: Path):
+    good = tmp_path / "params.json"
+    good.write_text('{"via": {"10.0.0.2": {"banner": "two"}}}')
+    assert run("check", str(good)).returncode == 0
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[via\n")
+    result = run("check", str(broken))
+    assert result.returncode == 1 and str(broken) in result.stderr
+    assert run("check", str(tmp_path / "missing.toml")).returncode == 1
+
+
+class Served:
+    """A ``kumo-listener serve`` process and the address it printed."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.process = subprocess.Popen(
+            [*KUMO, "serve", *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        self.banner = self.process.stdout.readline()
+        found = re.search(r"listening on ([\d.]+):(\d+)", self.banner)
+        assert found, self.banner + self.process.stderr.read()  # type: ignore[union-attr]
+        self.address = (found.group(1), int(found.group(2)))
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    started: list[Served] = []
+
+    def start(*args: str) -> Served:
+        started.append(Served(list(args), tmp_path))
+        return started[-1]
+
+    yield start
+    for served in started:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait()
+
+
+def test_serve_delivers_then_stops_cleanly_on_sigterm(serve, tmp_path: Path):
+    served = serve("--listen", "127.0.0.1:0")
+    assert "mail goes to Maildir maildir" in served.banner
+    with smtplib.SMTP(*served.address, timeout=10) as client:
+        client.sendmail("a@b.example", ["c@d.example"], b"Subject: cli\r\n\r\nbody\r\n")
+    idle = RawClient(served.address)
+    assert idle.reply()[0] == 220
+    assert served.stop() == 0
+    assert idle.reply()[0] == 421
+    [stored] = delivered(tmp_path / "maildir")
+    assert stored.endswith(b"Subject: cli\r\n\r\nbody\r\n")
+
+
+def test_serve_with_a_policy_file(serve, tmp_path: Path):
+    overrides = tmp_path / "listener_params.toml"
+    overrides.write_text('[via."127.0.0.2"]\nhostname = "mx.customer.example"\n')
+    policy = tmp_path / "policy.py"
+    policy.write_text(
+        "import kumo_listener as kumo\n\n"
+        "@kumo.on('init')\n"
+        "def init():\n"
+        "    kumo.start_esmtp_listener(listen='0.0.0.0:0', hostname='mx.default.example')\n\n"
+        "@kumo.on('smtp_server_get_dynamic_parameters')\n"
+        "def dynamic(listener, conn_meta):\n"
+        f"    return kumo.serde.toml_load({str(overrides)!r})\n"
+    )
+    served = serve("--policy", str(policy), "--sink", "discard")
+    port = served.address[1]
+    assert RawClient(("127.0.0.2", port)).reply() == (220, ["mx.customer.example kumo_listener"])
+    assert RawClient(("127.0.0.3", port)).reply() == (220, ["mx.default.example kumo_listener"])
+    assert served.stop() == 0
+
+
+def test_serve_refuses_a_bad_policy_listener_with_the_key_path(tmp_path: Path):
+    policy = tmp_path / "policy.py"
+    policy.write_text(
+        "import kumo_listener as kumo\n\n"
+        "@kumo.on('init')\n"
+        "def init():\n"
+        "    kumo.start_esmtp_listener(listen='127.0.0.1:0', via={'10.0.0.1': {'listen': 'x'}})\n"
+    )
+    result = run("serve", "--policy", str(policy), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "via.'10.0.0.1'.listen: only allowed at the top level" in result.stderr
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not port_free(2525), reason="127.0.0.1:2525 is in use on this machine")
+def test_the_embedded_default_is_loopback_2525_into_maildir(tmp_path: Path):
+    process = subprocess.Popen(
+        ["kumo-listener", "serve"], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        assert "listening on 127.0.0.1:2525" in process.stdout.readline()
+        with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as client:
+            client.sendmail("a@b.example", ["c@d.example"], b"Subject: default\r\n\r\nx\r\n")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    assert len(delivered(tmp_path / "maildir")) == 1
