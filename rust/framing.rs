@@ -50,7 +50,7 @@ impl LineFramer {
     /// `input` is the caller's unconsumed buffer, starting where the previous event left off.
     pub fn next(&mut self, input: &[u8]) -> LineEvent {
         // Resume one byte early: a CR ending the last scan may pair with a new LF.
-        let start = self.scanned.saturating_sub(1);
+        let start = self.scanned.saturating_sub(1).min(input.len());
         match memmem::find(&input[start..], b"\r\n") {
             Some(offset) => self.line_ended(start + offset),
             None => self.line_unfinished(input),

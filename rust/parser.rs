@@ -22,13 +22,23 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
+    /// The null reverse path `<>`, as the session stores it.
+    pub fn is_null(&self) -> bool {
+        self.local_part.is_empty() && self.domain.is_empty()
+    }
+
     pub fn is_ascii(&self) -> bool {
         self.local_part.is_ascii() && self.domain.is_ascii()
     }
 }
 
+/// Shows `user@domain`, quoting the local part where RFC 5321 needs it; the
+/// null reverse path shows as the empty string.
 impl fmt::Display for Mailbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_null() {
+            return Ok(());
+        }
         if is_dot_string(&self.local_part) {
             f.write_str(&self.local_part)?;
         } else {

@@ -131,8 +131,21 @@ def test_serve_refuses_a_bad_policy_listener_with_the_key_path(tmp_path: Path):
         "    kumo.start_esmtp_listener(listen='127.0.0.1:0', via={'10.0.0.1': {'listen': 'x'}})\n"
     )
     result = run("serve", "--policy", str(policy), cwd=tmp_path)
-    assert result.returncode != 0
-    assert "via.'10.0.0.1'.listen: only allowed at the top level" in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "kumo-listener: via.'10.0.0.1'.listen: "
+        "only allowed at the top level of start_esmtp_listener"
+    )
+
+
+def test_serve_says_when_the_address_is_taken(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--listen", f"127.0.0.1:{port}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"kumo-listener: cannot listen on 127.0.0.1:{port}: ")
 
 
 def port_free(port: int) -> bool:

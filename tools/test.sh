@@ -22,5 +22,6 @@ export LD_LIBRARY_PATH
 export PYO3_PYTHON="${PYO3_PYTHON:-$(command -v python3)}"
 cargo test --release --lib
 cargo clippy --release --all-targets --quiet -- -D warnings
-python3 -m ruff check python tests
+python3 -m ruff check python tests benches
+python3 -m ruff format --check python tests benches
 python3 -m pytest "$@"

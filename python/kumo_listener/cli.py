@@ -67,7 +67,13 @@ def serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    asyncio.run(server.run(handle_signals=True, run_init=True, on_ready=ready))
+    try:
+        asyncio.run(server.run(handle_signals=True, run_init=True, on_ready=ready))
+    except (_core.ParamsError, OSError) as error:
+        # Invalid listener parameters or an address that can't be bound: the
+        # message says what and where; a traceback would only hide it.
+        print(f"kumo-listener: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

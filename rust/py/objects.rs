@@ -69,11 +69,7 @@ impl PyEnvelopeAddress {
     }
 
     fn __str__(&self) -> String {
-        if self.mailbox.local_part.is_empty() && self.mailbox.domain.is_empty() {
-            String::new()
-        } else {
-            self.mailbox.to_string()
-        }
+        self.mailbox.to_string()
     }
 
     fn __repr__(&self) -> String {
