@@ -11,6 +11,7 @@ use crate::message::Message;
 use crate::meta::MetaStore;
 use crate::params::GenericParams;
 use crate::parser::Mailbox;
+use crate::sasl::PlainCredentials;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -30,10 +31,11 @@ pub enum EventKind {
     GetListenerDomain,
     Data,
     MessageReceived,
+    AuthPlain,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::GetDynamicParameters,
         EventKind::ConnectionAccepted,
         EventKind::Ehlo,
@@ -42,6 +44,7 @@ impl EventKind {
         EventKind::GetListenerDomain,
         EventKind::Data,
         EventKind::MessageReceived,
+        EventKind::AuthPlain,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +57,7 @@ impl EventKind {
             EventKind::GetListenerDomain => "get_listener_domain",
             EventKind::Data => "smtp_server_data",
             EventKind::MessageReceived => "smtp_server_message_received",
+            EventKind::AuthPlain => "smtp_server_auth_plain",
         }
     }
 
@@ -77,6 +81,7 @@ pub enum Event {
     GetListenerDomain { domain: String, listener: Arc<str>, meta: MetaStore },
     Data { message: Arc<Message>, meta: MetaStore },
     MessageReceived { message: Arc<Message>, meta: MetaStore },
+    AuthPlain { credentials: PlainCredentials, meta: MetaStore },
 }
 
 impl Event {
@@ -90,6 +95,7 @@ impl Event {
             Event::GetListenerDomain { .. } => EventKind::GetListenerDomain,
             Event::Data { .. } => EventKind::Data,
             Event::MessageReceived { .. } => EventKind::MessageReceived,
+            Event::AuthPlain { .. } => EventKind::AuthPlain,
         }
     }
 }
@@ -108,6 +114,8 @@ pub enum Response {
     Params(Box<GenericParams>),
     Extensions(Vec<String>),
     ListenerDomain(ListenerDomain),
+    /// What `smtp_server_auth_plain` decided.
+    Authenticated(bool),
 }
 
 /// How a policy call ended.

@@ -2,8 +2,9 @@
 //! its listeners, with policy written in Python.
 //!
 //! Pure logic (no I/O, no Python): [`parser`], [`framing`], [`reply`],
-//! [`cidr`], [`params`], [`message`]. The server: [`server`], [`session`],
-//! [`sink`], and [`bridge`] to the Python thread. [`py`] is the binding.
+//! [`cidr`], [`params`], [`message`], [`sasl`]. The server: [`server`],
+//! [`session`] over a [`stream`], [`tls`] identities, [`sink`], and [`bridge`]
+//! to the Python thread. [`py`] is the binding.
 
 pub mod bridge;
 pub mod cidr;
@@ -14,6 +15,9 @@ pub mod params;
 pub mod parser;
 mod py;
 pub mod reply;
+pub mod sasl;
 pub mod server;
 pub mod session;
 pub mod sink;
+pub mod stream;
+pub mod tls;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2025";
 const DEFAULT_MAX_CONNECTIONS: usize = 32768;
-const TOP_LEVEL_ONLY: [&str; 2] = ["listen", "max_connections"];
+const TOP_LEVEL_ONLY: [&str; 3] = ["listen", "max_connections", "implicit_tls"];
 const ANYWHERE: [&str; 21] = [
     "hostname",
     "banner",
@@ -237,6 +237,8 @@ pub struct ListenerConfig {
     /// As configured, e.g. `"0.0.0.0:25"`; known to parse as a socket address.
     pub listen: String,
     pub max_connections: usize,
+    /// TLS from the first byte (RFC 8314, port 465) instead of STARTTLS.
+    pub implicit_tls: bool,
     pub params: GenericParams,
 }
 
@@ -288,6 +290,7 @@ pub fn parse_listener_config(value: &Value) -> Result<ListenerConfig, ParamError
             .get("max_connections")
             .and_then(|v| errors.take("max_connections", positive_integer(v)))
             .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        implicit_tls: table.get("implicit_tls").and_then(|v| errors.take("implicit_tls", boolean(v))).unwrap_or(false),
         params: parse_table(table, "", Level::Top, &mut errors),
     });
     errors.finish(config)
@@ -357,7 +360,8 @@ impl Errors {
     }
 }
 
-fn child(path: &str, key: &str) -> String {
+/// `key` under `path`: `via.'10.0.0.1'.hostname`.
+pub fn key_path(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_owned()
     } else {
@@ -368,7 +372,7 @@ fn child(path: &str, key: &str) -> String {
 fn parse_table(table: &Map<String, Value>, path: &str, level: Level, errors: &mut Errors) -> GenericParams {
     let mut params = GenericParams::default();
     for (key, value) in table {
-        let here = child(path, key);
+        let here = key_path(path, key);
         let here = here.as_str();
         match key.as_str() {
             "hostname" => params.hostname = errors.take(here, hostname(value)),
@@ -391,9 +395,9 @@ fn parse_table(table: &Map<String, Value>, path: &str, level: Level, errors: &mu
             "via" => params.via = cidr_blocks(value, here, errors),
             "batch_handling" => params.batch_handling = errors.take(here, batch_handling(value)),
             "trace_headers" => params.trace_headers = trace_headers(value, here, errors),
-            "tls_certificate" => params.tls_certificate = errors.take(here, key_source(value)),
-            "tls_private_key" => params.tls_private_key = errors.take(here, key_source(value)),
-            "tls_required_client_ca" => params.tls_required_client_ca = errors.take(here, key_source(value)),
+            "tls_certificate" => params.tls_certificate = errors.take(here, parse_key_source(value)),
+            "tls_private_key" => params.tls_private_key = errors.take(here, parse_key_source(value)),
+            "tls_required_client_ca" => params.tls_required_client_ca = errors.take(here, parse_key_source(value)),
             "allow_xclient" => params.allow_xclient = errors.take(here, boolean(value)),
             "require_proxy_protocol" => params.require_proxy_protocol = errors.take(here, boolean(value)),
             key if TOP_LEVEL_ONLY.contains(&key) => {
@@ -497,7 +501,8 @@ fn meta(value: &Value) -> Result<Map<String, Value>, String> {
     value.as_object().cloned().ok_or_else(|| expected("a table", value))
 }
 
-fn key_source(value: &Value) -> Result<KeySource, String> {
+/// A PEM source: `"path"` or `{key_data = "PEM text"}`.
+pub fn parse_key_source(value: &Value) -> Result<KeySource, String> {
     const WANTED: &str = "a file path or {key_data = \"PEM text\"}";
     match value {
         Value::String(path) if !path.is_empty() => Ok(KeySource::File(PathBuf::from(path))),
@@ -555,7 +560,7 @@ fn trace_headers(value: &Value, path: &str, errors: &mut Errors) -> Option<Trace
     };
     let mut trace = TraceHeadersOverride::default();
     for (key, item) in table {
-        let here = child(path, key);
+        let here = key_path(path, key);
         match key.as_str() {
             "received_header" => trace.received_header = errors.take(&here, boolean(item)),
             "supplemental_header" => trace.supplemental_header = errors.take(&here, boolean(item)),

@@ -5,6 +5,7 @@ use crate::params::{ListenerConfig, Params};
 use crate::reply::write_reply;
 use crate::session;
 use crate::sink::Sink;
+use crate::tls::{self, TlsCache};
 use socket2::{Domain, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ pub fn runtime() -> &'static Runtime {
 pub struct ServerState {
     pub bridge: Arc<Bridge>,
     pub sink: Sink,
+    pub tls: Arc<TlsCache>,
     shutdown: watch::Sender<bool>,
     sessions: AtomicUsize,
     idle: Notify,
@@ -41,6 +43,7 @@ impl ServerState {
         Arc::new(Self {
             bridge,
             sink,
+            tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             shutdown: watch::Sender::new(false),
             sessions: AtomicUsize::new(0),
             idle: Notify::new(),

@@ -6,20 +6,24 @@
 //! replies. Replies to pipelined commands are collected and written in one
 //! go just before the session waits for more input.
 
-use crate::bridge::{Event, EventKind, Outcome, Response, LOG_INFO, LOG_WARNING};
+use crate::bridge::{Event, EventKind, Outcome, Response, LOG_ERROR, LOG_INFO, LOG_WARNING};
 use crate::framing::{DataFramer, DataLimits, DataVerdict, LineEvent, LineFramer};
 use crate::message::{self, Message, ReceivedInfo, Supplemental};
 use crate::meta::MetaStore;
 use crate::params::Params;
 use crate::parser::{parse_command, Command, MailParams, Mailbox, ReversePath};
 use crate::reply::{generic_enhanced, split_enhanced, write_reply};
+use crate::sasl::decode_plain;
 use crate::server::ListenerShared;
+use crate::stream::Stream;
+use crate::tls::{ServerIdentity, TlsIdentity};
 use bytes::{Buf, Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::TlsAcceptor;
 
 /// After this many rejected commands the client is clearly not a mail
 /// client (Postfix's `smtpd_hard_error_limit`).
@@ -35,6 +39,12 @@ enum Stop {
 
 type Step = Result<(), Stop>;
 
+/// A buffered line, or the end of one too long to keep.
+enum Framed {
+    Line { len: usize, consumed: usize },
+    TooLong { consumed: usize },
+}
+
 struct Transaction {
     sender: Mailbox,
     params: MailParams,
@@ -45,7 +55,7 @@ struct Transaction {
 }
 
 pub struct Session {
-    stream: TcpStream,
+    stream: Stream,
     input: BytesMut,
     output: Vec<u8>,
     listener: Arc<ListenerShared>,
@@ -57,6 +67,8 @@ pub struct Session {
     helo: Option<String>,
     /// The client said EHLO, so replies carry enhanced status codes.
     esmtp: bool,
+    /// The `authc` identity of a successful AUTH.
+    authenticated: Option<String>,
     transaction: Option<Transaction>,
     transactions_started: usize,
     errors: usize,
@@ -74,7 +86,7 @@ pub async fn run(stream: TcpStream, remote: SocketAddr, local: SocketAddr, liste
     meta.set("received_via", local.to_string());
     meta.set("hostname", params.hostname.clone());
     let mut session = Session {
-        stream,
+        stream: Stream::Plain(stream),
         input: BytesMut::with_capacity(params.data_buffer_size.min(64 * 1024)),
         output: Vec::with_capacity(512),
         lines: LineFramer::new(params.line_length_hard_limit),
@@ -85,6 +97,7 @@ pub async fn run(stream: TcpStream, remote: SocketAddr, local: SocketAddr, liste
         local,
         helo: None,
         esmtp: false,
+        authenticated: None,
         transaction: None,
         transactions_started: 0,
         errors: 0,
@@ -110,6 +123,11 @@ impl Session {
             return self.close_with(421, "4.3.2", "shutting down");
         }
         self.apply_dynamic_parameters().await?;
+        if self.listener.config.implicit_tls {
+            // The client speaks TLS first: it could not read a plaintext error.
+            let identity = self.server_identity().await.map_err(|reason| self.tls_unavailable(&reason))?;
+            self.handshake(identity).await?;
+        }
         self.consult_at_connect(EventKind::ConnectionAccepted).await?;
         let greeting = format!("{} {}", self.params.hostname, self.params.banner);
         write_reply(&mut self.output, 220, None, &greeting);
@@ -209,20 +227,27 @@ impl Session {
     }
 
     async fn command_loop(&mut self) -> Step {
-        let mut deadline = self.command_deadline();
         loop {
-            match self.lines.next(&self.input) {
-                LineEvent::Line { len, consumed } => {
+            match self.next_line(self.command_deadline()).await? {
+                Framed::Line { len, consumed } => {
                     let parsed = parse_command(&self.input[..len]);
                     self.input.advance(consumed);
                     self.dispatch(parsed).await?;
-                    deadline = self.command_deadline();
                 }
-                LineEvent::TooLong { consumed } => {
+                Framed::TooLong { consumed } => {
                     self.input.advance(consumed);
                     self.reject_command(500, "5.2.3", "line too long")?;
-                    deadline = self.command_deadline();
                 }
+            }
+        }
+    }
+
+    /// Read until a whole line (or the end of an over-long one) is buffered.
+    async fn next_line(&mut self, deadline: Instant) -> Result<Framed, Stop> {
+        loop {
+            match self.lines.next(&self.input) {
+                LineEvent::Line { len, consumed } => return Ok(Framed::Line { len, consumed }),
+                LineEvent::TooLong { consumed } => return Ok(Framed::TooLong { consumed }),
                 LineEvent::NeedMore { discard } => {
                     self.input.advance(discard);
                     self.flush().await?;
@@ -302,24 +327,38 @@ impl Session {
                 self.reply(214, "2.0.0", "commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP");
                 Ok(())
             }
-            Command::StartTls => {
-                self.reply(454, "4.7.0", "TLS not available");
-                Ok(())
-            }
-            Command::Auth { .. } => self.reject_command(503, "5.5.1", "authentication not enabled"),
+            Command::StartTls => self.starttls().await,
+            Command::Auth { mechanism, initial_response } => self.auth(mechanism, initial_response).await,
             Command::XClient(_) => self.reject_command(550, "5.7.0", "insufficient authorization"),
         }
     }
 
     fn extensions(&self) -> Vec<String> {
-        vec![
+        let mut extensions = vec![
             "PIPELINING".into(),
             "ENHANCEDSTATUSCODES".into(),
             "8BITMIME".into(),
             "SMTPUTF8".into(),
             format!("SIZE {}", self.params.max_message_size),
-            "STARTTLS".into(),
-        ]
+        ];
+        if !self.stream.is_tls() {
+            extensions.push("STARTTLS".into());
+        } else if self.listener.server.bridge.is_registered(EventKind::AuthPlain) {
+            extensions.push("AUTH PLAIN".into());
+        }
+        extensions
+    }
+
+    /// RFC 3848: ESMTP, plus S under TLS and A once authenticated.
+    fn protocol(&self) -> String {
+        let mut protocol = String::from(if self.esmtp { "ESMTP" } else { "SMTP" });
+        if self.stream.is_tls() {
+            protocol.push('S');
+        }
+        if self.authenticated.is_some() {
+            protocol.push('A');
+        }
+        protocol
     }
 
     /// EHLO or HELO. As in KumoMTA, `smtp_server_ehlo` sees both (with no
@@ -330,7 +369,7 @@ impl Session {
         self.helo = None;
         self.esmtp = extended;
         self.meta.set("ehlo_domain", domain.clone());
-        self.meta.set("reception_protocol", if extended { "ESMTP" } else { "SMTP" });
+        self.meta.set("reception_protocol", self.protocol());
         let mut extensions = if extended { self.extensions() } else { Vec::new() };
         if self.listener.server.bridge.is_registered(EventKind::Ehlo) {
             let event = Event::Ehlo { domain: domain.clone(), meta: self.meta.clone(), extensions: extensions.clone() };
@@ -389,8 +428,9 @@ impl Session {
         Ok(())
     }
 
-    fn in_relay_hosts(&self) -> bool {
-        self.params.relay_hosts.contains(self.remote.ip())
+    /// As in KumoMTA, an authenticated client may relay like a relay host.
+    fn may_relay_anywhere(&self) -> bool {
+        self.authenticated.is_some() || self.params.relay_hosts.contains(self.remote.ip())
     }
 
     /// `Some(None)`: no handler or it returned None. `None`: refusal queued.
@@ -444,7 +484,7 @@ impl Session {
     /// peer), or from a sender domain whose `relay_from` holds the peer.
     /// `None`: policy refused and the reply is queued.
     async fn relay_permitted(&mut self, recipient: &Mailbox) -> Result<Option<bool>, Stop> {
-        if self.in_relay_hosts() {
+        if self.may_relay_anywhere() {
             return Ok(Some(true));
         }
         let peer = self.remote.ip();
@@ -572,5 +612,145 @@ impl Session {
         data.extend_from_slice(header.as_bytes());
         data.extend_from_slice(&body);
         Bytes::from(data)
+    }
+
+    /// RFC 3207. Whatever the client pipelined after STARTTLS was sent in
+    /// plaintext and is thrown away unread (CVE-2011-0411); after the
+    /// handshake the client starts over with EHLO.
+    async fn starttls(&mut self) -> Step {
+        if self.stream.is_tls() {
+            return self.reject_command(503, "5.5.1", "TLS already active");
+        }
+        let identity = match self.server_identity().await {
+            Ok(identity) => identity,
+            Err(reason) => {
+                self.tls_unavailable(&reason);
+                self.reply(454, "4.7.0", "TLS not available");
+                return Ok(());
+            }
+        };
+        self.reply(220, "2.0.0", "Ready to start TLS");
+        self.flush().await?;
+        self.input.clear();
+        self.lines = LineFramer::new(self.params.line_length_hard_limit);
+        self.handshake(identity).await?;
+        self.forget_client();
+        Ok(())
+    }
+
+    /// This connection's TLS configuration, from its effective parameters.
+    async fn server_identity(&self) -> Result<ServerIdentity, String> {
+        let cache = self.listener.server.tls.clone();
+        let wanted = TlsIdentity::of(&self.params);
+        // Reads certificate files and may build a configuration.
+        tokio::task::spawn_blocking(move || cache.identity(&wanted)).await.map_err(|e| e.to_string())?
+    }
+
+    fn tls_unavailable(&self, reason: &str) -> Stop {
+        self.listener.server.bridge.log(LOG_ERROR, format!("{}: TLS not available: {reason}", self.remote));
+        Stop::Gone
+    }
+
+    /// A failed or silent handshake ends the connection: never a fall-back to plaintext.
+    async fn handshake(&mut self, identity: ServerIdentity) -> Step {
+        let Some(tcp) = self.stream.take_plain() else {
+            return Err(Stop::Gone);
+        };
+        let accepted =
+            timeout(self.params.client_timeout, TlsAcceptor::from(identity.config.clone()).accept(tcp)).await;
+        let tls = match accepted {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => return Err(self.handshake_failed(&error.to_string())),
+            Err(_) => return Err(self.handshake_failed("timed out")),
+        };
+        let (_, connection) = tls.get_ref();
+        if let Some(suite) = connection.negotiated_cipher_suite() {
+            self.meta.set("tls_cipher", format!("{:?}", suite.suite()));
+        }
+        if let Some(version) = connection.protocol_version() {
+            self.meta.set("tls_protocol_version", format!("{version:?}"));
+        }
+        if let Some(subject) = connection.peer_certificates().and_then(|chain| identity.trusted_peer_subject(chain)) {
+            self.meta.set("tls_peer_subject_name", subject);
+        }
+        self.stream = Stream::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    fn handshake_failed(&self, reason: &str) -> Stop {
+        self.listener.server.bridge.log(LOG_INFO, format!("{}: TLS handshake failed: {reason}", self.remote));
+        Stop::Gone
+    }
+
+    /// RFC 3207 §4.2: discard what the client said before TLS.
+    fn forget_client(&mut self) {
+        self.helo = None;
+        self.esmtp = false;
+        self.transaction = None;
+        self.authenticated = None;
+        for name in ["ehlo_domain", "authn_id", "authz_id"] {
+            self.meta.remove(name);
+        }
+    }
+
+    /// RFC 4954 AUTH, PLAIN only, and only under TLS.
+    async fn auth(&mut self, mechanism: String, initial_response: Option<String>) -> Step {
+        if !self.listener.server.bridge.is_registered(EventKind::AuthPlain) {
+            return self.reject_command(503, "5.5.1", "authentication not enabled");
+        }
+        if !self.stream.is_tls() {
+            return self.reject_command(538, "5.7.11", "encryption required for requested authentication mechanism");
+        }
+        if self.helo.is_none() || self.authenticated.is_some() || self.transaction.is_some() {
+            return self.reject_command(503, "5.5.1", "AUTH only after EHLO, once, outside a mail transaction");
+        }
+        if mechanism != "PLAIN" {
+            return self.reject_command(504, "5.5.4", "unrecognized authentication mechanism");
+        }
+        let response = match initial_response {
+            Some(response) => response,
+            None => match self.auth_continuation().await? {
+                Some(response) => response,
+                None => return Ok(()),
+            },
+        };
+        let credentials = match decode_plain(&response) {
+            Ok(credentials) => credentials,
+            Err(error) => {
+                let (code, enhanced, text) = error.reply();
+                return self.reject_command(code, enhanced, text);
+            }
+        };
+        let authc = credentials.authc.clone();
+        let authz = if credentials.authz.is_empty() { authc.clone() } else { credentials.authz.clone() };
+        match self.consult(Event::AuthPlain { credentials, meta: self.meta.clone() }).await? {
+            None => Ok(()),
+            Some(Response::Authenticated(true)) => {
+                self.meta.set("authn_id", authc.clone());
+                self.meta.set("authz_id", authz);
+                self.authenticated = Some(authc);
+                self.meta.set("reception_protocol", self.protocol());
+                self.reply(235, "2.7.0", "authentication successful");
+                Ok(())
+            }
+            Some(_) => self.reject_command(535, "5.7.8", "authentication credentials invalid"),
+        }
+    }
+
+    /// Ask for the PLAIN response with an empty `334` and read it. `None`:
+    /// the line was too long and the refusal is queued.
+    async fn auth_continuation(&mut self) -> Result<Option<String>, Stop> {
+        write_reply(&mut self.output, 334, None, "");
+        match self.next_line(self.command_deadline()).await? {
+            Framed::Line { len, consumed } => {
+                let response = String::from_utf8_lossy(&self.input[..len]).into_owned();
+                self.input.advance(consumed);
+                Ok(Some(response))
+            }
+            Framed::TooLong { consumed } => {
+                self.input.advance(consumed);
+                self.reject_command(500, "5.5.6", "authentication exchange line is too long").map(|()| None)
+            }
+        }
     }
 }

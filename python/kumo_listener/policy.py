@@ -19,6 +19,7 @@ EVENTS: frozenset[str] = frozenset(
         "get_listener_domain",
         "smtp_server_data",
         "smtp_server_message_received",
+        "smtp_server_auth_plain",
     }
 )
 

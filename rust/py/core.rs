@@ -8,6 +8,7 @@ use crate::cidr::{parse_cidr, CidrSet};
 use crate::params::{parse_listener_config, parse_overrides, ParamErrors};
 use crate::server::{self, ServerState};
 use crate::sink::{Maildir, Sink};
+use crate::tls;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
@@ -49,6 +50,10 @@ impl PyCore {
     fn start_listener(&self, py: Python<'_>, params: &Bound<'_, PyDict>) -> PyResult<(String, u16)> {
         let value = to_json(params.as_any(), "")?;
         let config = parse_listener_config(&value).map_err(|e| params_error(&e))?;
+        let tls_errors = tls::check_static(&value, "");
+        if !tls_errors.is_empty() {
+            return Err(params_error(&ParamErrors(tls_errors)));
+        }
         let state = self.state.clone();
         let bound =
             py.detach(|| server::start_listener(state, config)).map_err(|e| PyOSError::new_err(e.to_string()))?;
@@ -151,6 +156,12 @@ impl PyJob {
                     PyString::new(py, listener).into_any(),
                     meta_object(py, meta)?.into_bound(py).into_any(),
                 ],
+                Event::AuthPlain { credentials, meta } => vec![
+                    PyString::new(py, &credentials.authz).into_any(),
+                    PyString::new(py, &credentials.authc).into_any(),
+                    PyString::new(py, &credentials.password).into_any(),
+                    meta_object(py, meta)?.into_bound(py).into_any(),
+                ],
                 Event::Data { message, meta } | Event::MessageReceived { message, meta } => vec![
                     message_object(py, message)?.into_bound(py).into_any(),
                     meta_object(py, meta)?.into_bound(py).into_any(),
@@ -189,6 +200,10 @@ fn convert_result(kind: EventKind, result: &Bound<'_, PyAny>) -> PyResult<Respon
             Ok(Response::Params(Box::new(params)))
         }
         EventKind::Ehlo => ehlo_extensions(result).map(Response::Extensions),
+        EventKind::AuthPlain => result
+            .extract::<bool>()
+            .map(Response::Authenticated)
+            .map_err(|_| PyTypeError::new_err("smtp_server_auth_plain handlers must return True or False")),
         EventKind::GetListenerDomain => listener_domain(&to_json(result, "")?).map(Response::ListenerDomain),
         _ => Err(PyTypeError::new_err(format!(
             "{} handlers must return None, got {}",

@@ -21,10 +21,12 @@ create_exception!(
 #[pyfunction]
 fn validate_overrides(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     let value = convert::to_json(value, "")?;
-    Ok(match parse_overrides(&value, "") {
+    let mut errors = match parse_overrides(&value, "") {
         Ok(_) => Vec::new(),
-        Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
-    })
+        Err(errors) => errors.0,
+    };
+    errors.extend(crate::tls::check_static(&value, ""));
+    Ok(errors.iter().map(ToString::to_string).collect())
 }
 
 /// Seconds in a duration given as a number or a string like `"5 minutes"`.

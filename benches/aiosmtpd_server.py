@@ -1,0 +1,76 @@
+"""The aiosmtpd server of the end-to-end benchmark (``benches/e2e.py``).
+
+Usage: ``python3 benches/aiosmtpd_server.py PORT [COUNT_FILE]``
+
+Listens on ``127.0.0.1:PORT`` with a handler equivalent to the benchmark's
+kumo_listener policy (count each message, answer ``250 OK``, store nothing).
+With ``COUNT_FILE``, the number of messages received is written there on
+SIGUSR1 and at exit. SIGINT/SIGTERM stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+HOSTNAME = "bench.example"
+
+
+class CountingHandler:
+    """Counts messages and discards them."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.received += 1
+        return "250 OK"
+
+
+def write_count(path: str | None, count: int) -> None:
+    """Write ``count`` to ``path`` (atomically, by rename)."""
+    if path is None:
+        return
+    partial = f"{path}.tmp"
+    with open(partial, "w", encoding="ascii") as file:
+        file.write(f"{count}\n")
+    os.replace(partial, path)
+
+
+async def serve(port: int, count_file: str | None) -> None:
+    loop = asyncio.get_running_loop()
+    handler = CountingHandler()
+
+    def factory() -> Any:
+        return SMTP(handler, hostname=HOSTNAME)
+
+    server = await loop.create_server(factory, host="127.0.0.1", port=port, backlog=4096)
+    stopping = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: write_count(count_file, handler.received))
+    print(f"aiosmtpd: listening on 127.0.0.1:{port}", flush=True)
+    try:
+        await stopping.wait()
+    finally:
+        server.close()
+        write_count(count_file, handler.received)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) not in (2, 3):
+        print(__doc__, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(serve(int(argv[1]), argv[2] if len(argv) == 3 else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,825 @@
+"""End-to-end benchmark: kumo_listener against aiosmtpd and Postfix's smtp-sink.
+
+Usage::
+
+    python3 benches/e2e.py                 # full run (a few minutes)
+    python3 benches/e2e.py --quick         # smoke run: tiny counts, one repetition
+    python3 benches/e2e.py --json out.json # also write the results as JSON
+
+Each server runs as its own process on a free 127.0.0.1 port, one after the other:
+
+- kumo_listener, ``python3 -m kumo_listener serve --policy benches/policy_bench.py``
+  with ``--sink discard``, then with ``--sink maildir`` (fsync'd delivery into a
+  temporary directory);
+- aiosmtpd, ``python3 benches/aiosmtpd_server.py PORT`` (count, ``250 OK``);
+- Postfix's ``smtp-sink`` (discards everything).
+
+Postfix's ``smtp-source`` drives each in three shapes: a new connection per 1 KB
+message, reused connections with 1 KB messages, and reused connections with
+100 KB messages. Outside ``--quick``, a warm-up run calibrates the message count
+so that a run lasts about ``--seconds``; then ``--repeat`` runs are timed and the
+median is reported. A run fails (and is reported as failed, not as a number) when
+smtp-source exits non-zero or writes to stderr, when the server's message counter
+(or, for Maildir, the number of delivered files) differs from the number sent, or
+when the server logs an error meanwhile.
+
+Then the resident memory per idle connection of kumo_listener (discard) and
+aiosmtpd: RSS of a fresh server process before and after opening ``--idle``
+connections that have read their banner.
+
+The harness installs what it lacks: the Debian package ``postfix`` (configured as
+"No configuration", so no mail system is set up; its ports are never used) and
+the PyPI package ``aiosmtpd``. It raises its own open-file limit, which the server
+processes inherit. All processes it starts run in their own process group and are
+killed on exit, errors and Ctrl-C. The exit status is 1 when anything failed.
+
+kumo_listener runs with ``--log-level WARNING`` (``--kumo-log-level``): at the
+default INFO it logs a line per message, as aiosmtpd does at INFO, which neither
+does here. STARTTLS handshakes are not measured yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCHES = Path(__file__).resolve().parent
+POLICY = BENCHES / "policy_bench.py"
+AIOSMTPD_SERVER = BENCHES / "aiosmtpd_server.py"
+LOOPBACK = "127.0.0.1"
+SENDER = "sender@client.example"
+RECIPIENT = "rcpt@dest.example"
+POSTFIX_DEBCONF = "postfix postfix/main_mailer_type select No configuration\n"
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+MIN_CALIBRATION_SECONDS = 0.5
+MESSAGES_PER_CONNECTION_CAP = 5000  # kumo_listener's max_messages_per_connection is 10000
+SERVER_LOG_ERROR = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback|panicked")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One way of sending mail with smtp-source."""
+
+    key: str
+    title: str
+    size: int
+    reuse: bool
+    quick_count: int
+    warmup_per_session: int
+
+
+SHAPES = (
+    Shape("new_connection_1k", "new connection per message, 1 KB", 1024, False, 160, 20),
+    Shape("reused_connection_1k", "reused connections, 1 KB", 1024, True, 320, 20),
+    Shape("reused_connection_100k", "reused connections, 100 KB", 102400, True, 64, 5),
+)
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    key: str
+    title: str
+
+
+KUMO_DISCARD = ServerKind("kumo_discard", "kumo_listener (discard)")
+KUMO_MAILDIR = ServerKind("kumo_maildir", "kumo_listener (maildir)")
+AIOSMTPD = ServerKind("aiosmtpd", "aiosmtpd")
+SMTP_SINK = ServerKind("smtp_sink", "smtp-sink")
+SERVERS = (KUMO_DISCARD, KUMO_MAILDIR, AIOSMTPD, SMTP_SINK)
+COUNTED = (KUMO_DISCARD, KUMO_MAILDIR, AIOSMTPD)
+
+
+class BenchError(Exception):
+    """A measurement that failed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    sessions: int
+    repeat: int
+    seconds: float
+    idle: int
+    kumo_log_level: str
+    run_timeout: float
+    workdir: Path
+
+
+@dataclass(frozen=True)
+class Tools:
+    smtp_source: str
+    smtp_sink: str
+
+
+@dataclass
+class Throughput:
+    """The runs of one (shape, server) pair."""
+
+    messages_per_run: int = 0
+    rates: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def median(self) -> float | None:
+        return None if self.error or not self.rates else statistics.median(self.rates)
+
+
+@dataclass
+class IdleMemory:
+    connections: int = 0
+    rss_before_kib: int = 0
+    rss_after_kib: int = 0
+    error: str | None = None
+
+    @property
+    def kib_per_connection(self) -> float | None:
+        if self.error or not self.connections:
+            return None
+        return (self.rss_after_kib - self.rss_before_kib) / self.connections
+
+
+def log(text: str) -> None:
+    """Progress goes to stderr; the results go to stdout."""
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- installing what the harness needs ---------------------------------------------
+
+
+def ensure_tools() -> Tools:
+    tools = find_postfix_tools()
+    if tools is None:
+        install_postfix()
+        tools = find_postfix_tools()
+    if tools is None:
+        raise SystemExit("e2e: smtp-source/smtp-sink not found even after installing postfix")
+    if importlib.util.find_spec("aiosmtpd") is None:
+        log("e2e: installing aiosmtpd from PyPI")
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run([*pip, "aiosmtpd"], check=True)
+    return tools
+
+
+def find_postfix_tools() -> Tools | None:
+    listing = subprocess.run(["dpkg", "-L", "postfix"], capture_output=True, text=True)
+    if listing.returncode != 0:
+        return None
+    paths = {Path(line).name: line for line in listing.stdout.splitlines()}
+    source, sink = paths.get("smtp-source"), paths.get("smtp-sink")
+    if source is None or sink is None or not os.access(source, os.X_OK):
+        return None
+    return Tools(smtp_source=source, smtp_sink=sink)
+
+
+def install_postfix() -> None:
+    log("e2e: installing the Debian package postfix (for smtp-source and smtp-sink)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["debconf-set-selections"], input=POSTFIX_DEBCONF, text=True, check=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postfix"]
+    subprocess.run(install, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def raise_open_file_limit(needed: int) -> None:
+    """Raise RLIMIT_NOFILE to ``needed``; processes started later inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        with contextlib.suppress(ValueError, OSError):  # raising the hard limit needs root
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            return
+        needed = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+# --- server processes ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    kind: ServerKind
+    process: subprocess.Popen[bytes]
+    port: int
+    stderr_path: Path
+    count_file: Path | None
+    maildir: Path | None
+    stderr_offset: int = 0
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            tail = self.stderr_path.read_text(errors="replace")[-4000:]
+            raise BenchError(f"{self.kind.title} exited with {self.process.returncode}:\n{tail}")
+
+    def new_log_output(self) -> str:
+        """What the server wrote to stderr since the last call."""
+        with self.stderr_path.open("rb") as stream:
+            stream.seek(self.stderr_offset)
+            data = stream.read()
+        self.stderr_offset += len(data)
+        return data.decode(errors="replace")
+
+    def received(self) -> int | None:
+        """The server's message counter (asked for with SIGUSR1), if it has one."""
+        if self.count_file is None:
+            return None
+        self.count_file.unlink(missing_ok=True)
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10.0
+        while not self.count_file.exists():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.kind.title} did not write {self.count_file}")
+            time.sleep(0.01)
+        return int(self.count_file.read_text().strip())
+
+    def delivered_files(self) -> int | None:
+        if self.maildir is None:
+            return None
+        return sum(1 for _ in os.scandir(self.maildir / "new"))
+
+    def empty_maildir(self) -> None:
+        """Delete delivered messages so that 100 KB runs don't fill the disk."""
+        if self.maildir is None:
+            return
+        for entry in os.scandir(self.maildir / "new"):
+            os.unlink(entry.path)
+
+
+def server_command(
+    kind: ServerKind, tools: Tools, settings: Settings, port: int, count_file: Path, maildir: Path
+) -> list[str]:
+    if kind in (KUMO_DISCARD, KUMO_MAILDIR):
+        command = [sys.executable, "-m", "kumo_listener", "serve", "--policy", str(POLICY)]
+        command += ["--log-level", settings.kumo_log_level]
+        if kind is KUMO_MAILDIR:
+            return [*command, "--sink", "maildir", "--maildir", str(maildir)]
+        return [*command, "--sink", "discard"]
+    if kind is AIOSMTPD:
+        return [sys.executable, str(AIOSMTPD_SERVER), str(port), str(count_file)]
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []  # smtp-sink refuses to run as root
+    return [tools.smtp_sink, *user, "-m", "4096", f"{LOOPBACK}:{port}", "4096"]
+
+
+@contextlib.contextmanager
+def running_server(
+    kind: ServerKind, tools: Tools, settings: Settings, max_connections: int = 32768
+) -> Iterator[RunningServer]:
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix=f"{kind.key}-", dir=settings.workdir))
+    count_file, maildir = workdir / "received", workdir / "maildir"
+    env = {
+        **os.environ,
+        "KUMO_BENCH_PORT": str(port),
+        "KUMO_BENCH_MAX_CONNECTIONS": str(max_connections),
+        "KUMO_BENCH_COUNT_FILE": str(count_file),
+    }
+    command = server_command(kind, tools, settings, port, count_file, maildir)
+    log(f"e2e: starting {kind.title}: {shlex.join(command)}")
+    stdout_path, stderr_path = workdir / "stdout", workdir / "stderr"
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            cwd=workdir,
+            process_group=0,
+        )
+    try:
+        server = RunningServer(
+            kind=kind,
+            process=process,
+            port=port,
+            stderr_path=stderr_path,
+            count_file=count_file if kind in COUNTED else None,
+            maildir=maildir if kind is KUMO_MAILDIR else None,
+        )
+        wait_until_ready(server, stdout_path)
+        yield server
+    finally:
+        stop_process(process)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_until_ready(server: RunningServer, stdout_path: Path) -> None:
+    """Wait for the ``listening on`` line (smtp-sink prints none: for the banner)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        server.check_alive()
+        if server.kind is SMTP_SINK:
+            with contextlib.suppress(OSError):
+                probe_banner(server.port)
+                return
+        elif "listening on" in stdout_path.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"{server.kind.title} was not ready after {READY_TIMEOUT:.0f} s")
+
+
+def probe_banner(port: int) -> None:
+    with socket.create_connection((LOOPBACK, port), timeout=2.0) as connection:
+        read_banner(connection)
+        connection.sendall(b"QUIT\r\n")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL it if it is still there after a while."""
+    for signum, timeout in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
+            return
+
+
+# --- throughput ----------------------------------------------------------------------
+
+
+def smtp_source_command(
+    tools: Tools, port: int, shape: Shape, count: int, sessions: int
+) -> list[str]:
+    command = [tools.smtp_source, "-s", str(sessions), "-l", str(shape.size), "-m", str(count)]
+    command += ["-f", SENDER, "-t", RECIPIENT]
+    if shape.reuse:
+        command.append("-d")  # "don't disconnect after sending a message"
+    return [*command, f"{LOOPBACK}:{port}"]
+
+
+def timed_run(
+    server: RunningServer, tools: Tools, settings: Settings, shape: Shape, count: int
+) -> float:
+    """Send ``count`` messages; return the seconds it took, or raise BenchError."""
+    server.check_alive()
+    server.new_log_output()
+    counter_before = server.received()
+    command = smtp_source_command(tools, server.port, shape, count, settings.sessions)
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(command, capture_output=True, timeout=settings.run_timeout)
+    except subprocess.TimeoutExpired as error:
+        raise BenchError(f"{shlex.join(command)} timed out after {error.timeout} s") from None
+    elapsed = time.perf_counter() - started
+    stderr = result.stderr.decode(errors="replace").strip()
+    if result.returncode != 0 or stderr:
+        raise BenchError(f"{shlex.join(command)} exited with {result.returncode}:\n{stderr}")
+    check_delivery(server, counter_before, count)
+    return elapsed
+
+
+def check_delivery(server: RunningServer, counter_before: int | None, sent: int) -> None:
+    server.check_alive()
+    output = server.new_log_output()
+    if SERVER_LOG_ERROR.search(output):
+        raise BenchError(f"{server.kind.title} logged errors:\n{output[-4000:]}")
+    if output.strip():
+        log(f"e2e: {server.kind.title} wrote to stderr:\n{output[-2000:]}")
+    if counter_before is not None:
+        counted = server.received()
+        assert counted is not None
+        if counted - counter_before != sent:
+            raise BenchError(
+                f"{server.kind.title} counted {counted - counter_before} messages, sent {sent}"
+            )
+    delivered = server.delivered_files()
+    if delivered is not None:
+        server.empty_maildir()
+        if delivered != sent:
+            raise BenchError(f"{server.kind.title}: {delivered} files in new/, sent {sent}")
+
+
+def message_cap(shape: Shape, settings: Settings) -> int:
+    return settings.sessions * MESSAGES_PER_CONNECTION_CAP if shape.reuse else 1_000_000
+
+
+def calibrate(server: RunningServer, tools: Tools, settings: Settings, shape: Shape) -> int:
+    """Warm up, growing the count until a run lasts long enough to give a rate,
+    and return the count for a run of about ``settings.seconds``."""
+    cap = message_cap(shape, settings)
+    count = min(cap, settings.sessions * shape.warmup_per_session)
+    while True:
+        elapsed = timed_run(server, tools, settings, shape, count)
+        if elapsed >= MIN_CALIBRATION_SECONDS or count >= cap:
+            break
+        count = min(cap, count * 4)
+    wanted = int(count / elapsed * settings.seconds)
+    return max(settings.sessions, min(cap, wanted))
+
+
+def measure_throughput(
+    server: RunningServer, tools: Tools, settings: Settings, shape: Shape
+) -> Throughput:
+    result = Throughput()
+    try:
+        count = shape.quick_count if settings.quick else calibrate(server, tools, settings, shape)
+        result.messages_per_run = count
+        for _ in range(settings.repeat):
+            result.rates.append(count / timed_run(server, tools, settings, shape, count))
+    except BenchError as error:
+        result.error = str(error)
+    status = result.error or ", ".join(f"{rate:,.0f}" for rate in result.rates) + " msgs/s"
+    log(f"e2e: {server.kind.title}, {shape.title}, {result.messages_per_run} msgs: {status}")
+    return result
+
+
+def measure_server(kind: ServerKind, tools: Tools, settings: Settings) -> dict[str, Throughput]:
+    """All shapes against one server process."""
+    try:
+        with running_server(kind, tools, settings) as server:
+            return {
+                shape.key: measure_throughput(server, tools, settings, shape) for shape in SHAPES
+            }
+    except BenchError as error:
+        log(f"e2e: {kind.title}: {error}")
+        return {shape.key: Throughput(error=str(error)) for shape in SHAPES}
+
+
+# --- resident memory per idle connection ---------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for process {pid}")
+
+
+def read_banner(connection: socket.socket) -> bytes:
+    """Read the greeting up to its last line (``220 ``, not ``220-``)."""
+    data = b""
+    while True:
+        chunk = connection.recv(4096)
+        if not chunk:
+            raise BenchError(f"connection closed before the banner ended: {data!r}")
+        data += chunk
+        lines = data.split(b"\r\n")
+        if len(lines) > 1 and lines[-2][:4] == b"220 ":
+            return data
+        if len(lines) > 1 and not lines[-2].startswith(b"220"):
+            raise BenchError(f"unexpected greeting: {data!r}")
+
+
+def open_idle_connections(port: int, count: int, into: list[socket.socket]) -> None:
+    for index in range(count):
+        try:
+            connection = socket.create_connection((LOOPBACK, port), timeout=10.0)
+            into.append(connection)
+            read_banner(connection)
+        except OSError as error:
+            raise BenchError(f"connection {index + 1} of {count}: {error}") from None
+
+
+def warm_up_connections(port: int, count: int) -> None:
+    """Open and close a few sessions so one-time set-up is not counted per connection."""
+    for _ in range(count):
+        probe_banner(port)
+
+
+def measure_idle_memory(kind: ServerKind, tools: Tools, settings: Settings) -> IdleMemory:
+    result = IdleMemory()
+    connections: list[socket.socket] = []
+    try:
+        with running_server(kind, tools, settings, max_connections=settings.idle + 100) as server:
+            warm_up_connections(server.port, settings.sessions)
+            time.sleep(0.5)
+            result.rss_before_kib = rss_kib(server.process.pid)
+            open_idle_connections(server.port, settings.idle, connections)
+            time.sleep(1.0)
+            server.check_alive()
+            result.rss_after_kib = rss_kib(server.process.pid)
+            result.connections = len(connections)
+            for connection in connections:
+                connection.close()
+    except BenchError as error:
+        result.error = str(error)
+    finally:
+        for connection in connections:
+            connection.close()
+    status = result.error or f"{result.kib_per_connection:.1f} KiB per connection"
+    log(f"e2e: {kind.title}, {settings.idle} idle connections: {status}")
+    return result
+
+
+# --- report --------------------------------------------------------------------------
+
+
+def machine_description(settings: Settings) -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "kumo_listener": package_version("kumo_listener"),
+        "aiosmtpd": package_version("aiosmtpd"),
+        "postfix": debian_version("postfix"),
+        "maildir_filesystem": filesystem_of(settings.workdir),
+        "load_average_at_start": load_average(),
+    }
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: other work on the machine skews results."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def debian_version(name: str) -> str:
+    query = ["dpkg-query", "-W", "-f", "${Version}", name]
+    return subprocess.run(query, capture_output=True, text=True).stdout.strip() or "unknown"
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (tmpfs makes fsync free)."""
+    best, kind = "", "unknown"
+    resolved = str(path.resolve())
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        mount, fstype = fields[1], fields[2]
+        inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best):
+            best, kind = mount, fstype
+    return f"{kind} ({path})"
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def rate_cell(value: float | None) -> str:
+    return "FAILED" if value is None else f"{value:,.0f}"
+
+
+def ratio_cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def shape_ratios(row: dict[str, Throughput]) -> dict[str, float | None]:
+    kumo = row[KUMO_DISCARD.key].median
+    return {
+        "kumo_over_smtp_sink": ratio(kumo, row[SMTP_SINK.key].median),
+        "kumo_over_aiosmtpd": ratio(kumo, row[AIOSMTPD.key].median),
+    }
+
+
+def throughput_table(results: dict[str, dict[str, Throughput]]) -> list[str]:
+    titles = [kind.title for kind in SERVERS]
+    header = ["shape (msgs/s, median)", *titles, "kumo/smtp-sink", "kumo/aiosmtpd"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|---" + "|---:" * (len(header) - 1) + "|",
+    ]
+    for shape in SHAPES:
+        row = results[shape.key]
+        ratios = shape_ratios(row)
+        cells = [rate_cell(row[kind.key].median) for kind in SERVERS]
+        cells += [
+            ratio_cell(ratios["kumo_over_smtp_sink"]),
+            ratio_cell(ratios["kumo_over_aiosmtpd"]),
+        ]
+        lines.append(f"| {shape.title} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def memory_table(memory: dict[str, IdleMemory], idle: int) -> list[str]:
+    lines = [
+        f"| server | RSS before (MiB) | RSS, {idle} idle connections (MiB) | KiB/connection |",
+        "|---|---:|---:|---:|",
+    ]
+    for kind in (KUMO_DISCARD, AIOSMTPD):
+        item = memory[kind.key]
+        if item.error:
+            lines.append(f"| {kind.title} | FAILED | FAILED | FAILED |")
+            continue
+        lines.append(
+            f"| {kind.title} | {item.rss_before_kib / 1024:.1f} | {item.rss_after_kib / 1024:.1f} "
+            f"| {item.kib_per_connection:.1f} |"
+        )
+    return lines
+
+
+def failures(results: dict[str, dict[str, Throughput]], memory: dict[str, IdleMemory]) -> list[str]:
+    """One Markdown list item per failure; an error seen before is named, not repeated."""
+    labelled = [
+        (f"{kind.title}, {shape.title}", results[shape.key][kind.key].error)
+        for kind in SERVERS
+        for shape in SHAPES
+    ]
+    titles = {kind.key: kind.title for kind in SERVERS}
+    labelled += [(f"{titles[key]}, idle connections", item.error) for key, item in memory.items()]
+    found: list[str] = []
+    first_seen: dict[str, str] = {}
+    for label, error in labelled:
+        if not error:
+            continue
+        if error in first_seen:
+            found.append(f"- {label}: the same failure as {first_seen[error]}")
+            continue
+        first_seen[error] = label
+        found.append(f"- {label}:\n\n" + textwrap.indent(error, "      ") + "\n")
+    return found
+
+
+def run_details(results: dict[str, dict[str, Throughput]]) -> list[str]:
+    lines = []
+    for shape in SHAPES:
+        for kind in SERVERS:
+            item = results[shape.key][kind.key]
+            if item.rates:
+                rates = ", ".join(f"{rate:,.0f}" for rate in item.rates)
+                lines.append(
+                    f"- {kind.title}, {shape.title}: {item.messages_per_run} msgs/run; {rates}"
+                )
+    return lines
+
+
+def report(
+    machine: dict[str, Any],
+    settings: Settings,
+    results: dict[str, dict[str, Throughput]],
+    memory: dict[str, IdleMemory],
+) -> str:
+    lines = [
+        f"Command: `{shlex.join(sys.orig_argv)}`",
+        f"Machine: {machine['nproc']} CPUs ({machine['cpu']}), Linux {machine['kernel']}, "
+        f"Python {machine['python']}; load average {machine['load_average_at_start']} at the "
+        f"start, {machine['load_average_at_end']} at the end",
+        f"Versions: kumo_listener {machine['kumo_listener']}, aiosmtpd {machine['aiosmtpd']}, "
+        f"postfix {machine['postfix']}; Maildir on {machine['maildir_filesystem']}",
+        f"Load: smtp-source, {settings.sessions} parallel sessions, "
+        f"{settings.repeat} timed run(s) per cell"
+        + ("" if settings.quick else f" of about {settings.seconds:g} s after a warm-up"),
+        "",
+        *throughput_table(results),
+        "",
+        *memory_table(memory, settings.idle),
+        "",
+        "Runs (msgs/s):",
+        *run_details(results),
+    ]
+    problems = failures(results, memory)
+    if problems:
+        lines += ["", "Failures:", "", *problems]
+    return "\n".join(lines)
+
+
+def as_json(
+    machine: dict[str, Any],
+    settings: Settings,
+    results: dict[str, dict[str, Throughput]],
+    memory: dict[str, IdleMemory],
+) -> dict[str, Any]:
+    throughput = {
+        shape.key: {
+            "title": shape.title,
+            "message_bytes": shape.size,
+            "reused_connections": shape.reuse,
+            "servers": {
+                kind.key: {
+                    "title": kind.title,
+                    "msgs_per_s_median": results[shape.key][kind.key].median,
+                    "msgs_per_s_runs": results[shape.key][kind.key].rates,
+                    "messages_per_run": results[shape.key][kind.key].messages_per_run,
+                    "error": results[shape.key][kind.key].error,
+                }
+                for kind in SERVERS
+            },
+            "ratios": shape_ratios(results[shape.key]),
+        }
+        for shape in SHAPES
+    }
+    idle_memory = {
+        key: {
+            "connections": item.connections,
+            "rss_before_kib": item.rss_before_kib,
+            "rss_after_kib": item.rss_after_kib,
+            "kib_per_connection": item.kib_per_connection,
+            "error": item.error,
+        }
+        for key, item in memory.items()
+    }
+    return {
+        "command": sys.orig_argv,
+        "machine": machine,
+        "settings": {
+            "quick": settings.quick,
+            "sessions": settings.sessions,
+            "repeat": settings.repeat,
+            "seconds": settings.seconds,
+            "idle_connections": settings.idle,
+            "kumo_log_level": settings.kumo_log_level,
+        },
+        "throughput": throughput,
+        "idle_memory": idle_memory,
+    }
+
+
+# --- main ----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="End-to-end SMTP benchmark: kumo_listener, aiosmtpd, smtp-sink."
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny counts, 1 run")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--sessions", type=int, default=16, help="parallel smtp-source sessions")
+    parser.add_argument("--repeat", type=int, help="timed runs per cell (default 3, quick 1)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="target length of a run")
+    parser.add_argument("--idle", type=int, help="idle connections (default 5000, quick 200)")
+    parser.add_argument(
+        "--kumo-log-level", default="WARNING", help="kumo_listener --log-level (default WARNING)"
+    )
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace, workdir: Path) -> Settings:
+    return Settings(
+        quick=args.quick,
+        sessions=args.sessions,
+        repeat=args.repeat or (1 if args.quick else 3),
+        seconds=args.seconds,
+        idle=args.idle or (200 if args.quick else 5000),
+        kumo_log_level=args.kumo_log_level,
+        run_timeout=60.0 if args.quick else 120.0,
+        workdir=workdir,
+    )
+
+
+def raise_system_exit(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so that ``finally`` blocks stop the servers."""
+    raise SystemExit(128 + signum)
+
+
+def run(settings: Settings, json_path: Path | None) -> int:
+    tools = ensure_tools()
+    raise_open_file_limit(settings.idle + 1024)
+    machine = machine_description(settings)
+    results: dict[str, dict[str, Throughput]] = {shape.key: {} for shape in SHAPES}
+    for kind in SERVERS:
+        for shape_key, throughput in measure_server(kind, tools, settings).items():
+            results[shape_key][kind.key] = throughput
+    memory = {
+        kind.key: measure_idle_memory(kind, tools, settings) for kind in (KUMO_DISCARD, AIOSMTPD)
+    }
+    machine["load_average_at_end"] = load_average()
+    print(report(machine, settings, results, memory), flush=True)
+    if json_path is not None:
+        document = as_json(machine, settings, results, memory)
+        json_path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    return 1 if failures(results, memory) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_system_exit)
+    workdir = Path(tempfile.mkdtemp(prefix="kumo-e2e-"))
+    try:
+        return run(settings_from(args, workdir), args.json)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

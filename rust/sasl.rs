@@ -1,0 +1,85 @@
+//! SASL PLAIN (RFC 4616) as carried by SMTP AUTH (RFC 4954). Pure logic.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlainCredentials {
+    /// The identity to act as; empty means the same as `authc`.
+    pub authz: String,
+    pub authc: String,
+    pub password: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlainError {
+    /// The client answered `*`.
+    Cancelled,
+    BadBase64,
+    /// Not `authz NUL authc NUL password` in UTF-8 with a non-empty authc.
+    Malformed,
+}
+
+impl PlainError {
+    /// (reply code, enhanced status code, text).
+    pub fn reply(self) -> (u16, &'static str, &'static str) {
+        match self {
+            PlainError::Cancelled => (501, "5.0.0", "authentication cancelled"),
+            PlainError::BadBase64 => (501, "5.5.2", "cannot decode the base64 response"),
+            PlainError::Malformed => (501, "5.5.2", "malformed PLAIN response"),
+        }
+    }
+}
+
+/// Decode a client's PLAIN response: the base64 text after `AUTH PLAIN` or
+/// sent after the `334` continuation (`=` stands for an empty response).
+pub fn decode_plain(response: &str) -> Result<PlainCredentials, PlainError> {
+    let response = response.trim_end();
+    if response == "*" {
+        return Err(PlainError::Cancelled);
+    }
+    let decoded = match response {
+        "=" => Vec::new(),
+        encoded => BASE64.decode(encoded).map_err(|_| PlainError::BadBase64)?,
+    };
+    let text = String::from_utf8(decoded).map_err(|_| PlainError::Malformed)?;
+    let mut fields = text.split('\0');
+    let (Some(authz), Some(authc), Some(password), None) = (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return Err(PlainError::Malformed);
+    };
+    if authc.is_empty() {
+        return Err(PlainError::Malformed);
+    }
+    Ok(PlainCredentials { authz: authz.into(), authc: authc.into(), password: password.into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(raw: &[u8]) -> String {
+        BASE64.encode(raw)
+    }
+
+    #[test]
+    fn decodes_the_three_fields() {
+        let credentials = decode_plain(&encoded(b"admin\0user\0s3cret")).unwrap();
+        assert_eq!(
+            credentials,
+            PlainCredentials { authz: "admin".into(), authc: "user".into(), password: "s3cret".into() }
+        );
+        assert_eq!(decode_plain(&encoded(b"\0user\0")).unwrap().password, "");
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(decode_plain("*"), Err(PlainError::Cancelled));
+        assert_eq!(decode_plain("not base64!"), Err(PlainError::BadBase64));
+        assert_eq!(decode_plain("="), Err(PlainError::Malformed));
+        assert_eq!(decode_plain(&encoded(b"user\0secret")), Err(PlainError::Malformed));
+        assert_eq!(decode_plain(&encoded(b"a\0b\0c\0d")), Err(PlainError::Malformed));
+        assert_eq!(decode_plain(&encoded(b"a\0\0secret")), Err(PlainError::Malformed));
+        assert_eq!(decode_plain(&encoded(b"\0\xff\0x")), Err(PlainError::Malformed));
+    }
+}
