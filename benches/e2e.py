@@ -6,6 +6,10 @@ Usage::
     python3 benches/e2e.py --quick         # smoke run: tiny counts, one repetition
     python3 benches/e2e.py --json out.json # also write the results as JSON
 
+Options: ``--sessions`` (parallel smtp-source sessions, 16), ``--repeat`` (timed
+runs per cell, 3), ``--seconds`` (target length of a run, 3), ``--idle`` (idle
+connections, 5000), ``--kumo-log-level`` (WARNING).
+
 Each server runs as its own process on a free 127.0.0.1 port, one after the other:
 
 - kumo_listener, ``python3 -m kumo_listener serve --policy benches/policy_bench.py``
@@ -21,7 +25,9 @@ so that a run lasts about ``--seconds``; then ``--repeat`` runs are timed and th
 median is reported. A run fails (and is reported as failed, not as a number) when
 smtp-source exits non-zero or writes to stderr, when the server's message counter
 (or, for Maildir, the number of delivered files) differs from the number sent, or
-when the server logs an error meanwhile.
+when the server logs an error meanwhile. Delivered Maildir files are kept until
+that server stops (deleting them between runs slows the next runs' fsyncs down),
+unless the disk runs short.
 
 Then the resident memory per idle connection of kumo_listener (discard) and
 aiosmtpd: RSS of a fresh server process before and after opening ``--idle``
@@ -74,6 +80,7 @@ POSTFIX_DEBCONF = "postfix postfix/main_mailer_type select No configuration\n"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 MIN_CALIBRATION_SECONDS = 0.5
+MESSAGE_OVERHEAD_BYTES = 4096  # headers smtp-source and the server add, file system slack
 MESSAGES_PER_CONNECTION_CAP = 5000  # kumo_listener's max_messages_per_connection is 10000
 SERVER_LOG_ERROR = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback|panicked")
 
@@ -266,10 +273,18 @@ class RunningServer:
             return None
         return sum(1 for _ in os.scandir(self.maildir / "new"))
 
-    def empty_maildir(self) -> None:
-        """Delete delivered messages so that 100 KB runs don't fill the disk."""
+    def make_room(self, needed_bytes: int) -> None:
+        """Empty the Maildir if fewer than twice ``needed_bytes`` are free.
+
+        Only then: deleting thousands of files slows the fsyncs of the next runs
+        down (by several times on this project's machines), so delivered
+        messages are normally kept until the server stops."""
         if self.maildir is None:
             return
+        disk = os.statvfs(self.maildir.parent)
+        if disk.f_bavail * disk.f_frsize >= 2 * needed_bytes:
+            return
+        log(f"e2e: low on disk space, emptying {self.maildir}/new")
         for entry in os.scandir(self.maildir / "new"):
             os.unlink(entry.path)
 
@@ -381,7 +396,8 @@ def timed_run(
     """Send ``count`` messages; return the seconds it took, or raise BenchError."""
     server.check_alive()
     server.new_log_output()
-    counter_before = server.received()
+    server.make_room(count * (shape.size + MESSAGE_OVERHEAD_BYTES))
+    counter_before, files_before = server.received(), server.delivered_files()
     command = smtp_source_command(tools, server.port, shape, count, settings.sessions)
     started = time.perf_counter()
     try:
@@ -392,11 +408,13 @@ def timed_run(
     stderr = result.stderr.decode(errors="replace").strip()
     if result.returncode != 0 or stderr:
         raise BenchError(f"{shlex.join(command)} exited with {result.returncode}:\n{stderr}")
-    check_delivery(server, counter_before, count)
+    check_delivery(server, counter_before, files_before, count)
     return elapsed
 
 
-def check_delivery(server: RunningServer, counter_before: int | None, sent: int) -> None:
+def check_delivery(
+    server: RunningServer, counter_before: int | None, files_before: int | None, sent: int
+) -> None:
     server.check_alive()
     output = server.new_log_output()
     if SERVER_LOG_ERROR.search(output):
@@ -410,11 +428,10 @@ def check_delivery(server: RunningServer, counter_before: int | None, sent: int)
             raise BenchError(
                 f"{server.kind.title} counted {counted - counter_before} messages, sent {sent}"
             )
-    delivered = server.delivered_files()
-    if delivered is not None:
-        server.empty_maildir()
-        if delivered != sent:
-            raise BenchError(f"{server.kind.title}: {delivered} files in new/, sent {sent}")
+    files_after = server.delivered_files()
+    if files_after is not None and files_before is not None and files_after - files_before != sent:
+        delivered = files_after - files_before
+        raise BenchError(f"{server.kind.title}: {delivered} new files in new/, sent {sent}")
 
 
 def message_cap(shape: Shape, settings: Settings) -> int:
@@ -547,13 +564,23 @@ def machine_description(settings: Settings) -> dict[str, Any]:
         "aiosmtpd": package_version("aiosmtpd"),
         "postfix": debian_version("postfix"),
         "maildir_filesystem": filesystem_of(settings.workdir),
-        "load_average_at_start": load_average(),
+        "cpu_busy_before_percent": cpu_busy_percent(),
     }
 
 
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages: other work on the machine skews results."""
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+def cpu_busy_percent(interval: float = 1.0) -> float:
+    """How busy the CPUs were over ``interval`` (before any server starts): other
+    work on the machine skews the results."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split()[1:9]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    busy_start, total_start = sample()
+    time.sleep(interval)
+    busy_end, total_end = sample()
+    return 100.0 * (busy_end - busy_start) / max(1, total_end - total_start)
 
 
 def package_version(name: str) -> str:
@@ -683,8 +710,8 @@ def report(
     lines = [
         f"Command: `{shlex.join(sys.orig_argv)}`",
         f"Machine: {machine['nproc']} CPUs ({machine['cpu']}), Linux {machine['kernel']}, "
-        f"Python {machine['python']}; load average {machine['load_average_at_start']} at the "
-        f"start, {machine['load_average_at_end']} at the end",
+        f"Python {machine['python']}; CPUs {machine['cpu_busy_before_percent']:.0f}% busy "
+        "before the run",
         f"Versions: kumo_listener {machine['kumo_listener']}, aiosmtpd {machine['aiosmtpd']}, "
         f"postfix {machine['postfix']}; Maildir on {machine['maildir_filesystem']}",
         f"Load: smtp-source, {settings.sessions} parallel sessions, "
@@ -803,7 +830,6 @@ def run(settings: Settings, json_path: Path | None) -> int:
     memory = {
         kind.key: measure_idle_memory(kind, tools, settings) for kind in (KUMO_DISCARD, AIOSMTPD)
     }
-    machine["load_average_at_end"] = load_average()
     print(report(machine, settings, results, memory), flush=True)
     if json_path is not None:
         document = as_json(machine, settings, results, memory)

@@ -2,7 +2,7 @@
 //! its listeners, with policy written in Python.
 //!
 //! Pure logic (no I/O, no Python): [`parser`], [`framing`], [`reply`],
-//! [`cidr`], [`params`], [`message`], [`sasl`]. The server: [`server`],
+//! [`cidr`], [`params`], [`message`], [`sasl`], [`proxy`], [`xclient`]. The server: [`server`],
 //! [`session`] over a [`stream`], [`tls`] identities, [`sink`], and [`bridge`]
 //! to the Python thread. [`py`] is the binding.
 
@@ -13,6 +13,7 @@ pub mod message;
 pub mod meta;
 pub mod params;
 pub mod parser;
+pub mod proxy;
 mod py;
 pub mod reply;
 pub mod sasl;
@@ -21,3 +22,4 @@ pub mod session;
 pub mod sink;
 pub mod stream;
 pub mod tls;
+pub mod xclient;

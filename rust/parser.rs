@@ -108,6 +108,21 @@ pub enum Command {
     XClient(String),
 }
 
+impl Command {
+    /// RFC 2920 §3.1: a client may pipeline nothing after these commands
+    /// before it has the reply (QUIT aside, which ends the session anyway).
+    pub fn ends_pipelining_group(&self) -> bool {
+        matches!(self, Command::Ehlo(_) | Command::Helo(_) | Command::Data | Command::Noop | Command::Vrfy(_))
+    }
+}
+
+/// Whether a line is the start of an HTTP request: a browser or proxy
+/// pointed at the SMTP port, or a cross-protocol attack through one.
+pub fn is_http_request(line: &[u8]) -> bool {
+    const STARTS: [&[u8]; 7] = [b"GET ", b"POST ", b"HEAD ", b"PUT ", b"CONNECT ", b"HOST:", b"USER-AGENT:"];
+    STARTS.iter().any(|start| line.len() >= start.len() && line[..start.len()].eq_ignore_ascii_case(start))
+}
+
 /// A rejected command line, with the reply the client should get.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParseError {
@@ -1027,5 +1042,29 @@ mod tests {
         let error = parse_command(b"DATA now").unwrap_err();
         assert_eq!(error.to_string(), "501 5.5.4 syntax: DATA takes no arguments");
         assert_eq!(codes("FOO"), UNRECOGNIZED);
+    }
+
+    #[test]
+    fn commands_that_end_a_pipelining_group() {
+        let ending = ["EHLO x", "HELO x", "DATA", "NOOP", "VRFY x"];
+        let not_ending = ["MAIL FROM:<a@b.example>", "RCPT TO:<a@b.example>", "RSET", "QUIT", "STARTTLS"];
+        for line in ending {
+            assert!(parse_command(line.as_bytes()).unwrap().ends_pipelining_group(), "{line}");
+        }
+        for line in not_ending {
+            assert!(!parse_command(line.as_bytes()).unwrap().ends_pipelining_group(), "{line}");
+        }
+    }
+
+    #[test]
+    fn http_requests_are_recognised() {
+        for line in
+            ["GET / HTTP/1.1", "post /x HTTP/1.0", "CONNECT mx:25 HTTP/1.1", "Host: example.com", "User-Agent: x"]
+        {
+            assert!(is_http_request(line.as_bytes()), "{line}");
+        }
+        for line in ["EHLO GET", "GET", "HELO host:x", "NOOP"] {
+            assert!(!is_http_request(line.as_bytes()), "{line}");
+        }
     }
 }

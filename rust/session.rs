@@ -11,15 +11,18 @@ use crate::framing::{DataFramer, DataLimits, DataVerdict, LineEvent, LineFramer}
 use crate::message::{self, Message, ReceivedInfo, Supplemental};
 use crate::meta::MetaStore;
 use crate::params::Params;
-use crate::parser::{parse_command, Command, MailParams, Mailbox, ReversePath};
+use crate::parser::{is_http_request, parse_command, Command, MailParams, Mailbox, ReversePath};
+use crate::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
 use crate::reply::{generic_enhanced, split_enhanced, write_reply};
 use crate::sasl::decode_plain;
 use crate::server::ListenerShared;
 use crate::stream::Stream;
 use crate::tls::{ServerIdentity, TlsIdentity};
+use crate::xclient::{parse_xclient, XClientError};
 use bytes::{Buf, Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
@@ -28,6 +31,11 @@ use tokio_rustls::TlsAcceptor;
 /// After this many rejected commands the client is clearly not a mail
 /// client (Postfix's `smtpd_hard_error_limit`).
 const MAX_ERRORS: usize = 20;
+
+/// The slowest DATA transfer tolerated, in bytes per second (Postfix's
+/// `smtpd_min_data_rate`): each byte received extends the DATA deadline by
+/// this much, so trickling keeps no connection alive for long.
+const MIN_DATA_RATE: f64 = 500.0;
 
 /// Why a session stopped reading.
 enum Stop {
@@ -77,24 +85,17 @@ pub struct Session {
 
 /// Serve one accepted connection to the end.
 pub async fn run(stream: TcpStream, remote: SocketAddr, local: SocketAddr, listener: Arc<ListenerShared>) {
-    let remote = canonical(remote);
-    let local = canonical(local);
-    let mut params = Params::default();
-    params.apply(&listener.config.params, remote.ip(), local.ip());
-    let meta = MetaStore::new();
-    meta.set("received_from", remote.to_string());
-    meta.set("received_via", local.to_string());
-    meta.set("hostname", params.hostname.clone());
+    let params = Params::default();
     let mut session = Session {
         stream: Stream::Plain(stream),
-        input: BytesMut::with_capacity(params.data_buffer_size.min(64 * 1024)),
+        input: BytesMut::with_capacity(4096),
         output: Vec::with_capacity(512),
         lines: LineFramer::new(params.line_length_hard_limit),
         listener,
         params,
-        meta,
-        remote,
-        local,
+        meta: MetaStore::new(),
+        remote: canonical(remote),
+        local: canonical(local),
         helo: None,
         esmtp: false,
         authenticated: None,
@@ -117,10 +118,20 @@ fn canonical(address: SocketAddr) -> SocketAddr {
 }
 
 impl Session {
-    /// Evaluate the dynamic parameters, run `connection_accepted`, greet.
+    /// Evaluate the parameters (after a PROXY header where required), run
+    /// `connection_accepted`, greet.
     async fn open(&mut self) -> Step {
         if self.listener.server.is_shutting_down() {
             return self.close_with(421, "4.3.2", "shutting down");
+        }
+        self.set_addresses(self.remote, self.local);
+        self.apply_static_parameters();
+        // Decided by the static parameters only: the dynamic hook is asked
+        // once, about the real client.
+        let proxied = self.params.require_proxy_protocol;
+        if proxied {
+            self.read_proxy_header().await?;
+            self.apply_static_parameters();
         }
         self.apply_dynamic_parameters().await?;
         if self.listener.config.implicit_tls {
@@ -129,24 +140,108 @@ impl Session {
             self.handshake(identity).await?;
         }
         self.consult_at_connect(EventKind::ConnectionAccepted).await?;
+        // Behind a proxy, what came with the header is the client's own.
+        if !proxied && self.receive_pending()? {
+            return self.lost_synchronization();
+        }
+        self.greet();
+        Ok(())
+    }
+
+    fn greet(&mut self) {
         let greeting = format!("{} {}", self.params.hostname, self.params.banner);
         write_reply(&mut self.output, 220, None, &greeting);
-        Ok(())
     }
 
+    fn set_addresses(&mut self, remote: SocketAddr, local: SocketAddr) {
+        self.remote = canonical(remote);
+        self.local = canonical(local);
+        self.meta.set("received_from", self.remote.to_string());
+        self.meta.set("received_via", self.local.to_string());
+    }
+
+    /// Defaults, then the listener's parameters for these addresses.
+    fn apply_static_parameters(&mut self) {
+        let mut params = Params::default();
+        params.apply(&self.listener.config.params, self.remote.ip(), self.local.ip());
+        self.adopt(params);
+    }
+
+    /// The dynamic hook's result over the static parameters, then their
+    /// `meta` into the connection metadata.
     async fn apply_dynamic_parameters(&mut self) -> Step {
-        let Some(Response::Params(overrides)) = self.consult_at_connect(EventKind::GetDynamicParameters).await? else {
-            return self.adopt_meta();
-        };
-        self.params.apply(&overrides, self.remote.ip(), self.local.ip());
-        self.lines.set_limit(self.params.line_length_hard_limit);
-        self.meta.set("hostname", self.params.hostname.clone());
-        self.adopt_meta()
-    }
-
-    fn adopt_meta(&mut self) -> Step {
+        if let Some(Response::Params(overrides)) = self.consult_at_connect(EventKind::GetDynamicParameters).await? {
+            let mut params = self.params.clone();
+            params.apply(&overrides, self.remote.ip(), self.local.ip());
+            self.adopt(params);
+        }
         self.meta.merge(&self.params.meta);
         Ok(())
+    }
+
+    fn adopt(&mut self, params: Params) {
+        self.lines.set_limit(params.line_length_hard_limit);
+        self.meta.set("hostname", params.hostname.clone());
+        self.params = params;
+    }
+
+    /// The PROXY protocol header (v1 or v2) a trusted proxy sends first.
+    /// Anything else closes the connection without a banner: the peer is not
+    /// the proxy we expect.
+    async fn read_proxy_header(&mut self) -> Step {
+        let deadline = self.command_deadline();
+        loop {
+            match decode_proxy_header(&self.input) {
+                ProxyDecode::Header { header, consumed } => {
+                    self.input.advance(consumed);
+                    if let ProxyHeader::Proxied { source, destination } = header {
+                        self.keep_original_addresses();
+                        self.set_addresses(source, destination);
+                    }
+                    return Ok(());
+                }
+                ProxyDecode::Incomplete => self.fill(deadline).await.map_err(|_| Stop::Gone)?,
+                ProxyDecode::Invalid(reason) => {
+                    let message = format!("{}: closed, bad PROXY protocol header: {reason}", self.remote);
+                    self.listener.server.bridge.log(LOG_INFO, message);
+                    return Err(Stop::Gone);
+                }
+            }
+        }
+    }
+
+    /// The socket's own addresses, kept once as `orig_received_from`/`_via`
+    /// before a PROXY header or XCLIENT replaces them.
+    fn keep_original_addresses(&mut self) {
+        if self.meta.get("orig_received_from").is_none() {
+            self.meta.set("orig_received_from", self.remote.to_string());
+            self.meta.set("orig_received_via", self.local.to_string());
+        }
+    }
+
+    /// Move what the client has already sent into the input buffer without
+    /// waiting. True if anything came. Only possible on a plain stream.
+    fn receive_pending(&mut self) -> Result<bool, Stop> {
+        let Stream::Plain(tcp) = &self.stream else {
+            return Ok(false);
+        };
+        let before = self.input.len();
+        loop {
+            self.input.reserve(4096);
+            match tcp.try_read_buf(&mut self.input) {
+                Ok(0) => return Err(Stop::Gone),
+                Ok(_) if self.input.len() - before < 64 * 1024 => continue,
+                Ok(_) => return Ok(true),
+                Err(_) => return Ok(self.input.len() > before),
+            }
+        }
+    }
+
+    /// RFC 2920 §3.1 and Postfix's `smtpd_forbid_unauth_pipelining`: a client
+    /// that talks before the greeting or before a reply it must wait for is
+    /// not an SMTP client we can trust to frame its messages.
+    fn lost_synchronization(&mut self) -> Step {
+        self.close_with(554, "5.5.0", "Error: SMTP protocol synchronization")
     }
 
     /// A connection-level event: any refusal or failure ends the connection.
@@ -230,8 +325,14 @@ impl Session {
         loop {
             match self.next_line(self.command_deadline()).await? {
                 Framed::Line { len, consumed } => {
+                    if is_http_request(&self.input[..len]) {
+                        return self.close_with(221, "2.7.0", "Error: I can break rules, too. Goodbye.");
+                    }
                     let parsed = parse_command(&self.input[..len]);
                     self.input.advance(consumed);
+                    if parsed.as_ref().is_ok_and(Command::ends_pipelining_group) && self.pipelined_past_group_end()? {
+                        return self.lost_synchronization();
+                    }
                     self.dispatch(parsed).await?;
                 }
                 Framed::TooLong { consumed } => {
@@ -255,6 +356,10 @@ impl Session {
                 }
             }
         }
+    }
+
+    fn pipelined_past_group_end(&mut self) -> Result<bool, Stop> {
+        Ok(!self.input.is_empty() || self.receive_pending()?)
     }
 
     /// A client gets `client_timeout` to send each whole command: trickling
@@ -329,7 +434,7 @@ impl Session {
             }
             Command::StartTls => self.starttls().await,
             Command::Auth { mechanism, initial_response } => self.auth(mechanism, initial_response).await,
-            Command::XClient(_) => self.reject_command(550, "5.7.0", "insufficient authorization"),
+            Command::XClient(arguments) => self.xclient(&arguments).await,
         }
     }
 
@@ -341,6 +446,9 @@ impl Session {
             "SMTPUTF8".into(),
             format!("SIZE {}", self.params.max_message_size),
         ];
+        if self.params.allow_xclient {
+            extensions.push("XCLIENT ADDR PORT DESTADDR DESTPORT HELO NAME LOGIN PROTO".into());
+        }
         if !self.stream.is_tls() {
             extensions.push("STARTTLS".into());
         } else if self.listener.server.bridge.is_registered(EventKind::AuthPlain) {
@@ -547,13 +655,19 @@ impl Session {
         };
         let mut framer = DataFramer::new(limits);
         let mut body = Vec::with_capacity(self.input.len().max(4096).min(self.params.max_message_size));
+        let started = Instant::now();
+        let mut received = 0;
         loop {
             let fed = framer.feed(&self.input, &mut body);
             self.input.advance(fed.consumed);
+            received += fed.consumed;
             if fed.done {
                 return Ok((framer.verdict(), body));
             }
-            let deadline = Instant::now() + self.params.client_timeout;
+            // Idle for `client_timeout`, or slower than MIN_DATA_RATE overall.
+            let earned = Duration::from_secs_f64(received as f64 / MIN_DATA_RATE);
+            let deadline =
+                (Instant::now() + self.params.client_timeout).min(started + self.params.client_timeout + earned);
             self.fill(deadline).await?;
         }
     }
@@ -752,5 +866,40 @@ impl Session {
                 self.reject_command(500, "5.5.6", "authentication exchange line is too long").map(|()| None)
             }
         }
+    }
+
+    /// Postfix's XCLIENT: a trusted proxy (`allow_xclient`) says who the real
+    /// client is. The session starts over as if that client had connected:
+    /// parameters and the dynamic hook evaluated again, a new greeting.
+    /// `LOGIN` authenticates as that user; `HELO`, `NAME` and `PROTO` are
+    /// accepted and not used (the client says EHLO again).
+    async fn xclient(&mut self, arguments: &str) -> Step {
+        if !self.params.allow_xclient {
+            return self.reject_command(550, "5.7.0", "insufficient authorization");
+        }
+        if self.transaction.is_some() {
+            return self.reject_command(503, "5.5.1", "MAIL transaction in progress");
+        }
+        let request = match parse_xclient(arguments) {
+            Ok(request) => request,
+            Err(XClientError(text)) => return self.reject_command(501, "5.5.4", &text),
+        };
+        let remote =
+            SocketAddr::new(request.addr.unwrap_or(self.remote.ip()), request.port.unwrap_or(self.remote.port()));
+        let local =
+            SocketAddr::new(request.destaddr.unwrap_or(self.local.ip()), request.destport.unwrap_or(self.local.port()));
+        self.keep_original_addresses();
+        self.set_addresses(remote, local);
+        self.forget_client();
+        if let Some(login) = request.login {
+            self.meta.set("authn_id", login.clone());
+            self.meta.set("authz_id", login.clone());
+            self.authenticated = Some(login);
+        }
+        self.apply_static_parameters();
+        self.apply_dynamic_parameters().await?;
+        self.consult_at_connect(EventKind::ConnectionAccepted).await?;
+        self.greet();
+        Ok(())
     }
 }
