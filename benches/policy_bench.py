@@ -56,16 +56,17 @@ def init() -> None:
     )
 
 
-def load_via_table(listener: str) -> dict[str, Any]:
-    """Stands for reading an operator-edited file; memoized below."""
-    return VIA_TABLE
+def load_via_table(listener: str) -> kumo.ListenerParams:
+    """Stands for reading an operator-edited file; memoized below, and
+    validated once into ListenerParams so each connection costs a pointer copy."""
+    return kumo.ListenerParams(VIA_TABLE)
 
 
 cached_via_table = kumo.memoize(load_via_table, name="via_table", ttl="5 minutes", capacity=16)
 
 
 @kumo.on("smtp_server_get_dynamic_parameters")
-def dynamic_parameters(listener: str, conn_meta: kumo.ConnectionMeta) -> dict[str, Any]:
+def dynamic_parameters(listener: str, conn_meta: kumo.ConnectionMeta) -> kumo.ListenerParams:
     return cached_via_table(listener)
 
 

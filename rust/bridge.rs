@@ -15,7 +15,7 @@ use crate::sasl::PlainCredentials;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -111,7 +111,8 @@ pub struct ListenerDomain {
 #[derive(Debug)]
 pub enum Response {
     Nothing,
-    Params(Box<GenericParams>),
+    /// Shared: a `ListenerParams` returned again and again is not copied.
+    Params(Arc<GenericParams>),
     Extensions(Vec<String>),
     ListenerDomain(ListenerDomain),
     /// What `smtp_server_auth_plain` decided.
@@ -170,6 +171,7 @@ pub struct Bridge {
     wake_writer: UnixStream,
     wake_reader: UnixStream,
     registered: AtomicU32,
+    log_level: AtomicU8,
 }
 
 impl Bridge {
@@ -177,7 +179,13 @@ impl Bridge {
         let (wake_writer, wake_reader) = UnixStream::pair()?;
         wake_writer.set_nonblocking(true)?;
         wake_reader.set_nonblocking(true)?;
-        Ok(Self { queue: Mutex::default(), wake_writer, wake_reader, registered: AtomicU32::new(0) })
+        Ok(Self {
+            queue: Mutex::default(),
+            wake_writer,
+            wake_reader,
+            registered: AtomicU32::new(0),
+            log_level: AtomicU8::new(LOG_DEBUG),
+        })
     }
 
     /// The descriptor the Python loop watches for readability.
@@ -204,14 +212,24 @@ impl Bridge {
             Ok(Err(_)) => Outcome::Failed(format!("{} handler was dropped without an answer", kind.name())),
             Err(_) => {
                 let message = format!("{} handler did not finish within {timeout:?}", kind.name());
-                self.log(LOG_ERROR, message.clone());
+                self.log(LOG_ERROR, || message.clone());
                 Outcome::Failed(message)
             }
         }
     }
 
-    pub fn log(&self, level: u8, message: String) {
-        self.push(|queue| queue.logs.push(LogRecord { level, message }));
+    /// Queue a record for Python's logger, unless its level is below the
+    /// logger's: then neither the message is built nor Python woken.
+    pub fn log(&self, level: u8, message: impl FnOnce() -> String) {
+        if level >= self.log_level.load(Ordering::Relaxed) {
+            let message = message();
+            self.push(|queue| queue.logs.push(LogRecord { level, message }));
+        }
+    }
+
+    /// The effective level of Python's `kumo_listener` logger.
+    pub fn set_log_level(&self, level: u8) {
+        self.log_level.store(level, Ordering::Relaxed);
     }
 
     /// Everything queued so far. Drains the wake-up pipe first, so a call

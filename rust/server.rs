@@ -31,6 +31,8 @@ pub fn runtime() -> &'static Runtime {
 /// What every listener of one server shares.
 pub struct ServerState {
     pub bridge: Arc<Bridge>,
+    /// Bind with SO_REUSEPORT, so that worker processes share the port.
+    reuse_port: bool,
     pub sink: Sink,
     pub tls: Arc<TlsCache>,
     shutdown: watch::Sender<bool>,
@@ -39,9 +41,10 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn new(bridge: Arc<Bridge>, sink: Sink) -> Arc<Self> {
+    pub fn new(bridge: Arc<Bridge>, sink: Sink, reuse_port: bool) -> Arc<Self> {
         Arc::new(Self {
             bridge,
+            reuse_port,
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             shutdown: watch::Sender::new(false),
@@ -117,7 +120,7 @@ pub fn start_listener(server: Arc<ServerState>, config: ListenerConfig) -> io::R
     let address: SocketAddr = config.listen.parse().map_err(|_| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("listen: invalid address {:?}", config.listen))
     })?;
-    let socket = bind(address)?;
+    let socket = bind(address, server.reuse_port)?;
     let bound = socket.local_addr()?;
     let listener = Arc::new(ListenerShared {
         name: Arc::from(config.listen.as_str()),
@@ -132,13 +135,14 @@ pub fn start_listener(server: Arc<ServerState>, config: ListenerConfig) -> io::R
     Ok(bound)
 }
 
-fn bind(address: SocketAddr) -> io::Result<std::net::TcpListener> {
+fn bind(address: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
     if address.is_ipv6() {
         // `[::]:25` serves IPv4 clients too, as `::ffff:a.b.c.d`.
         socket.set_only_v6(false)?;
     }
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuse_port)?;
     socket.set_nonblocking(true)?;
     socket.bind(&address.into()).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))?;
     socket.listen(1024)?;
@@ -148,7 +152,7 @@ fn bind(address: SocketAddr) -> io::Result<std::net::TcpListener> {
 async fn accept_loop(socket: TcpListener, listener: Arc<ListenerShared>) {
     let server = listener.server.clone();
     let bridge = server.bridge.clone();
-    bridge.log(LOG_INFO, format!("listening on {}", listener.name));
+    bridge.log(LOG_INFO, || format!("listening on {}", listener.name));
     loop {
         let accepted = tokio::select! {
             accepted = socket.accept() => accepted,
@@ -158,12 +162,12 @@ async fn accept_loop(socket: TcpListener, listener: Arc<ListenerShared>) {
             Ok((stream, remote)) => admit(stream, remote, &listener),
             // Typically EMFILE or a connection reset before accept: keep serving.
             Err(error) => {
-                bridge.log(LOG_ERROR, format!("{}: accept failed: {error}", listener.name));
+                bridge.log(LOG_ERROR, || format!("{}: accept failed: {error}", listener.name));
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
-    bridge.log(LOG_INFO, format!("stopped listening on {}", listener.name));
+    bridge.log(LOG_INFO, || format!("stopped listening on {}", listener.name));
 }
 
 fn admit(stream: TcpStream, remote: SocketAddr, listener: &Arc<ListenerShared>) {

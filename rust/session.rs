@@ -202,7 +202,8 @@ impl Session {
                 }
                 ProxyDecode::Incomplete => self.fill(deadline).await.map_err(|_| Stop::Gone)?,
                 ProxyDecode::Invalid(reason) => {
-                    let message = format!("{}: closed, bad PROXY protocol header: {reason}", self.remote);
+                    let remote = self.remote;
+                    let message = || format!("{remote}: closed, bad PROXY protocol header: {reason}");
                     self.listener.server.bridge.log(LOG_INFO, message);
                     return Err(Stop::Gone);
                 }
@@ -330,7 +331,8 @@ impl Session {
                     }
                     let parsed = parse_command(&self.input[..len]);
                     self.input.advance(consumed);
-                    if parsed.as_ref().is_ok_and(Command::ends_pipelining_group) && self.pipelined_past_group_end()? {
+                    // Like Postfix, only what is already buffered counts: no extra read.
+                    if parsed.as_ref().is_ok_and(Command::ends_pipelining_group) && !self.input.is_empty() {
                         return self.lost_synchronization();
                     }
                     self.dispatch(parsed).await?;
@@ -356,10 +358,6 @@ impl Session {
                 }
             }
         }
-    }
-
-    fn pipelined_past_group_end(&mut self) -> Result<bool, Stop> {
-        Ok(!self.input.is_empty() || self.receive_pending()?)
     }
 
     /// A client gets `client_timeout` to send each whole command: trickling
@@ -699,11 +697,11 @@ impl Session {
             }
         }
         if let Err(error) = self.listener.server.sink.deliver(parts).await {
-            bridge.log(LOG_WARNING, format!("message {} from {}: sink failed: {error}", message.id, self.remote));
+            bridge.log(LOG_WARNING, || format!("message {} from {}: sink failed: {error}", message.id, self.remote));
             self.reply(451, "4.3.0", "temporary failure storing the message, try again later");
             return Ok(());
         }
-        bridge.log(LOG_INFO, format!("message {} from {} accepted", message.id, self.remote));
+        bridge.log(LOG_INFO, || format!("message {} from {} accepted", message.id, self.remote));
         let text = format!("OK id={}", message.id);
         self.reply(250, "2.0.0", &text);
         Ok(())
@@ -761,7 +759,7 @@ impl Session {
     }
 
     fn tls_unavailable(&self, reason: &str) -> Stop {
-        self.listener.server.bridge.log(LOG_ERROR, format!("{}: TLS not available: {reason}", self.remote));
+        self.listener.server.bridge.log(LOG_ERROR, || format!("{}: TLS not available: {reason}", self.remote));
         Stop::Gone
     }
 
@@ -792,7 +790,7 @@ impl Session {
     }
 
     fn handshake_failed(&self, reason: &str) -> Stop {
-        self.listener.server.bridge.log(LOG_INFO, format!("{}: TLS handshake failed: {reason}", self.remote));
+        self.listener.server.bridge.log(LOG_INFO, || format!("{}: TLS handshake failed: {reason}", self.remote));
         Stop::Gone
     }
 

@@ -122,6 +122,37 @@ def test_serve_with_a_policy_file(serve, tmp_path: Path):
     assert served.stop() == 0
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_workers_share_the_port(tmp_path: Path):
+    port = free_port()
+    process = subprocess.Popen(
+        [*KUMO, "serve", "--workers", "2", "--listen", f"127.0.0.1:{port}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        banners = [process.stdout.readline() for _ in range(2)]
+        assert all(f"listening on 127.0.0.1:{port}" in banner for banner in banners), banners
+        workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(workers) == 2
+        for number in range(20):
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.sendmail("a@b.example", ["c@d.example"], f"Subject: {number}\r\n\r\nx\r\n")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert all(not Path(f"/proc/{worker}").exists() for worker in workers)
+    finally:
+        process.kill()
+    assert len(delivered(tmp_path / "maildir")) == 20
+
+
 def test_serve_refuses_a_bad_policy_listener_with_the_key_path(tmp_path: Path):
     policy = tmp_path / "policy.py"
     policy.write_text(

@@ -175,6 +175,27 @@ def test_hook_that_raises_gives_421_and_a_logged_traceback(policy, listen, raw, 
     assert "Traceback" in kumo_log.text
 
 
+def test_listener_params_are_validated_once_and_reusable(policy, listen, raw):
+    with pytest.raises(kumo.ParamsError, match=r"via\.'127\.0\.0\.2'\.hostname: expected a string"):
+        kumo.ListenerParams({"via": {"127.0.0.2": {"hostname": 2}}})
+    with pytest.raises(kumo.ParamsError, match="max_connections: only allowed at the top level"):
+        kumo.ListenerParams(max_connections=3)
+    validated = kumo.ListenerParams(
+        {"via": {"127.0.0.2": {"hostname": "mx.two.example"}}}, banner="validated"
+    )
+    calls = []
+
+    @policy.on("smtp_server_get_dynamic_parameters")
+    def dynamic(listener, conn_meta):
+        calls.append(listener)
+        return validated
+
+    address = listen(listen="0.0.0.0:0", hostname="default.example")
+    assert greeting(address, raw, via="127.0.0.2")[1] == ["mx.two.example validated"]
+    assert greeting(address, raw, via="127.0.0.3")[1] == ["default.example validated"]
+    assert len(calls) == 2
+
+
 def test_hook_returning_a_non_dict_gives_421(policy, listen, raw):
     policy.on("smtp_server_get_dynamic_parameters", lambda listener, meta: ["hostname"])
     assert greeting(listen(), raw)[0] == 421

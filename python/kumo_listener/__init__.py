@@ -12,7 +12,14 @@ The public API mirrors KumoMTA's Lua API (``kumo.on``,
 """
 
 from . import serde
-from ._core import ConnectionMeta, EnvelopeAddress, Message, ParamsError, validate_overrides
+from ._core import (
+    ConnectionMeta,
+    EnvelopeAddress,
+    ListenerParams,
+    Message,
+    ParamsError,
+    validate_overrides,
+)
 from .memoize import memoize
 from .policy import EVENTS, Policy, default_policy, on
 from .reject import Reject
@@ -23,6 +30,7 @@ __all__ = [
     "ConnectionMeta",
     "EnvelopeAddress",
     "Listener",
+    "ListenerParams",
     "Message",
     "ParamsError",
     "Policy",

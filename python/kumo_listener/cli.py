@@ -7,6 +7,8 @@ import asyncio
 import json
 import logging
 import runpy
+import signal
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -40,16 +42,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--sink", choices=["maildir", "discard"], default="maildir")
     serve.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
+    serve.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="processes sharing the listening ports (SO_REUSEPORT), each with its own "
+        "interpreter, so Python policy runs on several cores (default 1)",
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate a TOML or JSON overrides file")
     check.add_argument("file")
     return parser
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def serve(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        return supervise_workers(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    configure(sink=args.sink, maildir=args.maildir)
+    configure(sink=args.sink, maildir=args.maildir, reuse_port=args.reuse_port)
     if args.policy:
         runpy.run_path(args.policy, run_name="kumo_policy")
     server = default_server()
@@ -75,6 +94,36 @@ def serve(args: argparse.Namespace) -> int:
         print(f"kumo-listener: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def supervise_workers(args: argparse.Namespace) -> int:
+    """Run ``args.workers`` copies of this command sharing their ports; pass
+    SIGINT/SIGTERM on to them and exit when all have, with the worst status."""
+    command = [sys.executable, "-m", "kumo_listener", *worker_arguments(args)]
+    workers = [subprocess.Popen(command) for _ in range(args.workers)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    statuses = [worker.wait() for worker in workers]
+    return next((status for status in statuses if status), 0)
+
+
+def worker_arguments(args: argparse.Namespace) -> list[str]:
+    """The ``serve`` arguments of one worker: the same, as a single process."""
+    given = {
+        "--policy": args.policy,
+        "--listen": args.listen,
+        "--maildir": args.maildir,
+        "--sink": args.sink,
+        "--log-level": args.log_level,
+    }
+    options = [part for name, value in given.items() if value for part in (name, value)]
+    return ["serve", *options, "--reuse-port"]
 
 
 def load_overrides(path: Path) -> Any:

@@ -54,6 +54,7 @@ class _Dispatcher:
         self._drain()
 
     def _drain(self) -> None:
+        self._core.set_log_level(logger.getEffectiveLevel())
         jobs, logs = self._core.take()
         for level, message in logs:
             logger.log(level, "%s", message)
@@ -128,7 +129,8 @@ class Server:
             ...
 
     ``with`` (or :meth:`start`) runs the dispatcher on a background thread;
-    :meth:`run` runs it on the caller's asyncio loop instead.
+    :meth:`run` runs it on the caller's asyncio loop instead. ``reuse_port``
+    binds listeners with SO_REUSEPORT, for worker processes sharing a port.
     """
 
     def __init__(
@@ -138,9 +140,10 @@ class Server:
         sink: str = "maildir",
         maildir: str | os.PathLike[str] = "maildir",
         shutdown_grace: float = 30.0,
+        reuse_port: bool = False,
     ) -> None:
         self.policy = policy if policy is not None else default_policy
-        self._core = _core.Core(sink, os.fspath(maildir) if sink == "maildir" else None)
+        self._core = _core.Core(sink, os.fspath(maildir) if sink == "maildir" else None, reuse_port)
         self._shutdown_grace = shutdown_grace
         self._listeners: list[Listener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -257,7 +260,7 @@ class Server:
 
 _current: Server | None = None
 _default: Server | None = None
-_default_settings: dict[str, Any] = {"sink": "maildir", "maildir": "maildir"}
+_default_settings: dict[str, Any] = {"sink": "maildir", "maildir": "maildir", "reuse_port": False}
 
 
 @contextmanager
@@ -271,14 +274,21 @@ def current_server(server: Server) -> Iterator[Server]:
         _current = previous
 
 
-def configure(*, sink: str | None = None, maildir: str | os.PathLike[str] | None = None) -> None:
-    """Set the sink of the default server, before it is first used."""
+def configure(
+    *,
+    sink: str | None = None,
+    maildir: str | os.PathLike[str] | None = None,
+    reuse_port: bool | None = None,
+) -> None:
+    """Set up the default server (sink, SO_REUSEPORT), before it is first used."""
     if _default is not None:
         raise RuntimeError("the default server is already running; configure it before use")
     if sink is not None:
         _default_settings["sink"] = sink
     if maildir is not None:
         _default_settings["maildir"] = maildir
+    if reuse_port is not None:
+        _default_settings["reuse_port"] = reuse_port
 
 
 def default_server() -> Server:

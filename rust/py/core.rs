@@ -1,7 +1,7 @@
 //! The server handle Python drives, and the jobs it hands to Python.
 
 use super::convert::to_json;
-use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyMessage};
+use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyListenerParams, PyMessage};
 use super::ParamsError;
 use crate::bridge::{Bridge, Call, Event, EventKind, ListenerDomain, Outcome, Response};
 use crate::cidr::{parse_cidr, CidrSet};
@@ -29,8 +29,8 @@ pub struct PyCore {
 #[pymethods]
 impl PyCore {
     #[new]
-    #[pyo3(signature = (sink, maildir=None))]
-    fn new(sink: &str, maildir: Option<PathBuf>) -> PyResult<Self> {
+    #[pyo3(signature = (sink, maildir=None, reuse_port=false))]
+    fn new(sink: &str, maildir: Option<PathBuf>, reuse_port: bool) -> PyResult<Self> {
         let sink = match (sink, maildir) {
             ("discard", _) => Sink::Discard,
             ("maildir", Some(path)) => Sink::Maildir(Arc::new(
@@ -42,7 +42,7 @@ impl PyCore {
             }
         };
         let bridge = Bridge::new().map_err(|e| PyOSError::new_err(e.to_string()))?;
-        Ok(Self { state: ServerState::new(Arc::new(bridge), sink) })
+        Ok(Self { state: ServerState::new(Arc::new(bridge), sink, reuse_port) })
     }
 
     /// Validate `params`, bind the listener and start serving it.
@@ -63,6 +63,11 @@ impl PyCore {
     /// Tell the core which events have handlers, so it skips the others.
     fn set_handlers(&self, events: Vec<String>) {
         self.state.bridge.set_registered(events.iter().filter_map(|name| EventKind::from_name(name)));
+    }
+
+    /// Log records below `level` (Python's numbering) are dropped in Rust.
+    fn set_log_level(&self, level: u8) {
+        self.state.bridge.set_log_level(level);
     }
 
     /// The descriptor that becomes readable when jobs or logs are queued.
@@ -194,11 +199,12 @@ fn convert_result(kind: EventKind, result: &Bound<'_, PyAny>) -> PyResult<Respon
         return Ok(Response::Nothing);
     }
     match kind {
-        EventKind::GetDynamicParameters => {
-            let value = to_json(result, "")?;
-            let params = parse_overrides(&value, "").map_err(|e| params_error(&e))?;
-            Ok(Response::Params(Box::new(params)))
-        }
+        EventKind::GetDynamicParameters => match result.cast::<PyListenerParams>() {
+            Ok(validated) => Ok(Response::Params(validated.get().params.clone())),
+            Err(_) => parse_overrides(&to_json(result, "")?, "")
+                .map(|params| Response::Params(Arc::new(params)))
+                .map_err(|e| params_error(&e)),
+        },
         EventKind::Ehlo => ehlo_extensions(result).map(Response::Extensions),
         EventKind::AuthPlain => result
             .extract::<bool>()

@@ -43,6 +43,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<objects::PyConnectionMeta>()?;
     m.add_class::<objects::PyMessage>()?;
     m.add_class::<objects::PyEnvelopeAddress>()?;
+    m.add_class::<objects::PyListenerParams>()?;
     m.add("ParamsError", m.py().get_type::<ParamsError>())?;
     m.add_function(wrap_pyfunction!(validate_overrides, m)?)?;
     m.add_function(wrap_pyfunction!(duration_seconds, m)?)?;

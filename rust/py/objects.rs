@@ -2,11 +2,13 @@
 //! envelope addresses. Each is a thin view on state the Rust side shares.
 
 use super::convert::{to_json, to_python};
+use super::core::params_error;
 use crate::message::Message;
 use crate::meta::MetaStore;
+use crate::params::{parse_overrides, GenericParams};
 use crate::parser::Mailbox;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 use std::sync::Arc;
 
 fn get_meta<'py>(py: Python<'py>, store: &MetaStore, name: &str) -> PyResult<Bound<'py, PyAny>> {
@@ -129,5 +131,38 @@ impl PyMessage {
 
     fn __repr__(&self) -> String {
         format!("Message(id={:?}, recipients={})", self.message.id, self.message.recipients.len())
+    }
+}
+
+/// Listener parameters validated once, for `smtp_server_get_dynamic_parameters`
+/// to return (typically through `kumo.memoize`): each connection then costs
+/// a pointer copy instead of a walk over a dict.
+#[pyclass(frozen, module = "kumo_listener._core", name = "ListenerParams")]
+pub struct PyListenerParams {
+    pub params: Arc<GenericParams>,
+}
+
+#[pymethods]
+impl PyListenerParams {
+    /// `ListenerParams({"via": {...}})` or `ListenerParams(hostname="mx")`:
+    /// the overrides a dynamic hook may return, checked now.
+    #[new]
+    #[pyo3(signature = (params=None, **overrides))]
+    fn new(
+        py: Python<'_>,
+        params: Option<&Bound<'_, PyDict>>,
+        overrides: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let merged = PyDict::new(py);
+        for given in [params, overrides].into_iter().flatten() {
+            merged.update(given.as_mapping())?;
+        }
+        let value = to_json(merged.as_any(), "")?;
+        let params = parse_overrides(&value, "").map_err(|errors| params_error(&errors))?;
+        Ok(Self { params: Arc::new(params) })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ListenerParams({:?})", self.params)
     }
 }
