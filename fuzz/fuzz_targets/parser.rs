@@ -1,0 +1,79 @@
+//! `parse_command` on arbitrary bytes: never panics; an accepted command
+//! holds no CR, LF or NUL (nor any other control character but tab), and an
+//! address it accepted prints (Display) to text that parses back to the same
+//! address; a refusal is a 5xx reply (500..=555) whose text is fit to send.
+
+#![no_main]
+
+use kumo_listener::parser::{parse_command, Command, Mailbox, ReversePath};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|line: &[u8]| {
+    match parse_command(line) {
+        Ok(command) => check_command(line, &command),
+        Err(error) => {
+            let (code, enhanced, text) = error.reply();
+            assert!((500..=555).contains(&code), "reply code {code} for {line:?}");
+            assert!(is_enhanced_5xx(enhanced), "enhanced code {enhanced:?} for {line:?}");
+            assert!(!text.is_empty(), "empty reply text for {line:?}");
+            assert!(!text.chars().any(char::is_control), "control character in reply {text:?}");
+            assert_eq!(error.to_string(), format!("{code} {enhanced} {text}"));
+        }
+    }
+});
+
+fn check_command(line: &[u8], command: &Command) {
+    // Only a line of UTF-8 without control characters (tab aside) is accepted.
+    let text = std::str::from_utf8(line).expect("accepted a line that is not UTF-8");
+    assert!(!text.chars().any(|c| c.is_control() && c != '\t'), "accepted control characters: {text:?}");
+    for field in strings(command) {
+        assert!(!field.contains(['\r', '\n', '\0']), "CR, LF or NUL in {field:?} of {command:?}");
+    }
+    match command {
+        Command::MailFrom { reverse_path: ReversePath::Mailbox(mailbox), .. } => {
+            assert!(!mailbox.domain.is_empty(), "sender without a domain: {command:?}");
+            round_trip("MAIL FROM", mailbox);
+        }
+        Command::RcptTo { forward_path } => round_trip("RCPT TO", forward_path),
+        Command::Auth { mechanism, .. } => {
+            assert!(!mechanism.is_empty() && *mechanism == mechanism.to_ascii_uppercase(), "{command:?}");
+        }
+        Command::Ehlo(name) | Command::Helo(name) => {
+            assert!(!name.is_empty() && !name.contains([' ', '\t']), "{command:?}");
+        }
+        _ => {}
+    }
+}
+
+/// `Mailbox`'s Display output, put back in a command, parses to the same mailbox.
+fn round_trip(verb: &str, mailbox: &Mailbox) {
+    let again = format!("{verb}:<{mailbox}>");
+    let reparsed = match parse_command(again.as_bytes()) {
+        Ok(Command::MailFrom { reverse_path: ReversePath::Mailbox(reparsed), .. }) => reparsed,
+        Ok(Command::RcptTo { forward_path }) => forward_path,
+        other => panic!("{mailbox:?} displays as {again:?}, which parses as {other:?}"),
+    };
+    assert_eq!(&reparsed, mailbox, "{again:?}");
+}
+
+fn strings(command: &Command) -> Vec<&str> {
+    match command {
+        Command::Ehlo(text) | Command::Helo(text) | Command::Vrfy(text) | Command::XClient(text) => vec![text],
+        Command::MailFrom { reverse_path: ReversePath::Mailbox(mailbox), .. }
+        | Command::RcptTo { forward_path: mailbox } => vec![&mailbox.local_part, &mailbox.domain],
+        Command::Auth { mechanism, initial_response } => {
+            let mut fields = vec![mechanism.as_str()];
+            fields.extend(initial_response.as_deref());
+            fields
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// `5.X.Y` with 1 to 3 digits in X and Y.
+fn is_enhanced_5xx(code: &str) -> bool {
+    let parts: Vec<&str> = code.split('.').collect();
+    parts.len() == 3
+        && parts[0] == "5"
+        && parts[1..].iter().all(|part| (1..=3).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit()))
+}
