@@ -1,19 +1,22 @@
 """The aiosmtpd server of the end-to-end benchmark (``benches/e2e.py``).
 
-Usage: ``python3 benches/aiosmtpd_server.py PORT [COUNT_FILE]``
+Usage: ``python3 benches/aiosmtpd_server.py PORT [COUNT_FILE] [--tls CERT KEY]``
 
 Listens on ``127.0.0.1:PORT`` with a handler equivalent to the benchmark's
 kumo_listener policy (count each message, answer ``250 OK``, store nothing).
 With ``COUNT_FILE``, the number of messages received is written there on
-SIGUSR1 and at exit. SIGINT/SIGTERM stop it.
+SIGUSR1 and at exit. With ``--tls``, STARTTLS is offered with that certificate
+and key (PEM files). SIGINT/SIGTERM stop it.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -43,12 +46,12 @@ def write_count(path: str | None, count: int) -> None:
     os.replace(partial, path)
 
 
-async def serve(port: int, count_file: str | None) -> None:
+async def serve(port: int, count_file: str | None, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
     handler = CountingHandler()
 
     def factory() -> Any:
-        return SMTP(handler, hostname=HOSTNAME)
+        return SMTP(handler, hostname=HOSTNAME, tls_context=tls)
 
     server = await loop.create_server(factory, host="127.0.0.1", port=port, backlog=4096)
     stopping = asyncio.Event()
@@ -63,12 +66,21 @@ async def serve(port: int, count_file: str | None) -> None:
         write_count(count_file, handler.received)
 
 
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) not in (2, 3):
-        print(__doc__, file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("port", type=int)
+    parser.add_argument("count_file", nargs="?")
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+    args = parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(serve(int(argv[1]), argv[2] if len(argv) == 3 else None))
+    tls = tls_context(*args.tls) if args.tls else None
+    asyncio.run(serve(args.port, args.count_file, tls))
     return 0
 
 

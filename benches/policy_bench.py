@@ -3,10 +3,15 @@
 Run as ``python3 -m kumo_listener serve --policy benches/policy_bench.py``. Settings
 come from the environment:
 
-- ``KUMO_BENCH_PORT``: the loopback port to listen on (required);
+- ``KUMO_BENCH_PORT``: the port to listen on, on every local address (required);
 - ``KUMO_BENCH_MAX_CONNECTIONS``: ``max_connections`` (default 32768);
 - ``KUMO_BENCH_COUNT_FILE``: where to write the number of messages received, on
-  SIGUSR1 and at exit (default: not written).
+  SIGUSR1 and at exit (default: not written);
+- ``KUMO_BENCH_TLS_DIR``: a directory holding ``HOSTNAME.crt`` and ``HOSTNAME.key``
+  for each hostname below (default: self-signed certificates).
+
+The dynamic hook gives each of two local addresses, 127.0.0.1 and 127.0.0.2, its
+own identity (hostname, banner, certificate), like the seed's ``via`` table.
 """
 
 from __future__ import annotations
@@ -22,10 +27,21 @@ PORT = int(os.environ["KUMO_BENCH_PORT"])
 MAX_CONNECTIONS = int(os.environ.get("KUMO_BENCH_MAX_CONNECTIONS", "32768"))
 COUNT_FILE = os.environ.get("KUMO_BENCH_COUNT_FILE")
 
+TLS_DIR = os.environ.get("KUMO_BENCH_TLS_DIR")
+DEFAULT_HOSTNAME = "bench.example"
+
+
+def identity(hostname: str, **params: Any) -> dict[str, Any]:
+    if TLS_DIR is not None:
+        params["tls_certificate"] = os.path.join(TLS_DIR, f"{hostname}.crt")
+        params["tls_private_key"] = os.path.join(TLS_DIR, f"{hostname}.key")
+    return {"hostname": hostname, **params}
+
+
 VIA_TABLE: dict[str, Any] = {
     "via": {
-        "10.0.0.1": {"hostname": "mx.example-customer.com"},
-        "10.0.0.2": {"hostname": "mx.other-customer.com", "banner": "other customer's MX"},
+        "127.0.0.1": identity("mx.example-customer.com"),
+        "127.0.0.2": identity("mx.other-customer.com", banner="other customer's MX"),
     }
 }
 
@@ -49,10 +65,10 @@ atexit.register(write_count)
 @kumo.on("init")
 def init() -> None:
     kumo.start_esmtp_listener(
-        listen=f"127.0.0.1:{PORT}",
+        listen=f"0.0.0.0:{PORT}",
         relay_hosts=["127.0.0.0/8"],
         max_connections=MAX_CONNECTIONS,
-        hostname="bench.example",
+        **identity(DEFAULT_HOSTNAME),
     )
 
 

@@ -158,6 +158,10 @@ pub const LOG_INFO: u8 = 20;
 pub const LOG_WARNING: u8 = 30;
 pub const LOG_ERROR: u8 = 40;
 
+/// How many records below the logger's last known level may wait for
+/// Python (see [`Bridge::log`]).
+pub const MAX_QUIET_RECORDS: usize = 10_000;
+
 #[derive(Default)]
 struct Queue {
     calls: Vec<Call>,
@@ -218,12 +222,21 @@ impl Bridge {
         }
     }
 
-    /// Queue a record for Python's logger, unless its level is below the
-    /// logger's: then neither the message is built nor Python woken.
+    /// Queue a record for Python's logger. One below the level the logger
+    /// had when Python last looked does not wake Python: it waits for the
+    /// next wake-up (Python's loop drains at least once a second), where the
+    /// logger's level at that moment decides. At most
+    /// [`MAX_QUIET_RECORDS`] of those wait; more are dropped.
     pub fn log(&self, level: u8, message: impl FnOnce() -> String) {
-        if level >= self.log_level.load(Ordering::Relaxed) {
-            let message = message();
-            self.push(|queue| queue.logs.push(LogRecord { level, message }));
+        let wanted = level >= self.log_level.load(Ordering::Relaxed);
+        let record = LogRecord { level, message: message() };
+        let mut queue = self.lock();
+        if !wanted && queue.logs.len() >= MAX_QUIET_RECORDS {
+            return;
+        }
+        queue.logs.push(record);
+        if wanted {
+            self.notify(&mut queue);
         }
     }
 
@@ -245,6 +258,10 @@ impl Bridge {
     fn push(&self, add: impl FnOnce(&mut Queue)) {
         let mut queue = self.lock();
         add(&mut queue);
+        self.notify(&mut queue);
+    }
+
+    fn notify(&self, queue: &mut Queue) {
         if !queue.notified {
             queue.notified = true;
             // A full pipe already guarantees a wake-up; any other error means
@@ -302,6 +319,29 @@ mod tests {
         assert_eq!(calls.len(), 1);
         calls.into_iter().for_each(|c| c.finish(Outcome::Reject { code: 550, text: "no".into() }));
         assert!(matches!(caller.await.unwrap(), Outcome::Reject { code: 550, .. }));
+    }
+
+    #[test]
+    fn a_record_below_the_level_waits_without_waking() {
+        let bridge = Bridge::new().unwrap();
+        bridge.set_log_level(LOG_WARNING);
+        bridge.log(LOG_INFO, || "quiet".into());
+        assert!(!readable(&bridge));
+        bridge.log(LOG_WARNING, || "loud".into());
+        assert!(readable(&bridge));
+        let (_, logs) = bridge.take();
+        let messages: Vec<_> = logs.iter().map(|record| record.message.as_str()).collect();
+        assert_eq!(messages, ["quiet", "loud"]);
+    }
+
+    #[test]
+    fn records_below_the_level_are_bounded() {
+        let bridge = Bridge::new().unwrap();
+        bridge.set_log_level(LOG_ERROR);
+        for _ in 0..MAX_QUIET_RECORDS + 5 {
+            bridge.log(LOG_DEBUG, String::new);
+        }
+        assert_eq!(bridge.take().1.len(), MAX_QUIET_RECORDS);
     }
 
     #[tokio::test]

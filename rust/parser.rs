@@ -202,12 +202,16 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     }
 }
 
-/// Rejects control characters and invalid UTF-8, and drops trailing whitespace.
+/// Rejects control characters (C0 but tab, DEL, C1) and invalid UTF-8, and
+/// drops trailing whitespace.
 fn decode_line(line: &[u8]) -> Result<&str, ParseError> {
-    if line.iter().any(|&byte| byte < b' ' && byte != b'\t') {
+    if line.iter().any(|&byte| (byte < b' ' && byte != b'\t') || byte == 0x7f) {
         return Err(ParseError::control_characters());
     }
     let line = std::str::from_utf8(line).map_err(|_| ParseError::invalid_utf8())?;
+    if !line.is_ascii() && line.chars().any(char::is_control) {
+        return Err(ParseError::control_characters());
+    }
     Ok(line.trim_end_matches(is_blank))
 }
 
@@ -741,8 +745,17 @@ mod tests {
 
     #[test]
     fn control_characters_are_rejected() {
-        let lines: [&[u8]; 6] =
-            [b"NOOP\x00", b"NOOP\nRSET", b"NOOP\r", b"\x1bNOOP", b"MAIL FROM:<a\x01@b>", b"\x00\x80"];
+        let lines: [&[u8]; 9] = [
+            b"NOOP\x00",
+            b"NOOP\nRSET",
+            b"NOOP\r",
+            b"\x1bNOOP",
+            b"MAIL FROM:<a\x01@b>",
+            b"\x00\x80",
+            b"VRFY p\x7fstmaster",
+            b"EHLO mx\x7f",
+            "EHLO mx\u{85}".as_bytes(),
+        ];
         for line in lines {
             assert_eq!(reply_to(line), (500, "5.5.2", "command contains control characters".into()), "{line:?}");
         }

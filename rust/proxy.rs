@@ -72,14 +72,16 @@ enum Family {
 
 fn decode_v1(input: &[u8]) -> ProxyDecode {
     let window = &input[..input.len().min(V1_MAX_LINE + 1)];
-    let Some(line_end) = window.iter().position(|&byte| byte == b'\r' || byte == b'\n') else {
+    let line_end = window.iter().position(|&byte| byte == b'\r' || byte == b'\n');
+    // A reason a shorter prefix already gave stands, whatever comes next.
+    if let Err(reason) = check_v1_start(&input[..line_end.unwrap_or(window.len())]) {
+        return ProxyDecode::Invalid(reason.into());
+    }
+    let Some(line_end) = line_end else {
         if input.len() > V1_MAX_LINE {
             return ProxyDecode::Invalid(format!("no CRLF within {V1_MAX_LEN} bytes"));
         }
-        return match check_v1_start(input) {
-            Ok(()) => ProxyDecode::Incomplete,
-            Err(reason) => ProxyDecode::Invalid(reason.into()),
-        };
+        return ProxyDecode::Incomplete;
     };
     let line = &input[..line_end];
     let outcome = match input[line_end..] {
@@ -143,10 +145,11 @@ fn v1_family(protocol: &[u8]) -> Result<Option<Family>, &'static str> {
 /// and valid; the last one may still grow.
 fn check_tcp_fields_start(text: &[u8], family: Family) -> Result<(), &'static str> {
     let fields: Vec<&[u8]> = text.split(is_space).collect();
-    if fields.len() > TCP_FIELD_ERRORS.len() {
-        return Err(EXTRA_FIELD);
-    }
+    // Field by field, so that the first bad one is named, as for any prefix.
     for (index, field) in fields.iter().enumerate() {
+        if index == TCP_FIELD_ERRORS.len() {
+            return Err(EXTRA_FIELD);
+        }
         let is_growing = index + 1 == fields.len();
         let is_address = index < 2;
         let acceptable = match (is_address, is_growing) {
@@ -468,6 +471,9 @@ mod tests {
         assert_eq!(decode(b"proxy TCP4 1.2.3.4 4.3.2.1 123 321\r\n"), invalid(NOT_A_HEADER));
         assert_eq!(decode(b"PROXY TCP4 1.2.3.4 4.3.2.1 123 321\n"), invalid("line ends in a bare LF"));
         assert_eq!(decode(b"PROXY TCP4 1.2.3.4 4.3.2.1 123 321\rX"), invalid("CR not followed by LF"));
+        // What the first bytes decided stands once the line ends.
+        assert_eq!(decode(b"PRXOY \0\n"), invalid(NOT_A_HEADER));
+        assert_eq!(decode(b"PROXY TCP4 1.2.3.4O  4.3.2.1 1 2\r\n"), invalid(TCP_FIELD_ERRORS[0]));
     }
 
     #[test]

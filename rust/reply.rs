@@ -29,7 +29,7 @@ pub fn write_reply(out: &mut Vec<u8>, code: u16, enhanced: Option<&str>, text: &
 /// class matches the reply code.
 pub fn split_enhanced(code: u16, text: &str) -> (Option<&str>, &str) {
     let (head, rest) = text.split_once(' ').unwrap_or((text, ""));
-    if is_enhanced_code(head) && head.as_bytes()[0] == b'0' + (code / 100) as u8 {
+    if is_enhanced_code(head) && head.as_bytes()[0] == reply_class(code) {
         (Some(head), rest)
     } else {
         (None, text)
@@ -38,11 +38,16 @@ pub fn split_enhanced(code: u16, text: &str) -> (Option<&str>, &str) {
 
 /// The generic enhanced code for a reply class: `2.0.0`, `4.0.0`, `5.0.0`.
 pub fn generic_enhanced(code: u16) -> &'static str {
-    match code / 100 {
-        2 => "2.0.0",
-        4 => "4.0.0",
+    match reply_class(code) {
+        b'2' => "2.0.0",
+        b'4' => "4.0.0",
         _ => "5.0.0",
     }
+}
+
+/// The class digit of the code as written (see [`clamp_code`]).
+fn reply_class(code: u16) -> u8 {
+    b'0' + (clamp_code(code) / 100) as u8
 }
 
 fn is_enhanced_code(s: &str) -> bool {

@@ -327,7 +327,9 @@ impl Session {
             match self.next_line(self.command_deadline()).await? {
                 Framed::Line { len, consumed } => {
                     if is_http_request(&self.input[..len]) {
-                        return self.close_with(221, "2.7.0", "Error: I can break rules, too. Goodbye.");
+                        // Postfix's words, without our hostname: a web client learns nothing.
+                        write_reply(&mut self.output, 221, Some("2.7.0"), "Error: I can break rules, too. Goodbye.");
+                        return Err(Stop::Closing);
                     }
                     let parsed = parse_command(&self.input[..len]);
                     self.input.advance(consumed);

@@ -231,12 +231,6 @@ def wait_for_log(caplog, text: str, seconds: float) -> bool:
     return text in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the core drops log records below the level the kumo_listener logger had at the "
-    "dispatcher's last wake-up: lowering it to INFO after the server started loses the "
-    "'bad PROXY protocol header' record (nothing else wakes the dispatcher)",
-)
 def test_the_bad_header_is_logged_when_info_is_enabled_after_the_server_started(
     policy, listen, raw, caplog
 ):

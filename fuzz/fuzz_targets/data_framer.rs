@@ -168,7 +168,7 @@ fn terminator_end(stream: &[u8]) -> Option<usize> {
 /// the same byte.
 fn model(message: &[u8], limits: DataLimits) -> (DataVerdict, Vec<u8>) {
     let mut body = Vec::new();
-    let mut store = |bytes: &[u8], body: &mut Vec<u8>| {
+    let store = |bytes: &[u8], body: &mut Vec<u8>| {
         if body.len() + bytes.len() > limits.max_message_size {
             return Err(DataVerdict::TooBig);
         }

@@ -1,8 +1,9 @@
 //! Reply formatting on arbitrary codes and text, as the session formats a
 //! policy's reply (`split_enhanced`, then `write_reply`): never panics, and
 //! whatever the text holds, every line written is `^\d{3}[ -]` with the
-//! code clamped to 200..=599, `-` on all lines but the last, no control
-//! characters, CRLF at the end; one line per `\n` of the text.
+//! code clamped to 200..=599 (451 outside) and any enhanced code of its
+//! class, `-` on all lines but the last, no control characters, CRLF at the
+//! end; one line per `\n` of the text.
 //!
 //! Input: `[code (2 bytes, little-endian), flags, text...]`.
 
@@ -16,14 +17,20 @@ fuzz_target!(|input: &[u8]| {
     let code = u16::from_le_bytes([low, high]);
     let text = String::from_utf8_lossy(text);
 
+    let shown = if (200..=599).contains(&code) { code } else { 451 };
+    let class = b'0' + (shown / 100) as u8;
     let (enhanced, rest) = split_enhanced(code, &text);
     match enhanced {
         Some(enhanced) => {
             assert!(text.starts_with(enhanced), "{enhanced:?} split from {text:?}");
             assert!(rest.len() < text.len());
-            assert_eq!(enhanced.as_bytes()[0], b'0' + (code / 100 % 10) as u8, "{enhanced:?} for {code}");
+            assert_eq!(enhanced.as_bytes()[0], class, "{enhanced:?} for {code}");
         }
         None => assert_eq!(rest, text),
+    }
+    // RFC 3463 has classes 2, 4 and 5 only.
+    if class != b'3' {
+        assert_eq!(generic_enhanced(code).as_bytes()[0], class, "generic code for {code}");
     }
     let enhanced = match flags % 3 {
         0 => None,
@@ -38,7 +45,6 @@ fuzz_target!(|input: &[u8]| {
     assert!(written.ends_with("\r\n"), "{written:?}");
     let lines: Vec<&str> = written.split_terminator("\r\n").collect();
     assert_eq!(lines.len(), rest.split('\n').count(), "{written:?}");
-    let shown = if (200..=599).contains(&code) { code } else { 451 };
     for (index, line) in lines.iter().enumerate() {
         let separator = if index + 1 == lines.len() { ' ' } else { '-' };
         assert!(line.starts_with(&format!("{shown}{separator}")), "line {line:?} of {written:?}");

@@ -39,19 +39,30 @@ class Listener:
 class _Dispatcher:
     """Runs queued policy calls on the current asyncio loop."""
 
+    # The core queues log records below the logger's level without waking
+    # us; draining this often logs them if the level was lowered meanwhile.
+    QUIET_RECORDS_INTERVAL = 1.0
+
     def __init__(self, core: _core.Core, policy: Policy, loop: asyncio.AbstractEventLoop) -> None:
         self._core = core
         self._policy = policy
         self._loop = loop
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._tick: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self._loop.add_reader(self._core.wake_fd(), self._drain)
-        self._drain()
+        self._drain_periodically()
 
     def close(self) -> None:
         self._loop.remove_reader(self._core.wake_fd())
+        if self._tick is not None:
+            self._tick.cancel()
         self._drain()
+
+    def _drain_periodically(self) -> None:
+        self._drain()
+        self._tick = self._loop.call_later(self.QUIET_RECORDS_INTERVAL, self._drain_periodically)
 
     def _drain(self) -> None:
         self._core.set_log_level(logger.getEffectiveLevel())

@@ -13,7 +13,6 @@
 //! check a chain), but the handshake signatures are still verified.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +41,9 @@ usage: starttls-load --connect HOST:PORT[,HOST:PORT...] [--concurrency N]
   --timeout      seconds one whole session may take (default 10)
   --threads      tokio worker threads (default: the number of CPUs)
   --tls-version  protocol versions offered (default any: TLS 1.3 and 1.2)";
+
+static TLS12_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
+static TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// Distinct error messages kept; the rest are counted under one key.
 const MAX_ERROR_KINDS: usize = 20;
@@ -97,8 +99,8 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
             "--tls-version" => {
                 versions = match value.as_str() {
                     "any" => rustls::DEFAULT_VERSIONS,
-                    "1.2" => &[&rustls::version::TLS12],
-                    "1.3" => &[&rustls::version::TLS13],
+                    "1.2" => TLS12_ONLY,
+                    "1.3" => TLS13_ONLY,
                     _ => return Err(bad("not any, 1.2 or 1.3")),
                 }
             }
@@ -177,61 +179,11 @@ fn client_config(versions: &[&'static SupportedProtocolVersion]) -> Result<Arc<C
     Ok(Arc::new(config))
 }
 
-/// One DER element: (tag, contents, what follows). Short tags only, lengths up
-/// to four bytes: enough for the outer layers of a certificate.
-fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let length = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let octets = usize::from(first & 0x7f);
-        if octets == 0 || octets > 4 || rest.len() < octets {
-            return None;
-        }
-        let (length, after) = rest.split_at(octets);
-        rest = after;
-        length.iter().fold(0usize, |total, &byte| total << 8 | usize::from(byte))
-    };
-    (rest.len() >= length).then(|| (tag, &rest[..length], &rest[length..]))
-}
-
-fn der_expect(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    let (found, contents, rest) = der_element(input)?;
-    (found == tag).then_some((contents, rest))
-}
-
-const SEQUENCE: u8 = 0x30;
-const SET: u8 = 0x31;
-const OID: u8 = 0x06;
-const EXPLICIT_0: u8 = 0xa0;
-const COMMON_NAME: [u8; 3] = [0x55, 0x04, 0x03]; // 2.5.4.3
-
 /// The (last) common name in an X.509 certificate's subject, if any.
 fn subject_common_name(certificate: &[u8]) -> Option<String> {
-    let (certificate, _) = der_expect(certificate, SEQUENCE)?;
-    let (mut tbs, _) = der_expect(certificate, SEQUENCE)?;
-    if tbs.first() == Some(&EXPLICIT_0) {
-        tbs = der_element(tbs)?.2; // version
-    }
-    for _ in ["serialNumber", "signature", "issuer", "validity"] {
-        tbs = der_element(tbs)?.2;
-    }
-    let (mut names, _) = der_expect(tbs, SEQUENCE)?;
-    let mut common_name = None;
-    while !names.is_empty() {
-        let (mut set, rest) = der_expect(names, SET)?;
-        names = rest;
-        while !set.is_empty() {
-            let (attribute, rest) = der_expect(set, SEQUENCE)?;
-            set = rest;
-            let (oid, value) = der_expect(attribute, OID)?;
-            if oid == COMMON_NAME {
-                common_name = Some(String::from_utf8_lossy(der_element(value)?.1).into_owned());
-            }
-        }
-    }
-    common_name
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate).ok()?;
+    let common_name = parsed.subject().iter_common_name().last()?;
+    common_name.as_str().ok().map(str::to_owned)
 }
 
 /// SMTP over a plain or TLS stream: commands out, replies in.
@@ -443,49 +395,21 @@ async fn run(options: &Options) -> Result<(Stats, f64), String> {
     Ok((total, started.elapsed().as_secs_f64()))
 }
 
-fn json_string(text: &str) -> String {
-    let mut quoted = String::with_capacity(text.len() + 2);
-    quoted.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => quoted.push_str("\\\""),
-            '\\' => quoted.push_str("\\\\"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(quoted, "\\u{:04x}", u32::from(c));
-            }
-            c => quoted.push(c),
-        }
-    }
-    quoted.push('"');
-    quoted
-}
-
-fn json_counts(counts: &BTreeMap<String, u64>) -> String {
-    let items: Vec<String> = counts.iter().map(|(key, count)| format!("{}: {count}", json_string(key))).collect();
-    format!("{{{}}}", items.join(", "))
-}
-
-fn report(options: &Options, stats: &Stats, seconds: f64) -> String {
-    let subjects: Vec<String> = stats
-        .subjects
-        .iter()
-        .map(|(target, names)| format!("{}: {}", json_string(target), json_counts(names)))
-        .collect();
+fn report(options: &Options, stats: &Stats, seconds: f64) -> serde_json::Value {
     let per_second = if seconds > 0.0 { stats.handshakes as f64 / seconds } else { 0.0 };
-    let targets: Vec<String> = options.targets.iter().map(|t| json_string(&t.to_string())).collect();
-    format!(
-        "{{\"handshakes\": {}, \"errors\": {}, \"seconds\": {seconds:.6}, \"per_second\": {per_second:.3}, \
-         \"subjects\": {{{}}}, \"protocols\": {}, \"error_kinds\": {}, \"targets\": [{}], \
-         \"concurrency\": {}, \"threads\": {}}}",
-        stats.handshakes,
-        stats.errors,
-        subjects.join(", "),
-        json_counts(&stats.protocols),
-        json_counts(&stats.error_kinds),
-        targets.join(", "),
-        options.concurrency,
-        options.threads,
-    )
+    let targets: Vec<String> = options.targets.iter().map(SocketAddr::to_string).collect();
+    serde_json::json!({
+        "handshakes": stats.handshakes,
+        "errors": stats.errors,
+        "seconds": seconds,
+        "per_second": per_second,
+        "subjects": stats.subjects,
+        "protocols": stats.protocols,
+        "error_kinds": stats.error_kinds,
+        "targets": targets,
+        "concurrency": options.concurrency,
+        "threads": options.threads,
+    })
 }
 
 fn main() -> ExitCode {
@@ -522,44 +446,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        if contents.len() < 0x80 {
-            out.push(contents.len() as u8);
-        } else {
-            out.extend_from_slice(&[0x82, (contents.len() >> 8) as u8, contents.len() as u8]);
-        }
-        out.extend_from_slice(contents);
-        out
-    }
-
-    fn name(pairs: &[(&[u8], &str)]) -> Vec<u8> {
-        let sets: Vec<u8> = pairs
-            .iter()
-            .flat_map(|(oid, value)| tlv(SET, &tlv(SEQUENCE, &[tlv(OID, oid), tlv(0x0c, value.as_bytes())].concat())))
-            .collect();
-        tlv(SEQUENCE, &sets)
-    }
-
-    #[test]
-    fn finds_the_subject_common_name() {
-        let organization: &[u8] = &[0x55, 0x04, 0x0a];
-        let tbs = [
-            tlv(EXPLICIT_0, &tlv(0x02, &[2])),
-            tlv(0x02, &[1; 20]),
-            tlv(SEQUENCE, &tlv(OID, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02])),
-            name(&[(&COMMON_NAME, "issuer.example")]),
-            tlv(SEQUENCE, &[tlv(0x17, b"250101000000Z"), tlv(0x17, b"350101000000Z")].concat()),
-            name(&[(organization, "Bench"), (&COMMON_NAME, "mx.one.example")]),
-            tlv(SEQUENCE, &[0; 200]),
-        ]
-        .concat();
-        let certificate = tlv(SEQUENCE, &[tlv(SEQUENCE, &tbs), tlv(SEQUENCE, &[]), tlv(0x03, &[0; 65])].concat());
-        assert_eq!(subject_common_name(&certificate).as_deref(), Some("mx.one.example"));
-        assert_eq!(subject_common_name(&certificate[..40]), None);
-        assert_eq!(subject_common_name(b""), None);
-    }
 
     #[test]
     fn parses_options() {
