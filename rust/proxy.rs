@@ -84,12 +84,13 @@ fn decode_v1(input: &[u8]) -> ProxyDecode {
         return ProxyDecode::Incomplete;
     };
     let line = &input[..line_end];
-    let outcome = match input[line_end..] {
-        [b'\r', b'\n', ..] => parse_v1_line(line).map(|header| ProxyDecode::Header { header, consumed: line_end + 2 }),
-        [b'\r'] => parse_v1_line(line).map(|_| ProxyDecode::Incomplete),
+    // The line is judged as soon as it ends, before how it ends.
+    let outcome = parse_v1_line(line).and_then(|header| match input[line_end..] {
+        [b'\r', b'\n', ..] => Ok(ProxyDecode::Header { header, consumed: line_end + 2 }),
+        [b'\r'] => Ok(ProxyDecode::Incomplete),
         [b'\r', ..] => Err("CR not followed by LF"),
         _ => Err("line ends in a bare LF"),
-    };
+    });
     outcome.unwrap_or_else(|reason| ProxyDecode::Invalid(reason.into()))
 }
 
@@ -465,7 +466,8 @@ mod tests {
         assert_eq!(decode(b"PROXY BLAH 1.2.3.4"), invalid(BAD_PROTOCOL));
         assert_eq!(decode(b"PROXY tcp4 1.2.3.4 4.3.2.1 123 321\r\n"), invalid(BAD_PROTOCOL));
         assert_eq!(decode(b"PROXY\r\n"), invalid(NOT_A_HEADER));
-        assert_eq!(decode(b"PROXY\n"), invalid("line ends in a bare LF"));
+        assert_eq!(decode(b"PROXY\n"), invalid(NOT_A_HEADER));
+        assert_eq!(decode(b"P\r\xff"), invalid(NOT_A_HEADER));
         assert_eq!(decode(b"BLAH\r\n"), invalid(NOT_A_HEADER));
         assert_eq!(decode(b"\n"), invalid(NOT_A_HEADER));
         assert_eq!(decode(b"proxy TCP4 1.2.3.4 4.3.2.1 123 321\r\n"), invalid(NOT_A_HEADER));

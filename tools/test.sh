@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the tests need, then run all of them: Rust unit tests,
-# lint, and the Python suite against the built package over real sockets.
+# lint, the Python suite against the built package over real sockets, every
+# fuzz target for a bounded time, and the benchmarks once in their quick mode
+# (so that they cannot rot; their numbers mean nothing here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,3 +27,10 @@ cargo clippy --release --all-targets --quiet -- -D warnings
 python3 -m ruff check python tests benches
 python3 -m ruff format --check python tests benches
 python3 -m pytest "$@"
+
+bash tools/fuzz.sh "${FUZZ_SECONDS:-15}"
+
+cargo bench --no-run --quiet
+cargo clippy --release --all-targets --quiet --manifest-path benches/starttls-load/Cargo.toml -- -D warnings
+python3 benches/python_params.py --quick
+python3 benches/e2e.py --quick
