@@ -1,10 +1,12 @@
 //! The queue between tokio sessions and the Python thread.
 //!
 //! Sessions never touch Python: they push a [`Call`] and await its outcome.
-//! The Python dispatcher watches [`Bridge::wake_fd`] from its asyncio loop,
-//! takes every queued call in one go and completes each (possibly later,
-//! for `async def` handlers). Log records travel the same way so that Rust
-//! events reach Python's `logging`.
+//! Python learns of it from the [`crate::driver::Driver`] it is driving
+//! ([`Bridge::work_queued`]), or, when its loop runs apart from the
+//! sessions, from [`Bridge::watch_wake_fd`]; it takes every queued call in
+//! one go and completes each (possibly later, for `async def` handlers).
+//! Log records travel the same way so that Rust events reach Python's
+//! `logging`.
 
 use crate::cidr::CidrSet;
 use crate::message::Message;
@@ -15,10 +17,11 @@ use crate::sasl::PlainCredentials;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::futures::Notified;
+use tokio::sync::{oneshot, Notify};
 
 /// The policy events a session can raise, by their registration names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,12 +169,18 @@ pub const MAX_QUIET_RECORDS: usize = 10_000;
 struct Queue {
     calls: Vec<Call>,
     logs: Vec<LogRecord>,
+    /// Outcomes waiting for the next [`Bridge::hand_over_finished`].
+    finished: Vec<(Call, Outcome)>,
     /// A wake-up byte is in the pipe and not yet drained.
     notified: bool,
 }
 
 pub struct Bridge {
     queue: Mutex<Queue>,
+    /// Wakes a [`crate::driver::Driver`] run by the Python thread.
+    work: Notify,
+    /// Whether Python waits for the wake-up socket (its loop runs apart from the sessions).
+    wake_socket_watched: AtomicBool,
     wake_writer: UnixStream,
     wake_reader: UnixStream,
     registered: AtomicU32,
@@ -185,6 +194,8 @@ impl Bridge {
         wake_reader.set_nonblocking(true)?;
         Ok(Self {
             queue: Mutex::default(),
+            work: Notify::new(),
+            wake_socket_watched: AtomicBool::new(false),
             wake_writer,
             wake_reader,
             registered: AtomicU32::new(0),
@@ -192,9 +203,21 @@ impl Bridge {
         })
     }
 
-    /// The descriptor the Python loop watches for readability.
-    pub fn wake_fd(&self) -> RawFd {
+    /// The descriptor the Python loop watches for readability when it runs
+    /// apart from the sessions; from now on every queued call writes to it.
+    pub fn watch_wake_fd(&self) -> RawFd {
+        self.wake_socket_watched.store(true, Ordering::Release);
         self.wake_reader.as_raw_fd()
+    }
+
+    /// Resolves when work for Python is queued after it was enabled (see [`Notify::notified`]).
+    pub fn work_queued(&self) -> Notified<'_> {
+        self.work.notified()
+    }
+
+    /// Calls or records that Python should take now.
+    pub fn has_work(&self) -> bool {
+        self.lock().notified
     }
 
     pub fn set_registered(&self, kinds: impl IntoIterator<Item = EventKind>) {
@@ -245,13 +268,33 @@ impl Bridge {
         self.log_level.store(level, Ordering::Relaxed);
     }
 
-    /// Everything queued so far. Drains the wake-up pipe first, so a call
+    /// Complete a call. While Python drives the runtime, the outcome waits
+    /// for the next drive, which hands it over from inside the runtime:
+    /// there, waking the session costs no system call.
+    pub fn finish(&self, call: Call, outcome: Outcome) {
+        if self.wake_socket_watched.load(Ordering::Acquire) {
+            call.finish(outcome);
+        } else {
+            self.lock().finished.push((call, outcome));
+        }
+    }
+
+    pub fn hand_over_finished(&self) {
+        let finished = std::mem::take(&mut self.lock().finished);
+        for (call, outcome) in finished {
+            call.finish(outcome);
+        }
+    }
+
+    /// Everything queued so far. Drains the wake-up socket first, so a call
     /// queued after this returns always writes a fresh wake-up byte.
     pub fn take(&self) -> (Vec<Call>, Vec<LogRecord>) {
-        let mut sink = [0u8; 64];
-        while matches!((&self.wake_reader).read(&mut sink), Ok(n) if n > 0) {}
         let mut queue = self.lock();
-        queue.notified = false;
+        if queue.notified {
+            // One byte at most is ever in flight: `notified` gates the writes.
+            let _ = (&self.wake_reader).read(&mut [0u8; 1]);
+            queue.notified = false;
+        }
         (std::mem::take(&mut queue.calls), std::mem::take(&mut queue.logs))
     }
 
@@ -264,9 +307,11 @@ impl Bridge {
     fn notify(&self, queue: &mut Queue) {
         if !queue.notified {
             queue.notified = true;
-            // A full pipe already guarantees a wake-up; any other error means
-            // the reader is gone and there is nobody left to wake.
-            let _ = (&self.wake_writer).write(&[1]);
+            self.work.notify_waiters();
+            if self.wake_socket_watched.load(Ordering::Acquire) {
+                // An error means the reader is gone: nobody is left to wake.
+                let _ = (&self.wake_writer).write(&[1]);
+            }
         }
     }
 
@@ -280,7 +325,7 @@ mod tests {
     use super::*;
 
     fn readable(bridge: &Bridge) -> bool {
-        let mut fds = libc::pollfd { fd: bridge.wake_fd(), events: libc::POLLIN, revents: 0 };
+        let mut fds = libc::pollfd { fd: bridge.watch_wake_fd(), events: libc::POLLIN, revents: 0 };
         unsafe { libc::poll(&mut fds, 1, 0) == 1 }
     }
 

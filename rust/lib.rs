@@ -3,11 +3,12 @@
 //!
 //! Pure logic (no I/O, no Python): [`parser`], [`framing`], [`reply`],
 //! [`cidr`], [`params`], [`message`], [`sasl`], [`proxy`], [`xclient`]. The server: [`server`],
-//! [`session`] over a [`stream`], [`tls`] identities, [`sink`], and [`bridge`]
-//! to the Python thread. [`py`] is the binding.
+//! [`session`] over a [`stream`], [`tls`] identities, [`sink`], [`bridge`]
+//! to the Python thread, and the [`driver`] of the runtime. [`py`] is the binding.
 
 pub mod bridge;
 pub mod cidr;
+pub mod driver;
 pub mod framing;
 pub mod message;
 pub mod meta;

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// One message: the whole transaction (before splitting) or one split part.
@@ -34,9 +34,11 @@ impl Message {
 /// A process-unique, time-ordered identifier of 32 hex digits.
 pub fn new_message_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // Asked once: a system call per message otherwise.
+    static PROCESS_ID: LazyLock<u32> = LazyLock::new(std::process::id);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default();
     let sequence = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{nanos:016x}{:08x}{:08x}", std::process::id(), sequence as u32)
+    format!("{nanos:016x}{:08x}{:08x}", *PROCESS_ID, sequence as u32)
 }
 
 /// KumoMTA's supplemental trace header, added to each split part so that

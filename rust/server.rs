@@ -1,6 +1,7 @@
 //! Listeners and their accept loops, connection limits, graceful shutdown.
 
 use crate::bridge::{Bridge, LOG_ERROR, LOG_INFO};
+use crate::driver::Driver;
 use crate::params::{ListenerConfig, Params};
 use crate::reply::write_reply;
 use crate::session;
@@ -10,27 +11,16 @@ use socket2::{Domain, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::runtime::Runtime;
 use tokio::sync::{watch, Notify};
-
-/// The process-wide tokio runtime, started on first use.
-pub fn runtime() -> &'static Runtime {
-    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("kumo-listener")
-            .build()
-            .expect("cannot start the tokio runtime")
-    })
-}
 
 /// What every listener of one server shares.
 pub struct ServerState {
     pub bridge: Arc<Bridge>,
+    /// The runtime the listeners and sessions run on.
+    pub driver: Driver,
     /// Bind with SO_REUSEPORT, so that worker processes share the port.
     reuse_port: bool,
     pub sink: Sink,
@@ -41,16 +31,17 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn new(bridge: Arc<Bridge>, sink: Sink, reuse_port: bool) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(bridge: Arc<Bridge>, sink: Sink, reuse_port: bool) -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
             bridge,
+            driver: Driver::new()?,
             reuse_port,
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             shutdown: watch::Sender::new(false),
             sessions: AtomicUsize::new(0),
             idle: Notify::new(),
-        })
+        }))
     }
 
     /// Stop accepting and ask every session to finish.
@@ -122,13 +113,13 @@ pub fn start_listener(server: Arc<ServerState>, config: ListenerConfig) -> io::R
     })?;
     let socket = bind(address, server.reuse_port)?;
     let bound = socket.local_addr()?;
+    let runtime = server.driver.handle().clone();
     let listener = Arc::new(ListenerShared {
         name: Arc::from(config.listen.as_str()),
         config,
         server,
         connections: AtomicUsize::new(0),
     });
-    let runtime = runtime();
     let _entered = runtime.enter();
     let socket = TcpListener::from_std(socket)?;
     runtime.spawn(accept_loop(socket, listener));

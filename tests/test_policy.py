@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import kumo_listener as kumo
 import pytest
+from conftest import delivered
 
 
 def transaction(client, sender="a@b.example", recipient="c@d.example"):
@@ -210,6 +212,50 @@ def test_async_handlers_run_concurrently(policy, listen, raw):
     assert transaction(raw(address))[0] == 250
     waiting[0].call_soon_threadsafe(release.set)
     assert slow.reply()[0] == 250
+
+
+@pytest.mark.parametrize("loop_kind", ["the server's", "the caller's"])
+def test_server_runs_on_the_server_loop_or_the_callers(policy, maildir, raw, loop_kind):
+    """On a loop of Server.new_event_loop the loop drives the sessions; on any
+    other loop a thread of the core does. Handlers, sync and async, run on
+    that loop either way."""
+    loops = []
+
+    @policy.on("smtp_server_mail_from")
+    def mail(sender, meta):
+        loops.append(asyncio.get_running_loop())
+
+    @policy.on("smtp_server_rcpt_to")
+    async def rcpt(recipient, meta):
+        await asyncio.sleep(0.01)
+        loops.append(asyncio.get_running_loop())
+
+    server = kumo.Server(policy=policy, maildir=maildir)
+    started = threading.Event()
+    address = []
+
+    def ready():
+        address.append(server.start_esmtp_listener(listen="127.0.0.1:0").address)
+        started.set()
+
+    def serve():
+        if loop_kind == "the server's":
+            server.run_forever(on_ready=ready)
+        else:
+            asyncio.run(server.run(on_ready=ready))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    client = raw(address[0])
+    assert transaction(client)[0] == 250
+    assert client.command("DATA")[0] == 354
+    assert client.command(b"Subject: x\r\n\r\nbody\r\n.\r\n")[0] == 250
+    server.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(loops) == 2 and loops[0] is loops[1]
+    assert len(delivered(maildir)) == 1
 
 
 def test_async_handler_can_reject(policy, listen, raw):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import runpy
@@ -87,7 +86,7 @@ def serve(args: argparse.Namespace) -> int:
         )
 
     try:
-        asyncio.run(server.run(handle_signals=True, run_init=True, on_ready=ready))
+        server.run_forever(handle_signals=True, run_init=True, on_ready=ready)
     except (_core.ParamsError, OSError) as error:
         # Invalid listener parameters or an address that can't be bound: the
         # message says what and where; a traceback would only hide it.

@@ -3,6 +3,12 @@
 The Rust core queues every policy call; the dispatcher, running on one
 asyncio loop, takes them and runs the handlers there. ``async def`` handlers
 become tasks, so a slow one does not hold up other connections.
+
+The sessions run on the core's single-threaded tokio runtime. On a loop of
+:meth:`Server.new_event_loop` (what :meth:`Server.start` and ``kumo-listener
+serve`` use), the loop's selector drives that runtime while asyncio waits, so
+a policy call costs no thread switch. On any other loop, a thread of the core
+drives it and calls arrive through a wake-up socket.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ import asyncio
 import inspect
 import logging
 import os
+import selectors
 import signal
 import threading
 import traceback
-from collections.abc import Awaitable, Callable, Iterator
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +32,9 @@ from .policy import Policy, default_policy
 from .reject import Reject
 
 logger = logging.getLogger("kumo_listener")
+
+# What selectors accept: a descriptor, or an object with fileno().
+FileObject = Any
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,41 @@ class Listener:
     """The bound ``(host, port)``; with port 0 in ``listen``, the real port."""
 
 
+class _DrivingSelector(selectors.BaseSelector):
+    """asyncio's selector, for a loop that also drives a core's sessions:
+    while asyncio would wait, the sessions run (GIL released) until a policy
+    call is queued, one of asyncio's descriptors is ready, or its next timer
+    is due; then the queued calls are dispatched."""
+
+    def __init__(self, core: _core.Core) -> None:
+        self._core = core
+        self._selector = selectors.DefaultSelector()
+        self.on_work: Callable[[], None] | None = None
+
+    def register(self, fileobj: FileObject, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._selector.register(fileobj, events, data)
+
+    def unregister(self, fileobj: FileObject) -> selectors.SelectorKey:
+        return self._selector.unregister(fileobj)
+
+    def modify(self, fileobj: FileObject, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._selector.modify(fileobj, events, data)
+
+    def get_map(self) -> Mapping[FileObject, selectors.SelectorKey]:
+        return self._selector.get_map()
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self._core.drive(self._selector.fileno(), timeout)
+        ready = self._selector.select(0)
+        if self.on_work is not None:
+            self.on_work()
+        return ready
+
+    def close(self) -> None:
+        self._core.unwatch()
+        self._selector.close()
+
+
 class _Dispatcher:
     """Runs queued policy calls on the current asyncio loop."""
 
@@ -43,19 +89,35 @@ class _Dispatcher:
     # us; draining this often logs them if the level was lowered meanwhile.
     QUIET_RECORDS_INTERVAL = 1.0
 
-    def __init__(self, core: _core.Core, policy: Policy, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        core: _core.Core,
+        policy: Policy,
+        loop: asyncio.AbstractEventLoop,
+        selector: _DrivingSelector | None,
+    ) -> None:
         self._core = core
         self._policy = policy
         self._loop = loop
+        self._selector = selector
+        self._wake_fd: int | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._tick: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._loop.add_reader(self._core.wake_fd(), self._drain)
+        if self._selector is not None:
+            self._selector.on_work = self._drain
+        else:
+            self._wake_fd = self._core.drive_in_background()
+            self._loop.add_reader(self._wake_fd, self._drain)
         self._drain_periodically()
 
     def close(self) -> None:
-        self._loop.remove_reader(self._core.wake_fd())
+        if self._selector is not None:
+            self._selector.on_work = None
+        if self._wake_fd is not None:
+            self._loop.remove_reader(self._wake_fd)
+            self._core.stop_background()
         if self._tick is not None:
             self._tick.cancel()
         self._drain()
@@ -140,8 +202,9 @@ class Server:
             ...
 
     ``with`` (or :meth:`start`) runs the dispatcher on a background thread;
-    :meth:`run` runs it on the caller's asyncio loop instead. ``reuse_port``
-    binds listeners with SO_REUSEPORT, for worker processes sharing a port.
+    :meth:`run` runs it on the caller's asyncio loop instead, best one of
+    :meth:`new_event_loop`. ``reuse_port`` binds listeners with SO_REUSEPORT,
+    for worker processes sharing a port.
     """
 
     def __init__(
@@ -160,6 +223,9 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
+        self._driving: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _DrivingSelector] = (
+            weakref.WeakKeyDictionary()
+        )
         self._sync_handlers()
         self.policy.watch(self._sync_handlers)
 
@@ -182,6 +248,21 @@ class Server:
     def _sync_handlers(self) -> None:
         self._core.set_handlers(self.policy.events())
 
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        """An asyncio loop that runs this server's sessions while it waits, so
+        that :meth:`run` on it calls policy handlers without a thread switch:
+        ``asyncio.Runner(loop_factory=server.new_event_loop)``."""
+        selector = _DrivingSelector(self._core)
+        loop = asyncio.SelectorEventLoop(selector)
+        self._driving[loop] = selector
+        return loop
+
+    def run_forever(self, **options: Any) -> None:
+        """:meth:`run` (with these options) on a new loop of
+        :meth:`new_event_loop`, in this thread."""
+        with asyncio.Runner(loop_factory=self.new_event_loop) as runner:
+            runner.run(self.run(**options))
+
     async def run(
         self,
         *,
@@ -195,7 +276,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stopping = asyncio.Event()
-        dispatcher = _Dispatcher(self._core, self.policy, loop)
+        dispatcher = _Dispatcher(self._core, self.policy, loop, self._driving.get(loop))
         dispatcher.start()
         if handle_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -239,13 +320,10 @@ class Server:
         ready = threading.Event()
 
         def serve() -> None:
-            async def main() -> None:
-                task = asyncio.ensure_future(self.run())
-                await asyncio.sleep(0)
+            try:
+                self.run_forever(on_ready=ready.set)
+            finally:
                 ready.set()
-                await task
-
-            asyncio.run(main())
 
         self._thread = threading.Thread(target=serve, name="kumo-listener-policy", daemon=True)
         self._thread.start()
@@ -317,4 +395,4 @@ def start_esmtp_listener(**params: Any) -> Listener:
 
 def serve() -> None:
     """Run the default server: ``init``, then serve until SIGINT/SIGTERM."""
-    asyncio.run(default_server().run(handle_signals=True, run_init=True))
+    default_server().run_forever(handle_signals=True, run_init=True)

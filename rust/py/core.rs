@@ -15,9 +15,14 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub fn params_error(errors: &ParamErrors) -> PyErr {
     ParamsError::new_err(errors.to_string())
+}
+
+fn os_error(error: std::io::Error) -> PyErr {
+    PyOSError::new_err(error.to_string())
 }
 
 /// One server: its listeners, its sink, and the queue to Python policy.
@@ -41,8 +46,8 @@ impl PyCore {
                 return Err(PyValueError::new_err(format!("sink: expected \"maildir\" or \"discard\", got {other:?}")))
             }
         };
-        let bridge = Bridge::new().map_err(|e| PyOSError::new_err(e.to_string()))?;
-        Ok(Self { state: ServerState::new(Arc::new(bridge), sink, reuse_port) })
+        let bridge = Bridge::new().map_err(os_error)?;
+        Ok(Self { state: ServerState::new(Arc::new(bridge), sink, reuse_port).map_err(os_error)? })
     }
 
     /// Validate `params`, bind the listener and start serving it.
@@ -56,7 +61,7 @@ impl PyCore {
         }
         let state = self.state.clone();
         let bound =
-            py.detach(|| server::start_listener(state, config)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+            py.detach(|| server::start_listener(state, config)).map_err(os_error)?;
         Ok((bound.ip().to_string(), bound.port()))
     }
 
@@ -65,20 +70,43 @@ impl PyCore {
         self.state.bridge.set_registered(events.iter().filter_map(|name| EventKind::from_name(name)));
     }
 
-    /// Log records below `level` (Python's numbering) are dropped in Rust.
+    /// Log records below `level` (Python's numbering) do not wake Python.
     fn set_log_level(&self, level: u8) {
         self.state.bridge.set_log_level(level);
     }
 
-    /// The descriptor that becomes readable when jobs or logs are queued.
-    fn wake_fd(&self) -> i32 {
-        self.state.bridge.wake_fd()
+    /// Run the sessions (GIL released) until policy calls or log records are
+    /// queued, `watched` (asyncio's selector) is readable, or `timeout`
+    /// seconds have passed (`None`: no limit).
+    #[pyo3(signature = (watched, timeout))]
+    fn drive(&self, py: Python<'_>, watched: i32, timeout: Option<f64>) -> PyResult<()> {
+        let timeout = timeout.map(|seconds| Duration::from_secs_f64(seconds.max(0.0)));
+        let state = &self.state;
+        py.detach(|| state.driver.drive(&state.bridge, watched, timeout)).map_err(os_error)
+    }
+
+    /// Stop watching the descriptor `drive` watched; call before closing it.
+    fn unwatch(&self) {
+        self.state.driver.unwatch();
+    }
+
+    /// Run the sessions on a thread of their own, for a Python loop that
+    /// does not call `drive`. Returns the descriptor that becomes readable
+    /// when policy calls or log records are queued.
+    fn drive_in_background(&self) -> PyResult<i32> {
+        self.state.driver.drive_in_background().map_err(os_error)?;
+        Ok(self.state.bridge.watch_wake_fd())
+    }
+
+    fn stop_background(&self, py: Python<'_>) {
+        py.detach(|| self.state.driver.stop_background());
     }
 
     /// Queued policy calls and log records `(level, message)`.
     fn take(&self) -> (Vec<PyJob>, Vec<(u8, String)>) {
         let (calls, logs) = self.state.bridge.take();
-        let jobs = calls.into_iter().map(PyJob::new).collect();
+        let bridge = &self.state.bridge;
+        let jobs = calls.into_iter().map(|call| PyJob::new(call, bridge.clone())).collect();
         (jobs, logs.into_iter().map(|record| (record.level, record.message)).collect())
     }
 
@@ -101,17 +129,18 @@ impl PyCore {
 pub struct PyJob {
     kind: EventKind,
     call: Mutex<Option<Call>>,
+    bridge: Arc<Bridge>,
 }
 
 impl PyJob {
-    fn new(call: Call) -> Self {
-        Self { kind: call.event.kind(), call: Mutex::new(Some(call)) }
+    fn new(call: Call, bridge: Arc<Bridge>) -> Self {
+        Self { kind: call.event.kind(), call: Mutex::new(Some(call)), bridge }
     }
 
     fn finish(&self, outcome: Outcome) -> PyResult<()> {
         let call = self.call.lock().map_err(|_| PyRuntimeError::new_err("job lock poisoned"))?.take();
         let call = call.ok_or_else(|| PyRuntimeError::new_err("job already finished"))?;
-        call.finish(outcome);
+        self.bridge.finish(call, outcome);
         Ok(())
     }
 
