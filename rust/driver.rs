@@ -70,8 +70,9 @@ impl Driver {
     /// Run the sessions until `bridge` has work for Python, `watched`
     /// (asyncio's selector) is readable, or `timeout` has passed (`None`:
     /// no limit). Whatever is ready runs at least once, even with a zero
-    /// timeout. Call it from the Python thread, GIL released.
-    pub fn drive(&self, bridge: &Bridge, watched: RawFd, timeout: Option<Duration>) -> io::Result<()> {
+    /// timeout. Returns whether `watched` is readable. Call it from the
+    /// Python thread, GIL released.
+    pub fn drive(&self, bridge: &Bridge, watched: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
         let mut registered = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
         self.runtime.block_on(async {
             if registered.as_ref().is_none_or(|known| known.number != watched) {
@@ -120,31 +121,33 @@ impl Driver {
     }
 }
 
+/// Whether `watched` is readable when the wait ends.
 async fn wait_for_python(
     bridge: &Bridge,
     watched: &AsyncFd<OwnedFd>,
     deadline: Option<tokio::time::Instant>,
-) -> io::Result<()> {
+) -> io::Result<bool> {
+    let readable = || is_readable(watched.as_raw_fd());
     loop {
         let work = bridge.work_queued();
         tokio::pin!(work);
         // Registered before looking, so that no work queued after the look is missed.
         work.as_mut().enable();
         if bridge.has_work() || deadline.is_some_and(|deadline| deadline <= tokio::time::Instant::now()) {
-            return Ok(());
+            return Ok(readable());
         }
         tokio::select! {
             biased;
-            () = &mut work => return Ok(()),
+            () = &mut work => return Ok(readable()),
             ready = watched.readable() => {
                 let mut guard = ready?;
-                if is_readable(watched.as_raw_fd()) {
-                    return Ok(());
+                if readable() {
+                    return Ok(true);
                 }
                 // A readiness tokio remembers from before Python's last select.
                 guard.clear_ready();
             }
-            () = sleep_until(deadline) => return Ok(()),
+            () = sleep_until(deadline) => return Ok(readable()),
         }
     }
 }
@@ -183,7 +186,7 @@ mod tests {
             let event = Event::ConnectionAccepted { meta: MetaStore::new() };
             caller.call(event, Duration::from_secs(5)).await
         });
-        driver.drive(&bridge, watched.as_raw_fd(), None).unwrap();
+        assert!(!driver.drive(&bridge, watched.as_raw_fd(), None).unwrap());
         assert_eq!(bridge.take().0.len(), 1);
     }
 
@@ -196,8 +199,7 @@ mod tests {
             std::io::Write::write_all(&mut other, b"x").unwrap();
             std::thread::sleep(Duration::from_secs(1));
         });
-        driver.drive(&bridge, watched.as_raw_fd(), None).unwrap();
-        assert!(is_readable(watched.as_raw_fd()));
+        assert!(driver.drive(&bridge, watched.as_raw_fd(), None).unwrap());
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub struct DataFramer {
     at_line_start: bool,
     /// Received bytes of the current line so far, excluding CRLF.
     line_len: usize,
+    /// Bytes of the message stored so far: what `max_message_size` limits.
+    stored: usize,
 }
 
 /// One `feed` call's walk through its input. The clean text between `stored`
@@ -152,11 +154,13 @@ const TERMINATOR: &[u8] = b".\r\n";
 
 impl DataFramer {
     pub fn new(limits: DataLimits) -> Self {
-        Self { limits, verdict: DataVerdict::Accept, at_line_start: true, line_len: 0 }
+        Self { limits, verdict: DataVerdict::Accept, at_line_start: true, line_len: 0, stored: 0 }
     }
 
-    /// Consume bytes of the DATA stream from `input`, appending the unstuffed message to `body`.
-    /// `body` is expected to start empty: its length is what `max_message_size` limits.
+    /// Consume bytes of the DATA stream from `input`, appending the unstuffed
+    /// message to `body` (which may start with headers of our own: only what
+    /// is appended counts against `max_message_size`). On a refusal `body`
+    /// is emptied.
     pub fn feed(&mut self, input: &[u8], body: &mut Vec<u8>) -> Fed {
         let mut cursor = Cursor { input, pos: 0, stored: 0, body };
         let done = self.walk(&mut cursor);
@@ -258,9 +262,10 @@ impl DataFramer {
         if self.verdict != DataVerdict::Accept {
             return;
         }
-        if body.len() + bytes.len() > self.limits.max_message_size {
+        if self.stored + bytes.len() > self.limits.max_message_size {
             self.record(DataVerdict::TooBig, body);
         } else {
+            self.stored += bytes.len();
             body.extend_from_slice(bytes);
         }
     }
@@ -612,6 +617,15 @@ mod tests {
         let data_limits = DataLimits { max_message_size: 6, ..limits(LineEndings::Deny) };
         assert_eq!(read_data(data_limits, [&b"..ab\r\nc\r\n.\r\n"[..]]).verdict, DataVerdict::TooBig);
         assert_eq!(read_data(data_limits, [&b"..ab\r\n.\r\n"[..]]).verdict, DataVerdict::Accept);
+    }
+
+    #[test]
+    fn what_the_body_starts_with_does_not_count_against_the_size_limit() {
+        let data_limits = DataLimits { max_message_size: 4, ..limits(LineEndings::Deny) };
+        let mut body = b"Received: by us\r\n".to_vec();
+        let fed = DataFramer::new(data_limits).feed(b"ab\r\n.\r\n", &mut body);
+        assert!(fed.done);
+        assert_eq!(body, b"Received: by us\r\nab\r\n");
     }
 
     #[test]

@@ -28,6 +28,13 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 
+/// The smallest read; also the growth step of the input buffer between
+/// messages (`data_buffer_size` is the step inside DATA).
+const MIN_READ: usize = 4096;
+
+/// The most a body buffer is sized up front from `MAIL FROM ... SIZE=`.
+const MAX_SIZE_HINT: usize = 1 << 20;
+
 /// After this many rejected commands the client is clearly not a mail
 /// client (Postfix's `smtpd_hard_error_limit`).
 const MAX_ERRORS: usize = 20;
@@ -369,10 +376,12 @@ impl Session {
     }
 
     /// Read more input, or stop on end of stream, deadline or shutdown.
-    async fn fill(&mut self, deadline: Instant) -> Step {
+    /// Read more into `input`, growing it by `step` when less than
+    /// [`MIN_READ`] bytes are free (reclaiming consumed space first).
+    async fn fill_by(&mut self, deadline: Instant, step: usize) -> Step {
         let server = self.listener.server.clone();
-        if self.input.capacity() - self.input.len() < 4096 {
-            self.input.reserve(self.params.data_buffer_size.max(4096));
+        if self.input.capacity() - self.input.len() < MIN_READ {
+            self.input.reserve(step.max(MIN_READ));
         }
         tokio::select! {
             read = timeout_at(deadline, self.stream.read_buf(&mut self.input)) => match read {
@@ -382,6 +391,11 @@ impl Session {
             },
             () = server.shutdown_requested() => self.close_with(421, "4.3.2", "shutting down"),
         }
+    }
+
+    /// Read more command bytes: a command line is short.
+    async fn fill(&mut self, deadline: Instant) -> Step {
+        self.fill_by(deadline, MIN_READ).await
     }
 
     async fn flush(&mut self) -> Step {
@@ -636,9 +650,14 @@ impl Session {
         }
         write_reply(&mut self.output, 354, None, "end data with <CR><LF>.<CR><LF>");
         self.flush().await?;
-        let (verdict, body) = self.read_body().await?;
+        // The trace header goes first into the buffer the body is read into:
+        // the message is never copied to prepend it. Its time is DATA's, as in Postfix.
+        let id = message::new_message_id();
+        let header = self.trace_header(&id, &transaction);
+        let size_hint = transaction.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX));
+        let (verdict, data) = self.read_body(&header, size_hint).await?;
         match verdict {
-            DataVerdict::Accept => self.accept_message(transaction, body).await,
+            DataVerdict::Accept => self.accept_message(id, transaction, data).await,
             DataVerdict::TooBig => self.reject_command(552, "5.3.4", "message size exceeds fixed maximum message size"),
             DataVerdict::LineTooLong => self.reject_command(500, "5.2.3", "message line too long"),
             DataVerdict::BareLineEnding => {
@@ -647,14 +666,20 @@ impl Session {
         }
     }
 
-    async fn read_body(&mut self) -> Result<(DataVerdict, Vec<u8>), Stop> {
+    /// The message after our trace header `header`: the returned bytes
+    /// start with it unless the message is refused.
+    async fn read_body(&mut self, header: &str, size_hint: usize) -> Result<(DataVerdict, Vec<u8>), Stop> {
         let limits = DataLimits {
             max_message_size: self.params.max_message_size,
             max_line_length: self.params.line_length_hard_limit,
             line_endings: self.params.invalid_line_endings,
         };
         let mut framer = DataFramer::new(limits);
-        let mut body = Vec::with_capacity(self.input.len().max(4096).min(self.params.max_message_size));
+        // Trust SIZE= only so far: a client could announce 20 MB and send nothing.
+        let expected =
+            size_hint.min(MAX_SIZE_HINT).max(self.input.len()).max(MIN_READ).min(self.params.max_message_size);
+        let mut body = Vec::with_capacity(header.len() + expected);
+        body.extend_from_slice(header.as_bytes());
         let started = Instant::now();
         let mut received = 0;
         loop {
@@ -668,14 +693,12 @@ impl Session {
             let earned = Duration::from_secs_f64(received as f64 / MIN_DATA_RATE);
             let deadline =
                 (Instant::now() + self.params.client_timeout).min(started + self.params.client_timeout + earned);
-            self.fill(deadline).await?;
+            self.fill_by(deadline, self.params.data_buffer_size).await?;
         }
     }
 
-    async fn accept_message(&mut self, transaction: Transaction, body: Vec<u8>) -> Step {
-        let id = message::new_message_id();
-        let data = self.with_trace_headers(&id, &transaction, body);
-        let message = Message::new(id, transaction.sender, transaction.recipients, data);
+    async fn accept_message(&mut self, id: String, transaction: Transaction, data: Vec<u8>) -> Step {
+        let message = Message::new(id, transaction.sender, transaction.recipients, Bytes::from(data));
         // As in KumoMTA, a message starts with a copy of its connection's metadata.
         message.meta.merge(&self.meta.snapshot());
         let bridge = self.listener.server.bridge.clone();
@@ -709,23 +732,20 @@ impl Session {
         Ok(())
     }
 
-    fn with_trace_headers(&self, id: &str, transaction: &Transaction, body: Vec<u8>) -> Bytes {
+    /// The `Received:` header, or nothing when `trace_headers` turn it off.
+    fn trace_header(&self, id: &str, transaction: &Transaction) -> String {
         if !self.params.trace_headers.received_header {
-            return Bytes::from(body);
+            return String::new();
         }
         let protocol = self.meta.get_str("reception_protocol").unwrap_or_else(|| "SMTP".into());
-        let header = message::received_header(&ReceivedInfo {
+        message::received_header(&ReceivedInfo {
             helo_domain: self.helo_domain(),
             client_ip: self.remote.ip(),
             hostname: &self.params.hostname,
             protocol: &protocol,
             id,
             recipients: &transaction.recipients,
-        });
-        let mut data = Vec::with_capacity(header.len() + body.len());
-        data.extend_from_slice(header.as_bytes());
-        data.extend_from_slice(&body);
-        Bytes::from(data)
+        })
     }
 
     /// RFC 3207. Whatever the client pipelined after STARTTLS was sent in

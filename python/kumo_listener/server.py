@@ -71,8 +71,8 @@ class _DrivingSelector(selectors.BaseSelector):
         return self._selector.get_map()
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        self._core.drive(self._selector.fileno(), timeout)
-        ready = self._selector.select(0)
+        readable = self._core.drive(self._selector.fileno(), timeout)
+        ready = self._selector.select(0) if readable else []
         if self.on_work is not None:
             self.on_work()
         return ready
@@ -85,8 +85,9 @@ class _DrivingSelector(selectors.BaseSelector):
 class _Dispatcher:
     """Runs queued policy calls on the current asyncio loop."""
 
-    # The core queues log records below the logger's level without waking
-    # us; draining this often logs them if the level was lowered meanwhile.
+    # The core queues log records below the logger's level (as last told)
+    # without waking us; this often we tell it the level again and drain,
+    # logging them if the level was lowered meanwhile.
     QUIET_RECORDS_INTERVAL = 1.0
 
     def __init__(
@@ -123,11 +124,11 @@ class _Dispatcher:
         self._drain()
 
     def _drain_periodically(self) -> None:
+        self._core.set_log_level(logger.getEffectiveLevel())
         self._drain()
         self._tick = self._loop.call_later(self.QUIET_RECORDS_INTERVAL, self._drain_periodically)
 
     def _drain(self) -> None:
-        self._core.set_log_level(logger.getEffectiveLevel())
         jobs, logs = self._core.take()
         for level, message in logs:
             logger.log(level, "%s", message)
@@ -144,7 +145,8 @@ class _Dispatcher:
         except Exception as error:
             self._fail(job, error)
             return
-        if inspect.isawaitable(result):
+        # `None` first: most handlers return it, and isawaitable is slow to say no.
+        if result is not None and inspect.isawaitable(result):
             self._await(job, result)
         else:
             self._complete(job, result)

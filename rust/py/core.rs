@@ -60,8 +60,7 @@ impl PyCore {
             return Err(params_error(&ParamErrors(tls_errors)));
         }
         let state = self.state.clone();
-        let bound =
-            py.detach(|| server::start_listener(state, config)).map_err(os_error)?;
+        let bound = py.detach(|| server::start_listener(state, config)).map_err(os_error)?;
         Ok((bound.ip().to_string(), bound.port()))
     }
 
@@ -77,9 +76,9 @@ impl PyCore {
 
     /// Run the sessions (GIL released) until policy calls or log records are
     /// queued, `watched` (asyncio's selector) is readable, or `timeout`
-    /// seconds have passed (`None`: no limit).
+    /// seconds have passed (`None`: no limit). Returns whether `watched` is readable.
     #[pyo3(signature = (watched, timeout))]
-    fn drive(&self, py: Python<'_>, watched: i32, timeout: Option<f64>) -> PyResult<()> {
+    fn drive(&self, py: Python<'_>, watched: i32, timeout: Option<f64>) -> PyResult<bool> {
         let timeout = timeout.map(|seconds| Duration::from_secs_f64(seconds.max(0.0)));
         let state = &self.state;
         py.detach(|| state.driver.drive(&state.bridge, watched, timeout)).map_err(os_error)
