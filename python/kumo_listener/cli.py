@@ -80,10 +80,11 @@ def serve(args: argparse.Namespace) -> int:
         if not has_init:
             server.start_esmtp_listener(listen=args.listen or DEFAULT_LISTEN)
         places = ", ".join(f"{host}:{port}" for host, port in (x.address for x in server.listeners))
-        print(
-            f"kumo-listener: listening on {places or 'nothing'}; mail goes to {server.sink}",
-            flush=True,
+        # One write: workers share the pipe, and print() writes the newline apart.
+        sys.stdout.write(
+            f"kumo-listener: listening on {places or 'nothing'}; mail goes to {server.sink}\n"
         )
+        sys.stdout.flush()
 
     try:
         server.run_forever(handle_signals=True, run_init=True, on_ready=ready)
