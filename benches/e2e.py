@@ -43,10 +43,11 @@ own process group and are killed on exit, errors and Ctrl-C. The exit status is
 
 STARTTLS: the Rust load client ``benches/starttls-load`` (built by the harness)
 runs sessions of banner, EHLO, STARTTLS, a full TLS handshake (no resumption),
-EHLO, QUIT. kumo_listener listens on every address and its dynamic hook gives
-127.0.0.1 and 127.0.0.2 each its own certificate (the client checks that each
-address presented its own); aiosmtpd has one ``ssl`` context. The certificates
-are ECDSA P-256, made by the harness with ``cryptography``.
+EHLO, QUIT, ``--sessions`` at a time on one thread. kumo_listener listens on
+every address and its dynamic hook gives 127.0.0.1 and 127.0.0.2 each its own
+certificate (the client checks that each address presented its own); aiosmtpd
+has one ``ssl`` context. The certificates are ECDSA P-256, made by the harness
+with ``cryptography``.
 
 kumo_listener runs with ``--log-level WARNING`` (``--kumo-log-level``): at the
 default INFO it logs a line per message, as aiosmtpd does at INFO, which neither
@@ -650,7 +651,8 @@ def starttls_run(
 ) -> dict[str, Any]:
     """One run of the load client; its JSON report, or BenchError."""
     targets = starttls_targets(server.kind, server.port)
-    command = [str(tools.starttls_load), "--connect", ",".join(targets)]
+    # One thread, as smtp-source is one process: the rest of the machine is the server's.
+    command = [str(tools.starttls_load), "--connect", ",".join(targets), "--threads", "1"]
     command += ["--concurrency", str(settings.sessions), *limit]
     try:
         result = subprocess.run(

@@ -776,6 +776,9 @@ impl Session {
     async fn server_identity(&self) -> Result<ServerIdentity, String> {
         let cache = self.listener.server.tls.clone();
         let wanted = TlsIdentity::of(&self.params);
+        if let Some(identity) = cache.cached(&wanted) {
+            return Ok(identity);
+        }
         // Reads certificate files and may build a configuration.
         tokio::task::spawn_blocking(move || cache.identity(&wanted)).await.map_err(|e| e.to_string())?
     }
