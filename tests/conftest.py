@@ -6,6 +6,7 @@ import contextlib
 import logging
 import smtplib
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,26 @@ class RawClient:
     def command(self, data: bytes | str) -> tuple[int, list[str]]:
         self.send(data.encode() + b"\r\n" if isinstance(data, str) else data)
         return self.reply()
+
+    def until_closed(self, within: float = 10.0) -> bytes:
+        """Everything unread until the server closes (a reset counts as a
+        close); fails the test if the connection is still open after `within` s."""
+        deadline = time.monotonic() + within
+        received, self.buffer = self.buffer, b""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"connection still open after {within}s; received {received!r}")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return received
+            except TimeoutError:
+                pytest.fail(f"connection still open after {within}s; received {received!r}")
+            if not chunk:
+                return received
+            received += chunk
 
     def closed(self) -> bool:
         """True once the server has closed the connection (after any buffered bytes)."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RawClient, delivered
+from conftest import delivered
 
 if shutil.which("haproxy") is None:
     pytest.skip("haproxy is not installed", allow_module_level=True)
@@ -186,14 +186,6 @@ def test_several_messages_on_one_proxied_connection(policy, listen, haproxy, mai
     assert len(delivered(maildir)) == 3
 
 
-def read_until_closed(client: RawClient, seconds: float = 10) -> bytes:
-    client.sock.settimeout(seconds)
-    received = client.buffer
-    while chunk := client.sock.recv(65536):
-        received += chunk
-    return received
-
-
 def test_a_direct_client_without_a_proxy_header_gets_no_banner_and_is_closed(
     kumo_log, policy, listen, raw
 ):
@@ -203,7 +195,7 @@ def test_a_direct_client_without_a_proxy_header_gets_no_banner_and_is_closed(
     client = raw(address)
     started = time.monotonic()
     client.send(b"EHLO x\r\n")
-    assert read_until_closed(client) == b""
+    assert client.until_closed() == b""
     assert time.monotonic() - started < 0.9, "closed at once, not at client_timeout"
     # No policy ran for a connection whose real client is unknown.
     assert seen == {"dynamic": [], "accepted": [], "mail": []}
@@ -213,7 +205,7 @@ def test_a_direct_client_without_a_proxy_header_gets_no_banner_and_is_closed(
 def test_a_silent_direct_client_gets_no_banner_and_is_closed_at_client_timeout(listen, raw):
     client = raw(proxied_listener(listen))
     started = time.monotonic()
-    assert read_until_closed(client) == b""
+    assert client.until_closed() == b""
     assert 0.8 < time.monotonic() - started < 5
 
 
@@ -238,5 +230,5 @@ def test_the_bad_header_is_logged_when_info_is_enabled_after_the_server_started(
     caplog.set_level(logging.INFO, logger="kumo_listener")
     client = raw(address)
     client.send(b"EHLO x\r\n")
-    assert read_until_closed(client) == b""
+    assert client.until_closed() == b""
     assert wait_for_log(caplog, "closed, bad PROXY protocol header", 3)

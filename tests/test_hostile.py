@@ -77,15 +77,6 @@ class RssWatch:
         return (self.peak - self.before) / 1024
 
 
-def bytes_before_close(client: RawClient, seconds: float = 2.0) -> bytes:
-    """Everything the server sends until it closes; fails if it doesn't close in time."""
-    client.sock.settimeout(seconds)
-    data = client.buffer
-    while chunk := client.sock.recv(4096):
-        data += chunk
-    return data
-
-
 def raw_reply_lines(client: RawClient) -> list[bytes]:
     """One whole reply read with a plain recv loop, every line unchecked (without CRLF)."""
     lines = []
@@ -243,15 +234,8 @@ def test_command_pipelined_after_ehlo(address, raw):
     assert_lost_synchronization(client)
 
 
-def test_legal_pipelined_group_is_answered_in_order(address, raw, maildir):
-    client = raw(address)
-    ehlo(client)
-    client.send(
-        b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nRCPT TO:<e@d.example>\r\nDATA\r\n"
-    )
-    assert [client.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
-    assert client.command(b"Subject: x\r\n\r\nbody\r\n.\r\n")[0] == 250
-    assert len(stored(maildir)) == 2
+# A legal pipelined group (MAIL, RCPT..., DATA): test_protocol.py,
+# test_pipelined_transaction_in_one_write.
 
 
 def test_rset_may_be_pipelined_before_noop(address, raw):
@@ -364,20 +348,8 @@ def test_100k_pipelined_recipients(listen, raw):
 # --- 7. garbage -------------------------------------------------------------------------
 
 
-def test_invalid_utf8_is_answered_501(address, raw):
-    client = raw(address)
-    ehlo(client)
-    assert client.command(b"\x80\x81\r\n")[0] == 501
-    assert client.command("NOOP")[0] == 250
-    new_connection_is_greeted(raw, address)
-
-
-def test_nul_in_a_command_is_answered_500(address, raw):
-    client = raw(address)
-    ehlo(client)
-    assert client.command(b"NOOP\x00\r\n")[0] == 500
-    assert client.command("NOOP")[0] == 250
-    new_connection_is_greeted(raw, address)
+# Invalid UTF-8 and control characters in commands: test_protocol.py,
+# test_invalid_utf8_and_control_characters_are_answered.
 
 
 def test_http_request_gets_postfix_reply_and_is_closed(address, raw):
@@ -714,7 +686,7 @@ def test_bad_proxy_header_closes_without_a_banner(proxied, raw, what):
         client.send(PROXY_V1[:20])
         client.sock.shutdown(socket.SHUT_WR)
     started = time.monotonic()
-    assert bytes_before_close(client) == b""
+    assert client.until_closed(2.0) == b""
     assert time.monotonic() - started < 1.5
     assert seen["accepted"] == []
 

@@ -114,6 +114,8 @@ def test_invalid_utf8_and_control_characters_are_answered(address, raw):
     assert client.command(b"\x80\x81\r\n")[0] == 501
     assert client.command(b"NOOP\x00\r\n")[0] == 500
     assert client.command(b"NOOP\nRSET\r\n")[0] == 500
+    assert client.command(b"VRFY post\x7fmaster\r\n")[0] == 500
+    assert client.command("VRFY post\u0085master\r\n".encode())[0] == 500
     assert client.command("NOOP")[0] == 250
 
 

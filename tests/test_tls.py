@@ -322,26 +322,6 @@ def certificate_at(
     return peer_certificate(client)
 
 
-def read_until_closed(sock: socket.socket, within: float) -> bytes:
-    """Whatever the server sends until it closes; fails if still open after `within` s."""
-    deadline = time.monotonic() + within
-    received = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pytest.fail(f"connection still open after {within}s; received {received!r}")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return received
-        except TimeoutError:
-            pytest.fail(f"connection still open after {within}s; received {received!r}")
-        if not chunk:
-            return received
-        received += chunk
-
-
 def eventually(condition: Callable[[], bool], within: float = 3.0) -> bool:
     """Poll `condition` (e.g. a log line written from the dispatcher thread)."""
     deadline = time.monotonic() + within
@@ -504,7 +484,7 @@ def test_failed_handshake_closes_without_plaintext_reply(listen, raw, handshake)
         client.sock.shutdown(socket.SHUT_WR)
     else:
         client.send(handshake)
-    received = read_until_closed(client.sock, within=3)
+    received = client.until_closed(3)
     assert not SMTP_REPLY.search(received), received
     # The listener is unharmed.
     assert tls_session(raw, address)[1][0] == "mx.test.example Hello client.example"
@@ -523,7 +503,7 @@ def test_stalled_handshake_is_closed_after_client_timeout(listen, raw, partial):
     started = time.monotonic()
     if partial:
         client.send(partial)
-    received = read_until_closed(client.sock, within=5)
+    received = client.until_closed(5)
     assert time.monotonic() - started >= 0.5
     assert not SMTP_REPLY.search(received), received
 
@@ -1028,13 +1008,13 @@ def test_implicit_tls_uses_the_via_certificate(listen, raw, pki):
 def test_implicit_tls_plaintext_client_gets_no_plaintext_reply(listen, raw, first):
     client = raw(listen(implicit_tls=True))
     client.send(first)
-    received = read_until_closed(client.sock, within=3)
+    received = client.until_closed(3)
     assert not SMTP_REPLY.search(received), received
 
 
 def test_implicit_tls_silent_client_is_closed_after_client_timeout(listen, raw):
     client = raw(listen(implicit_tls=True, client_timeout=1))
-    received = read_until_closed(client.sock, within=5)
+    received = client.until_closed(5)
     assert not SMTP_REPLY.search(received), received
 
 
