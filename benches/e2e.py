@@ -162,17 +162,46 @@ class Tools:
     starttls_load: Path
 
 
-@dataclass
-class Throughput:
-    """The runs of one (shape, server) pair."""
+@dataclass(frozen=True)
+class Run:
+    """One timed run: how many messages (or sessions) in how long, and the
+    CPU time (user and system) the server and the load generator spent."""
 
-    messages_per_run: int = 0
-    rates: list[float] = field(default_factory=list)
+    count: int
+    seconds: float
+    server_cpu: float
+    client_cpu: float
+
+
+@dataclass
+class Measured:
+    """The timed runs of one measurement, or why it failed."""
+
+    runs: list[Run] = field(default_factory=list)
     error: str | None = None
 
     @property
+    def rates(self) -> list[float]:
+        return [run.count / run.seconds for run in self.runs]
+
+    @property
     def median(self) -> float | None:
-        return None if self.error or not self.rates else statistics.median(self.rates)
+        return None if self.error or not self.runs else statistics.median(self.rates)
+
+    def cpu_us(self) -> tuple[float, float] | None:
+        """Median CPU microseconds per message (or session): (server, load generator)."""
+        if self.error or not self.runs:
+            return None
+        server = statistics.median(1e6 * run.server_cpu / run.count for run in self.runs)
+        client = statistics.median(1e6 * run.client_cpu / run.count for run in self.runs)
+        return server, client
+
+
+@dataclass
+class Throughput(Measured):
+    """The runs of one (shape, server) pair."""
+
+    messages_per_run: int = 0
 
 
 @dataclass
@@ -461,24 +490,48 @@ def smtp_source_command(
 
 def timed_run(
     server: RunningServer, tools: Tools, settings: Settings, shape: Shape, count: int
-) -> float:
-    """Send ``count`` messages; return the seconds it took, or raise BenchError."""
+) -> Run:
+    """Send ``count`` messages and time it, or raise BenchError."""
     server.check_alive()
     server.new_log_output()
     server.make_room(count * (shape.size + MESSAGE_OVERHEAD_BYTES))
     counter_before, files_before = server.received(), server.delivered_files()
     command = smtp_source_command(tools, server.port, shape, count, settings.sessions)
+    result, run = run_load(server, command, settings.run_timeout)
+    if result.stderr.strip():
+        raise BenchError(f"{shlex.join(command)} wrote to stderr:\n{result.stderr}")
+    check_delivery(server, counter_before, files_before, count)
+    return Run(count, run.seconds, run.server_cpu, run.client_cpu)
+
+
+def run_load(
+    server: RunningServer, command: list[str], timeout: float
+) -> tuple[subprocess.CompletedProcess[str], Run]:
+    """Run a load generator against ``server``: its output, and the run (count 1)."""
+    server_cpu, client_cpu = process_cpu_seconds(server.process.pid), children_cpu_seconds()
     started = time.perf_counter()
     try:
-        result = subprocess.run(command, capture_output=True, timeout=settings.run_timeout)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         raise BenchError(f"{shlex.join(command)} timed out after {error.timeout} s") from None
     elapsed = time.perf_counter() - started
-    stderr = result.stderr.decode(errors="replace").strip()
-    if result.returncode != 0 or stderr:
-        raise BenchError(f"{shlex.join(command)} exited with {result.returncode}:\n{stderr}")
-    check_delivery(server, counter_before, files_before, count)
-    return elapsed
+    server_cpu = process_cpu_seconds(server.process.pid) - server_cpu
+    client_cpu = children_cpu_seconds() - client_cpu
+    if result.returncode != 0:
+        raise BenchError(f"{shlex.join(command)} exited with {result.returncode}:\n{result.stderr}")
+    return result, Run(1, elapsed, server_cpu, client_cpu)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a running process (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """User and system CPU time of the children waited for so far (the load generators)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def check_server_log(server: RunningServer) -> None:
@@ -518,7 +571,7 @@ def calibrate(server: RunningServer, tools: Tools, settings: Settings, shape: Sh
     cap = message_cap(shape, settings)
     count = min(cap, settings.sessions * shape.warmup_per_session)
     while True:
-        elapsed = timed_run(server, tools, settings, shape, count)
+        elapsed = timed_run(server, tools, settings, shape, count).seconds
         if elapsed >= MIN_CALIBRATION_SECONDS or count >= cap:
             break
         count = min(cap, count * 4)
@@ -534,7 +587,7 @@ def measure_throughput(
         count = shape.quick_count if settings.quick else calibrate(server, tools, settings, shape)
         result.messages_per_run = count
         for _ in range(settings.repeat):
-            result.rates.append(count / timed_run(server, tools, settings, shape, count))
+            result.runs.append(timed_run(server, tools, settings, shape, count))
     except BenchError as error:
         result.error = str(error)
     status = result.error or ", ".join(f"{rate:,.0f}" for rate in result.rates) + " msgs/s"
@@ -627,16 +680,10 @@ STARTTLS_SERVERS = (KUMO_DISCARD, AIOSMTPD)
 
 
 @dataclass
-class Handshakes:
+class Handshakes(Measured):
     """The STARTTLS runs against one server."""
 
-    rates: list[float] = field(default_factory=list)
     protocols: dict[str, int] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def median(self) -> float | None:
-        return None if self.error or not self.rates else statistics.median(self.rates)
 
 
 def starttls_targets(kind: ServerKind, port: int) -> dict[str, str]:
@@ -648,20 +695,13 @@ def starttls_targets(kind: ServerKind, port: int) -> dict[str, str]:
 
 def starttls_run(
     server: RunningServer, tools: Tools, settings: Settings, limit: list[str]
-) -> dict[str, Any]:
-    """One run of the load client; its JSON report, or BenchError."""
+) -> tuple[Run, dict[str, Any]]:
+    """One run of the load client, and its JSON report; or BenchError."""
     targets = starttls_targets(server.kind, server.port)
     # One thread, as smtp-source is one process: the rest of the machine is the server's.
     command = [str(tools.starttls_load), "--connect", ",".join(targets), "--threads", "1"]
     command += ["--concurrency", str(settings.sessions), *limit]
-    try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=settings.run_timeout
-        )
-    except subprocess.TimeoutExpired as error:
-        raise BenchError(f"{shlex.join(command)} timed out after {error.timeout} s") from None
-    if result.returncode != 0:
-        raise BenchError(f"{shlex.join(command)} exited with {result.returncode}:\n{result.stderr}")
+    result, run = run_load(server, command, settings.run_timeout)
     report = json.loads(result.stdout)
     if report["errors"] or not report["handshakes"]:
         raise BenchError(f"{report['errors']} failed sessions: {report['error_kinds']}")
@@ -670,7 +710,7 @@ def starttls_run(
         if set(presented) != {name}:
             raise BenchError(f"{target} presented {presented}, not only {name}")
     check_server_log(server)
-    return report
+    return Run(report["handshakes"], report["seconds"], run.server_cpu, run.client_cpu), report
 
 
 def measure_starttls(kind: ServerKind, tools: Tools, settings: Settings) -> Handshakes:
@@ -683,8 +723,8 @@ def measure_starttls(kind: ServerKind, tools: Tools, settings: Settings) -> Hand
                 runs.append(
                     starttls_run(server, tools, settings, ["--seconds", str(settings.seconds)])
                 )
-            result.rates = [run["per_second"] for run in runs]
-            result.protocols = runs[-1]["protocols"]
+            result.runs = [run for run, _ in runs]
+            result.protocols = runs[-1][1]["protocols"]
     except BenchError as error:
         result.error = str(error)
     status = result.error or ", ".join(f"{rate:,.0f}" for rate in result.rates) + " sessions/s"
@@ -803,6 +843,27 @@ def throughput_table(results: dict[str, dict[str, Throughput]]) -> list[str]:
     return lines
 
 
+def cpu_cell(item: Measured | None) -> str:
+    cpu = None if item is None else item.cpu_us()
+    return "n/a" if cpu is None else f"{cpu[0]:,.0f} / {cpu[1]:,.0f}"
+
+
+def cpu_table(results: Results) -> list[str]:
+    """Where the time goes: when the load generator's CPU per message nears a
+    core's worth at the measured rate, it, not the server, sets the pace."""
+    titles = [kind.title for kind in SERVERS]
+    lines = [
+        "| CPU µs per message (median): server / load generator | " + " | ".join(titles) + " |",
+        "|---" + "|---:" * len(titles) + "|",
+    ]
+    for shape in SHAPES:
+        cells = [cpu_cell(results.throughput[shape.key][kind.key]) for kind in SERVERS]
+        lines.append(f"| {shape.title} | " + " | ".join(cells) + " |")
+    cells = [cpu_cell(results.starttls.get(kind.key)) for kind in SERVERS]
+    lines.append("| STARTTLS session (per session) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def memory_table(memory: dict[str, IdleMemory], idle: int) -> list[str]:
     lines = [
         f"| server | RSS before (MiB) | RSS, {idle} idle connections (MiB) | KiB/connection |",
@@ -892,6 +953,8 @@ def report(machine: dict[str, Any], settings: Settings, results: Results) -> str
         "",
         *starttls_table(results.starttls),
         "",
+        *cpu_table(results),
+        "",
         *memory_table(results.memory, settings.idle),
         "",
         "Runs:",
@@ -914,6 +977,9 @@ def as_json(machine: dict[str, Any], settings: Settings, results: Results) -> di
                     "title": kind.title,
                     "msgs_per_s_median": results.throughput[shape.key][kind.key].median,
                     "msgs_per_s_runs": results.throughput[shape.key][kind.key].rates,
+                    "cpu_us_per_msg_server_client": results.throughput[shape.key][
+                        kind.key
+                    ].cpu_us(),
                     "messages_per_run": results.throughput[shape.key][kind.key].messages_per_run,
                     "error": results.throughput[shape.key][kind.key].error,
                 }
@@ -937,6 +1003,7 @@ def as_json(machine: dict[str, Any], settings: Settings, results: Results) -> di
         key: {
             "sessions_per_s_median": item.median,
             "sessions_per_s_runs": item.rates,
+            "cpu_us_per_session_server_client": item.cpu_us(),
             "protocols": item.protocols,
             "error": item.error,
         }
