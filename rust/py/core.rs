@@ -79,7 +79,8 @@ impl PyCore {
     /// seconds have passed (`None`: no limit). Returns whether `watched` is readable.
     #[pyo3(signature = (watched, timeout))]
     fn drive(&self, py: Python<'_>, watched: i32, timeout: Option<f64>) -> PyResult<bool> {
-        let timeout = timeout.map(|seconds| Duration::from_secs_f64(seconds.max(0.0)));
+        // Too large to represent (or NaN): no limit.
+        let timeout = timeout.and_then(|seconds| Duration::try_from_secs_f64(seconds.max(0.0)).ok());
         let state = &self.state;
         py.detach(|| state.driver.drive(&state.bridge, watched, timeout)).map_err(os_error)
     }
