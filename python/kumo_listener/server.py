@@ -74,7 +74,11 @@ class _DrivingSelector(selectors.BaseSelector):
         readable = self._core.drive(self._selector.fileno(), timeout)
         ready = self._selector.select(0) if readable else []
         if self.on_work is not None:
-            self.on_work()
+            try:
+                self.on_work()
+            except Exception:
+                # As asyncio does for a failing callback: say so, and go on serving.
+                logger.exception("dispatching policy calls failed")
         return ready
 
     def close(self) -> None:
