@@ -169,6 +169,9 @@ pub const MAX_QUIET_RECORDS: usize = 10_000;
 struct Queue {
     calls: Vec<Call>,
     logs: Vec<LogRecord>,
+    /// Records below the logger's level as last known, kept for
+    /// [`Bridge::refresh_log_level`].
+    quiet: Vec<LogRecord>,
     /// Outcomes waiting for the next [`Bridge::hand_over_finished`].
     finished: Vec<(Call, Outcome)>,
     /// A wake-up byte is in the pipe and not yet drained.
@@ -246,26 +249,27 @@ impl Bridge {
     }
 
     /// Queue a record for Python's logger. One below the level the logger
-    /// had when Python last looked does not wake Python: it waits for the
-    /// next wake-up (Python's loop drains at least once a second), where the
-    /// logger's level at that moment decides. At most
-    /// [`MAX_QUIET_RECORDS`] of those wait; more are dropped.
+    /// had when Python last said neither wakes Python nor reaches it with
+    /// the calls: it waits for [`Bridge::refresh_log_level`] (once a
+    /// second), where the logger's level at that moment decides. At most
+    /// [`MAX_QUIET_RECORDS`] of those wait; more are dropped unformatted.
     pub fn log(&self, level: u8, message: impl FnOnce() -> String) {
         let wanted = level >= self.log_level.load(Ordering::Relaxed);
-        let record = LogRecord { level, message: message() };
         let mut queue = self.lock();
-        if !wanted && queue.logs.len() >= MAX_QUIET_RECORDS {
-            return;
-        }
-        queue.logs.push(record);
         if wanted {
+            queue.logs.push(LogRecord { level, message: message() });
             self.notify(&mut queue);
+        } else if queue.quiet.len() < MAX_QUIET_RECORDS {
+            queue.quiet.push(LogRecord { level, message: message() });
         }
     }
 
-    /// The effective level of Python's `kumo_listener` logger.
-    pub fn set_log_level(&self, level: u8) {
+    /// Take the effective level of Python's `kumo_listener` logger, and
+    /// return the records queued below the previous one that it lets through.
+    pub fn refresh_log_level(&self, level: u8) -> Vec<LogRecord> {
         self.log_level.store(level, Ordering::Relaxed);
+        let quiet = std::mem::take(&mut self.lock().quiet);
+        quiet.into_iter().filter(|record| record.level >= level).collect()
     }
 
     /// Complete a call. While Python drives the runtime, the outcome waits
@@ -369,24 +373,27 @@ mod tests {
     #[test]
     fn a_record_below_the_level_waits_without_waking() {
         let bridge = Bridge::new().unwrap();
-        bridge.set_log_level(LOG_WARNING);
+        bridge.refresh_log_level(LOG_WARNING);
+        bridge.log(LOG_DEBUG, || "quieter".into());
         bridge.log(LOG_INFO, || "quiet".into());
         assert!(!readable(&bridge));
         bridge.log(LOG_WARNING, || "loud".into());
         assert!(readable(&bridge));
-        let (_, logs) = bridge.take();
-        let messages: Vec<_> = logs.iter().map(|record| record.message.as_str()).collect();
-        assert_eq!(messages, ["quiet", "loud"]);
+        let messages = |logs: Vec<LogRecord>| logs.into_iter().map(|record| record.message).collect::<Vec<_>>();
+        assert_eq!(messages(bridge.take().1), ["loud"]);
+        // The level lowered to INFO meanwhile: the INFO record is Python's now.
+        assert_eq!(messages(bridge.refresh_log_level(LOG_INFO)), ["quiet"]);
+        assert!(bridge.refresh_log_level(LOG_DEBUG).is_empty());
     }
 
     #[test]
     fn records_below_the_level_are_bounded() {
         let bridge = Bridge::new().unwrap();
-        bridge.set_log_level(LOG_ERROR);
+        bridge.refresh_log_level(LOG_ERROR);
         for _ in 0..MAX_QUIET_RECORDS + 5 {
             bridge.log(LOG_DEBUG, String::new);
         }
-        assert_eq!(bridge.take().1.len(), MAX_QUIET_RECORDS);
+        assert_eq!(bridge.refresh_log_level(LOG_DEBUG).len(), MAX_QUIET_RECORDS);
     }
 
     #[tokio::test]

@@ -375,9 +375,9 @@ impl Session {
         Instant::now() + self.params.client_timeout
     }
 
-    /// Read more input, or stop on end of stream, deadline or shutdown.
     /// Read more into `input`, growing it by `step` when less than
-    /// [`MIN_READ`] bytes are free (reclaiming consumed space first).
+    /// [`MIN_READ`] bytes are free (reclaiming consumed space first); stop
+    /// on end of stream, deadline or shutdown.
     async fn fill_by(&mut self, deadline: Instant, step: usize) -> Step {
         let server = self.listener.server.clone();
         if self.input.capacity() - self.input.len() < MIN_READ {

@@ -89,9 +89,9 @@ class _DrivingSelector(selectors.BaseSelector):
 class _Dispatcher:
     """Runs queued policy calls on the current asyncio loop."""
 
-    # The core queues log records below the logger's level (as last told)
-    # without waking us; this often we tell it the level again and drain,
-    # logging them if the level was lowered meanwhile.
+    # The core keeps log records below the logger's level (as last told)
+    # aside, without waking us; this often we tell it the level again and
+    # log those the level now lets through (it was lowered meanwhile).
     QUIET_RECORDS_INTERVAL = 1.0
 
     def __init__(
@@ -128,16 +128,20 @@ class _Dispatcher:
         self._drain()
 
     def _drain_periodically(self) -> None:
-        self._core.set_log_level(logger.getEffectiveLevel())
+        self._log(self._core.refresh_log_level(logger.getEffectiveLevel()))
         self._drain()
         self._tick = self._loop.call_later(self.QUIET_RECORDS_INTERVAL, self._drain_periodically)
 
     def _drain(self) -> None:
         jobs, logs = self._core.take()
-        for level, message in logs:
-            logger.log(level, "%s", message)
+        self._log(logs)
         for job in jobs:
             self._run(job)
+
+    @staticmethod
+    def _log(records: list[tuple[int, str]]) -> None:
+        for level, message in records:
+            logger.log(level, "%s", message)
 
     def _run(self, job: _core.Job) -> None:
         handler = self._policy.handler(job.event)

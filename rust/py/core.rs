@@ -69,9 +69,11 @@ impl PyCore {
         self.state.bridge.set_registered(events.iter().filter_map(|name| EventKind::from_name(name)));
     }
 
-    /// Log records below `level` (Python's numbering) do not wake Python.
-    fn set_log_level(&self, level: u8) {
-        self.state.bridge.set_log_level(level);
+    /// Tell the core the `kumo_listener` logger's level (Python's numbering):
+    /// records below it do not wake Python. Returns `(level, message)` of
+    /// the records queued below the previous level that this one lets through.
+    fn refresh_log_level(&self, level: u8) -> Vec<(u8, String)> {
+        self.state.bridge.refresh_log_level(level).into_iter().map(|record| (record.level, record.message)).collect()
     }
 
     /// Run the sessions (GIL released) until policy calls or log records are
