@@ -5,135 +5,22 @@
 //! ([`Bridge::work_queued`]), or, when its loop runs apart from the
 //! sessions, from [`Bridge::watch_wake_fd`]; it takes every queued call in
 //! one go and completes each (possibly later, for `async def` handlers).
-//! Log records travel the same way so that Rust events reach Python's
-//! `logging`.
+//! Log records ([`crate::log`]) travel the same way so that Rust events
+//! reach Python's `logging`. What a call carries is in [`crate::events`].
 
-use crate::cidr::CidrSet;
-use crate::message::Message;
-use crate::meta::MetaStore;
-use crate::params::GenericParams;
-use crate::parser::Mailbox;
-use crate::sasl::PlainCredentials;
+use crate::events::{Event, EventKind, Outcome};
+use crate::log::{LogLevel, LogRecord, LogRecords, LOG_ERROR};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
+
+/// `session` still names it by this path; it lives in [`crate::events`].
+pub use crate::events::ListenerDomain;
 use tokio::sync::futures::Notified;
 use tokio::sync::{oneshot, Notify};
-
-/// The policy events a session can raise, by their registration names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
-    GetDynamicParameters,
-    ConnectionAccepted,
-    Ehlo,
-    MailFrom,
-    RcptTo,
-    GetListenerDomain,
-    Data,
-    MessageReceived,
-    AuthPlain,
-}
-
-impl EventKind {
-    pub const ALL: [EventKind; 9] = [
-        EventKind::GetDynamicParameters,
-        EventKind::ConnectionAccepted,
-        EventKind::Ehlo,
-        EventKind::MailFrom,
-        EventKind::RcptTo,
-        EventKind::GetListenerDomain,
-        EventKind::Data,
-        EventKind::MessageReceived,
-        EventKind::AuthPlain,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            EventKind::GetDynamicParameters => "smtp_server_get_dynamic_parameters",
-            EventKind::ConnectionAccepted => "smtp_server_connection_accepted",
-            EventKind::Ehlo => "smtp_server_ehlo",
-            EventKind::MailFrom => "smtp_server_mail_from",
-            EventKind::RcptTo => "smtp_server_rcpt_to",
-            EventKind::GetListenerDomain => "get_listener_domain",
-            EventKind::Data => "smtp_server_data",
-            EventKind::MessageReceived => "smtp_server_message_received",
-            EventKind::AuthPlain => "smtp_server_auth_plain",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.name() == name)
-    }
-
-    fn bit(self) -> u32 {
-        1 << (self as u32)
-    }
-}
-
-/// An event with its arguments.
-#[derive(Debug)]
-pub enum Event {
-    GetDynamicParameters { listener: Arc<str>, meta: MetaStore },
-    ConnectionAccepted { meta: MetaStore },
-    Ehlo { domain: String, meta: MetaStore, extensions: Vec<String> },
-    MailFrom { sender: Mailbox, meta: MetaStore },
-    RcptTo { recipient: Mailbox, meta: MetaStore },
-    GetListenerDomain { domain: String, listener: Arc<str>, meta: MetaStore },
-    Data { message: Arc<Message>, meta: MetaStore },
-    MessageReceived { message: Arc<Message>, meta: MetaStore },
-    AuthPlain { credentials: PlainCredentials, meta: MetaStore },
-}
-
-impl Event {
-    pub fn kind(&self) -> EventKind {
-        match self {
-            Event::GetDynamicParameters { .. } => EventKind::GetDynamicParameters,
-            Event::ConnectionAccepted { .. } => EventKind::ConnectionAccepted,
-            Event::Ehlo { .. } => EventKind::Ehlo,
-            Event::MailFrom { .. } => EventKind::MailFrom,
-            Event::RcptTo { .. } => EventKind::RcptTo,
-            Event::GetListenerDomain { .. } => EventKind::GetListenerDomain,
-            Event::Data { .. } => EventKind::Data,
-            Event::MessageReceived { .. } => EventKind::MessageReceived,
-            Event::AuthPlain { .. } => EventKind::AuthPlain,
-        }
-    }
-}
-
-/// What `get_listener_domain` said about a domain.
-#[derive(Debug, Default)]
-pub struct ListenerDomain {
-    pub relay_to: bool,
-    pub relay_from: CidrSet,
-}
-
-/// A handler's successful result, already converted to native types.
-#[derive(Debug)]
-pub enum Response {
-    Nothing,
-    /// Shared: a `ListenerParams` returned again and again is not copied.
-    Params(Arc<GenericParams>),
-    Extensions(Vec<String>),
-    ListenerDomain(ListenerDomain),
-    /// What `smtp_server_auth_plain` decided.
-    Authenticated(bool),
-}
-
-/// How a policy call ended.
-#[derive(Debug)]
-pub enum Outcome {
-    Done(Response),
-    /// The handler raised `Reject(code, text)`.
-    Reject {
-        code: u16,
-        text: String,
-    },
-    /// The handler raised, returned something unusable, or timed out. Already logged.
-    Failed(String),
-}
 
 /// One queued policy call, completed exactly once by the Python side.
 #[derive(Debug)]
@@ -149,29 +36,10 @@ impl Call {
     }
 }
 
-/// A log record for Python's `kumo_listener` logger; levels are Python's.
-#[derive(Debug)]
-pub struct LogRecord {
-    pub level: u8,
-    pub message: String,
-}
-
-pub const LOG_DEBUG: u8 = 10;
-pub const LOG_INFO: u8 = 20;
-pub const LOG_WARNING: u8 = 30;
-pub const LOG_ERROR: u8 = 40;
-
-/// How many records below the logger's last known level may wait for
-/// Python (see [`Bridge::log`]).
-pub const MAX_QUIET_RECORDS: usize = 10_000;
-
 #[derive(Default)]
 struct Queue {
     calls: Vec<Call>,
-    logs: Vec<LogRecord>,
-    /// Records below the logger's level as last known, kept for
-    /// [`Bridge::refresh_log_level`].
-    quiet: Vec<LogRecord>,
+    logs: LogRecords,
     /// Outcomes waiting for the next [`Bridge::hand_over_finished`].
     finished: Vec<(Call, Outcome)>,
     /// A wake-up byte is in the pipe and not yet drained.
@@ -187,7 +55,7 @@ pub struct Bridge {
     wake_writer: UnixStream,
     wake_reader: UnixStream,
     registered: AtomicU32,
-    log_level: AtomicU8,
+    log_level: LogLevel,
 }
 
 impl Bridge {
@@ -202,7 +70,7 @@ impl Bridge {
             wake_writer,
             wake_reader,
             registered: AtomicU32::new(0),
-            log_level: AtomicU8::new(LOG_DEBUG),
+            log_level: LogLevel::default(),
         })
     }
 
@@ -251,25 +119,21 @@ impl Bridge {
     /// Queue a record for Python's logger. One below the level the logger
     /// had when Python last said neither wakes Python nor reaches it with
     /// the calls: it waits for [`Bridge::refresh_log_level`] (once a
-    /// second), where the logger's level at that moment decides. At most
-    /// [`MAX_QUIET_RECORDS`] of those wait; more are dropped unformatted.
+    /// second), where the logger's level at that moment decides (see
+    /// [`LogRecords::push`] for the bound).
     pub fn log(&self, level: u8, message: impl FnOnce() -> String) {
-        let wanted = level >= self.log_level.load(Ordering::Relaxed);
+        let wanted = self.log_level.wants(level);
         let mut queue = self.lock();
-        if wanted {
-            queue.logs.push(LogRecord { level, message: message() });
+        if queue.logs.push(wanted, level, message) {
             self.notify(&mut queue);
-        } else if queue.quiet.len() < MAX_QUIET_RECORDS {
-            queue.quiet.push(LogRecord { level, message: message() });
         }
     }
 
     /// Take the effective level of Python's `kumo_listener` logger, and
     /// return the records queued below the previous one that it lets through.
     pub fn refresh_log_level(&self, level: u8) -> Vec<LogRecord> {
-        self.log_level.store(level, Ordering::Relaxed);
-        let quiet = std::mem::take(&mut self.lock().quiet);
-        quiet.into_iter().filter(|record| record.level >= level).collect()
+        self.log_level.set(level);
+        self.lock().logs.take_quiet(level)
     }
 
     /// Complete a call. While Python drives the runtime, the outcome waits
@@ -299,7 +163,7 @@ impl Bridge {
             let _ = (&self.wake_reader).read(&mut [0u8; 1]);
             queue.notified = false;
         }
-        (std::mem::take(&mut queue.calls), std::mem::take(&mut queue.logs))
+        (std::mem::take(&mut queue.calls), queue.logs.take())
     }
 
     fn push(&self, add: impl FnOnce(&mut Queue)) {
@@ -327,18 +191,13 @@ impl Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::{LOG_DEBUG, LOG_INFO, LOG_WARNING};
+    use crate::meta::MetaStore;
+    use std::sync::Arc;
 
     fn readable(bridge: &Bridge) -> bool {
         let mut fds = libc::pollfd { fd: bridge.watch_wake_fd(), events: libc::POLLIN, revents: 0 };
         unsafe { libc::poll(&mut fds, 1, 0) == 1 }
-    }
-
-    #[test]
-    fn event_names_round_trip() {
-        for kind in EventKind::ALL {
-            assert_eq!(EventKind::from_name(kind.name()), Some(kind));
-        }
-        assert_eq!(EventKind::from_name("init"), None);
     }
 
     #[test]
@@ -384,16 +243,6 @@ mod tests {
         // The level lowered to INFO meanwhile: the INFO record is Python's now.
         assert_eq!(messages(bridge.refresh_log_level(LOG_INFO)), ["quiet"]);
         assert!(bridge.refresh_log_level(LOG_DEBUG).is_empty());
-    }
-
-    #[test]
-    fn records_below_the_level_are_bounded() {
-        let bridge = Bridge::new().unwrap();
-        bridge.refresh_log_level(LOG_ERROR);
-        for _ in 0..MAX_QUIET_RECORDS + 5 {
-            bridge.log(LOG_DEBUG, String::new);
-        }
-        assert_eq!(bridge.refresh_log_level(LOG_DEBUG).len(), MAX_QUIET_RECORDS);
     }
 
     #[tokio::test]

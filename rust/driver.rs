@@ -168,7 +168,8 @@ fn is_readable(fd: RawFd) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bridge::{Event, LOG_ERROR};
+    use crate::events::Event;
+    use crate::log::LOG_ERROR;
     use crate::meta::MetaStore;
     use std::os::unix::net::UnixStream;
     use std::time::Instant;

@@ -3,13 +3,17 @@
 //!
 //! Pure logic (no I/O, no Python): [`parser`], [`framing`], [`reply`],
 //! [`cidr`], [`params`], [`message`], [`sasl`], [`proxy`], [`xclient`]. The server: [`server`],
-//! [`session`] over a [`stream`], [`tls`] identities, [`sink`], [`bridge`]
-//! to the Python thread, and the [`driver`] of the runtime. [`py`] is the binding.
+//! [`session`] over a [`stream`], [`tls`] identities, [`sink`], the policy
+//! [`events`] that travel through the [`bridge`] to the Python thread with
+//! the crate's [`log`] records, and the [`driver`] of the runtime. [`py`] is
+//! the binding.
 
 pub mod bridge;
 pub mod cidr;
 pub mod driver;
+pub mod events;
 pub mod framing;
+pub mod log;
 pub mod message;
 pub mod meta;
 pub mod params;

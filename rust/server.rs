@@ -1,7 +1,8 @@
 //! Listeners and their accept loops, connection limits, graceful shutdown.
 
-use crate::bridge::{Bridge, LOG_ERROR, LOG_INFO};
+use crate::bridge::Bridge;
 use crate::driver::Driver;
+use crate::log::{LOG_ERROR, LOG_INFO};
 use crate::params::{ListenerConfig, Params};
 use crate::reply::write_reply;
 use crate::session;

@@ -6,8 +6,9 @@
 //! replies. Replies to pipelined commands are collected and written in one
 //! go just before the session waits for more input.
 
-use crate::bridge::{Event, EventKind, Outcome, Response, LOG_ERROR, LOG_INFO, LOG_WARNING};
+use crate::events::{Event, EventKind, Outcome, Response};
 use crate::framing::{DataFramer, DataLimits, DataVerdict, LineEvent, LineFramer};
+use crate::log::{LOG_ERROR, LOG_INFO, LOG_WARNING};
 use crate::message::{self, Message, ReceivedInfo, Supplemental};
 use crate::meta::MetaStore;
 use crate::params::Params;

@@ -3,8 +3,9 @@
 use super::convert::to_json;
 use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyListenerParams, PyMessage};
 use super::ParamsError;
-use crate::bridge::{Bridge, Call, Event, EventKind, ListenerDomain, Outcome, Response};
+use crate::bridge::{Bridge, Call};
 use crate::cidr::{parse_cidr, CidrSet};
+use crate::events::{Event, EventKind, ListenerDomain, Outcome, Response};
 use crate::params::{parse_listener_config, parse_overrides, ParamErrors};
 use crate::server::{self, ServerState};
 use crate::sink::{Maildir, Sink};

@@ -1,0 +1,185 @@
+//! The policy event contract: the events a session raises ([`EventKind`],
+//! declared once here with their registration names, which Python gets as
+//! `_core.EVENTS`), their arguments ([`Event`]) and how a call ends
+//! ([`Outcome`], [`Response`]).
+
+use crate::cidr::CidrSet;
+use crate::message::Message;
+use crate::meta::MetaStore;
+use crate::params::GenericParams;
+use crate::parser::Mailbox;
+use crate::sasl::PlainCredentials;
+use std::sync::Arc;
+
+/// The event Python runs once at start-up. Sessions never raise it, so it
+/// has no [`EventKind`]; it is declared here so that every event name a
+/// policy may register is in this file.
+pub const INIT: &str = "init";
+
+/// Declares [`EventKind`], `ALL`, `name()` and `from_name()` from one list.
+macro_rules! event_kinds {
+    ($($(#[$doc:meta])* $kind:ident => $name:literal,)*) => {
+        /// The policy events a session can raise, by their registration names.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum EventKind {
+            $($(#[$doc])* $kind,)*
+        }
+
+        impl EventKind {
+            pub const ALL: [EventKind; [$($name),*].len()] = [$(EventKind::$kind),*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(EventKind::$kind => $name,)*
+                }
+            }
+
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name {
+                    $($name => Some(EventKind::$kind),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+event_kinds! {
+    GetDynamicParameters => "smtp_server_get_dynamic_parameters",
+    ConnectionAccepted => "smtp_server_connection_accepted",
+    Ehlo => "smtp_server_ehlo",
+    MailFrom => "smtp_server_mail_from",
+    RcptTo => "smtp_server_rcpt_to",
+    GetListenerDomain => "get_listener_domain",
+    Data => "smtp_server_data",
+    MessageReceived => "smtp_server_message_received",
+    AuthPlain => "smtp_server_auth_plain",
+}
+
+impl EventKind {
+    /// Its bit in a set of kinds kept as a `u32`.
+    pub fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+}
+
+/// Every name a policy may register a handler under: [`INIT`], then the
+/// session events.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    std::iter::once(INIT).chain(EventKind::ALL.into_iter().map(EventKind::name))
+}
+
+/// Why `name` is not an event, with the closest event name (by the pairs
+/// of adjacent characters they share, which favours a missing suffix like
+/// `_to` over a changed word) when one is close enough to be a likely typo.
+pub fn unknown(name: &str) -> String {
+    let closest = names()
+        .map(|known| (strsim::sorensen_dice(name, known), known))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .filter(|(similarity, _)| *similarity >= 0.6);
+    match closest {
+        Some((_, known)) => format!("unknown event '{name}'; did you mean '{known}'?"),
+        None => {
+            let mut known: Vec<&str> = names().collect();
+            known.sort_unstable();
+            format!("unknown event '{name}'; known events: {}", known.join(", "))
+        }
+    }
+}
+
+/// An event with its arguments.
+#[derive(Debug)]
+pub enum Event {
+    GetDynamicParameters { listener: Arc<str>, meta: MetaStore },
+    ConnectionAccepted { meta: MetaStore },
+    Ehlo { domain: String, meta: MetaStore, extensions: Vec<String> },
+    MailFrom { sender: Mailbox, meta: MetaStore },
+    RcptTo { recipient: Mailbox, meta: MetaStore },
+    GetListenerDomain { domain: String, listener: Arc<str>, meta: MetaStore },
+    Data { message: Arc<Message>, meta: MetaStore },
+    MessageReceived { message: Arc<Message>, meta: MetaStore },
+    AuthPlain { credentials: PlainCredentials, meta: MetaStore },
+}
+
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::GetDynamicParameters { .. } => EventKind::GetDynamicParameters,
+            Event::ConnectionAccepted { .. } => EventKind::ConnectionAccepted,
+            Event::Ehlo { .. } => EventKind::Ehlo,
+            Event::MailFrom { .. } => EventKind::MailFrom,
+            Event::RcptTo { .. } => EventKind::RcptTo,
+            Event::GetListenerDomain { .. } => EventKind::GetListenerDomain,
+            Event::Data { .. } => EventKind::Data,
+            Event::MessageReceived { .. } => EventKind::MessageReceived,
+            Event::AuthPlain { .. } => EventKind::AuthPlain,
+        }
+    }
+}
+
+/// What `get_listener_domain` said about a domain.
+#[derive(Debug, Default)]
+pub struct ListenerDomain {
+    pub relay_to: bool,
+    pub relay_from: CidrSet,
+}
+
+/// A handler's successful result, already converted to native types.
+#[derive(Debug)]
+pub enum Response {
+    Nothing,
+    /// Shared: a `ListenerParams` returned again and again is not copied.
+    Params(Arc<GenericParams>),
+    Extensions(Vec<String>),
+    ListenerDomain(ListenerDomain),
+    /// What `smtp_server_auth_plain` decided.
+    Authenticated(bool),
+}
+
+/// How a policy call ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Done(Response),
+    /// The handler raised `Reject(code, text)`.
+    Reject {
+        code: u16,
+        text: String,
+    },
+    /// The handler raised, returned something unusable, or timed out. Already logged.
+    Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_round_trip() {
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::from_name(kind.name()), Some(kind));
+        }
+        assert_eq!(EventKind::from_name(INIT), None);
+        assert_eq!(names().count(), EventKind::ALL.len() + 1);
+    }
+
+    #[test]
+    fn every_kind_has_its_own_bit() {
+        let mask = EventKind::ALL.into_iter().fold(0, |mask, kind| mask | kind.bit());
+        assert_eq!(mask.count_ones() as usize, EventKind::ALL.len());
+    }
+
+    #[test]
+    fn an_unknown_name_suggests_the_closest_event() {
+        assert_eq!(
+            unknown("smtp_server_rcpt"),
+            "unknown event 'smtp_server_rcpt'; did you mean 'smtp_server_rcpt_to'?"
+        );
+        assert_eq!(
+            unknown("smtp_server_mail"),
+            "unknown event 'smtp_server_mail'; did you mean 'smtp_server_mail_from'?"
+        );
+        assert_eq!(unknown("smtp_server_ehol"), "unknown event 'smtp_server_ehol'; did you mean 'smtp_server_ehlo'?");
+        let far = unknown("on_connect");
+        assert!(far.starts_with("unknown event 'on_connect'; known events: get_listener_domain, init, "), "{far}");
+    }
+}
