@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 
 import kumo_listener as kumo
 import pytest
 from conftest import delivered
+from kumo_listener import _core
 
 
 def transaction(client, sender="a@b.example", recipient="c@d.example"):
@@ -282,6 +284,25 @@ def test_handler_slower_than_data_processing_timeout(policy, listen, raw):
 def test_unknown_event_names_are_refused(policy):
     with pytest.raises(ValueError, match="unknown event"):
         policy.on("smtp_server_mail", print)
+
+
+def test_an_unknown_event_name_suggests_the_closest_event(policy):
+    message = "unknown event 'smtp_server_rcpt'; did you mean 'smtp_server_rcpt_to'?"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        policy.on("smtp_server_rcpt", print)
+    assert policy.events() == []
+
+
+def test_the_event_names_come_from_the_core():
+    assert kumo.EVENTS == _core.EVENTS
+    assert {"init", "smtp_server_rcpt_to", "get_listener_domain"} <= kumo.EVENTS
+
+
+def test_the_core_refuses_handlers_for_unknown_events():
+    core = _core.Core("discard")
+    core.set_handlers(["init", "smtp_server_ehlo"])
+    with pytest.raises(ValueError, match="unknown event 'smtp_server_helo'; did you mean"):
+        core.set_handlers(["smtp_server_helo"])
 
 
 def test_memoize_caches_per_arguments_with_ttl_and_capacity():

@@ -5,23 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
+from . import _core
+
 Handler = Callable[..., Any]
 F = TypeVar("F", bound=Handler)
 
-EVENTS: frozenset[str] = frozenset(
-    {
-        "init",
-        "smtp_server_get_dynamic_parameters",
-        "smtp_server_connection_accepted",
-        "smtp_server_ehlo",
-        "smtp_server_mail_from",
-        "smtp_server_rcpt_to",
-        "get_listener_domain",
-        "smtp_server_data",
-        "smtp_server_message_received",
-        "smtp_server_auth_plain",
-    }
-)
+#: Every event a handler may be registered for: ``init``, which Python runs
+#: at start-up, and the events sessions raise. Declared in the core
+#: (``rust/events.rs``).
+EVENTS: frozenset[str] = _core.EVENTS
 
 
 class Policy:
@@ -38,9 +30,7 @@ class Policy:
 
     def on(self, event: str, fn: Handler | None = None) -> Any:
         """Register ``fn`` for ``event``; without ``fn``, a decorator."""
-        if event not in EVENTS:
-            known = ", ".join(sorted(EVENTS))
-            raise ValueError(f"unknown event {event!r}; known events: {known}")
+        _core.check_event(event)  # ValueError for an unknown name, suggesting the closest
 
         def register(handler: F) -> F:
             if not callable(handler):

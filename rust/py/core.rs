@@ -5,7 +5,7 @@ use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyListenerParams, PyMe
 use super::ParamsError;
 use crate::bridge::{Bridge, Call};
 use crate::cidr::{parse_cidr, CidrSet};
-use crate::events::{Event, EventKind, ListenerDomain, Outcome, Response};
+use crate::events::{self, Event, EventKind, ListenerDomain, Outcome, Response};
 use crate::params::{parse_listener_config, parse_overrides, ParamErrors};
 use crate::server::{self, ServerState};
 use crate::sink::{Maildir, Sink};
@@ -66,8 +66,19 @@ impl PyCore {
     }
 
     /// Tell the core which events have handlers, so it skips the others.
-    fn set_handlers(&self, events: Vec<String>) {
-        self.state.bridge.set_registered(events.iter().filter_map(|name| EventKind::from_name(name)));
+    /// `init` is accepted and ignored (Python runs it); any other name that
+    /// is not an event raises `ValueError`.
+    fn set_handlers(&self, events: Vec<String>) -> PyResult<()> {
+        let mut kinds = Vec::with_capacity(events.len());
+        for name in &events {
+            match EventKind::from_name(name) {
+                Some(kind) => kinds.push(kind),
+                None if name == events::INIT => {}
+                None => return Err(PyValueError::new_err(events::unknown(name))),
+            }
+        }
+        self.state.bridge.set_registered(kinds);
+        Ok(())
     }
 
     /// Tell the core the `kumo_listener` logger's level (Python's numbering):

@@ -4,10 +4,12 @@ mod convert;
 mod core;
 mod objects;
 
+use crate::events;
 use crate::params::{parse_duration, parse_overrides};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyFrozenSet;
 
 create_exception!(
     _core,
@@ -36,6 +38,17 @@ fn duration_seconds(value: &Bound<'_, PyAny>) -> PyResult<f64> {
     parse_duration(&value).map(|d| d.as_secs_f64()).map_err(PyValueError::new_err)
 }
 
+/// Raise `ValueError` unless `name` is an event a handler may be registered
+/// for; the message suggests the closest event name.
+#[pyfunction]
+fn check_event(name: &str) -> PyResult<()> {
+    if events::names().any(|known| known == name) {
+        Ok(())
+    } else {
+        Err(PyValueError::new_err(events::unknown(name)))
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<core::PyCore>()?;
@@ -47,5 +60,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ParamsError", m.py().get_type::<ParamsError>())?;
     m.add_function(wrap_pyfunction!(validate_overrides, m)?)?;
     m.add_function(wrap_pyfunction!(duration_seconds, m)?)?;
+    m.add_function(wrap_pyfunction!(check_event, m)?)?;
+    m.add("EVENTS", PyFrozenSet::new(m.py(), events::names())?)?;
     Ok(())
 }
