@@ -5,8 +5,9 @@
 //! [`cidr`], [`params`], [`message`], [`sasl`], [`proxy`], [`xclient`]. The server: [`server`],
 //! [`session`] over a [`stream`], [`tls`] identities, [`sink`], the policy
 //! [`events`] that travel through the [`bridge`] to the Python thread with
-//! the crate's [`log`] records, and the [`driver`] of the runtime. [`py`] is
-//! the binding.
+//! the crate's [`log`] records, and the [`driver`] of the runtime. `py` is
+//! the binding, built with the `python` feature (maturin turns it on), so
+//! that unit tests, benches and fuzz targets need no libpython.
 
 pub mod bridge;
 pub mod cidr;
@@ -19,6 +20,7 @@ pub mod meta;
 pub mod params;
 pub mod parser;
 pub mod proxy;
+#[cfg(feature = "python")]
 mod py;
 pub mod reply;
 pub mod sasl;
@@ -32,5 +34,7 @@ pub mod xclient;
 /// Sessions allocate and free many small buffers and strings per message;
 /// glibc's malloc spent a tenth of the server's user time on them,
 /// consolidating its fast bins at every allocation of a KiB or more.
+/// Global for every build of the crate, so that unit tests and benches
+/// measure the allocator the extension uses.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
