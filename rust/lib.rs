@@ -2,7 +2,9 @@
 //! its listeners, with policy written in Python.
 //!
 //! Pure logic (no I/O, no Python): [`parser`], [`framing`], [`reply`],
-//! [`cidr`], [`params`], [`message`], [`sasl`], [`proxy`], [`xclient`]. The server: [`server`],
+//! [`cidr`], [`params`], [`sasl`], [`proxy`], [`xclient`]; [`message`] too,
+//! except that it reads the clock, the local time zone and the process id
+//! for message ids and `Received:` headers. The server: [`server`],
 //! [`session`] over a [`stream`], [`tls`] identities, [`sink`], the policy
 //! [`events`] that travel through the [`bridge`] to the Python thread with
 //! the crate's [`log`] records, and the [`driver`] of the runtime. `py` is

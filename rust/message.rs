@@ -1,5 +1,8 @@
 //! Messages as handed to policy and sinks: identifiers, trace headers and
-//! splitting a transaction by `batch_handling`. No I/O.
+//! splitting a transaction by `batch_handling`. No sockets or files of its
+//! own, but not pure: ids read the clock and the process id and count in a
+//! process-wide counter, and the `Received:` header's date is local time
+//! (chrono reads the system's time zone for it).
 
 use crate::meta::MetaStore;
 use crate::params::BatchHandling;
@@ -20,7 +23,9 @@ pub struct Message {
     /// The reverse path; the null sender `<>` has an empty local part and domain.
     pub sender: Mailbox,
     pub recipients: Vec<Mailbox>,
-    /// The message as received, trace headers first. Shared by split parts.
+    /// The message as received, trace headers first. Split parts share the
+    /// transaction's bytes, except with a supplemental header: each part is
+    /// then a copy with its own header in front.
     pub data: Bytes,
     pub meta: MetaStore,
 }

@@ -52,10 +52,6 @@ impl Maildir {
         Ok(Self { root, host })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn deliver(&self, messages: &[Arc<Message>]) -> io::Result<()> {
         let names: Vec<String> = messages.iter().map(|m| self.file_name(m)).collect();
         let mut staged = Vec::with_capacity(messages.len());
