@@ -189,15 +189,15 @@ def port_free(port: int) -> bool:
     return True
 
 
-@pytest.mark.skipif(not port_free(2525), reason="127.0.0.1:2525 is in use on this machine")
-def test_the_embedded_default_is_loopback_2525_into_maildir(tmp_path: Path):
+@pytest.mark.skipif(not port_free(2025), reason="127.0.0.1:2025 is in use on this machine")
+def test_the_embedded_default_is_loopback_2025_into_maildir(tmp_path: Path):
     process = subprocess.Popen(
         ["kumo-listener", "serve"], cwd=tmp_path, stdout=subprocess.PIPE, text=True
     )
     try:
         assert process.stdout is not None
-        assert "listening on 127.0.0.1:2525" in process.stdout.readline()
-        with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as client:
+        assert "listening on 127.0.0.1:2025" in process.stdout.readline()
+        with smtplib.SMTP("127.0.0.1", 2025, timeout=10) as client:
             client.sendmail("a@b.example", ["c@d.example"], b"Subject: default\r\n\r\nx\r\n")
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0

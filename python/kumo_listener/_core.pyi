@@ -4,6 +4,8 @@ from typing import Any, final
 
 #: Every event a handler may be registered for (``init`` included).
 EVENTS: frozenset[str]
+#: ``listen`` when none is given: ``start_esmtp_listener``, ``kumo-listener serve``.
+DEFAULT_LISTEN: str
 
 class ParamsError(ValueError):
     """Invalid listener parameters; the message lists every error with its key path."""

@@ -16,8 +16,6 @@ from typing import Any
 from . import _core
 from .server import configure, default_server
 
-DEFAULT_LISTEN = "127.0.0.1:2525"
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -34,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", help="a Python policy file")
     serve.add_argument(
         "--listen",
-        help=f"address to listen on when the policy has no init handler (default {DEFAULT_LISTEN})",
+        help="address to listen on when the policy has no init handler"
+        f" (default {_core.DEFAULT_LISTEN})",
     )
     serve.add_argument(
         "--maildir", default="maildir", help="Maildir to deliver to (default ./maildir)"
@@ -78,7 +77,7 @@ def serve(args: argparse.Namespace) -> int:
 
     def ready() -> None:
         if not has_init:
-            server.start_esmtp_listener(listen=args.listen or DEFAULT_LISTEN)
+            server.start_esmtp_listener(listen=args.listen or _core.DEFAULT_LISTEN)
         places = ", ".join(f"{host}:{port}" for host, port in (x.address for x in server.listeners))
         # One write: workers share the pipe, and print() writes the newline apart.
         sys.stdout.write(

@@ -251,7 +251,7 @@ class Server:
     def start_esmtp_listener(self, **params: Any) -> Listener:
         """Validate ``params`` and start a listener (see the contract's list)."""
         bound = self._core.start_listener(params)
-        listener = Listener(str(params.get("listen", "127.0.0.1:2025")), bound)
+        listener = Listener(str(params.get("listen", _core.DEFAULT_LISTEN)), bound)
         self._listeners.append(listener)
         return listener
 

@@ -5,7 +5,7 @@ mod core;
 mod objects;
 
 use crate::events;
-use crate::params::{parse_duration, parse_overrides};
+use crate::params::{parse_duration, parse_overrides, DEFAULT_LISTEN};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -62,5 +62,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(duration_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(check_event, m)?)?;
     m.add("EVENTS", PyFrozenSet::new(m.py(), events::names())?)?;
+    m.add("DEFAULT_LISTEN", DEFAULT_LISTEN)?;
     Ok(())
 }
