@@ -26,6 +26,8 @@ cargo clippy --release --all-targets --quiet -- -D warnings
 cargo clippy --release --all-targets --all-features --quiet -- -D warnings
 python3 -m ruff check python tests benches
 python3 -m ruff format --check python tests benches
+# The stubs of the compiled core against the installed module.
+python3 -m mypy.stubtest kumo_listener._core
 python3 -m pytest "$@"
 
 bash tools/fuzz.sh "${FUZZ_SECONDS:-15}"

@@ -2,6 +2,23 @@
 
 from typing import Any, final
 
+# PyO3 sets the module's __all__ to everything it adds; stubtest checks this
+# list against it.
+__all__ = [
+    "DEFAULT_LISTEN",
+    "EVENTS",
+    "ConnectionMeta",
+    "Core",
+    "EnvelopeAddress",
+    "Job",
+    "ListenerParams",
+    "Message",
+    "ParamsError",
+    "check_event",
+    "duration_seconds",
+    "validate_overrides",
+]
+
 #: Every event a handler may be registered for (``init`` included).
 EVENTS: frozenset[str]
 #: ``listen`` when none is given: ``start_esmtp_listener``, ``kumo-listener serve``.
@@ -39,7 +56,7 @@ class Message:
 class ListenerParams:
     """Overrides validated once, for ``smtp_server_get_dynamic_parameters`` to return."""
 
-    def __init__(self, params: dict[str, Any] | None = None, /, **overrides: Any) -> None: ...
+    def __new__(cls, params: dict[str, Any] | None = None, **overrides: Any) -> ListenerParams: ...
 
 @final
 class Job:
@@ -53,7 +70,7 @@ class Job:
 
 @final
 class Core:
-    def __init__(self, sink: str, maildir: str | None = None, reuse_port: bool = False) -> None: ...
+    def __new__(cls, sink: str, maildir: str | None = None, reuse_port: bool = False) -> Core: ...
     def start_listener(self, params: dict[str, Any]) -> tuple[str, int]: ...
     def set_handlers(self, events: list[str]) -> None:
         """Raises ``ValueError`` for a name that is not an event."""
