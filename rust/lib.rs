@@ -9,7 +9,9 @@
 pub mod bridge;
 pub mod cidr;
 pub mod driver;
+pub mod events;
 pub mod framing;
+pub mod log;
 pub mod message;
 pub mod meta;
 pub mod params;

@@ -5,6 +5,7 @@ use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyListenerParams, PyMe
 use super::ParamsError;
 use crate::bridge::{Bridge, Call, Event, EventKind, ListenerDomain, Outcome, Response};
 use crate::cidr::{parse_cidr, CidrSet};
+use crate::driver::Driver;
 use crate::params::{parse_listener_config, parse_overrides, ParamErrors};
 use crate::server::{self, ServerState};
 use crate::sink::{Maildir, Sink};
@@ -29,6 +30,9 @@ fn os_error(error: std::io::Error) -> PyErr {
 #[pyclass(frozen, module = "kumo_listener._core", name = "Core")]
 pub struct PyCore {
     state: Arc<ServerState>,
+    /// Held here, not by the state the tasks hold: dropping the core drops
+    /// the runtime, and every task and socket with it.
+    driver: Driver,
 }
 
 #[pymethods]
@@ -47,7 +51,7 @@ impl PyCore {
             }
         };
         let bridge = Bridge::new().map_err(os_error)?;
-        Ok(Self { state: ServerState::new(Arc::new(bridge), sink, reuse_port).map_err(os_error)? })
+        Ok(Self { state: ServerState::new(Arc::new(bridge), sink, reuse_port), driver: Driver::new().map_err(os_error)? })
     }
 
     /// Validate `params`, bind the listener and start serving it.
@@ -60,7 +64,7 @@ impl PyCore {
             return Err(params_error(&ParamErrors(tls_errors)));
         }
         let state = self.state.clone();
-        let bound = py.detach(|| server::start_listener(state, config)).map_err(os_error)?;
+        let bound = py.detach(|| server::start_listener(state, self.driver.handle(), config)).map_err(os_error)?;
         Ok((bound.ip().to_string(), bound.port()))
     }
 
@@ -83,25 +87,24 @@ impl PyCore {
     fn drive(&self, py: Python<'_>, watched: i32, timeout: Option<f64>) -> PyResult<bool> {
         // Too large to represent (or NaN): no limit.
         let timeout = timeout.and_then(|seconds| Duration::try_from_secs_f64(seconds.max(0.0)).ok());
-        let state = &self.state;
-        py.detach(|| state.driver.drive(&state.bridge, watched, timeout)).map_err(os_error)
+        py.detach(|| self.driver.drive(&self.state.bridge, watched, timeout)).map_err(os_error)
     }
 
     /// Stop watching the descriptor `drive` watched; call before closing it.
     fn unwatch(&self) {
-        self.state.driver.unwatch();
+        self.driver.unwatch();
     }
 
     /// Run the sessions on a thread of their own, for a Python loop that
     /// does not call `drive`. Returns the descriptor that becomes readable
     /// when policy calls or log records are queued.
     fn drive_in_background(&self) -> PyResult<i32> {
-        self.state.driver.drive_in_background().map_err(os_error)?;
+        self.driver.drive_in_background().map_err(os_error)?;
         Ok(self.state.bridge.watch_wake_fd())
     }
 
     fn stop_background(&self, py: Python<'_>) {
-        py.detach(|| self.state.driver.stop_background());
+        py.detach(|| self.driver.stop_background());
     }
 
     /// Queued policy calls and log records `(level, message)`.
