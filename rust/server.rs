@@ -32,6 +32,8 @@ pub struct ServerState {
     tls: Arc<TlsCache>,
     shutdown: watch::Sender<bool>,
     sessions: AtomicUsize,
+    /// Listening sockets still open: each closes when its accept loop sees the shutdown.
+    listening: AtomicUsize,
 }
 
 impl ServerState {
@@ -43,6 +45,7 @@ impl ServerState {
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             shutdown: watch::Sender::new(false),
             sessions: AtomicUsize::new(0),
+            listening: AtomicUsize::new(0),
         })
     }
 
@@ -53,6 +56,10 @@ impl ServerState {
 
     pub fn active_sessions(&self) -> usize {
         self.sessions.load(Ordering::Acquire)
+    }
+
+    pub fn open_listeners(&self) -> usize {
+        self.listening.load(Ordering::Acquire)
     }
 
     fn shutdown_signal(&self) -> Shutdown {
@@ -104,6 +111,7 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
     let listener = Arc::new(Listener { context, server, connections: AtomicUsize::new(0) });
     let _entered = runtime.enter();
     let socket = TcpListener::from_std(socket)?;
+    listener.server.listening.fetch_add(1, Ordering::AcqRel);
     runtime.spawn(accept_loop(socket, listener));
     Ok(bound)
 }
@@ -139,6 +147,8 @@ async fn accept_loop(socket: TcpListener, listener: Arc<Listener>) {
             }
         }
     }
+    drop(socket);
+    listener.server.listening.fetch_sub(1, Ordering::AcqRel);
     context.policy.log(LOG_INFO, || format!("stopped listening on {}", context.listener));
 }
 
@@ -162,7 +172,8 @@ fn admit(stream: TcpStream, remote: SocketAddr, listener: &Arc<Listener>) {
 async fn refuse_busy(mut stream: TcpStream, config: &ListenerConfig) {
     let hostname = config.params.hostname.clone().unwrap_or_else(|| Params::default().hostname);
     let mut reply = Vec::new();
-    Reply::with_text(421, "4.3.2", format!("{hostname} too many concurrent sessions. Try later")).write(&mut reply, true);
+    Reply::with_text(421, "4.3.2", format!("{hostname} too many concurrent sessions. Try later"))
+        .write(&mut reply, true);
     let _ = stream.write_all(&reply).await;
     let _ = stream.shutdown().await;
 }

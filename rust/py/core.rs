@@ -51,7 +51,10 @@ impl PyCore {
             }
         };
         let bridge = Bridge::new().map_err(os_error)?;
-        Ok(Self { state: ServerState::new(Arc::new(bridge), sink, reuse_port), driver: Driver::new().map_err(os_error)? })
+        Ok(Self {
+            state: ServerState::new(Arc::new(bridge), sink, reuse_port),
+            driver: Driver::new().map_err(os_error)?,
+        })
     }
 
     /// Validate `params`, bind the listener and start serving it.
@@ -122,6 +125,11 @@ impl PyCore {
 
     fn active_sessions(&self) -> usize {
         self.state.active_sessions()
+    }
+
+    /// Listening sockets not yet closed since `begin_shutdown`.
+    fn open_listeners(&self) -> usize {
+        self.state.open_listeners()
     }
 
     fn describe_sink(&self) -> String {

@@ -14,7 +14,11 @@ impl<S: Transport> Session<S> {
             return self.refuse(Reply::new(503, "5.5.1", "authentication not enabled"));
         }
         if !self.stream.is_tls() {
-            return self.refuse(Reply::new(538, "5.7.11", "encryption required for requested authentication mechanism"));
+            return self.refuse(Reply::new(
+                538,
+                "5.7.11",
+                "encryption required for requested authentication mechanism",
+            ));
         }
         if self.helo.is_none() || self.authenticated.is_some() || self.transaction.is_some() {
             return self.refuse(Reply::new(503, "5.5.1", "AUTH only after EHLO, once, outside a mail transaction"));

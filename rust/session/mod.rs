@@ -151,7 +151,8 @@ impl<S: Transport> Session<S> {
                 io::Framed::Line { len, consumed } => {
                     if is_http_request(&self.input[..len]) {
                         // Postfix's exact words, without our hostname: a web client learns nothing.
-                        Reply::new(221, "2.7.0", "Error: I can break rules, too. Goodbye.").write(&mut self.output, true);
+                        Reply::new(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
+                            .write(&mut self.output, true);
                         return Err(Stop::Closing);
                     }
                     let parsed = parse_command(&self.input[..len]);

@@ -82,7 +82,11 @@ fn nothing(_: &Event) -> Outcome {
     Outcome::Done(Response::Nothing)
 }
 
-fn harness(params: Value, registered: &[EventKind], script: impl Fn(&Event) -> Outcome + Send + Sync + 'static) -> Harness {
+fn harness(
+    params: Value,
+    registered: &[EventKind],
+    script: impl Fn(&Event) -> Outcome + Send + Sync + 'static,
+) -> Harness {
     Harness::new(params, registered, script, Sink::Discard).expect("valid parameters")
 }
 
@@ -146,7 +150,9 @@ async fn ehlo_lists_extensions_and_helo_does_not() {
 #[tokio::test]
 async fn the_ehlo_handler_replaces_extensions_or_refuses() {
     let script = |event: &Event| match event {
-        Event::Ehlo { domain, .. } if domain == "bad.test" => Outcome::Reject { code: 550, text: "5.7.1 go away".into() },
+        Event::Ehlo { domain, .. } if domain == "bad.test" => {
+            Outcome::Reject { code: 550, text: "5.7.1 go away".into() }
+        }
         Event::Ehlo { .. } => Outcome::Done(Response::Extensions(vec!["PIPELINING".into()])),
         _ => nothing(event),
     };
@@ -217,7 +223,10 @@ async fn relaying_is_refused_outside_relay_hosts() {
 async fn get_listener_domain_opens_a_domain() {
     let script = |event: &Event| match event {
         Event::GetListenerDomain { domain, .. } if domain == "open.test" => {
-            Outcome::Done(Response::ListenerDomain(crate::events::ListenerDomain { relay_to: true, ..Default::default() }))
+            Outcome::Done(Response::ListenerDomain(crate::events::ListenerDomain {
+                relay_to: true,
+                ..Default::default()
+            }))
         }
         _ => nothing(event),
     };
@@ -278,7 +287,9 @@ async fn http_on_the_smtp_port() {
 async fn policy_refusals_and_failures_at_each_stage() {
     let script = |event: &Event| match event {
         Event::MailFrom { sender, .. } if sender.local_part == "fail" => Outcome::Failed("broken".into()),
-        Event::MailFrom { sender, .. } if sender.local_part == "bye" => Outcome::Reject { code: 421, text: "later".into() },
+        Event::MailFrom { sender, .. } if sender.local_part == "bye" => {
+            Outcome::Reject { code: 421, text: "later".into() }
+        }
         Event::MailFrom { .. } => Outcome::Reject { code: 550, text: "no senders".into() },
         _ => nothing(event),
     };
@@ -286,7 +297,10 @@ async fn policy_refusals_and_failures_at_each_stage() {
     let mut client = greeted(&harness, CLIENT).await;
     client.command("EHLO client.test").await;
     assert_eq!(client.code("MAIL FROM:<a@b.test>").await, (550, "5.0.0 no senders".into()));
-    assert_eq!(client.code("MAIL FROM:<fail@b.test>").await, (451, "4.3.0 temporary policy failure, try again later".into()));
+    assert_eq!(
+        client.code("MAIL FROM:<fail@b.test>").await,
+        (451, "4.3.0 temporary policy failure, try again later".into())
+    );
     assert_eq!(client.code("MAIL FROM:<bye@b.test>").await, (421, "4.0.0 later".into()));
     client.expect_closed().await;
 }
