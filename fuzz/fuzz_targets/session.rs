@@ -8,7 +8,8 @@
 
 #![no_main]
 
-mod common;
+#[path = "common/chunks.rs"]
+mod chunks;
 
 use kumo_listener::events::{Event, EventKind, Outcome, Response};
 use kumo_listener::session::testing::Harness;
@@ -22,7 +23,7 @@ fuzz_target!(|input: &[u8]| {
     let Some((&mode, rest)) = input.split_first() else {
         return;
     };
-    let (stream, chunks) = common::chunks::split(rest);
+    let (stream, chunks) = chunks::split(rest);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
     let output = runtime.block_on(async {
         let harness = harness(mode);
@@ -51,11 +52,12 @@ fuzz_target!(|input: &[u8]| {
 });
 
 fn harness(mode: u8) -> Harness {
+    let line_endings = ["Deny", "Allow", "Fix"][usize::from(mode >> 6) % 3];
     let params = json!({
         "hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"], "max_message_size": 2000,
         "max_recipients_per_message": 3, "max_messages_per_connection": 4, "line_length_hard_limit": 600,
         "client_timeout": 5, "allow_xclient": mode & 1 != 0, "require_proxy_protocol": mode & 2 != 0,
-        "invalid_line_endings": ["Deny", "Allow", "Fix"][usize::from(mode >> 6) % 3],
+        "invalid_line_endings": line_endings,
     });
     let registered = [EventKind::Ehlo, EventKind::MailFrom, EventKind::RcptTo, EventKind::Data, EventKind::AuthPlain];
     let script = move |event: &Event| match event {
