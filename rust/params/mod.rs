@@ -4,42 +4,63 @@
 //! matching the client → the `via` block matching our address (each block
 //! applied by the same rule, recursively) → the dynamic result, alike.
 //! Pure logic.
+//!
+//! Every parameter is declared once, as a row of the table below
+//! (`listener_params!`, see [`macros`]): its type, default, parser and how it
+//! merges. The structs, the defaults, the merge, the parser and the list of
+//! known keys all come from it.
+
+#[macro_use]
+mod macros;
+mod parse;
 
 use crate::cidr::{parse_cidr, CidrMap, CidrSet};
 use crate::framing::LineEndings;
+use parse::{
+    batch_handling, boolean, cidr_blocks, cidr_list, hostname, line_endings, line_limit, meta, parse_listen,
+    positive_integer, relay_hosts, string, trace_headers, unknown_key, Errors,
+};
+pub use parse::{key_path, parse_duration, parse_key_source, ParamError, ParamErrors};
 use serde_json::{Map, Value};
-use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2025";
 const DEFAULT_MAX_CONNECTIONS: usize = 32768;
-const TOP_LEVEL_ONLY: [&str; 3] = ["listen", "max_connections", "implicit_tls"];
-const ANYWHERE: [&str; 21] = [
-    "hostname",
-    "banner",
-    "relay_hosts",
-    "client_timeout",
-    "data_processing_timeout",
-    "max_message_size",
-    "max_recipients_per_message",
-    "max_messages_per_connection",
-    "data_buffer_size",
-    "line_length_hard_limit",
-    "invalid_line_endings",
-    "meta",
-    "peer",
-    "via",
-    "batch_handling",
-    "trace_headers",
-    "tls_certificate",
-    "tls_private_key",
-    "tls_required_client_ca",
-    "allow_xclient",
-    "require_proxy_protocol",
-];
+
+listener_params! {
+    top_level {
+        /// As configured, e.g. `"0.0.0.0:25"`; known to parse as a socket address.
+        listen: String = DEFAULT_LISTEN.into(), parse_listen;
+        max_connections: usize = DEFAULT_MAX_CONNECTIONS, positive_integer;
+        /// TLS from the first byte (RFC 8314, port 465) instead of STARTTLS.
+        implicit_tls: bool = false, boolean;
+    }
+    anywhere {
+        // name: type = default, how parser, merge;
+        hostname: String = machine_hostname().to_owned(), value hostname, set;
+        banner: String = "kumo_listener".into(), value string, set;
+        relay_hosts: Arc<CidrSet> = loopback(), tree relay_hosts, set;
+        client_timeout: Duration = Duration::from_secs(60), value parse_duration, set;
+        data_processing_timeout: Duration = Duration::from_secs(300), value parse_duration, set;
+        max_message_size: usize = 20 * 1024 * 1024, value positive_integer, set;
+        max_recipients_per_message: usize = 1024, value positive_integer, set;
+        max_messages_per_connection: usize = 10_000, value positive_integer, set;
+        data_buffer_size: usize = 128 * 1024, value positive_integer, set;
+        line_length_hard_limit: usize = 998, value line_limit, set;
+        invalid_line_endings: LineEndings = LineEndings::Deny, value line_endings, set;
+        meta: Map<String, Value> = Map::new(), value meta, keys;
+        batch_handling: BatchHandling = BatchHandling::BifurcateAlways, value batch_handling, set;
+        trace_headers: TraceHeaders = TraceHeaders::default(), tree trace_headers, fields(TraceHeadersOverride);
+        tls_certificate: KeySource = None, value parse_key_source, option;
+        tls_private_key: KeySource = None, value parse_key_source, option;
+        tls_required_client_ca: KeySource = None, value parse_key_source, option;
+        allow_xclient: bool = false, value boolean, set;
+        require_proxy_protocol: bool = false, value boolean, set;
+    }
+}
 
 /// How a transaction is split into the messages policy and the sink see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -90,55 +111,14 @@ pub struct TraceHeadersOverride {
     include_meta_names: Option<Vec<String>>,
 }
 
-/// Parameters as given at one level (top level, a block, a dynamic result):
-/// each field is set only where it was given.
-#[derive(Clone, Debug, Default)]
-pub struct GenericParams {
-    pub hostname: Option<String>,
-    pub banner: Option<String>,
-    pub relay_hosts: Option<Arc<CidrSet>>,
-    pub client_timeout: Option<Duration>,
-    pub data_processing_timeout: Option<Duration>,
-    pub max_message_size: Option<usize>,
-    pub max_recipients_per_message: Option<usize>,
-    pub max_messages_per_connection: Option<usize>,
-    pub data_buffer_size: Option<usize>,
-    pub line_length_hard_limit: Option<usize>,
-    pub invalid_line_endings: Option<LineEndings>,
-    pub meta: Map<String, Value>,
-    pub batch_handling: Option<BatchHandling>,
-    pub trace_headers: Option<TraceHeadersOverride>,
-    pub tls_certificate: Option<KeySource>,
-    pub tls_private_key: Option<KeySource>,
-    pub tls_required_client_ca: Option<KeySource>,
-    pub allow_xclient: Option<bool>,
-    pub require_proxy_protocol: Option<bool>,
-    pub peer: CidrMap<GenericParams>,
-    pub via: CidrMap<GenericParams>,
-}
-
-/// The effective parameters of one connection.
-#[derive(Clone, Debug)]
-pub struct Params {
-    pub hostname: String,
-    pub banner: String,
-    pub relay_hosts: Arc<CidrSet>,
-    pub client_timeout: Duration,
-    pub data_processing_timeout: Duration,
-    pub max_message_size: usize,
-    pub max_recipients_per_message: usize,
-    pub max_messages_per_connection: usize,
-    pub data_buffer_size: usize,
-    pub line_length_hard_limit: usize,
-    pub invalid_line_endings: LineEndings,
-    pub meta: Map<String, Value>,
-    pub batch_handling: BatchHandling,
-    pub trace_headers: TraceHeaders,
-    pub tls_certificate: Option<KeySource>,
-    pub tls_private_key: Option<KeySource>,
-    pub tls_required_client_ca: Option<KeySource>,
-    pub allow_xclient: bool,
-    pub require_proxy_protocol: bool,
+impl TraceHeaders {
+    /// The `fields` merge of `trace_headers`: each field given replaces ours.
+    fn apply(&mut self, layer: &TraceHeadersOverride) {
+        param_kind!(@merge set, self.received_header, layer.received_header);
+        param_kind!(@merge set, self.supplemental_header, layer.supplemental_header);
+        param_kind!(@merge set, self.header_name, layer.header_name);
+        param_kind!(@merge set, self.include_meta_names, layer.include_meta_names);
+    }
 }
 
 /// The machine's hostname, looked up once.
@@ -157,41 +137,6 @@ fn loopback() -> Arc<CidrSet> {
         .clone()
 }
 
-impl Default for Params {
-    fn default() -> Self {
-        Self {
-            hostname: machine_hostname().to_owned(),
-            banner: "kumo_listener".into(),
-            relay_hosts: loopback(),
-            client_timeout: Duration::from_secs(60),
-            data_processing_timeout: Duration::from_secs(300),
-            max_message_size: 20 * 1024 * 1024,
-            max_recipients_per_message: 1024,
-            max_messages_per_connection: 10_000,
-            data_buffer_size: 128 * 1024,
-            line_length_hard_limit: 998,
-            invalid_line_endings: LineEndings::Deny,
-            meta: Map::new(),
-            batch_handling: BatchHandling::BifurcateAlways,
-            trace_headers: TraceHeaders::default(),
-            tls_certificate: None,
-            tls_private_key: None,
-            tls_required_client_ca: None,
-            allow_xclient: false,
-            require_proxy_protocol: false,
-        }
-    }
-}
-
-/// Copy each field that `$from` sets into `$to`.
-macro_rules! override_fields {
-    ($to:expr, $from:expr; $($field:ident),* $(,)?) => {
-        $(if let Some(value) = &$from.$field {
-            $to.$field = value.clone();
-        })*
-    };
-}
-
 impl Params {
     /// Apply one level: its own fields, then its `peer` block matching
     /// `remote`, then its `via` block matching `local`, recursively.
@@ -204,95 +149,12 @@ impl Params {
             self.apply(block, remote, local);
         }
     }
-
-    fn apply_fields(&mut self, generic: &GenericParams) {
-        override_fields!(self, generic;
-            hostname, banner, relay_hosts, client_timeout, data_processing_timeout,
-            max_message_size, max_recipients_per_message, max_messages_per_connection,
-            data_buffer_size, line_length_hard_limit, invalid_line_endings, batch_handling,
-            allow_xclient, require_proxy_protocol,
-        );
-        for (field, value) in [
-            (&mut self.tls_certificate, &generic.tls_certificate),
-            (&mut self.tls_private_key, &generic.tls_private_key),
-            (&mut self.tls_required_client_ca, &generic.tls_required_client_ca),
-        ] {
-            if value.is_some() {
-                field.clone_from(value);
-            }
-        }
-        for (name, value) in &generic.meta {
-            self.meta.insert(name.clone(), value.clone());
-        }
-        if let Some(trace) = &generic.trace_headers {
-            override_fields!(self.trace_headers, trace;
-                received_header, supplemental_header, header_name, include_meta_names);
-        }
-    }
 }
-
-/// What `start_esmtp_listener` was given.
-#[derive(Clone, Debug)]
-pub struct ListenerConfig {
-    /// As configured, e.g. `"0.0.0.0:25"`; known to parse as a socket address.
-    pub listen: String,
-    pub max_connections: usize,
-    /// TLS from the first byte (RFC 8314, port 465) instead of STARTTLS.
-    pub implicit_tls: bool,
-    pub params: GenericParams,
-}
-
-/// One invalid value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParamError {
-    /// Where, e.g. `via.'10.0.0.1'.max_connections` (empty for the whole value).
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for ParamError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
-    }
-}
-
-/// Every error found in one set of parameters, one per line when shown.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParamErrors(pub Vec<ParamError>);
-
-impl fmt::Display for ParamErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (index, error) in self.0.iter().enumerate() {
-            if index > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{error}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ParamErrors {}
 
 /// Parse the arguments of `start_esmtp_listener`.
 pub fn parse_listener_config(value: &Value) -> Result<ListenerConfig, ParamErrors> {
     let mut errors = Errors::default();
-    let config = errors.table(value, "").map(|table| ListenerConfig {
-        listen: table
-            .get("listen")
-            .and_then(|v| errors.take("listen", parse_listen(v)))
-            .unwrap_or_else(|| DEFAULT_LISTEN.into()),
-        max_connections: table
-            .get("max_connections")
-            .and_then(|v| errors.take("max_connections", positive_integer(v)))
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS),
-        implicit_tls: table.get("implicit_tls").and_then(|v| errors.take("implicit_tls", boolean(v))).unwrap_or(false),
-        params: parse_table(table, "", Level::Top, &mut errors),
-    });
+    let config = errors.table(value, "").map(|table| ListenerConfig::parse(table, &mut errors));
     errors.finish(config)
 }
 
@@ -304,69 +166,22 @@ pub fn parse_overrides(value: &Value, path: &str) -> Result<GenericParams, Param
     errors.finish(params)
 }
 
-/// A duration: seconds as a number, or a string like `"5 minutes"` or `"1h 30m"`.
-pub fn parse_duration(value: &Value) -> Result<Duration, String> {
-    let parsed = match value {
-        Value::Number(n) => n
-            .as_f64()
-            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-            .ok_or_else(|| format!("{n} is not a number of seconds")),
-        Value::String(s) => humantime::parse_duration(s.trim())
-            .map_err(|e| format!("{s:?} is not a duration like \"30 seconds\" or \"5 minutes\" ({e})")),
-        other => Err(format!("expected seconds or a string like \"5 minutes\", got {}", describe(other))),
-    }?;
-    if parsed.is_zero() {
-        return Err("must be longer than zero".into());
-    }
-    Ok(parsed)
+/// Like [`parse_overrides`], but also the parameters that did parse when
+/// some did not, so that further checks (`tls::check_static`) can report
+/// their errors too.
+pub fn parse_overrides_partially(value: &Value, path: &str) -> (GenericParams, Vec<ParamError>) {
+    let mut errors = Errors::default();
+    let params = errors.table(value, path).map(|table| parse_table(table, path, Level::Nested, &mut errors));
+    (params.unwrap_or_default(), errors.0)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Level {
-    /// The arguments of `start_esmtp_listener`, where `listen` and
-    /// `max_connections` are read by the caller.
+    /// The arguments of `start_esmtp_listener`, where the `TOP_LEVEL_ONLY`
+    /// keys (`listen`, `max_connections`, `implicit_tls`) are read by
+    /// `ListenerConfig::parse`.
     Top,
     Nested,
-}
-
-#[derive(Default)]
-struct Errors(Vec<ParamError>);
-
-impl Errors {
-    fn push(&mut self, path: &str, message: impl Into<String>) {
-        self.0.push(ParamError { path: path.to_owned(), message: message.into() });
-    }
-
-    /// The value, or `None` with the error recorded under `path`.
-    fn take<T>(&mut self, path: &str, result: Result<T, String>) -> Option<T> {
-        result.map_err(|message| self.push(path, message)).ok()
-    }
-
-    fn table<'v>(&mut self, value: &'v Value, path: &str) -> Option<&'v Map<String, Value>> {
-        match value {
-            Value::Object(table) => Some(table),
-            other => {
-                self.push(path, format!("expected a table of parameters, got {}", describe(other)));
-                None
-            }
-        }
-    }
-
-    fn finish<T>(self, value: Option<T>) -> Result<T, ParamErrors> {
-        match value {
-            Some(value) if self.0.is_empty() => Ok(value),
-            _ => Err(ParamErrors(self.0)),
-        }
-    }
-}
-
-/// `key` under `path`: `via.'10.0.0.1'.hostname`.
-pub fn key_path(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{path}.{key}")
-    }
 }
 
 fn parse_table(table: &Map<String, Value>, path: &str, level: Level, errors: &mut Errors) -> GenericParams {
@@ -374,232 +189,55 @@ fn parse_table(table: &Map<String, Value>, path: &str, level: Level, errors: &mu
     for (key, value) in table {
         let here = key_path(path, key);
         let here = here.as_str();
+        if params.parse_field(key, value, here, errors) {
+            continue;
+        }
         match key.as_str() {
-            "hostname" => params.hostname = errors.take(here, hostname(value)),
-            "banner" => params.banner = errors.take(here, string(value)),
-            "relay_hosts" => params.relay_hosts = cidr_list(value, here, errors).map(Arc::new),
-            "client_timeout" => params.client_timeout = errors.take(here, parse_duration(value)),
-            "data_processing_timeout" => params.data_processing_timeout = errors.take(here, parse_duration(value)),
-            "max_message_size" => params.max_message_size = errors.take(here, positive_integer(value)),
-            "max_recipients_per_message" => {
-                params.max_recipients_per_message = errors.take(here, positive_integer(value))
-            }
-            "max_messages_per_connection" => {
-                params.max_messages_per_connection = errors.take(here, positive_integer(value))
-            }
-            "data_buffer_size" => params.data_buffer_size = errors.take(here, positive_integer(value)),
-            "line_length_hard_limit" => params.line_length_hard_limit = errors.take(here, line_limit(value)),
-            "invalid_line_endings" => params.invalid_line_endings = errors.take(here, line_endings(value)),
-            "meta" => params.meta = errors.take(here, meta(value)).unwrap_or_default(),
             "peer" => params.peer = cidr_blocks(value, here, errors),
             "via" => params.via = cidr_blocks(value, here, errors),
-            "batch_handling" => params.batch_handling = errors.take(here, batch_handling(value)),
-            "trace_headers" => params.trace_headers = trace_headers(value, here, errors),
-            "tls_certificate" => params.tls_certificate = errors.take(here, parse_key_source(value)),
-            "tls_private_key" => params.tls_private_key = errors.take(here, parse_key_source(value)),
-            "tls_required_client_ca" => params.tls_required_client_ca = errors.take(here, parse_key_source(value)),
-            "allow_xclient" => params.allow_xclient = errors.take(here, boolean(value)),
-            "require_proxy_protocol" => params.require_proxy_protocol = errors.take(here, boolean(value)),
             key if TOP_LEVEL_ONLY.contains(&key) => {
                 if level == Level::Nested {
                     errors.push(here, "only allowed at the top level of start_esmtp_listener");
                 }
             }
-            unknown => errors.push(here, unknown_key(unknown, &[ANYWHERE.as_slice(), &TOP_LEVEL_ONLY].concat())),
+            unknown => errors.push(here, unknown_key(unknown, &[ANYWHERE, TOP_LEVEL_ONLY].concat())),
         }
     }
     params
 }
 
-fn unknown_key(key: &str, known: &[&str]) -> String {
-    let closest =
-        known.iter().map(|name| (strsim::levenshtein(key, name), *name)).min().filter(|(distance, _)| *distance <= 3);
-    match closest {
-        Some((_, name)) => format!("unknown parameter; did you mean {name}?"),
-        None => "unknown parameter".into(),
-    }
+/// What `get_listener_domain` said about a domain.
+#[derive(Debug, Default)]
+pub struct ListenerDomain {
+    pub relay_to: bool,
+    pub relay_from: CidrSet,
 }
 
-/// A short description of a value's type for error messages.
-fn describe(value: &Value) -> String {
-    match value {
-        Value::Null => "null".into(),
-        Value::Bool(b) => format!("the boolean {b}"),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) => format!("the string {s:?}"),
-        Value::Array(_) => "a list".into(),
-        Value::Object(_) => "a table".into(),
-    }
-}
-
-fn expected(what: &str, got: &Value) -> String {
-    format!("expected {what}, got {}", describe(got))
-}
-
-fn string(value: &Value) -> Result<String, String> {
-    value.as_str().map(str::to_owned).ok_or_else(|| expected("a string", value))
-}
-
-fn boolean(value: &Value) -> Result<bool, String> {
-    value.as_bool().ok_or_else(|| expected("true or false", value))
-}
-
-fn hostname(value: &Value) -> Result<String, String> {
-    let name = string(value)?;
-    let valid = !name.is_empty() && name.len() <= 255 && !name.chars().any(|c| c.is_whitespace() || c.is_control());
-    if valid {
-        Ok(name)
-    } else {
-        Err(format!("{name:?} is not a host name"))
-    }
-}
-
-fn positive_integer(value: &Value) -> Result<usize, String> {
-    value
-        .as_u64()
-        .filter(|&n| n > 0)
-        .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| expected("a positive integer", value))
-}
-
-/// RFC 5321 needs command lines of 512 octets, so nothing below works.
-fn line_limit(value: &Value) -> Result<usize, String> {
-    let limit = positive_integer(value)?;
-    if limit < 510 {
-        return Err(format!("{limit} is below the 510 octets RFC 5321 requires for a command line"));
-    }
-    Ok(limit)
-}
-
-fn parse_listen(value: &Value) -> Result<String, String> {
-    let listen = string(value)?;
-    listen
-        .parse::<SocketAddr>()
-        .map(|_| listen.clone())
-        .map_err(|_| format!("{listen:?} is not an address like \"0.0.0.0:25\" or \"[::]:25\""))
-}
-
-fn one_of<T: Copy>(value: &Value, choices: &[(&str, T)]) -> Result<T, String> {
-    let names: Vec<String> = choices.iter().map(|(name, _)| format!("{name:?}")).collect();
-    let wanted = format!("one of {}", names.join(", "));
-    let text = value.as_str().ok_or_else(|| expected(&wanted, value))?;
-    choices.iter().find(|(name, _)| *name == text).map(|(_, choice)| *choice).ok_or_else(|| expected(&wanted, value))
-}
-
-fn line_endings(value: &Value) -> Result<LineEndings, String> {
-    one_of(value, &[("Deny", LineEndings::Deny), ("Allow", LineEndings::Allow), ("Fix", LineEndings::Fix)])
-}
-
-fn batch_handling(value: &Value) -> Result<BatchHandling, String> {
-    one_of(
-        value,
-        &[("BifurcateAlways", BatchHandling::BifurcateAlways), ("BatchByDomain", BatchHandling::BatchByDomain)],
-    )
-}
-
-fn meta(value: &Value) -> Result<Map<String, Value>, String> {
-    value.as_object().cloned().ok_or_else(|| expected("a table", value))
-}
-
-/// A PEM source: `"path"` or `{key_data = "PEM text"}`.
-pub fn parse_key_source(value: &Value) -> Result<KeySource, String> {
-    const WANTED: &str = "a file path or {key_data = \"PEM text\"}";
-    match value {
-        Value::String(path) if !path.is_empty() => Ok(KeySource::File(PathBuf::from(path))),
-        Value::Object(table) if table.len() == 1 => match table.get("key_data") {
-            Some(Value::String(data)) => Ok(KeySource::Data(data.clone())),
-            _ => Err(expected(WANTED, value)),
-        },
-        other => Err(expected(WANTED, other)),
-    }
-}
-
-fn cidr_list(value: &Value, path: &str, errors: &mut Errors) -> Option<CidrSet> {
-    let Some(items) = value.as_array() else {
-        errors.push(path, expected("a list of IP addresses or CIDRs", value));
-        return None;
+/// Parse a `get_listener_domain` result other than `None`.
+pub fn parse_listener_domain(value: &Value) -> Result<ListenerDomain, ParamErrors> {
+    let mut errors = Errors::default();
+    let Value::Object(table) = value else {
+        errors.push("", "get_listener_domain handlers must return None or a dict");
+        return errors.finish(None);
     };
-    let before = errors.0.len();
-    let mut set = CidrSet::new();
-    for (index, item) in items.iter().enumerate() {
-        let here = format!("{path}[{index}]");
-        let net = item.as_str().ok_or_else(|| expected("an IP address or CIDR", item)).and_then(parse_cidr);
-        if let Some(net) = errors.take(&here, net) {
-            set.insert(net, ());
-        }
-    }
-    (errors.0.len() == before).then_some(set)
-}
-
-fn cidr_blocks(value: &Value, path: &str, errors: &mut Errors) -> CidrMap<GenericParams> {
-    let mut blocks = CidrMap::new();
-    let Some(table) = value.as_object() else {
-        errors.push(path, expected("a table of CIDR → parameters", value));
-        return blocks;
-    };
-    for (key, block) in table {
-        let here = format!("{path}.'{key}'");
-        let Some(net) = errors.take(&here, parse_cidr(key)) else {
-            continue;
-        };
-        let Some(block) = errors.table(block, &here) else {
-            continue;
-        };
-        let params = parse_table(block, &here, Level::Nested, errors);
-        if blocks.insert(net, params).is_some() {
-            errors.push(&here, format!("{net} is given twice"));
-        }
-    }
-    blocks
-}
-
-fn trace_headers(value: &Value, path: &str, errors: &mut Errors) -> Option<TraceHeadersOverride> {
-    let Some(table) = value.as_object() else {
-        errors.push(path, expected("a table like {received_header = true}", value));
-        return None;
-    };
-    let mut trace = TraceHeadersOverride::default();
+    let mut domain = ListenerDomain::default();
     for (key, item) in table {
-        let here = key_path(path, key);
         match key.as_str() {
-            "received_header" => trace.received_header = errors.take(&here, boolean(item)),
-            "supplemental_header" => trace.supplemental_header = errors.take(&here, boolean(item)),
-            "header_name" => trace.header_name = errors.take(&here, header_name(item)),
-            "include_meta_names" => trace.include_meta_names = errors.take(&here, string_list(item)),
-            unknown => errors.push(
-                &here,
-                unknown_key(unknown, &["received_header", "supplemental_header", "header_name", "include_meta_names"]),
-            ),
+            "relay_to" => domain.relay_to = errors.take(key, boolean(item)).unwrap_or_default(),
+            "relay_from" => domain.relay_from = cidr_list(item, key, &mut errors).unwrap_or_default(),
+            // KumoMTA's reporting switches: accepted so policies port unchanged.
+            "log_oob" | "log_arf" => {}
+            _ => errors.push(key, "unknown get_listener_domain key"),
         }
     }
-    Some(trace)
-}
-
-/// An RFC 5322 field name: printable ASCII except `:`.
-fn header_name(value: &Value) -> Result<String, String> {
-    let name = string(value)?;
-    let valid = !name.is_empty() && name.bytes().all(|b| (33..=126).contains(&b) && b != b':');
-    if valid {
-        Ok(name)
-    } else {
-        Err(format!("{name:?} is not a header field name"))
-    }
-}
-
-fn string_list(value: &Value) -> Result<Vec<String>, String> {
-    let wanted = || expected("a list of strings", value);
-    value
-        .as_array()
-        .ok_or_else(wanted)?
-        .iter()
-        .map(|item| item.as_str().map(str::to_owned).ok_or_else(wanted))
-        .collect()
+    errors.finish(Some(domain))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::fmt;
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
@@ -743,6 +381,57 @@ mod tests {
         assert_eq!(
             errors_of(parse_overrides(&json!({"via": {"10.0.0.1": {}, "10.0.0.1/32": {}}}), "")),
             ["via.'10.0.0.1/32': 10.0.0.1/32 is given twice"]
+        );
+    }
+
+    #[test]
+    fn every_known_key_is_a_row_that_parses() {
+        let valid = json!({
+            "hostname": "mx", "banner": "b", "relay_hosts": ["10.0.0.0/8"], "client_timeout": 5,
+            "data_processing_timeout": "1m", "max_message_size": 1, "max_recipients_per_message": 1,
+            "max_messages_per_connection": 1, "data_buffer_size": 1, "line_length_hard_limit": 510,
+            "invalid_line_endings": "Allow", "meta": {"a": 1}, "peer": {"10.0.0.1": {}}, "via": {"::1": {}},
+            "batch_handling": "BatchByDomain", "trace_headers": {"received_header": false},
+            "tls_certificate": "c.pem", "tls_private_key": "k.pem", "tls_required_client_ca": {"key_data": "PEM"},
+            "allow_xclient": true, "require_proxy_protocol": true,
+        });
+        let mut keys: Vec<&str> = valid.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut known = ANYWHERE.to_vec();
+        keys.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(keys, known, "a sample value for every parameter");
+        let params = parse_overrides(&valid, "").unwrap();
+        let mut default = GenericParams::default();
+        for (key, value) in valid.as_object().unwrap() {
+            let row = default.parse_field(key, value, key, &mut Errors::default());
+            assert_eq!(row, !["peer", "via"].contains(&key.as_str()), "{key}");
+        }
+        assert_eq!((params.peer.len(), params.via.len()), (1, 1));
+        let top = json!({"listen": "[::]:25", "max_connections": 1, "implicit_tls": true});
+        let config = parse_listener_config(&top).unwrap();
+        assert_eq!((config.listen.as_str(), config.max_connections, config.implicit_tls), ("[::]:25", 1, true));
+        assert_eq!(top.as_object().unwrap().len(), TOP_LEVEL_ONLY.len());
+        assert_eq!(errors_of(parse_overrides(&top, "")).len(), TOP_LEVEL_ONLY.len());
+    }
+
+    #[test]
+    fn listener_domain_results() {
+        let found = parse_listener_domain(&json!({"relay_to": true, "relay_from": ["10.0.0.0/8"], "log_oob": true}));
+        let found = found.unwrap();
+        assert!(found.relay_to && found.relay_from.contains(ip("10.1.2.3")) && !found.relay_from.contains(ip("::1")));
+        let bad = json!({"relay_to": "yes", "relay_from": ["10.0.0.1/8", 5], "relay": 1});
+        assert_eq!(
+            errors_of(parse_listener_domain(&bad)),
+            [
+                "relay_to: expected true or false, got the string \"yes\"",
+                "relay_from[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?",
+                "relay_from[1]: expected an IP address or CIDR, got the number 5",
+                "relay: unknown get_listener_domain key",
+            ]
+        );
+        assert_eq!(
+            errors_of(parse_listener_domain(&json!(["x"]))),
+            ["get_listener_domain handlers must return None or a dict"]
         );
     }
 
