@@ -8,10 +8,10 @@
 //! Log records travel the same way so that Rust events reach Python's
 //! `logging`.
 
-use crate::cidr::CidrSet;
 use crate::message::Message;
 use crate::meta::MetaStore;
 use crate::params::GenericParams;
+use crate::params::ListenerDomain;
 use crate::parser::Mailbox;
 use crate::sasl::PlainCredentials;
 use std::io::{Read, Write};
@@ -101,13 +101,6 @@ impl Event {
             Event::AuthPlain { .. } => EventKind::AuthPlain,
         }
     }
-}
-
-/// What `get_listener_domain` said about a domain.
-#[derive(Debug, Default)]
-pub struct ListenerDomain {
-    pub relay_to: bool,
-    pub relay_from: CidrSet,
 }
 
 /// A handler's successful result, already converted to native types.

@@ -1,2 +1,2 @@
 //! Interim: replaced by the event contract split out of the bridge.
-pub use crate::bridge::{Event, EventKind, ListenerDomain, Outcome, Response};
+pub use crate::bridge::{Event, EventKind, Outcome, Response};

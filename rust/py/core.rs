@@ -3,17 +3,15 @@
 use super::convert::to_json;
 use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyListenerParams, PyMessage};
 use super::ParamsError;
-use crate::bridge::{Bridge, Call, Event, EventKind, ListenerDomain, Outcome, Response};
-use crate::cidr::{parse_cidr, CidrSet};
+use crate::bridge::{Bridge, Call, Event, EventKind, Outcome, Response};
 use crate::driver::Driver;
-use crate::params::{parse_listener_config, parse_overrides, ParamErrors};
+use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
 use crate::server::{self, ServerState};
 use crate::sink::{Maildir, Sink};
 use crate::tls;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
-use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -62,7 +60,7 @@ impl PyCore {
     fn start_listener(&self, py: Python<'_>, params: &Bound<'_, PyDict>) -> PyResult<(String, u16)> {
         let value = to_json(params.as_any(), "")?;
         let config = parse_listener_config(&value).map_err(|e| params_error(&e))?;
-        let tls_errors = tls::check_static(&value, "");
+        let tls_errors = tls::check_static(&config.params, "");
         if !tls_errors.is_empty() {
             return Err(params_error(&ParamErrors(tls_errors)));
         }
@@ -252,7 +250,9 @@ fn convert_result(kind: EventKind, result: &Bound<'_, PyAny>) -> PyResult<Respon
             .extract::<bool>()
             .map(Response::Authenticated)
             .map_err(|_| PyTypeError::new_err("smtp_server_auth_plain handlers must return True or False")),
-        EventKind::GetListenerDomain => listener_domain(&to_json(result, "")?).map(Response::ListenerDomain),
+        EventKind::GetListenerDomain => {
+            parse_listener_domain(&to_json(result, "")?).map(Response::ListenerDomain).map_err(|e| params_error(&e))
+        }
         _ => Err(PyTypeError::new_err(format!(
             "{} handlers must return None, got {}",
             kind.name(),
@@ -269,44 +269,4 @@ fn ehlo_extensions(result: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         Some(index) => Err(PyValueError::new_err(format!("[{index}]: an EHLO extension must be a non-empty line"))),
         None => Ok(extensions),
     }
-}
-
-fn listener_domain(value: &Value) -> PyResult<ListenerDomain> {
-    let Value::Object(map) = value else {
-        return Err(PyTypeError::new_err("get_listener_domain handlers must return None or a dict"));
-    };
-    let mut domain = ListenerDomain::default();
-    for (key, item) in map {
-        match (key.as_str(), item) {
-            ("relay_to", Value::Bool(relay_to)) => domain.relay_to = *relay_to,
-            ("relay_from", Value::Array(cidrs)) => domain.relay_from = cidr_set(cidrs)?,
-            ("relay_to" | "relay_from", _) => {
-                return Err(PyTypeError::new_err(format!("{key}: expected {}", expected_for(key))))
-            }
-            // KumoMTA's reporting switches: accepted so policies port unchanged.
-            ("log_oob" | "log_arf", _) => {}
-            _ => return Err(PyValueError::new_err(format!("{key}: unknown get_listener_domain key"))),
-        }
-    }
-    Ok(domain)
-}
-
-fn expected_for(key: &str) -> &'static str {
-    if key == "relay_to" {
-        "a bool"
-    } else {
-        "a list of CIDR strings"
-    }
-}
-
-fn cidr_set(items: &[Value]) -> PyResult<CidrSet> {
-    let mut set = CidrSet::new();
-    for (index, item) in items.iter().enumerate() {
-        let net = item
-            .as_str()
-            .ok_or_else(|| PyTypeError::new_err(format!("relay_from[{index}]: expected a CIDR string")))
-            .and_then(|s| parse_cidr(s).map_err(|e| PyValueError::new_err(format!("relay_from[{index}]: {e}"))))?;
-        set.insert(net, ());
-    }
-    Ok(set)
 }

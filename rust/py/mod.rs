@@ -4,7 +4,7 @@ mod convert;
 mod core;
 mod objects;
 
-use crate::params::{parse_duration, parse_overrides};
+use crate::params::{parse_duration, parse_overrides_partially};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -21,11 +21,8 @@ create_exception!(
 #[pyfunction]
 fn validate_overrides(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     let value = convert::to_json(value, "")?;
-    let mut errors = match parse_overrides(&value, "") {
-        Ok(_) => Vec::new(),
-        Err(errors) => errors.0,
-    };
-    errors.extend(crate::tls::check_static(&value, ""));
+    let (params, mut errors) = parse_overrides_partially(&value, "");
+    errors.extend(crate::tls::check_static(&params, ""));
     Ok(errors.iter().map(ToString::to_string).collect())
 }
 

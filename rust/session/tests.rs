@@ -223,7 +223,7 @@ async fn relaying_is_refused_outside_relay_hosts() {
 async fn get_listener_domain_opens_a_domain() {
     let script = |event: &Event| match event {
         Event::GetListenerDomain { domain, .. } if domain == "open.test" => {
-            Outcome::Done(Response::ListenerDomain(crate::events::ListenerDomain {
+            Outcome::Done(Response::ListenerDomain(crate::params::ListenerDomain {
                 relay_to: true,
                 ..Default::default()
             }))

@@ -3,10 +3,11 @@
 
 use super::io::MIN_READ;
 use super::{Session, Step, Stop};
-use crate::events::{Event, EventKind, ListenerDomain, Response};
+use crate::events::{Event, EventKind, Response};
 use crate::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
 use crate::log::{LOG_INFO, LOG_WARNING};
 use crate::message::{self, Message, ReceivedInfo, Supplemental};
+use crate::params::ListenerDomain;
 use crate::parser::{MailParams, Mailbox, ReversePath};
 use crate::reply::Reply;
 use crate::stream::Transport;
