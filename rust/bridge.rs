@@ -16,9 +16,6 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
-
-/// `session` still names it by this path; it lives in [`crate::events`].
-pub use crate::events::ListenerDomain;
 use tokio::sync::futures::Notified;
 use tokio::sync::{oneshot, Notify};
 

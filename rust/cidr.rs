@@ -67,6 +67,20 @@ impl<V> CidrMap<V> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Every entry, by prefix (IPv4 first).
+    pub fn iter(&self) -> impl Iterator<Item = (IpNet, &V)> {
+        self.map.iter().flat_map(|map| map.iter())
+    }
+}
+
+/// `net` as a key is written: an IP literal for a host route, else the CIDR.
+pub fn cidr_key(net: IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
 }
 
 impl<V> Default for CidrMap<V> {
@@ -77,7 +91,7 @@ impl<V> Default for CidrMap<V> {
 
 impl<V: fmt::Debug> fmt::Debug for CidrMap<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.map.iter().flat_map(|map| map.iter())).finish()
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
@@ -152,5 +166,14 @@ mod tests {
         assert!(!set.contains(ip("127.0.0.2")));
         assert_eq!(set.len(), 2);
         assert!(CidrSet::new().is_empty());
+    }
+
+    #[test]
+    fn iteration_and_keys() {
+        let map = map(&[("10.0.0.0/8", "wide"), ("10.0.0.1", "host"), ("::1", "v6")]);
+        let keys: Vec<(String, &str)> = map.iter().map(|(net, value)| (cidr_key(net), *value)).collect();
+        let expected = [("10.0.0.0/8", "wide"), ("10.0.0.1", "host"), ("::1", "v6")];
+        assert_eq!(keys, expected.map(|(key, value)| (key.to_string(), value)));
+        assert_eq!(CidrSet::new().iter().count(), 0);
     }
 }

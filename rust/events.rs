@@ -1,12 +1,12 @@
 //! The policy event contract: the events a session raises ([`EventKind`],
 //! declared once here with their registration names, which Python gets as
 //! `_core.EVENTS`), their arguments ([`Event`]) and how a call ends
-//! ([`Outcome`], [`Response`]).
+//! ([`Outcome`], [`Response`]; what `get_listener_domain` says is a
+//! [`ListenerDomain`], parsed in [`crate::params`]).
 
-use crate::cidr::CidrSet;
 use crate::message::Message;
 use crate::meta::MetaStore;
-use crate::params::GenericParams;
+use crate::params::{GenericParams, ListenerDomain};
 use crate::parser::Mailbox;
 use crate::sasl::PlainCredentials;
 use std::sync::Arc;
@@ -115,13 +115,6 @@ impl Event {
             Event::AuthPlain { .. } => EventKind::AuthPlain,
         }
     }
-}
-
-/// What `get_listener_domain` said about a domain.
-#[derive(Debug, Default)]
-pub struct ListenerDomain {
-    pub relay_to: bool,
-    pub relay_from: CidrSet,
 }
 
 /// A handler's successful result, already converted to native types.

@@ -1,6 +1,7 @@
 //! Byte framing for the SMTP stream: command lines and the DATA body.
 //! Pure logic: no I/O, no Python.
 
+use crate::reply::Reply;
 use memchr::{memchr2, memmem};
 
 /// What to do with a bare CR or bare LF inside message data.
@@ -99,6 +100,22 @@ pub enum DataVerdict {
     TooBig,
     LineTooLong,
     BareLineEnding,
+}
+
+pub const MESSAGE_TOO_BIG: Reply = Reply::new(552, "5.3.4", "message size exceeds fixed maximum message size");
+
+impl DataVerdict {
+    /// The refusal, or `None` when the message may be accepted.
+    pub fn refusal(self) -> Option<Reply> {
+        match self {
+            DataVerdict::Accept => None,
+            DataVerdict::TooBig => Some(MESSAGE_TOO_BIG),
+            DataVerdict::LineTooLong => Some(Reply::new(500, "5.2.3", "message line too long")),
+            DataVerdict::BareLineEnding => {
+                Some(Reply::new(550, "5.6.0", "message contains a bare CR or LF; lines must end in CRLF"))
+            }
+        }
+    }
 }
 
 /// What one [`DataFramer::feed`] call did.

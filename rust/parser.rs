@@ -5,6 +5,7 @@
 //! whether a command is allowed right now (SMTPUTF8 negotiated, XCLIENT
 //! authorised, ...) is for the session to decide.
 
+use crate::reply::Reply;
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -132,9 +133,8 @@ pub struct ParseError {
 }
 
 impl ParseError {
-    /// (reply code, enhanced status code, human-readable text).
-    pub fn reply(&self) -> (u16, &'static str, String) {
-        (self.code, self.enhanced, self.text.to_string())
+    pub fn reply(&self) -> Reply {
+        Reply::with_text(self.code, self.enhanced, self.text.clone())
     }
 
     fn new(code: u16, enhanced: &'static str, text: impl Into<Cow<'static, str>>) -> Self {
@@ -571,7 +571,7 @@ mod tests {
     fn reply_to(line: &[u8]) -> (u16, &'static str, String) {
         match parse_command(line) {
             Ok(command) => panic!("{:?} accepted as {command:?}", String::from_utf8_lossy(line)),
-            Err(error) => error.reply(),
+            Err(error) => (error.code, error.enhanced, error.text.into_owned()),
         }
     }
 

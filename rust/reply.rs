@@ -1,8 +1,54 @@
-//! Formatting of SMTP replies. Pure: no I/O.
+//! SMTP replies: the one type every refusal and answer is made of, and its
+//! formatting. Pure: no I/O.
 //!
 //! Reply text can come from configuration or from Python policy, so it is
 //! sanitised here: whatever it contains, every line written matches
 //! `^\d{3}[ -]` and ends in CRLF.
+
+use std::borrow::Cow;
+
+/// A reply: code, RFC 3463 enhanced status code, text (`\n` separates lines).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Written only to clients that said EHLO, unless the reply closes the connection.
+    pub enhanced: Option<Cow<'static, str>>,
+    pub text: Cow<'static, str>,
+}
+
+impl Reply {
+    pub const fn new(code: u16, enhanced: &'static str, text: &'static str) -> Self {
+        Self { code, enhanced: Some(Cow::Borrowed(enhanced)), text: Cow::Borrowed(text) }
+    }
+
+    pub fn with_text(code: u16, enhanced: &'static str, text: impl Into<Cow<'static, str>>) -> Self {
+        Self { code, enhanced: Some(Cow::Borrowed(enhanced)), text: text.into() }
+    }
+
+    /// A reply that never carries an enhanced code (greeting, EHLO, 354, 334).
+    pub fn bare(code: u16, text: impl Into<Cow<'static, str>>) -> Self {
+        Self { code, enhanced: None, text: text.into() }
+    }
+
+    /// What a policy `Reject(code, text)` says: an enhanced code at the start
+    /// of `text` is used when its class matches `code`, else the generic one.
+    pub fn from_policy(code: u16, text: &str) -> Self {
+        let (enhanced, text) = split_enhanced(code, text);
+        let enhanced = enhanced.unwrap_or_else(|| generic_enhanced(code));
+        Self { code, enhanced: Some(Cow::Owned(enhanced.to_owned())), text: Cow::Owned(text.to_owned()) }
+    }
+
+    /// Whether the connection should close after it (RFC 5321 §3.8).
+    pub fn closes(&self) -> bool {
+        self.code == 421
+    }
+
+    /// Append it to `out`; the enhanced code only `with_enhanced`.
+    pub fn write(&self, out: &mut Vec<u8>, with_enhanced: bool) {
+        let enhanced = self.enhanced.as_deref().filter(|_| with_enhanced);
+        write_reply(out, self.code, enhanced, &self.text);
+    }
+}
 
 /// Append one (possibly multi-line) reply to `out`.
 ///
@@ -111,6 +157,15 @@ mod tests {
     #[test]
     fn out_of_range_codes_become_451() {
         assert_eq!(render(999, None, "x"), "451 x\r\n");
+    }
+
+    #[test]
+    fn a_policy_reply_keeps_a_matching_enhanced_code_or_gets_the_generic_one() {
+        assert_eq!(Reply::from_policy(550, "5.7.1 go away"), Reply::new(550, "5.7.1", "go away"));
+        assert_eq!(Reply::from_policy(450, "5.7.1 go away"), Reply::new(450, "4.0.0", "5.7.1 go away"));
+        let mut out = Vec::new();
+        Reply::from_policy(421, "bye").write(&mut out, false);
+        assert_eq!(out, b"421 bye\r\n");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! SASL PLAIN (RFC 4616) as carried by SMTP AUTH (RFC 4954). Pure logic.
 
+use crate::reply::Reply;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
@@ -21,12 +22,11 @@ pub enum PlainError {
 }
 
 impl PlainError {
-    /// (reply code, enhanced status code, text).
-    pub fn reply(self) -> (u16, &'static str, &'static str) {
+    pub fn reply(self) -> Reply {
         match self {
-            PlainError::Cancelled => (501, "5.0.0", "authentication cancelled"),
-            PlainError::BadBase64 => (501, "5.5.2", "cannot decode the base64 response"),
-            PlainError::Malformed => (501, "5.5.2", "malformed PLAIN response"),
+            PlainError::Cancelled => Reply::new(501, "5.0.0", "authentication cancelled"),
+            PlainError::BadBase64 => Reply::new(501, "5.5.2", "cannot decode the base64 response"),
+            PlainError::Malformed => Reply::new(501, "5.5.2", "malformed PLAIN response"),
         }
     }
 }

@@ -1,11 +1,16 @@
 //! Listeners and their accept loops, connection limits, graceful shutdown.
+//!
+//! The server builds one [`SessionContext`] per listener and hands it to
+//! each session it spawns: sessions know nothing of the server. Nothing
+//! here owns the runtime the tasks run on (the caller keeps the
+//! [`crate::driver::Driver`]), so dropping the runtime drops every task and
+//! socket with it.
 
 use crate::bridge::Bridge;
-use crate::driver::Driver;
 use crate::log::{LOG_ERROR, LOG_INFO};
 use crate::params::{ListenerConfig, Params};
-use crate::reply::write_reply;
-use crate::session;
+use crate::reply::Reply;
+use crate::session::{self, SessionContext, Shutdown};
 use crate::sink::Sink;
 use crate::tls::{self, TlsCache};
 use socket2::{Domain, Socket, Type};
@@ -15,34 +20,33 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
 
 /// What every listener of one server shares.
 pub struct ServerState {
     pub bridge: Arc<Bridge>,
-    /// The runtime the listeners and sessions run on.
-    pub driver: Driver,
     /// Bind with SO_REUSEPORT, so that worker processes share the port.
     reuse_port: bool,
     pub sink: Sink,
-    pub tls: Arc<TlsCache>,
+    tls: Arc<TlsCache>,
     shutdown: watch::Sender<bool>,
     sessions: AtomicUsize,
-    idle: Notify,
+    /// Listening sockets still open: each closes when its accept loop sees the shutdown.
+    listening: AtomicUsize,
 }
 
 impl ServerState {
-    pub fn new(bridge: Arc<Bridge>, sink: Sink, reuse_port: bool) -> io::Result<Arc<Self>> {
-        Ok(Arc::new(Self {
+    pub fn new(bridge: Arc<Bridge>, sink: Sink, reuse_port: bool) -> Arc<Self> {
+        Arc::new(Self {
             bridge,
-            driver: Driver::new()?,
             reuse_port,
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             shutdown: watch::Sender::new(false),
             sessions: AtomicUsize::new(0),
-            idle: Notify::new(),
-        }))
+            listening: AtomicUsize::new(0),
+        })
     }
 
     /// Stop accepting and ask every session to finish.
@@ -50,79 +54,64 @@ impl ServerState {
         self.shutdown.send_replace(true);
     }
 
-    pub fn is_shutting_down(&self) -> bool {
-        *self.shutdown.borrow()
-    }
-
-    /// Resolves once shutdown has been asked for (at once if it already has).
-    pub async fn shutdown_requested(&self) {
-        let mut receiver = self.shutdown.subscribe();
-        // The sender lives as long as `self`, so this cannot fail.
-        let _ = receiver.wait_for(|stopping| *stopping).await;
-    }
-
     pub fn active_sessions(&self) -> usize {
         self.sessions.load(Ordering::Acquire)
     }
 
-    /// Wait until no session is left.
-    pub async fn sessions_finished(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.active_sessions() == 0 {
-                return;
-            }
-            notified.await;
-        }
+    pub fn open_listeners(&self) -> usize {
+        self.listening.load(Ordering::Acquire)
+    }
+
+    fn shutdown_signal(&self) -> Shutdown {
+        Shutdown::new(self.shutdown.subscribe())
     }
 }
 
-/// One listener: its configuration as given, and its live connection count.
-pub struct ListenerShared {
-    /// The `listen` address as configured, passed to policy hooks.
-    pub name: Arc<str>,
-    pub config: ListenerConfig,
-    pub server: Arc<ServerState>,
+/// One listener: what its sessions see, and its live connection count.
+struct Listener {
+    context: Arc<SessionContext>,
+    server: Arc<ServerState>,
     connections: AtomicUsize,
 }
 
 /// Counts a connection on its listener and the server while alive.
-struct ConnectionSlot(Arc<ListenerShared>);
+struct ConnectionSlot(Arc<Listener>);
 
 impl ConnectionSlot {
-    fn claim(listener: &Arc<ListenerShared>) -> Option<Self> {
+    fn claim(listener: &Arc<Listener>) -> Option<Self> {
         let previous = listener.connections.fetch_add(1, Ordering::AcqRel);
         listener.server.sessions.fetch_add(1, Ordering::AcqRel);
         let slot = ConnectionSlot(listener.clone());
-        (previous < listener.config.max_connections).then_some(slot)
+        (previous < listener.context.config.max_connections).then_some(slot)
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
-        if self.0.server.sessions.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.server.idle.notify_waiters();
-        }
+        self.0.server.sessions.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// Bind `config.listen` and start accepting on the runtime.
-pub fn start_listener(server: Arc<ServerState>, config: ListenerConfig) -> io::Result<SocketAddr> {
+/// Bind `config.listen` and start accepting on `runtime`.
+pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: ListenerConfig) -> io::Result<SocketAddr> {
     let address: SocketAddr = config.listen.parse().map_err(|_| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("listen: invalid address {:?}", config.listen))
     })?;
     let socket = bind(address, server.reuse_port)?;
     let bound = socket.local_addr()?;
-    let runtime = server.driver.handle().clone();
-    let listener = Arc::new(ListenerShared {
-        name: Arc::from(config.listen.as_str()),
+    let context = Arc::new(SessionContext {
+        listener: Arc::from(config.listen.as_str()),
         config,
-        server,
-        connections: AtomicUsize::new(0),
+        policy: server.bridge.clone(),
+        sink: server.sink.clone(),
+        tls: server.tls.clone(),
+        shutdown: server.shutdown_signal(),
     });
+    let listener = Arc::new(Listener { context, server, connections: AtomicUsize::new(0) });
     let _entered = runtime.enter();
     let socket = TcpListener::from_std(socket)?;
+    listener.server.listening.fetch_add(1, Ordering::AcqRel);
     runtime.spawn(accept_loop(socket, listener));
     Ok(bound)
 }
@@ -141,52 +130,50 @@ fn bind(address: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListen
     Ok(socket.into())
 }
 
-async fn accept_loop(socket: TcpListener, listener: Arc<ListenerShared>) {
-    let server = listener.server.clone();
-    let bridge = server.bridge.clone();
-    bridge.log(LOG_INFO, || format!("listening on {}", listener.name));
+async fn accept_loop(socket: TcpListener, listener: Arc<Listener>) {
+    let context = listener.context.clone();
+    context.policy.log(LOG_INFO, || format!("listening on {}", context.listener));
     loop {
         let accepted = tokio::select! {
             accepted = socket.accept() => accepted,
-            () = server.shutdown_requested() => break,
+            () = context.shutdown.requested() => break,
         };
         match accepted {
             Ok((stream, remote)) => admit(stream, remote, &listener),
             // Typically EMFILE or a connection reset before accept: keep serving.
             Err(error) => {
-                bridge.log(LOG_ERROR, || format!("{}: accept failed: {error}", listener.name));
+                context.policy.log(LOG_ERROR, || format!("{}: accept failed: {error}", context.listener));
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
-    bridge.log(LOG_INFO, || format!("stopped listening on {}", listener.name));
+    drop(socket);
+    listener.server.listening.fetch_sub(1, Ordering::AcqRel);
+    context.policy.log(LOG_INFO, || format!("stopped listening on {}", context.listener));
 }
 
-fn admit(stream: TcpStream, remote: SocketAddr, listener: &Arc<ListenerShared>) {
+fn admit(stream: TcpStream, remote: SocketAddr, listener: &Arc<Listener>) {
     let _ = stream.set_nodelay(true);
     let slot = ConnectionSlot::claim(listener);
-    let listener = listener.clone();
+    let context = listener.context.clone();
     tokio::spawn(async move {
         let local = match stream.local_addr() {
             Ok(local) => local,
             Err(_) => return,
         };
         match slot {
-            Some(_slot) => session::run(stream, remote, local, listener).await,
-            None => refuse_busy(stream, &listener).await,
+            Some(_slot) => session::run(stream, remote, local, context).await,
+            None => refuse_busy(stream, &context.config).await,
         }
     });
 }
 
 /// Past `max_connections`: say so and close, without running any policy.
-async fn refuse_busy(mut stream: TcpStream, listener: &ListenerShared) {
-    let mut params = Params::default();
-    if let Some(hostname) = &listener.config.params.hostname {
-        params.hostname = hostname.clone();
-    }
+async fn refuse_busy(mut stream: TcpStream, config: &ListenerConfig) {
+    let hostname = config.params.hostname.clone().unwrap_or_else(|| Params::default().hostname);
     let mut reply = Vec::new();
-    let text = format!("{} too many concurrent sessions. Try later", params.hostname);
-    write_reply(&mut reply, 421, Some("4.3.2"), &text);
+    Reply::with_text(421, "4.3.2", format!("{hostname} too many concurrent sessions. Try later"))
+        .write(&mut reply, true);
     let _ = stream.write_all(&reply).await;
     let _ = stream.shutdown().await;
 }

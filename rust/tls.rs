@@ -12,7 +12,8 @@
 //! a second change within the file system's timestamp granularity would
 //! keep the stamp.
 
-use crate::params::{key_path, parse_key_source, KeySource, ParamError, Params};
+use crate::cidr::cidr_key;
+use crate::params::{key_path, GenericParams, KeySource, ParamError, Params};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
@@ -20,7 +21,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
-use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -409,27 +409,23 @@ impl ClientCertVerifier for AnyClientCertificate {
     }
 }
 
-/// Check every TLS file or PEM text in static parameters (top level and
-/// every `peer`/`via` block), so a bad certificate fails at start-up with its
-/// key path rather than at the first STARTTLS. Values of the wrong shape are
-/// left to [`crate::params`], which reports them.
-pub fn check_static(value: &Value, path: &str) -> Vec<ParamError> {
+/// Check every TLS file or PEM text in parsed static parameters (top level
+/// and every `peer`/`via` block), so a bad certificate fails at start-up with
+/// its key path rather than at the first STARTTLS.
+pub fn check_static(params: &GenericParams, path: &str) -> Vec<ParamError> {
     let mut errors = Vec::new();
-    if let Some(table) = value.as_object() {
-        check_level(table, path, &mut errors);
-    }
+    check_level(params, path, &mut errors);
     errors
 }
 
-fn check_level(table: &Map<String, Value>, path: &str, errors: &mut Vec<ParamError>) {
-    let mut load = |key: &str, check: fn(&[u8]) -> Result<(), String>| -> Option<Pem> {
-        let source = parse_key_source(table.get(key)?).ok()?;
-        let checked = read(&source).and_then(|pem| check(&pem).map(|()| Pem::from(pem)));
+fn check_level(params: &GenericParams, path: &str, errors: &mut Vec<ParamError>) {
+    let mut load = |key: &str, source: &Option<KeySource>, check: fn(&[u8]) -> Result<(), String>| -> Option<Pem> {
+        let checked = read(source.as_ref()?).and_then(|pem| check(&pem).map(|()| Pem::from(pem)));
         checked.map_err(|message| errors.push(ParamError { path: key_path(path, key), message })).ok()
     };
-    let certificate = load("tls_certificate", |pem| certificates(pem).map(drop));
-    let private_key = load("tls_private_key", |pem| private_key(pem).map(drop));
-    load("tls_required_client_ca", |pem| client_ca_verifier(pem).map(drop));
+    let certificate = load("tls_certificate", &params.tls_certificate, |pem| certificates(pem).map(drop));
+    let private_key = load("tls_private_key", &params.tls_private_key, |pem| private_key(pem).map(drop));
+    load("tls_required_client_ca", &params.tls_required_client_ca, |pem| client_ca_verifier(pem).map(drop));
     if let (Some(certificate), Some(private_key)) = (certificate, private_key) {
         let pair = Material {
             hostname: None,
@@ -441,11 +437,9 @@ fn check_level(table: &Map<String, Value>, path: &str, errors: &mut Vec<ParamErr
             errors.push(ParamError { path: key_path(path, "tls_private_key"), message });
         }
     }
-    for kind in ["peer", "via"] {
-        for (key, block) in table.get(kind).and_then(Value::as_object).into_iter().flatten() {
-            if let Some(block) = block.as_object() {
-                check_level(block, &format!("{}.'{key}'", key_path(path, kind)), errors);
-            }
+    for (kind, blocks) in [("peer", &params.peer), ("via", &params.via)] {
+        for (net, block) in blocks.iter() {
+            check_level(block, &format!("{}.'{}'", key_path(path, kind), cidr_key(net)), errors);
         }
     }
 }
@@ -589,7 +583,8 @@ mod tests {
             "via": {"10.0.0.1": {"tls_certificate": {"key_data": certificate}, "tls_private_key": {"key_data": other_key}}},
             "peer": {"10.0.0.0/8": {"tls_required_client_ca": "/nonexistent/ca.pem"}},
         });
-        let errors: Vec<String> = check_static(&value, "").iter().map(ToString::to_string).collect();
+        let params = crate::params::parse_overrides(&value, "").unwrap();
+        let errors: Vec<String> = check_static(&params, "").iter().map(ToString::to_string).collect();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].starts_with("peer.'10.0.0.0/8'.tls_required_client_ca: cannot read /nonexistent/ca.pem"));
         assert!(errors[1].starts_with("via.'10.0.0.1'.tls_private_key: the private key does not fit"));

@@ -2,6 +2,7 @@
 //! values in RFC 3461 xtext. Pure logic: the session decides who may use it
 //! and applies the result.
 
+use crate::reply::Reply;
 use std::net::IpAddr;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -24,9 +25,15 @@ pub struct XClientRequest {
     pub proto: Option<String>,
 }
 
-/// Reply text for a `501 5.5.4` (the session adds the codes).
+/// Reply text for a `501 5.5.4`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct XClientError(pub String);
+
+impl XClientError {
+    pub fn reply(self) -> Reply {
+        Reply::with_text(501, "5.5.4", self.0)
+    }
+}
 
 /// Postfix's limit on an attribute's value, before decoding.
 const MAX_VALUE_LEN: usize = 255;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import threading
 import time
 
@@ -350,3 +351,15 @@ def test_serde_loaders(tmp_path):
         "via": {"10.0.0.1": {"hostname": "mx.example"}}
     }
     assert kumo.serde.json_load(str(tmp_path / "p.json")) == {"hostname": "mx.example"}
+
+
+def test_the_port_is_free_as_soon_as_the_server_stops(policy, maildir, raw):
+    with kumo.Server(policy=policy, maildir=maildir) as server:
+        host, port = server.start_esmtp_listener(listen="127.0.0.1:0").address
+        client = raw((host, port))
+        assert client.reply()[0] == 220
+        client.sock.close()
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind((host, port))
+        again.listen()

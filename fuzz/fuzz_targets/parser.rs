@@ -12,9 +12,10 @@ fuzz_target!(|line: &[u8]| {
     match parse_command(line) {
         Ok(command) => check_command(line, &command),
         Err(error) => {
-            let (code, enhanced, text) = error.reply();
+            let reply = error.reply();
+            let (code, enhanced, text) = (reply.code, reply.enhanced.unwrap_or_default(), reply.text);
             assert!((500..=555).contains(&code), "reply code {code} for {line:?}");
-            assert!(is_enhanced_5xx(enhanced), "enhanced code {enhanced:?} for {line:?}");
+            assert!(is_enhanced_5xx(&enhanced), "enhanced code {enhanced:?} for {line:?}");
             assert!(!text.is_empty(), "empty reply text for {line:?}");
             assert!(!text.chars().any(char::is_control), "control character in reply {text:?}");
             assert_eq!(error.to_string(), format!("{code} {enhanced} {text}"));

@@ -21,7 +21,8 @@ fuzz_target!(|text: &str| {
             assert_eq!(decode_plain(&encode(authz, authc, password)), Ok(credentials.clone()));
         }
         Err(error) => {
-            let (code, enhanced, reply) = error.reply();
+            let kumo_listener::reply::Reply { code, enhanced, text: reply } = error.reply();
+            let enhanced = enhanced.unwrap_or_default();
             assert_eq!(code, 501);
             assert!(enhanced.starts_with("5.") && !reply.is_empty());
             if error == PlainError::Cancelled {

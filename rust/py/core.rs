@@ -4,16 +4,15 @@ use super::convert::to_json;
 use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyListenerParams, PyMessage};
 use super::ParamsError;
 use crate::bridge::{Bridge, Call};
-use crate::cidr::{parse_cidr, CidrSet};
-use crate::events::{self, Event, EventKind, ListenerDomain, Outcome, Response};
-use crate::params::{parse_listener_config, parse_overrides, ParamErrors};
+use crate::driver::Driver;
+use crate::events::{self, Event, EventKind, Outcome, Response};
+use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
 use crate::server::{self, ServerState};
 use crate::sink::{Maildir, Sink};
 use crate::tls;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
-use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +29,9 @@ fn os_error(error: std::io::Error) -> PyErr {
 #[pyclass(frozen, module = "kumo_listener._core", name = "Core")]
 pub struct PyCore {
     state: Arc<ServerState>,
+    /// Held here, not by the state the tasks hold: dropping the core drops
+    /// the runtime, and every task and socket with it.
+    driver: Driver,
 }
 
 #[pymethods]
@@ -48,7 +50,10 @@ impl PyCore {
             }
         };
         let bridge = Bridge::new().map_err(os_error)?;
-        Ok(Self { state: ServerState::new(Arc::new(bridge), sink, reuse_port).map_err(os_error)? })
+        Ok(Self {
+            state: ServerState::new(Arc::new(bridge), sink, reuse_port),
+            driver: Driver::new().map_err(os_error)?,
+        })
     }
 
     /// Validate `params`, bind the listener and start serving it.
@@ -56,12 +61,12 @@ impl PyCore {
     fn start_listener(&self, py: Python<'_>, params: &Bound<'_, PyDict>) -> PyResult<(String, u16)> {
         let value = to_json(params.as_any(), "")?;
         let config = parse_listener_config(&value).map_err(|e| params_error(&e))?;
-        let tls_errors = tls::check_static(&value, "");
+        let tls_errors = tls::check_static(&config.params, "");
         if !tls_errors.is_empty() {
             return Err(params_error(&ParamErrors(tls_errors)));
         }
         let state = self.state.clone();
-        let bound = py.detach(|| server::start_listener(state, config)).map_err(os_error)?;
+        let bound = py.detach(|| server::start_listener(state, self.driver.handle(), config)).map_err(os_error)?;
         Ok((bound.ip().to_string(), bound.port()))
     }
 
@@ -95,25 +100,24 @@ impl PyCore {
     fn drive(&self, py: Python<'_>, watched: i32, timeout: Option<f64>) -> PyResult<bool> {
         // Too large to represent (or NaN): no limit.
         let timeout = timeout.and_then(|seconds| Duration::try_from_secs_f64(seconds.max(0.0)).ok());
-        let state = &self.state;
-        py.detach(|| state.driver.drive(&state.bridge, watched, timeout)).map_err(os_error)
+        py.detach(|| self.driver.drive(&self.state.bridge, watched, timeout)).map_err(os_error)
     }
 
     /// Stop watching the descriptor `drive` watched; call before closing it.
     fn unwatch(&self) {
-        self.state.driver.unwatch();
+        self.driver.unwatch();
     }
 
     /// Run the sessions on a thread of their own, for a Python loop that
     /// does not call `drive`. Returns the descriptor that becomes readable
     /// when policy calls or log records are queued.
     fn drive_in_background(&self) -> PyResult<i32> {
-        self.state.driver.drive_in_background().map_err(os_error)?;
+        self.driver.drive_in_background().map_err(os_error)?;
         Ok(self.state.bridge.watch_wake_fd())
     }
 
     fn stop_background(&self, py: Python<'_>) {
-        py.detach(|| self.state.driver.stop_background());
+        py.detach(|| self.driver.stop_background());
     }
 
     /// Queued policy calls and log records `(level, message)`.
@@ -131,6 +135,11 @@ impl PyCore {
 
     fn active_sessions(&self) -> usize {
         self.state.active_sessions()
+    }
+
+    /// Listening sockets not yet closed since `begin_shutdown`.
+    fn open_listeners(&self) -> usize {
+        self.state.open_listeners()
     }
 
     fn describe_sink(&self) -> String {
@@ -253,7 +262,9 @@ fn convert_result(kind: EventKind, result: &Bound<'_, PyAny>) -> PyResult<Respon
             .extract::<bool>()
             .map(Response::Authenticated)
             .map_err(|_| PyTypeError::new_err("smtp_server_auth_plain handlers must return True or False")),
-        EventKind::GetListenerDomain => listener_domain(&to_json(result, "")?).map(Response::ListenerDomain),
+        EventKind::GetListenerDomain => {
+            parse_listener_domain(&to_json(result, "")?).map(Response::ListenerDomain).map_err(|e| params_error(&e))
+        }
         _ => Err(PyTypeError::new_err(format!(
             "{} handlers must return None, got {}",
             kind.name(),
@@ -270,44 +281,4 @@ fn ehlo_extensions(result: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         Some(index) => Err(PyValueError::new_err(format!("[{index}]: an EHLO extension must be a non-empty line"))),
         None => Ok(extensions),
     }
-}
-
-fn listener_domain(value: &Value) -> PyResult<ListenerDomain> {
-    let Value::Object(map) = value else {
-        return Err(PyTypeError::new_err("get_listener_domain handlers must return None or a dict"));
-    };
-    let mut domain = ListenerDomain::default();
-    for (key, item) in map {
-        match (key.as_str(), item) {
-            ("relay_to", Value::Bool(relay_to)) => domain.relay_to = *relay_to,
-            ("relay_from", Value::Array(cidrs)) => domain.relay_from = cidr_set(cidrs)?,
-            ("relay_to" | "relay_from", _) => {
-                return Err(PyTypeError::new_err(format!("{key}: expected {}", expected_for(key))))
-            }
-            // KumoMTA's reporting switches: accepted so policies port unchanged.
-            ("log_oob" | "log_arf", _) => {}
-            _ => return Err(PyValueError::new_err(format!("{key}: unknown get_listener_domain key"))),
-        }
-    }
-    Ok(domain)
-}
-
-fn expected_for(key: &str) -> &'static str {
-    if key == "relay_to" {
-        "a bool"
-    } else {
-        "a list of CIDR strings"
-    }
-}
-
-fn cidr_set(items: &[Value]) -> PyResult<CidrSet> {
-    let mut set = CidrSet::new();
-    for (index, item) in items.iter().enumerate() {
-        let net = item
-            .as_str()
-            .ok_or_else(|| PyTypeError::new_err(format!("relay_from[{index}]: expected a CIDR string")))
-            .and_then(|s| parse_cidr(s).map_err(|e| PyValueError::new_err(format!("relay_from[{index}]: {e}"))))?;
-        set.insert(net, ());
-    }
-    Ok(set)
 }

@@ -5,7 +5,7 @@ mod core;
 mod objects;
 
 use crate::events;
-use crate::params::{parse_duration, parse_overrides, DEFAULT_LISTEN};
+use crate::params::{parse_duration, parse_overrides_partially, DEFAULT_LISTEN};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -23,11 +23,8 @@ create_exception!(
 #[pyfunction]
 fn validate_overrides(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     let value = convert::to_json(value, "")?;
-    let mut errors = match parse_overrides(&value, "") {
-        Ok(_) => Vec::new(),
-        Err(errors) => errors.0,
-    };
-    errors.extend(crate::tls::check_static(&value, ""));
+    let (params, mut errors) = parse_overrides_partially(&value, "");
+    errors.extend(crate::tls::check_static(&params, ""));
     Ok(errors.iter().map(ToString::to_string).collect())
 }
 

@@ -1,0 +1,297 @@
+//! Value parsers, and the errors they report under key paths.
+
+use super::{parse_table, GenericParams, KeySource, Level, TraceHeadersOverride};
+use crate::cidr::{parse_cidr, CidrMap, CidrSet};
+use crate::framing::LineEndings;
+use serde_json::{Map, Value};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::BatchHandling;
+
+/// One invalid value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamError {
+    /// Where, e.g. `via.'10.0.0.1'.max_connections` (empty for the whole value).
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ParamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every error found in one set of parameters, one per line when shown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamErrors(pub Vec<ParamError>);
+
+impl fmt::Display for ParamErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, error) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ParamErrors {}
+
+#[derive(Default)]
+pub(super) struct Errors(pub(super) Vec<ParamError>);
+
+impl Errors {
+    pub(super) fn push(&mut self, path: &str, message: impl Into<String>) {
+        self.0.push(ParamError { path: path.to_owned(), message: message.into() });
+    }
+
+    /// The value, or `None` with the error recorded under `path`.
+    pub(super) fn take<T>(&mut self, path: &str, result: Result<T, String>) -> Option<T> {
+        result.map_err(|message| self.push(path, message)).ok()
+    }
+
+    pub(super) fn table<'v>(&mut self, value: &'v Value, path: &str) -> Option<&'v Map<String, Value>> {
+        match value {
+            Value::Object(table) => Some(table),
+            other => {
+                self.push(path, format!("expected a table of parameters, got {}", describe(other)));
+                None
+            }
+        }
+    }
+
+    pub(super) fn finish<T>(self, value: Option<T>) -> Result<T, ParamErrors> {
+        match value {
+            Some(value) if self.0.is_empty() => Ok(value),
+            _ => Err(ParamErrors(self.0)),
+        }
+    }
+}
+
+/// `key` under `path`: `via.'10.0.0.1'.hostname`.
+pub fn key_path(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+pub(super) fn unknown_key(key: &str, known: &[&str]) -> String {
+    let closest =
+        known.iter().map(|name| (strsim::levenshtein(key, name), *name)).min().filter(|(distance, _)| *distance <= 3);
+    match closest {
+        Some((_, name)) => format!("unknown parameter; did you mean {name}?"),
+        None => "unknown parameter".into(),
+    }
+}
+
+/// A short description of a value's type for error messages.
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "a table".into(),
+    }
+}
+
+fn expected(what: &str, got: &Value) -> String {
+    format!("expected {what}, got {}", describe(got))
+}
+
+/// A duration: seconds as a number, or a string like `"5 minutes"` or `"1h 30m"`.
+pub fn parse_duration(value: &Value) -> Result<Duration, String> {
+    let parsed = match value {
+        Value::Number(n) => n
+            .as_f64()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| format!("{n} is not a number of seconds")),
+        Value::String(s) => humantime::parse_duration(s.trim())
+            .map_err(|e| format!("{s:?} is not a duration like \"30 seconds\" or \"5 minutes\" ({e})")),
+        other => Err(format!("expected seconds or a string like \"5 minutes\", got {}", describe(other))),
+    }?;
+    if parsed.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(parsed)
+}
+
+pub(super) fn string(value: &Value) -> Result<String, String> {
+    value.as_str().map(str::to_owned).ok_or_else(|| expected("a string", value))
+}
+
+pub(super) fn boolean(value: &Value) -> Result<bool, String> {
+    value.as_bool().ok_or_else(|| expected("true or false", value))
+}
+
+pub(super) fn hostname(value: &Value) -> Result<String, String> {
+    let name = string(value)?;
+    let valid = !name.is_empty() && name.len() <= 255 && !name.chars().any(|c| c.is_whitespace() || c.is_control());
+    if valid {
+        Ok(name)
+    } else {
+        Err(format!("{name:?} is not a host name"))
+    }
+}
+
+pub(super) fn positive_integer(value: &Value) -> Result<usize, String> {
+    value
+        .as_u64()
+        .filter(|&n| n > 0)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| expected("a positive integer", value))
+}
+
+/// RFC 5321 needs command lines of 512 octets, so nothing below works.
+pub(super) fn line_limit(value: &Value) -> Result<usize, String> {
+    let limit = positive_integer(value)?;
+    if limit < 510 {
+        return Err(format!("{limit} is below the 510 octets RFC 5321 requires for a command line"));
+    }
+    Ok(limit)
+}
+
+pub(super) fn parse_listen(value: &Value) -> Result<String, String> {
+    let listen = string(value)?;
+    listen
+        .parse::<SocketAddr>()
+        .map(|_| listen.clone())
+        .map_err(|_| format!("{listen:?} is not an address like \"0.0.0.0:25\" or \"[::]:25\""))
+}
+
+fn one_of<T: Copy>(value: &Value, choices: &[(&str, T)]) -> Result<T, String> {
+    let names: Vec<String> = choices.iter().map(|(name, _)| format!("{name:?}")).collect();
+    let wanted = format!("one of {}", names.join(", "));
+    let text = value.as_str().ok_or_else(|| expected(&wanted, value))?;
+    choices.iter().find(|(name, _)| *name == text).map(|(_, choice)| *choice).ok_or_else(|| expected(&wanted, value))
+}
+
+pub(super) fn line_endings(value: &Value) -> Result<LineEndings, String> {
+    one_of(value, &[("Deny", LineEndings::Deny), ("Allow", LineEndings::Allow), ("Fix", LineEndings::Fix)])
+}
+
+pub(super) fn batch_handling(value: &Value) -> Result<BatchHandling, String> {
+    one_of(
+        value,
+        &[("BifurcateAlways", BatchHandling::BifurcateAlways), ("BatchByDomain", BatchHandling::BatchByDomain)],
+    )
+}
+
+pub(super) fn meta(value: &Value) -> Result<Map<String, Value>, String> {
+    value.as_object().cloned().ok_or_else(|| expected("a table", value))
+}
+
+/// A PEM source: `"path"` or `{key_data = "PEM text"}`.
+pub fn parse_key_source(value: &Value) -> Result<KeySource, String> {
+    const WANTED: &str = "a file path or {key_data = \"PEM text\"}";
+    match value {
+        Value::String(path) if !path.is_empty() => Ok(KeySource::File(PathBuf::from(path))),
+        Value::Object(table) if table.len() == 1 => match table.get("key_data") {
+            Some(Value::String(data)) => Ok(KeySource::Data(data.clone())),
+            _ => Err(expected(WANTED, value)),
+        },
+        other => Err(expected(WANTED, other)),
+    }
+}
+
+/// A list of IP addresses or CIDRs, each error under `path[index]`.
+pub(super) fn cidr_list(value: &Value, path: &str, errors: &mut Errors) -> Option<CidrSet> {
+    let Some(items) = value.as_array() else {
+        errors.push(path, expected("a list of IP addresses or CIDRs", value));
+        return None;
+    };
+    let before = errors.0.len();
+    let mut set = CidrSet::new();
+    for (index, item) in items.iter().enumerate() {
+        let here = format!("{path}[{index}]");
+        let net = item.as_str().ok_or_else(|| expected("an IP address or CIDR", item)).and_then(parse_cidr);
+        if let Some(net) = errors.take(&here, net) {
+            set.insert(net, ());
+        }
+    }
+    (errors.0.len() == before).then_some(set)
+}
+
+/// `relay_hosts`: a [`cidr_list`], shared by every connection it applies to.
+pub(super) fn relay_hosts(value: &Value, path: &str, errors: &mut Errors) -> Option<Arc<CidrSet>> {
+    cidr_list(value, path, errors).map(Arc::new)
+}
+
+pub(super) fn cidr_blocks(value: &Value, path: &str, errors: &mut Errors) -> CidrMap<GenericParams> {
+    let mut blocks = CidrMap::new();
+    let Some(table) = value.as_object() else {
+        errors.push(path, expected("a table of CIDR → parameters", value));
+        return blocks;
+    };
+    for (key, block) in table {
+        let here = format!("{path}.'{key}'");
+        let Some(net) = errors.take(&here, parse_cidr(key)) else {
+            continue;
+        };
+        let Some(block) = errors.table(block, &here) else {
+            continue;
+        };
+        let params = parse_table(block, &here, Level::Nested, errors);
+        if blocks.insert(net, params).is_some() {
+            errors.push(&here, format!("{net} is given twice"));
+        }
+    }
+    blocks
+}
+
+pub(super) fn trace_headers(value: &Value, path: &str, errors: &mut Errors) -> Option<TraceHeadersOverride> {
+    let Some(table) = value.as_object() else {
+        errors.push(path, expected("a table like {received_header = true}", value));
+        return None;
+    };
+    let mut trace = TraceHeadersOverride::default();
+    for (key, item) in table {
+        let here = key_path(path, key);
+        match key.as_str() {
+            "received_header" => trace.received_header = errors.take(&here, boolean(item)),
+            "supplemental_header" => trace.supplemental_header = errors.take(&here, boolean(item)),
+            "header_name" => trace.header_name = errors.take(&here, header_name(item)),
+            "include_meta_names" => trace.include_meta_names = errors.take(&here, string_list(item)),
+            unknown => errors.push(
+                &here,
+                unknown_key(unknown, &["received_header", "supplemental_header", "header_name", "include_meta_names"]),
+            ),
+        }
+    }
+    Some(trace)
+}
+
+/// An RFC 5322 field name: printable ASCII except `:`.
+fn header_name(value: &Value) -> Result<String, String> {
+    let name = string(value)?;
+    let valid = !name.is_empty() && name.bytes().all(|b| (33..=126).contains(&b) && b != b':');
+    if valid {
+        Ok(name)
+    } else {
+        Err(format!("{name:?} is not a header field name"))
+    }
+}
+
+fn string_list(value: &Value) -> Result<Vec<String>, String> {
+    let wanted = || expected("a list of strings", value);
+    value
+        .as_array()
+        .ok_or_else(wanted)?
+        .iter()
+        .map(|item| item.as_str().map(str::to_owned).ok_or_else(wanted))
+        .collect()
+}

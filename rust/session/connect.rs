@@ -1,0 +1,142 @@
+//! The start of a session (and its restart after XCLIENT): addresses,
+//! parameters, the PROXY header, `connection_accepted`, the greeting.
+
+use super::{Session, Step, Stop};
+use crate::events::{Event, EventKind, Response};
+use crate::log::LOG_INFO;
+use crate::params::{ListenerConfig, Params};
+use crate::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
+use crate::reply::Reply;
+use crate::stream::Transport;
+use bytes::Buf;
+use std::net::SocketAddr;
+
+fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(crate::cidr::canonical_ip(address.ip()), address.port())
+}
+
+/// Defaults, then the listener's parameters for these addresses.
+pub(super) fn static_parameters(config: &ListenerConfig, remote: SocketAddr, local: SocketAddr) -> Params {
+    let mut params = Params::default();
+    params.apply(&config.params, remote.ip(), local.ip());
+    params
+}
+
+impl<S: Transport> Session<S> {
+    /// Evaluate the parameters (after a PROXY header where required), run
+    /// `connection_accepted`, greet.
+    pub(super) async fn open(&mut self) -> Step {
+        if self.context.shutdown.is_requested() {
+            return Err(self.close(Reply::new(421, "4.3.2", "shutting down")));
+        }
+        // Decided by the static parameters only: the dynamic hook is asked
+        // once, about the real client.
+        let proxied = self.params.require_proxy_protocol;
+        if proxied {
+            self.read_proxy_header().await?;
+            self.apply_parameters().await?;
+        } else {
+            self.apply_dynamic_parameters().await?;
+        }
+        if self.context.config.implicit_tls {
+            // The client speaks TLS first: it could not read a plaintext error.
+            let identity = self.server_identity().await.map_err(|reason| self.tls_unavailable(&reason))?;
+            self.handshake(identity).await?;
+        }
+        self.connection_accepted().await?;
+        // Behind a proxy, what came with the header is the client's own.
+        if !proxied && self.receive_pending()? {
+            return Err(self.lost_synchronization());
+        }
+        self.greet();
+        Ok(())
+    }
+
+    pub(super) async fn connection_accepted(&mut self) -> Step {
+        let make = |session: &Self| Event::ConnectionAccepted { meta: session.meta.clone() };
+        self.consult_at_connect(EventKind::ConnectionAccepted, make).await.map(drop)
+    }
+
+    pub(super) fn greet(&mut self) {
+        let greeting = format!("{} {}", self.params.hostname, self.params.banner);
+        self.send(&Reply::bare(220, greeting));
+    }
+
+    pub(super) fn set_addresses(&mut self, remote: SocketAddr, local: SocketAddr) {
+        self.remote = canonical(remote);
+        self.local = canonical(local);
+        self.meta.set("received_from", self.remote.to_string());
+        self.meta.set("received_via", self.local.to_string());
+    }
+
+    /// The static parameters for the current addresses, then the dynamic
+    /// hook's result over them, then their `meta` into the connection metadata.
+    pub(super) async fn apply_parameters(&mut self) -> Step {
+        self.adopt(static_parameters(&self.context.config, self.remote, self.local));
+        self.apply_dynamic_parameters().await
+    }
+
+    async fn apply_dynamic_parameters(&mut self) -> Step {
+        let make = |session: &Self| Event::GetDynamicParameters {
+            listener: session.context.listener.clone(),
+            meta: session.meta.clone(),
+        };
+        if let Response::Params(overrides) = self.consult_at_connect(EventKind::GetDynamicParameters, make).await? {
+            let mut params = self.params.clone();
+            params.apply(&overrides, self.remote.ip(), self.local.ip());
+            self.adopt(params);
+        }
+        self.meta.merge(&self.params.meta);
+        Ok(())
+    }
+
+    fn adopt(&mut self, params: Params) {
+        self.lines.set_limit(params.line_length_hard_limit);
+        self.meta.set("hostname", params.hostname.clone());
+        self.params = params;
+    }
+
+    /// The PROXY protocol header (v1 or v2) a trusted proxy sends first.
+    /// Anything else, or nothing in time, closes the connection without a
+    /// banner: the peer is not the proxy we expect.
+    async fn read_proxy_header(&mut self) -> Step {
+        let deadline = self.command_deadline();
+        loop {
+            match decode_proxy_header(&self.input) {
+                ProxyDecode::Header { header, consumed } => {
+                    self.input.advance(consumed);
+                    if let ProxyHeader::Proxied { source, destination } = header {
+                        self.keep_original_addresses();
+                        self.set_addresses(source, destination);
+                    }
+                    return Ok(());
+                }
+                ProxyDecode::Incomplete => {
+                    self.fill(deadline, super::io::MIN_READ).await.map_err(|_| Stop::Gone)?;
+                }
+                ProxyDecode::Invalid(reason) => {
+                    let remote = self.remote;
+                    let message = || format!("{remote}: closed, bad PROXY protocol header: {reason}");
+                    self.context.policy.log(LOG_INFO, message);
+                    return Err(Stop::Gone);
+                }
+            }
+        }
+    }
+
+    /// The socket's own addresses, kept once as `orig_received_from`/`_via`
+    /// before a PROXY header or XCLIENT replaces them.
+    pub(super) fn keep_original_addresses(&mut self) {
+        if self.meta.get("orig_received_from").is_none() {
+            self.meta.set("orig_received_from", self.remote.to_string());
+            self.meta.set("orig_received_via", self.local.to_string());
+        }
+    }
+
+    /// RFC 2920 §3.1 and Postfix's `smtpd_forbid_unauth_pipelining`: a client
+    /// that talks before the greeting or before a reply it must wait for is
+    /// not an SMTP client we can trust to frame its messages.
+    pub(super) fn lost_synchronization(&mut self) -> Stop {
+        self.close(Reply::new(554, "5.5.0", "Error: SMTP protocol synchronization"))
+    }
+}

@@ -1,0 +1,136 @@
+//! Reading and writing: command lines, raw reads with their deadlines, and
+//! the two reply verbs, [`Session::send`] and [`Session::close`].
+
+use super::{Session, Step, Stop};
+use crate::framing::LineEvent;
+use crate::reply::Reply;
+use crate::stream::{Stream, Transport};
+use std::future::Future;
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{timeout, timeout_at, Instant};
+
+/// The smallest read; also the growth step of the input buffer between
+/// messages (`data_buffer_size` is the step inside DATA).
+pub(super) const MIN_READ: usize = 4096;
+
+/// The most [`Session::receive_pending`] takes in one go.
+const MAX_PENDING: usize = 64 * 1024;
+
+/// A buffered line, or the end of one too long to keep.
+pub(super) enum Framed {
+    Line { len: usize, consumed: usize },
+    TooLong { consumed: usize },
+}
+
+/// Why a read brought nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ReadError {
+    /// The deadline passed.
+    Timeout,
+    /// The server is shutting down.
+    Shutdown,
+    /// The client closed, or the stream failed.
+    Gone,
+}
+
+impl<S: Transport> Session<S> {
+    /// Queue `reply`; its enhanced code only for a client that said EHLO.
+    pub(super) fn send(&mut self, reply: &Reply) {
+        reply.write(&mut self.output, self.esmtp);
+    }
+
+    /// Queue `reply` after our hostname, always with its enhanced code (as
+    /// Postfix writes them), as the last words of the session.
+    pub(super) fn close(&mut self, reply: Reply) -> Stop {
+        let text = format!("{} {}", self.params.hostname, reply.text);
+        Reply { text: text.into(), ..reply }.write(&mut self.output, true);
+        Stop::Closing
+    }
+
+    /// How a session ends after a failed read: a reply, unless the client is gone.
+    pub(super) fn read_failed(&mut self, error: ReadError) -> Stop {
+        match error {
+            ReadError::Gone => Stop::Gone,
+            ReadError::Timeout => self.close(Reply::new(421, "4.3.2", "idle too long, closing connection")),
+            ReadError::Shutdown => self.close(Reply::new(421, "4.3.2", "shutting down")),
+        }
+    }
+
+    /// Read until a whole line (or the end of an over-long one) is buffered.
+    pub(super) async fn next_line(&mut self, deadline: Instant) -> Result<Framed, Stop> {
+        loop {
+            match self.lines.next(&self.input) {
+                LineEvent::Line { len, consumed } => return Ok(Framed::Line { len, consumed }),
+                LineEvent::TooLong { consumed } => return Ok(Framed::TooLong { consumed }),
+                LineEvent::NeedMore { discard } => {
+                    bytes::Buf::advance(&mut self.input, discard);
+                    self.flush().await?;
+                    let filled = self.fill(deadline, MIN_READ).await;
+                    filled.map_err(|error| self.read_failed(error))?;
+                }
+            }
+        }
+    }
+
+    /// A client gets `client_timeout` to send each whole command: trickling
+    /// bytes does not extend it.
+    pub(super) fn command_deadline(&self) -> Instant {
+        Instant::now() + self.params.client_timeout
+    }
+
+    /// Read more into `input`, growing it by `step` when less than
+    /// [`MIN_READ`] bytes are free; stop on end of stream, deadline or shutdown.
+    pub(super) async fn fill(&mut self, deadline: Instant, step: usize) -> Result<(), ReadError> {
+        if self.input.capacity() - self.input.len() < MIN_READ {
+            self.input.reserve(step.max(MIN_READ));
+        }
+        let shutdown = self.context.shutdown.clone();
+        tokio::select! {
+            read = timeout_at(deadline, self.stream.read_buf(&mut self.input)) => match read {
+                Ok(Ok(0)) | Ok(Err(_)) => Err(ReadError::Gone),
+                Ok(Ok(_)) => Ok(()),
+                Err(_) => Err(ReadError::Timeout),
+            },
+            () = shutdown.requested() => Err(ReadError::Shutdown),
+        }
+    }
+
+    /// Move what the client has already sent into the input buffer without
+    /// waiting. True if anything came. Only on a plain stream.
+    pub(super) fn receive_pending(&mut self) -> Result<bool, Stop> {
+        let Stream::Plain(plain) = &mut self.stream else {
+            return Ok(false);
+        };
+        let before = self.input.len();
+        // Polled once with a waker that does nothing: ready bytes or not, no waiting.
+        let mut context = Context::from_waker(Waker::noop());
+        while self.input.len() - before < MAX_PENDING {
+            self.input.reserve(MIN_READ);
+            match std::pin::pin!(plain.read_buf(&mut self.input)).poll(&mut context) {
+                Poll::Ready(Ok(0)) => return Err(Stop::Gone),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(_)) | Poll::Pending => break,
+            }
+        }
+        Ok(self.input.len() > before)
+    }
+
+    pub(super) async fn flush(&mut self) -> Step {
+        if self.output.is_empty() {
+            return Ok(());
+        }
+        let written = timeout(self.params.client_timeout, self.stream.write_all(&self.output)).await;
+        self.output.clear();
+        match written {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Stop::Gone),
+        }
+    }
+
+    /// Write the closing reply and close our side.
+    pub(super) async fn finish(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+}

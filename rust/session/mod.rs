@@ -1,0 +1,270 @@
+//! One SMTP session: the RFC 5321 state machine over any byte stream.
+//!
+//! Bytes are framed by [`crate::framing`], commands parsed by
+//! [`crate::parser`]; this module decides what each command means in the
+//! current state, consults Python policy through the [`Bridge`], and writes
+//! replies. Replies to pipelined commands are collected and written in one
+//! go just before the session waits for more input.
+//!
+//! A session sees only its [`SessionContext`]; it is split by phase:
+//! [`connect`](self) (parameters, PROXY header, greeting), `io` (reading,
+//! writing, the two reply verbs), `transaction` (EHLO to the end of DATA),
+//! `starttls`, `auth` and `xclient`.
+
+mod auth;
+mod connect;
+mod io;
+mod starttls;
+mod transaction;
+mod xclient;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+#[cfg(test)]
+mod tests;
+
+use crate::bridge::Bridge;
+use crate::events::{Event, EventKind, Outcome, Response};
+use crate::framing::LineFramer;
+use crate::meta::MetaStore;
+use crate::params::{ListenerConfig, Params};
+use crate::parser::{is_http_request, parse_command, Command, ParseError};
+use crate::reply::Reply;
+use crate::sink::Sink;
+use crate::stream::{Stream, Transport};
+use crate::tls::TlsCache;
+use bytes::{Buf, BytesMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::watch;
+use transaction::Transaction;
+
+/// After this many rejected commands the client is clearly not a mail
+/// client (Postfix's `smtpd_hard_error_limit`).
+const MAX_ERRORS: usize = 20;
+
+const OK: Reply = Reply::new(250, "2.0.0", "OK");
+
+/// Everything a session uses of the server, built once per listener.
+pub struct SessionContext {
+    /// The `listen` address as configured, passed to policy hooks.
+    pub listener: Arc<str>,
+    pub config: ListenerConfig,
+    pub policy: Arc<Bridge>,
+    pub sink: Sink,
+    pub tls: Arc<TlsCache>,
+    pub shutdown: Shutdown,
+}
+
+/// The server's request that sessions finish.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    pub fn new(receiver: watch::Receiver<bool>) -> Self {
+        Self(receiver)
+    }
+
+    pub fn is_requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once shutdown is asked for (at once if it already has, or
+    /// if the server is gone).
+    pub async fn requested(&self) {
+        let mut receiver = self.0.clone();
+        let _ = receiver.wait_for(|stopping| *stopping).await;
+    }
+}
+
+/// Why a session stopped reading.
+enum Stop {
+    /// The client closed, or the socket failed: nothing more to say.
+    Gone,
+    /// A reply that closes the connection has been queued.
+    Closing,
+}
+
+type Step = Result<(), Stop>;
+
+pub struct Session<S> {
+    stream: Stream<S>,
+    input: BytesMut,
+    output: Vec<u8>,
+    context: Arc<SessionContext>,
+    params: Params,
+    meta: MetaStore,
+    remote: SocketAddr,
+    local: SocketAddr,
+    /// The domain given by the last successful EHLO or HELO.
+    helo: Option<String>,
+    /// The client said EHLO, so replies carry enhanced status codes.
+    esmtp: bool,
+    /// The `authc` identity of a successful AUTH.
+    authenticated: Option<String>,
+    transaction: Option<Transaction>,
+    transactions_started: usize,
+    errors: usize,
+    lines: LineFramer,
+}
+
+/// Serve one accepted connection to the end.
+pub async fn run<S: Transport>(stream: S, remote: SocketAddr, local: SocketAddr, context: Arc<SessionContext>) {
+    let mut session = Session::new(stream, remote, local, context);
+    let result = match session.open().await {
+        Ok(()) => session.command_loop().await,
+        Err(stop) => Err(stop),
+    };
+    if matches!(result, Err(Stop::Closing)) {
+        session.finish().await;
+    }
+}
+
+impl<S: Transport> Session<S> {
+    fn new(stream: S, remote: SocketAddr, local: SocketAddr, context: Arc<SessionContext>) -> Self {
+        let params = connect::static_parameters(&context.config, remote, local);
+        let mut session = Self {
+            stream: Stream::Plain(stream),
+            input: BytesMut::with_capacity(io::MIN_READ),
+            output: Vec::with_capacity(512),
+            lines: LineFramer::new(params.line_length_hard_limit),
+            context,
+            params,
+            meta: MetaStore::new(),
+            remote,
+            local,
+            helo: None,
+            esmtp: false,
+            authenticated: None,
+            transaction: None,
+            transactions_started: 0,
+            errors: 0,
+        };
+        session.set_addresses(remote, local);
+        session.meta.set("hostname", session.params.hostname.clone());
+        session
+    }
+
+    async fn command_loop(&mut self) -> Step {
+        loop {
+            match self.next_line(self.command_deadline()).await? {
+                io::Framed::Line { len, consumed } => {
+                    if is_http_request(&self.input[..len]) {
+                        // Postfix's exact words, without our hostname: a web client learns nothing.
+                        Reply::new(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
+                            .write(&mut self.output, true);
+                        return Err(Stop::Closing);
+                    }
+                    let parsed = parse_command(&self.input[..len]);
+                    self.input.advance(consumed);
+                    // Like Postfix, only what is already buffered counts: no extra read.
+                    if parsed.as_ref().is_ok_and(Command::ends_pipelining_group) && !self.input.is_empty() {
+                        return Err(self.lost_synchronization());
+                    }
+                    self.dispatch(parsed).await?;
+                }
+                io::Framed::TooLong { consumed } => {
+                    self.input.advance(consumed);
+                    self.refuse(Reply::new(500, "5.2.3", "line too long"))?;
+                }
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, parsed: Result<Command, ParseError>) -> Step {
+        let command = match parsed {
+            Ok(command) => command,
+            Err(error) => return self.refuse(error.reply()),
+        };
+        match command {
+            Command::Ehlo(domain) => self.hello(domain, true).await,
+            Command::Helo(domain) => self.hello(domain, false).await,
+            Command::MailFrom { reverse_path, params } => self.mail_from(reverse_path, params).await,
+            Command::RcptTo { forward_path } => self.rcpt_to(forward_path).await,
+            Command::Data => self.data().await,
+            Command::Rset => {
+                self.transaction = None;
+                self.send(&OK);
+                Ok(())
+            }
+            Command::Noop => {
+                self.send(&OK);
+                Ok(())
+            }
+            Command::Quit => Err(self.close(Reply::new(221, "2.0.0", "closing connection"))),
+            Command::Vrfy(_) => {
+                self.send(&Reply::new(252, "2.1.5", "cannot VRFY user, but will accept message and attempt delivery"));
+                Ok(())
+            }
+            Command::Help => {
+                self.send(&Reply::new(214, "2.0.0", "commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"));
+                Ok(())
+            }
+            Command::StartTls => self.starttls().await,
+            Command::Auth { mechanism, initial_response } => self.auth(mechanism, initial_response).await,
+            Command::XClient(arguments) => self.xclient(&arguments).await,
+        }
+    }
+
+    /// Send a refusal of the client's command; too many of them end the session.
+    fn refuse(&mut self, reply: Reply) -> Step {
+        self.send(&reply);
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            return Err(self.close(Reply::new(421, "4.7.0", "too many errors")));
+        }
+        Ok(())
+    }
+
+    fn is_registered(&self, kind: EventKind) -> bool {
+        self.context.policy.is_registered(kind)
+    }
+
+    /// Call the handler of `kind`, with the event `make` builds, if one is
+    /// registered: no event is built for an unregistered handler.
+    async fn ask(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Option<Outcome> {
+        if !self.is_registered(kind) {
+            return None;
+        }
+        let event = make(self);
+        Some(self.context.policy.call(event, self.params.data_processing_timeout).await)
+    }
+
+    /// Consult policy about a command. `Some` means go on (`Nothing` when no
+    /// handler is registered); `None` means a refusal was sent.
+    async fn consult(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Result<Option<Response>, Stop> {
+        match self.ask(kind, make).await {
+            None => Ok(Some(Response::Nothing)),
+            Some(Outcome::Done(response)) => Ok(Some(response)),
+            Some(Outcome::Reject { code, text }) => {
+                let reply = Reply::from_policy(code, &text);
+                self.send(&reply);
+                if reply.closes() {
+                    return Err(Stop::Closing);
+                }
+                Ok(None)
+            }
+            Some(Outcome::Failed(_)) => {
+                self.send(&Reply::new(451, "4.3.0", "temporary policy failure, try again later"));
+                Ok(None)
+            }
+        }
+    }
+
+    /// A connection-level event: any refusal or failure ends the connection.
+    async fn consult_at_connect(
+        &mut self,
+        kind: EventKind,
+        make: impl FnOnce(&Self) -> Event,
+    ) -> Result<Response, Stop> {
+        match self.ask(kind, make).await {
+            None => Ok(Response::Nothing),
+            Some(Outcome::Done(response)) => Ok(response),
+            Some(Outcome::Reject { code, text }) => {
+                self.send(&Reply::from_policy(code, &text));
+                Err(Stop::Closing)
+            }
+            Some(Outcome::Failed(_)) => Err(self.close(Reply::new(421, "4.3.0", "temporary failure, try again later"))),
+        }
+    }
+}

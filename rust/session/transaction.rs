@@ -1,0 +1,320 @@
+//! EHLO/HELO and the mail transaction: MAIL, RCPT (with the relaying
+//! decision), DATA, and the hand-over to policy and the sink.
+
+use super::io::MIN_READ;
+use super::{Session, Step, Stop};
+use crate::events::{Event, EventKind, Response};
+use crate::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
+use crate::log::{LOG_INFO, LOG_WARNING};
+use crate::message::{self, Message, ReceivedInfo, Supplemental};
+use crate::params::ListenerDomain;
+use crate::parser::{MailParams, Mailbox, ReversePath};
+use crate::reply::Reply;
+use crate::stream::Transport;
+use bytes::{Buf, Bytes};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The most a body buffer is sized up front from `MAIL FROM ... SIZE=`.
+const MAX_SIZE_HINT: usize = 1 << 20;
+
+/// The slowest DATA transfer tolerated, in bytes per second (Postfix's
+/// `smtpd_min_data_rate`): each byte received extends the DATA deadline by
+/// this much, so trickling keeps no connection alive for long.
+const MIN_DATA_RATE: f64 = 500.0;
+
+const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "need MAIL command first");
+const NON_ASCII: Reply = Reply::new(553, "5.6.7", "non-ASCII address requires SMTPUTF8");
+
+pub(super) struct Transaction {
+    sender: Mailbox,
+    params: MailParams,
+    recipients: Vec<Mailbox>,
+    /// Whether `get_listener_domain` lets this peer relay mail from the
+    /// sender's domain; asked at the first RCPT that needs it.
+    relay_from_sender_domain: Option<bool>,
+}
+
+impl<S: Transport> Session<S> {
+    pub(super) fn extensions(&self) -> Vec<String> {
+        let mut extensions = vec![
+            "PIPELINING".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            format!("SIZE {}", self.params.max_message_size),
+        ];
+        if self.params.allow_xclient {
+            extensions.push("XCLIENT ADDR PORT DESTADDR DESTPORT HELO NAME LOGIN PROTO".into());
+        }
+        if !self.stream.is_tls() {
+            extensions.push("STARTTLS".into());
+        } else if self.is_registered(EventKind::AuthPlain) {
+            extensions.push("AUTH PLAIN".into());
+        }
+        extensions
+    }
+
+    /// RFC 3848: ESMTP, plus S under TLS and A once authenticated.
+    pub(super) fn protocol(&self) -> String {
+        let mut protocol = String::from(if self.esmtp { "ESMTP" } else { "SMTP" });
+        if self.stream.is_tls() {
+            protocol.push('S');
+        }
+        if self.authenticated.is_some() {
+            protocol.push('A');
+        }
+        protocol
+    }
+
+    /// EHLO or HELO. As in KumoMTA, `smtp_server_ehlo` sees both (with no
+    /// extensions for HELO), so a policy that refuses a domain can't be
+    /// sidestepped by saying HELO.
+    pub(super) async fn hello(&mut self, domain: String, extended: bool) -> Step {
+        self.transaction = None;
+        self.helo = None;
+        self.esmtp = extended;
+        self.meta.set("ehlo_domain", domain.clone());
+        self.meta.set("reception_protocol", self.protocol());
+        let mut extensions = if extended { self.extensions() } else { Vec::new() };
+        let make = |session: &Self| Event::Ehlo {
+            domain: domain.clone(),
+            meta: session.meta.clone(),
+            extensions: extensions.clone(),
+        };
+        match self.consult(EventKind::Ehlo, make).await? {
+            None => return Ok(()),
+            Some(Response::Extensions(replaced)) if extended => extensions = replaced,
+            Some(_) => {}
+        }
+        let mut text = format!("{} Hello {domain}", self.params.hostname);
+        for extension in &extensions {
+            text.push('\n');
+            text.push_str(extension);
+        }
+        self.helo = Some(domain);
+        // RFC 2034: the EHLO reply lists extensions, not status codes.
+        self.send(&Reply::bare(250, text));
+        Ok(())
+    }
+
+    fn helo_domain(&self) -> &str {
+        self.helo.as_deref().unwrap_or_default()
+    }
+
+    pub(super) async fn mail_from(&mut self, reverse_path: ReversePath, params: MailParams) -> Step {
+        if self.helo.is_none() {
+            return self.refuse(Reply::new(503, "5.5.1", "send EHLO or HELO first"));
+        }
+        if self.transaction.is_some() {
+            return self.refuse(Reply::new(503, "5.5.1", "nested MAIL command"));
+        }
+        if self.transactions_started >= self.params.max_messages_per_connection {
+            return Err(self.close(Reply::new(421, "4.5.3", "too many messages on this connection, reconnect")));
+        }
+        if params.size.is_some_and(|size| size > self.params.max_message_size as u64) {
+            return self.refuse(MESSAGE_TOO_BIG);
+        }
+        let sender = match reverse_path {
+            ReversePath::Null => Mailbox { local_part: String::new(), domain: String::new() },
+            ReversePath::Mailbox(mailbox) => mailbox,
+        };
+        if !params.smtputf8 && !sender.is_ascii() {
+            return self.refuse(NON_ASCII);
+        }
+        let make = |session: &Self| Event::MailFrom { sender: sender.clone(), meta: session.meta.clone() };
+        if self.consult(EventKind::MailFrom, make).await?.is_none() {
+            return Ok(());
+        }
+        self.transactions_started += 1;
+        self.transaction = Some(Transaction { sender, params, recipients: Vec::new(), relay_from_sender_domain: None });
+        self.send(&Reply::new(250, "2.1.0", "OK"));
+        Ok(())
+    }
+
+    pub(super) async fn rcpt_to(&mut self, recipient: Mailbox) -> Step {
+        let Some(transaction) = &self.transaction else {
+            return self.refuse(NEED_MAIL);
+        };
+        if transaction.recipients.len() >= self.params.max_recipients_per_message {
+            self.send(&Reply::new(452, "4.5.3", "too many recipients"));
+            return Ok(());
+        }
+        if !transaction.params.smtputf8 && !recipient.is_ascii() {
+            return self.refuse(NON_ASCII);
+        }
+        let Some(permitted) = self.relay_permitted(&recipient).await? else {
+            return Ok(());
+        };
+        if !permitted {
+            return self.refuse(Reply::new(550, "5.7.1", "relaying not permitted"));
+        }
+        let make = |session: &Self| Event::RcptTo { recipient: recipient.clone(), meta: session.meta.clone() };
+        if self.consult(EventKind::RcptTo, make).await?.is_none() {
+            return Ok(());
+        }
+        if let Some(transaction) = &mut self.transaction {
+            transaction.recipients.push(recipient);
+        }
+        self.send(&Reply::new(250, "2.1.5", "OK"));
+        Ok(())
+    }
+
+    /// As in KumoMTA, an authenticated client may relay like a relay host.
+    fn may_relay_anywhere(&self) -> bool {
+        self.authenticated.is_some() || self.params.relay_hosts.contains(self.remote.ip())
+    }
+
+    /// What `get_listener_domain` says of `domain`: `Some(None)` when no
+    /// handler is registered or it returned None; `None` when a refusal was sent.
+    async fn listener_domain(&mut self, domain: &str) -> Result<Option<Option<ListenerDomain>>, Stop> {
+        let make = |session: &Self| Event::GetListenerDomain {
+            domain: domain.to_string(),
+            listener: session.context.listener.clone(),
+            meta: session.meta.clone(),
+        };
+        Ok(self.consult(EventKind::GetListenerDomain, make).await?.map(|response| match response {
+            Response::ListenerDomain(found) => Some(found),
+            _ => None,
+        }))
+    }
+
+    /// Relaying is allowed from `relay_hosts`, to a domain that
+    /// `get_listener_domain` opens (`relay_to`, or `relay_from` holding the
+    /// peer), or from a sender domain whose `relay_from` holds the peer.
+    /// `None`: policy refused and the reply is queued.
+    async fn relay_permitted(&mut self, recipient: &Mailbox) -> Result<Option<bool>, Stop> {
+        if self.may_relay_anywhere() {
+            return Ok(Some(true));
+        }
+        let peer = self.remote.ip();
+        match self.listener_domain(&recipient.domain).await? {
+            None => return Ok(None),
+            Some(Some(domain)) if domain.relay_to || domain.relay_from.contains(peer) => return Ok(Some(true)),
+            Some(_) => {}
+        }
+        self.sender_domain_relays().await
+    }
+
+    async fn sender_domain_relays(&mut self) -> Result<Option<bool>, Stop> {
+        let Some(transaction) = &self.transaction else {
+            return Ok(Some(false));
+        };
+        if let Some(known) = transaction.relay_from_sender_domain {
+            return Ok(Some(known));
+        }
+        let domain = transaction.sender.domain.clone();
+        if domain.is_empty() {
+            return Ok(Some(false));
+        }
+        let peer = self.remote.ip();
+        let Some(found) = self.listener_domain(&domain).await? else {
+            return Ok(None);
+        };
+        let allowed = found.is_some_and(|d| d.relay_from.contains(peer));
+        if let Some(transaction) = &mut self.transaction {
+            transaction.relay_from_sender_domain = Some(allowed);
+        }
+        Ok(Some(allowed))
+    }
+
+    pub(super) async fn data(&mut self) -> Step {
+        let Some(transaction) = self.transaction.take() else {
+            return self.refuse(NEED_MAIL);
+        };
+        if transaction.recipients.is_empty() {
+            self.transaction = Some(transaction);
+            return self.refuse(Reply::new(503, "5.5.1", "need RCPT command first"));
+        }
+        self.send(&Reply::bare(354, "end data with <CR><LF>.<CR><LF>"));
+        self.flush().await?;
+        // The trace header goes first into the buffer the body is read into,
+        // so that prepending it costs no copy. Its time is DATA's, as in Postfix.
+        let id = message::new_message_id();
+        let header = self.trace_header(&id, &transaction);
+        let size_hint = transaction.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX));
+        let (verdict, data) = self.read_body(&header, size_hint).await?;
+        match verdict.refusal() {
+            None => self.accept_message(id, transaction, data).await,
+            Some(refusal) => self.refuse(refusal),
+        }
+    }
+
+    /// The message after our trace header `header`: the returned bytes
+    /// start with it unless the message is refused.
+    async fn read_body(&mut self, header: &str, size_hint: usize) -> Result<(DataVerdict, Vec<u8>), Stop> {
+        let limits = DataLimits {
+            max_message_size: self.params.max_message_size,
+            max_line_length: self.params.line_length_hard_limit,
+            line_endings: self.params.invalid_line_endings,
+        };
+        let mut framer = DataFramer::new(limits);
+        // Trust SIZE= only so far: a client could announce 20 MB and send nothing.
+        let expected =
+            size_hint.min(MAX_SIZE_HINT).max(self.input.len()).max(MIN_READ).min(self.params.max_message_size);
+        let mut body = Vec::with_capacity(header.len() + expected);
+        body.extend_from_slice(header.as_bytes());
+        let started = Instant::now();
+        let mut received = 0;
+        loop {
+            let fed = framer.feed(&self.input, &mut body);
+            self.input.advance(fed.consumed);
+            received += fed.consumed;
+            if fed.done {
+                return Ok((framer.verdict(), body));
+            }
+            // Idle for `client_timeout`, or slower than MIN_DATA_RATE overall.
+            let earned = Duration::from_secs_f64(received as f64 / MIN_DATA_RATE);
+            let deadline =
+                (Instant::now() + self.params.client_timeout).min(started + self.params.client_timeout + earned);
+            let filled = self.fill(deadline, self.params.data_buffer_size).await;
+            filled.map_err(|error| self.read_failed(error))?;
+        }
+    }
+
+    async fn accept_message(&mut self, id: String, transaction: Transaction, data: Vec<u8>) -> Step {
+        let message = Message::new(id, transaction.sender, transaction.recipients, Bytes::from(data));
+        // As in KumoMTA, a message starts with a copy of its connection's metadata.
+        message.meta.merge(&self.meta.snapshot());
+        let make = |session: &Self| Event::Data { message: message.clone(), meta: session.meta.clone() };
+        if self.consult(EventKind::Data, make).await?.is_none() {
+            return Ok(());
+        }
+        let trace = &self.params.trace_headers;
+        let supplemental = trace
+            .supplemental_header
+            .then(|| Supplemental { header_name: &trace.header_name, include_meta_names: &trace.include_meta_names });
+        let parts = message::split(&message, self.params.batch_handling, supplemental.as_ref());
+        for part in &parts {
+            let make = |session: &Self| Event::MessageReceived { message: part.clone(), meta: session.meta.clone() };
+            if self.consult(EventKind::MessageReceived, make).await?.is_none() {
+                return Ok(());
+            }
+        }
+        let policy = self.context.policy.clone();
+        if let Err(error) = self.context.sink.deliver(parts).await {
+            policy.log(LOG_WARNING, || format!("message {} from {}: sink failed: {error}", message.id, self.remote));
+            self.send(&Reply::new(451, "4.3.0", "temporary failure storing the message, try again later"));
+            return Ok(());
+        }
+        policy.log(LOG_INFO, || format!("message {} from {} accepted", message.id, self.remote));
+        self.send(&Reply::with_text(250, "2.0.0", format!("OK id={}", message.id)));
+        Ok(())
+    }
+
+    /// The `Received:` header, or nothing when `trace_headers` turn it off.
+    fn trace_header(&self, id: &str, transaction: &Transaction) -> String {
+        if !self.params.trace_headers.received_header {
+            return String::new();
+        }
+        let protocol = self.meta.get_str("reception_protocol").unwrap_or_else(|| "SMTP".into());
+        message::received_header(&ReceivedInfo {
+            helo_domain: self.helo_domain(),
+            client_ip: self.remote.ip(),
+            hostname: &self.params.hostname,
+            protocol: &protocol,
+            id,
+            recipients: &transaction.recipients,
+        })
+    }
+}
