@@ -318,7 +318,9 @@ class Server:
         deadline = loop.time() + self._shutdown_grace
         # The runtime runs while this loop waits: listening sockets close
         # (so that the port is free when stop() returns) and sessions finish.
-        while (self._core.active_sessions() or self._core.open_listeners()) and loop.time() < deadline:
+        while (
+            self._core.active_sessions() or self._core.open_listeners()
+        ) and loop.time() < deadline:
             await asyncio.sleep(0.02)
         if self._core.active_sessions():
             logger.warning(
