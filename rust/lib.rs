@@ -13,6 +13,7 @@
 
 pub mod bridge;
 pub mod cidr;
+pub mod clients;
 pub mod driver;
 pub mod events;
 pub mod framing;

@@ -7,6 +7,7 @@
 //! socket with it.
 
 use crate::bridge::Bridge;
+use crate::clients::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::log::{LOG_ERROR, LOG_INFO};
 use crate::params::{ListenerConfig, Params};
 use crate::reply::Reply;
@@ -30,6 +31,7 @@ pub struct ServerState {
     reuse_port: bool,
     pub sink: Sink,
     tls: Arc<TlsCache>,
+    clients: Arc<ClientTable>,
     shutdown: watch::Sender<bool>,
     sessions: AtomicUsize,
     /// Listening sockets still open: each closes when its accept loop sees the shutdown.
@@ -43,6 +45,7 @@ impl ServerState {
             reuse_port,
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
+            clients: ClientTable::new(CLIENT_TABLE_CAPACITY),
             shutdown: watch::Sender::new(false),
             sessions: AtomicUsize::new(0),
             listening: AtomicUsize::new(0),
@@ -106,6 +109,7 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
         policy: server.bridge.clone(),
         sink: server.sink.clone(),
         tls: server.tls.clone(),
+        clients: server.clients.clone(),
         shutdown: server.shutdown_signal(),
     });
     let listener = Arc::new(Listener { context, server, connections: AtomicUsize::new(0) });

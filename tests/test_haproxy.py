@@ -232,3 +232,23 @@ def test_the_bad_header_is_logged_when_info_is_enabled_after_the_server_started(
     client.send(b"EHLO x\r\n")
     assert client.until_closed() == b""
     assert wait_for_log(caplog, "closed, bad PROXY protocol header", 3)
+
+
+def test_per_client_limits_count_the_real_client_not_the_proxy(listen, haproxy, raw):
+    address = listen(
+        listen="127.0.0.1:0",
+        hostname="mx.limits.example",
+        relay_hosts=[],
+        max_connections_per_client=1,
+        peer={"127.0.0.1": {"require_proxy_protocol": True}},
+    )
+    proxy = haproxy(address, PROXIES["v2"])
+    first = raw(proxy.address, source="127.0.0.10")
+    assert first.reply()[0] == 220
+    second = raw(proxy.address, source="127.0.0.10")
+    assert second.reply() == (
+        421,
+        ["4.7.0 mx.limits.example too many connections from your address"],
+    )
+    # Every connection comes from HAProxy's address, which is not counted.
+    assert raw(proxy.address, source="127.0.0.11").reply()[0] == 220

@@ -15,10 +15,11 @@ mod macros;
 mod parse;
 
 use crate::cidr::{parse_cidr, CidrMap, CidrSet};
+use crate::clients::Rate;
 use crate::framing::LineEndings;
 use parse::{
     batch_handling, boolean, cidr_blocks, cidr_list, hostname, line_endings, line_limit, meta, parse_listen,
-    positive_integer, relay_hosts, string, trace_headers, unknown_key, Errors,
+    positive_integer, rate, relay_hosts, string, trace_headers, unknown_key, Errors,
 };
 pub use parse::{key_path, parse_duration, parse_key_source, ParamError, ParamErrors};
 use serde_json::{Map, Value};
@@ -59,6 +60,8 @@ listener_params! {
         tls_required_client_ca: KeySource = None, value parse_key_source, option;
         allow_xclient: bool = false, value boolean, set;
         require_proxy_protocol: bool = false, value boolean, set;
+        max_connections_per_client: usize = 50, value positive_integer, set;
+        max_connection_rate_per_client: Rate = None, value rate, option;
     }
 }
 
@@ -333,6 +336,21 @@ mod tests {
     }
 
     #[test]
+    fn rates() {
+        let rate_of =
+            |text: &str| effective(&[&json!({"max_connection_rate_per_client": text})], "10.0.0.1", "10.0.0.2");
+        let rate = |count, seconds| Some(Rate { count, per: Duration::from_secs(seconds) });
+        assert_eq!(rate_of("30/minute").max_connection_rate_per_client, rate(30, 60));
+        assert_eq!(rate_of("100 / 1h").max_connection_rate_per_client, rate(100, 3600));
+        assert_eq!(rate_of("5/10s").max_connection_rate_per_client, rate(5, 10));
+        assert_eq!(Params::default().max_connection_rate_per_client, None);
+        for bad in [json!("30"), json!("0/minute"), json!("x/minute"), json!("5/soon"), json!(5)] {
+            let errors = errors_of(parse_overrides(&json!({"max_connection_rate_per_client": bad}), ""));
+            assert!(errors[0].starts_with("max_connection_rate_per_client: expected a rate like"), "{errors:?}");
+        }
+    }
+
+    #[test]
     fn every_error_is_reported_with_its_key_path() {
         let errors = errors_of(parse_overrides(
             &json!({
@@ -393,7 +411,8 @@ mod tests {
             "invalid_line_endings": "Allow", "meta": {"a": 1}, "peer": {"10.0.0.1": {}}, "via": {"::1": {}},
             "batch_handling": "BatchByDomain", "trace_headers": {"received_header": false},
             "tls_certificate": "c.pem", "tls_private_key": "k.pem", "tls_required_client_ca": {"key_data": "PEM"},
-            "allow_xclient": true, "require_proxy_protocol": true,
+            "allow_xclient": true, "require_proxy_protocol": true, "max_connections_per_client": 5,
+            "max_connection_rate_per_client": "30/minute",
         });
         let mut keys: Vec<&str> = valid.as_object().unwrap().keys().map(String::as_str).collect();
         let mut known = ANYWHERE.to_vec();

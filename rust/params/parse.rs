@@ -2,6 +2,7 @@
 
 use super::{parse_table, GenericParams, KeySource, Level, TraceHeadersOverride};
 use crate::cidr::{parse_cidr, CidrMap, CidrSet};
+use crate::clients::Rate;
 use crate::framing::LineEndings;
 use serde_json::{Map, Value};
 use std::fmt;
@@ -128,6 +129,19 @@ pub fn parse_duration(value: &Value) -> Result<Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(parsed)
+}
+
+/// A rate like `"30/minute"`, `"100/1h"` or `"5/10s"`: a count per duration.
+pub(super) fn rate(value: &Value) -> Result<Rate, String> {
+    const WANTED: &str = "a rate like \"30/minute\" or \"100/1h\"";
+    let text = value.as_str().ok_or_else(|| expected(WANTED, value))?;
+    let (count, per) = text.split_once('/').ok_or_else(|| expected(WANTED, value))?;
+    let count: u32 = count.trim().parse().ok().filter(|&n| n > 0).ok_or_else(|| expected(WANTED, value))?;
+    let per = per.trim();
+    // "minute" alone means one minute.
+    let per = if per.starts_with(|c: char| c.is_ascii_digit()) { per.to_owned() } else { format!("1{per}") };
+    let per = humantime::parse_duration(&per).ok().filter(|d| !d.is_zero()).ok_or_else(|| expected(WANTED, value))?;
+    Ok(Rate { count, per })
 }
 
 pub(super) fn string(value: &Value) -> Result<String, String> {

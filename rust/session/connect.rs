@@ -2,6 +2,7 @@
 //! parameters, the PROXY header, `connection_accepted`, the greeting.
 
 use super::{Session, Step, Stop};
+use crate::clients::{ClientLimits, Refusal};
 use crate::events::{Event, EventKind, Response};
 use crate::log::LOG_INFO;
 use crate::params::{ListenerConfig, Params};
@@ -10,6 +11,7 @@ use crate::reply::Reply;
 use crate::stream::Transport;
 use bytes::Buf;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 fn canonical(address: SocketAddr) -> SocketAddr {
     SocketAddr::new(crate::cidr::canonical_ip(address.ip()), address.port())
@@ -33,9 +35,11 @@ impl<S: Transport> Session<S> {
         // once, about the real client.
         let proxied = self.params.require_proxy_protocol;
         if proxied {
+            // The proxy's own address is neither limited nor asked about.
             self.read_proxy_header().await?;
             self.apply_parameters().await?;
         } else {
+            self.admit_client()?;
             self.apply_dynamic_parameters().await?;
         }
         if self.context.config.implicit_tls {
@@ -69,11 +73,40 @@ impl<S: Transport> Session<S> {
         self.meta.set("received_via", self.local.to_string());
     }
 
-    /// The static parameters for the current addresses, then the dynamic
-    /// hook's result over them, then their `meta` into the connection metadata.
+    /// The static parameters for the current addresses, the per-client
+    /// limits they set, then the dynamic hook's result over them, then their
+    /// `meta` into the connection metadata.
     pub(super) async fn apply_parameters(&mut self) -> Step {
         self.adopt(static_parameters(&self.context.config, self.remote, self.local));
+        self.admit_client()?;
         self.apply_dynamic_parameters().await
+    }
+
+    /// Count this session against its client address's limits (Postfix's
+    /// anvil), from the static parameters; `relay_hosts` are exempt, as
+    /// Postfix exempts `$mynetworks`. A session that changes its client
+    /// (XCLIENT) gives up the previous address's slot first.
+    fn admit_client(&mut self) -> Step {
+        self.client = None;
+        let ip = self.remote.ip();
+        if self.params.relay_hosts.contains(ip) {
+            return Ok(());
+        }
+        let limits = ClientLimits {
+            max_connections: self.params.max_connections_per_client,
+            connection_rate: self.params.max_connection_rate_per_client,
+        };
+        let refusal = match self.context.clients.admit(ip, limits, Instant::now()) {
+            Ok(slot) => {
+                self.client = Some(slot);
+                return Ok(());
+            }
+            Err(Refusal::TooManyConnections) => "too many connections from your address",
+            Err(Refusal::ConnectionRate) => "too many connections from your address in a short time, try again later",
+        };
+        let remote = self.remote;
+        self.context.policy.log(LOG_INFO, || format!("{remote}: refused, {refusal}"));
+        Err(self.close(Reply::new(421, "4.7.0", refusal)))
     }
 
     async fn apply_dynamic_parameters(&mut self) -> Step {

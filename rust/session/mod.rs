@@ -24,6 +24,7 @@ pub mod testing;
 mod tests;
 
 use crate::bridge::Bridge;
+use crate::clients::{ClientSlot, ClientTable};
 use crate::events::{Event, EventKind, Outcome, Response};
 use crate::framing::LineFramer;
 use crate::meta::MetaStore;
@@ -53,6 +54,8 @@ pub struct SessionContext {
     pub policy: Arc<Bridge>,
     pub sink: Sink,
     pub tls: Arc<TlsCache>,
+    /// Per-client-address counts, shared by the listeners of a server.
+    pub clients: Arc<ClientTable>,
     pub shutdown: Shutdown,
 }
 
@@ -102,6 +105,8 @@ pub struct Session<S> {
     esmtp: bool,
     /// The `authc` identity of a successful AUTH.
     authenticated: Option<String>,
+    /// This session's place in its client address's count.
+    client: Option<ClientSlot>,
     transaction: Option<Transaction>,
     transactions_started: usize,
     errors: usize,
@@ -136,6 +141,7 @@ impl<S: Transport> Session<S> {
             helo: None,
             esmtp: false,
             authenticated: None,
+            client: None,
             transaction: None,
             transactions_started: 0,
             errors: 0,

@@ -4,6 +4,7 @@
 
 use super::{run, SessionContext, Shutdown};
 use crate::bridge::Bridge;
+use crate::clients::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::events::{Event, EventKind, Outcome};
 use crate::params::{parse_listener_config, ParamErrors};
 use crate::sink::Sink;
@@ -46,6 +47,7 @@ impl Harness {
             policy: bridge,
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
+            clients: ClientTable::new(CLIENT_TABLE_CAPACITY),
             shutdown: Shutdown::new(shutdown.subscribe()),
         });
         Ok(Self { context, shutdown, logs })

@@ -514,3 +514,35 @@ impl ServerCertVerifier for TrustAnything {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[tokio::test]
+async fn concurrent_sessions_per_client_address_are_limited() {
+    let params = json!({"hostname": "mx.test", "relay_hosts": ["192.0.2.99"], "max_connections_per_client": 1,
+        "peer": {"192.0.2.10": {"allow_xclient": true}}});
+    let harness = plain(params);
+    let first = greeted(&harness, CLIENT).await;
+    let mut second = Client::new(harness.connect("192.0.2.10:40001", LOCAL));
+    assert_eq!(second.reply().await, (421, vec!["4.7.0 mx.test too many connections from your address".into()]));
+    second.expect_closed().await;
+    let _elsewhere = greeted(&harness, "192.0.2.11:1").await;
+    let _relay_host = greeted(&harness, "192.0.2.99:1").await;
+    let _relay_host_again = greeted(&harness, "192.0.2.99:2").await;
+    drop(first);
+    let mut proxy = greeted(&harness, CLIENT).await;
+    // XCLIENT gives up the proxy's slot and takes the real client's: 192.0.2.11 has one already.
+    let (code, text) = proxy.command("XCLIENT ADDR=192.0.2.11").await;
+    assert_eq!((code, text[0].as_str()), (421, "4.7.0 mx.test too many connections from your address"));
+    let _again = greeted(&harness, CLIENT).await;
+}
+
+#[tokio::test]
+async fn the_connection_rate_per_client_address_is_limited() {
+    let harness = plain(json!({"hostname": "mx.test", "max_connection_rate_per_client": "2/hour"}));
+    for _ in 0..2 {
+        let mut client = greeted(&harness, CLIENT).await;
+        client.command("QUIT").await;
+    }
+    let mut third = Client::new(harness.connect(CLIENT, LOCAL));
+    assert_eq!(third.reply().await.0, 421);
+    let _other = greeted(&harness, "192.0.2.11:1").await;
+}

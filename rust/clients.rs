@@ -1,0 +1,169 @@
+//! Per-client-address bookkeeping, as Postfix's anvil keeps it: concurrent
+//! sessions and connections in the current rate window, per IP address.
+//! O(1) per connection; memory bounded under a flood of distinct addresses.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Addresses remembered before idle ones are forgotten: four times the
+/// default `max_connections`, so that the sessions open never fill it (at
+/// most about 8 MiB).
+pub const CLIENT_TABLE_CAPACITY: usize = 2 * 65_536;
+
+/// At most this many events per `per` (`"30/minute"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+/// The limits one client is held to, from its static parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientLimits {
+    pub max_connections: usize,
+    pub connection_rate: Option<Rate>,
+}
+
+/// Why a connection was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    TooManyConnections,
+    ConnectionRate,
+}
+
+#[derive(Debug)]
+struct Entry {
+    active: usize,
+    window_started: Instant,
+    connections_in_window: u32,
+}
+
+/// Every client address seen recently, shared by the listeners of a server.
+pub struct ClientTable {
+    entries: Mutex<HashMap<IpAddr, Entry>>,
+    /// Entries beyond which idle ones are forgotten.
+    capacity: usize,
+}
+
+/// Holds one of its client's concurrent sessions until dropped.
+pub struct ClientSlot {
+    table: Arc<ClientTable>,
+    ip: IpAddr,
+}
+
+impl ClientTable {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self { entries: Mutex::default(), capacity })
+    }
+
+    /// Count a new connection from `ip` at `now`, or say why it is refused.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, limits: ClientLimits, now: Instant) -> Result<ClientSlot, Refusal> {
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity && !entries.contains_key(&ip) {
+            forget_idle(&mut entries, now);
+        }
+        let entry = entries.entry(ip).or_insert(Entry { active: 0, window_started: now, connections_in_window: 0 });
+        if entry.active >= limits.max_connections {
+            return Err(Refusal::TooManyConnections);
+        }
+        if let Some(rate) = limits.connection_rate {
+            if now.duration_since(entry.window_started) >= rate.per {
+                entry.window_started = now;
+                entry.connections_in_window = 0;
+            }
+            if entry.connections_in_window >= rate.count {
+                return Err(Refusal::ConnectionRate);
+            }
+            entry.connections_in_window += 1;
+        }
+        entry.active += 1;
+        Ok(ClientSlot { table: self.clone(), ip })
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, Entry>> {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Forget every client with no session open: first those whose rate window
+/// has passed (the longest window any limit uses is a day), then, if the
+/// table is still full, all of them (a flood of new addresses loses its
+/// rate history rather than growing memory).
+fn forget_idle(entries: &mut HashMap<IpAddr, Entry>, now: Instant) {
+    const LONGEST_WINDOW: Duration = Duration::from_secs(24 * 3600);
+    let before = entries.len();
+    entries.retain(|_, entry| entry.active > 0 || now.duration_since(entry.window_started) < LONGEST_WINDOW);
+    if entries.len() > before / 2 {
+        entries.retain(|_, entry| entry.active > 0);
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut entries = self.table.lock();
+        if let Some(entry) = entries.get_mut(&self.ip) {
+            entry.active -= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+
+    fn limits(max_connections: usize, rate: Option<(u32, u64)>) -> ClientLimits {
+        let connection_rate = rate.map(|(count, seconds)| Rate { count, per: Duration::from_secs(seconds) });
+        ClientLimits { max_connections, connection_rate }
+    }
+
+    #[test]
+    fn concurrent_sessions_are_counted_until_their_slot_is_dropped() {
+        let table = ClientTable::new(100);
+        let now = Instant::now();
+        let first = table.admit(CLIENT, limits(2, None), now).unwrap();
+        let _second = table.admit(CLIENT, limits(2, None), now).unwrap();
+        assert_eq!(table.admit(CLIENT, limits(2, None), now).err(), Some(Refusal::TooManyConnections));
+        let other = IpAddr::from([192, 0, 2, 2]);
+        assert!(table.admit(other, limits(2, None), now).is_ok(), "another address has its own count");
+        drop(first);
+        assert!(table.admit(CLIENT, limits(2, None), now).is_ok());
+    }
+
+    #[test]
+    fn the_connection_rate_counts_within_a_window() {
+        let table = ClientTable::new(100);
+        let start = Instant::now();
+        for _ in 0..3 {
+            drop(table.admit(CLIENT, limits(50, Some((3, 60))), start).unwrap());
+        }
+        let refused = table.admit(CLIENT, limits(50, Some((3, 60))), start + Duration::from_secs(59));
+        assert_eq!(refused.err(), Some(Refusal::ConnectionRate));
+        assert!(table.admit(CLIENT, limits(50, Some((3, 60))), start + Duration::from_secs(60)).is_ok());
+    }
+
+    #[test]
+    fn a_flood_of_addresses_stays_bounded() {
+        let table = ClientTable::new(1000);
+        let now = Instant::now();
+        let held = table.admit(CLIENT, limits(50, Some((10, 60))), now).unwrap();
+        for n in 0..100_000u32 {
+            let ip = IpAddr::from((0x0a00_0000 + n).to_be_bytes());
+            drop(table.admit(ip, limits(50, Some((10, 60))), now).unwrap());
+            assert!(table.len() <= 1001);
+        }
+        assert_eq!(table.admit(CLIENT, limits(1, None), now).err(), Some(Refusal::TooManyConnections));
+        drop(held);
+    }
+}
