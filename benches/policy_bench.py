@@ -82,11 +82,13 @@ cached_via_table = kumo.memoize(load_via_table, name="via_table", ttl="5 minutes
 
 
 @kumo.on("smtp_server_get_dynamic_parameters")
+@kumo.inline  # a memoized lookup never blocks: no thread hop
 def dynamic_parameters(listener: str, conn_meta: kumo.ConnectionMeta) -> kumo.ListenerParams:
     return cached_via_table(listener)
 
 
 @kumo.on("smtp_server_message_received")
+@kumo.inline
 def message_received(message: kumo.Message, conn_meta: kumo.ConnectionMeta) -> None:
     global received
     received += 1

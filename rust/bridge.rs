@@ -27,6 +27,11 @@ pub struct Call {
 }
 
 impl Call {
+    /// Whether the session stopped waiting (it timed out or went away).
+    pub fn is_abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
     pub fn finish(self, outcome: Outcome) {
         // The session may have gone away (timeout, disconnect); nothing to do then.
         let _ = self.reply.send(outcome);

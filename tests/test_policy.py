@@ -220,11 +220,12 @@ def test_async_handlers_run_concurrently(policy, listen, raw):
 @pytest.mark.parametrize("loop_kind", ["the server's", "the caller's"])
 def test_server_runs_on_the_server_loop_or_the_callers(policy, maildir, raw, loop_kind):
     """On a loop of Server.new_event_loop the loop drives the sessions; on any
-    other loop a thread of the core does. Handlers, sync and async, run on
+    other loop a thread of the core does. Handlers, async and inline, run on
     that loop either way."""
     loops = []
 
     @policy.on("smtp_server_mail_from")
+    @kumo.inline
     def mail(sender, meta):
         loops.append(asyncio.get_running_loop())
 

@@ -24,6 +24,7 @@ from .memoize import memoize
 from .policy import EVENTS, Policy, default_policy, on
 from .reject import Reject
 from .server import Listener, Server, configure, default_server, serve, start_esmtp_listener
+from .threads import inline
 
 __all__ = [
     "EVENTS",
@@ -39,6 +40,7 @@ __all__ = [
     "configure",
     "default_policy",
     "default_server",
+    "inline",
     "memoize",
     "on",
     "serde",

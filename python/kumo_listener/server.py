@@ -1,8 +1,9 @@
 """Running listeners: the server object and the dispatcher of policy calls.
 
 The Rust core queues every policy call; the dispatcher, running on one
-asyncio loop, takes them and runs the handlers there. ``async def`` handlers
-become tasks, so a slow one does not hold up other connections.
+asyncio loop, takes them and runs the handlers: ``async def`` handlers as
+tasks on that loop, ``def`` handlers on a pool of threads (those marked
+``kumo.inline`` on the loop), so a slow one does not hold up other connections.
 
 The sessions run on the core's single-threaded tokio runtime. On a loop of
 :meth:`Server.new_event_loop` (what :meth:`Server.start` and ``kumo-listener
@@ -14,6 +15,7 @@ drives it and calls arrive through a wake-up socket.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -30,6 +32,7 @@ from typing import Any
 from . import _core
 from .policy import Policy, default_policy
 from .reject import Reject
+from .threads import DEFAULT_HANDLER_THREADS, HandlerThreads, runs_on_loop
 
 logger = logging.getLogger("kumo_listener")
 
@@ -100,11 +103,15 @@ class _Dispatcher:
         policy: Policy,
         loop: asyncio.AbstractEventLoop,
         selector: _DrivingSelector | None,
+        handler_threads: int,
     ) -> None:
         self._core = core
         self._policy = policy
         self._loop = loop
         self._selector = selector
+        self._threads = HandlerThreads(handler_threads, loop)
+        # Handler → whether it runs on the loop, found out once per handler.
+        self._on_loop: dict[Callable[..., Any], bool] = {}
         self._wake_fd: int | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._tick: asyncio.TimerHandle | None = None
@@ -126,6 +133,7 @@ class _Dispatcher:
         if self._tick is not None:
             self._tick.cancel()
         self._drain()
+        self._threads.close()
 
     def _drain_periodically(self) -> None:
         self._log(self._core.refresh_log_level(logger.getEffectiveLevel()))
@@ -148,11 +156,33 @@ class _Dispatcher:
         if handler is None:
             job.complete(None)
             return
+        on_loop = self._on_loop.get(handler)
+        if on_loop is None:
+            on_loop = self._on_loop[handler] = runs_on_loop(handler)
+        if not on_loop:
+            self._threads.submit(handler, job.args, functools.partial(self._ran, job))
+            return
         try:
             result = handler(*job.args)
         except Exception as error:
             self._fail(job, error)
             return
+        self._finish(job, result)
+
+    def _ran(self, job: _core.Job, error: BaseException | None, result: Any) -> None:
+        """A handler run on a thread has returned (or raised)."""
+        if job.abandoned:
+            logger.warning(
+                "%s handler for %s returned after its session stopped waiting",
+                job.event,
+                _peer_of(job),
+            )
+        if error is not None:
+            self._fail(job, error)
+        else:
+            self._finish(job, result)
+
+    def _finish(self, job: _core.Job, result: Any) -> None:
         # `None` first: most handlers return it, and isawaitable is slow to say no.
         if result is not None and inspect.isawaitable(result):
             self._await(job, result)
@@ -214,7 +244,8 @@ class Server:
     ``with`` (or :meth:`start`) runs the dispatcher on a background thread;
     :meth:`run` runs it on the caller's asyncio loop instead, best one of
     :meth:`new_event_loop`. ``reuse_port`` binds listeners with SO_REUSEPORT,
-    for worker processes sharing a port.
+    for worker processes sharing a port. ``def`` handlers run on at most
+    ``handler_threads`` threads.
     """
 
     def __init__(
@@ -225,10 +256,12 @@ class Server:
         maildir: str | os.PathLike[str] = "maildir",
         shutdown_grace: float = 30.0,
         reuse_port: bool = False,
+        handler_threads: int = DEFAULT_HANDLER_THREADS,
     ) -> None:
         self.policy = policy if policy is not None else default_policy
         self._core = _core.Core(sink, os.fspath(maildir) if sink == "maildir" else None, reuse_port)
         self._shutdown_grace = shutdown_grace
+        self._handler_threads = handler_threads
         self._listeners: list[Listener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -286,7 +319,9 @@ class Server:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stopping = asyncio.Event()
-        dispatcher = _Dispatcher(self._core, self.policy, loop, self._driving.get(loop))
+        dispatcher = _Dispatcher(
+            self._core, self.policy, loop, self._driving.get(loop), self._handler_threads
+        )
         dispatcher.start()
         if handle_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):

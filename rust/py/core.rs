@@ -190,6 +190,14 @@ impl PyJob {
         self.kind.name()
     }
 
+    /// Whether the session no longer waits for this job (it gave up at
+    /// `data_processing_timeout`, or went away).
+    #[getter]
+    fn abandoned(&self) -> PyResult<bool> {
+        let call = self.call.lock().map_err(|_| PyRuntimeError::new_err("job lock poisoned"))?;
+        Ok(call.as_ref().is_some_and(Call::is_abandoned))
+    }
+
     /// The handler's positional arguments.
     #[getter]
     fn args<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
