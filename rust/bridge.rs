@@ -13,7 +13,7 @@ use crate::log::{LogLevel, LogRecord, LogRecords, LOG_ERROR};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::futures::Notified;
@@ -58,6 +58,30 @@ pub struct Bridge {
     wake_reader: UnixStream,
     registered: AtomicU32,
     log_level: LogLevel,
+    /// Calls queued or running in Python whose sessions still wait.
+    waiting: AtomicUsize,
+    busy_at: AtomicUsize,
+}
+
+/// The default of [`Bridge::set_busy_at`]: far beyond what a healthy policy
+/// keeps waiting, well below what would take minutes to drain.
+pub const DEFAULT_BUSY_AT: usize = 1000;
+
+/// Counts one waiting call for as long as it lives (a session dropped
+/// while waiting stops counting too).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Bridge {
@@ -73,7 +97,20 @@ impl Bridge {
             wake_reader,
             registered: AtomicU32::new(0),
             log_level: LogLevel::default(),
+            waiting: AtomicUsize::new(0),
+            busy_at: AtomicUsize::new(DEFAULT_BUSY_AT),
         })
+    }
+
+    /// From how many calls waiting for Python on the server is busy (see [`Bridge::is_busy`]).
+    pub fn set_busy_at(&self, calls: usize) {
+        self.busy_at.store(calls.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether so many calls wait for Python that new connections should be
+    /// turned away (load shedding) rather than queue up behind them.
+    pub fn is_busy(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) >= self.busy_at.load(Ordering::Relaxed)
     }
 
     /// The descriptor the Python loop watches for readability when it runs
@@ -105,6 +142,7 @@ impl Bridge {
     /// Queue `event` for Python and wait up to `timeout` for its outcome.
     pub async fn call(&self, event: Event, timeout: Duration) -> Outcome {
         let kind = event.kind();
+        let _waiting = Waiting::count(&self.waiting);
         let (reply, outcome) = oneshot::channel();
         self.push(|queue| queue.calls.push(Call { event, reply }));
         match tokio::time::timeout(timeout, outcome).await {

@@ -4,6 +4,7 @@ handlers on the server's loop."""
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import statistics
 import threading
@@ -115,3 +116,27 @@ def test_the_pool_has_the_size_given(policy, maildir, raw):
         release.set()
         assert [client.reply()[0] for client in clients] == [250, 250, 250]
         assert len(running) == 3 and len(set(running)) == 2
+
+
+def test_new_connections_are_shed_while_too_many_policy_calls_wait(policy, maildir, raw):
+    release = asyncio.Event()
+    loop: list[asyncio.AbstractEventLoop] = []
+
+    @policy.on("smtp_server_connection_accepted")
+    async def slow(meta):
+        loop.append(asyncio.get_running_loop())
+        await release.wait()
+
+    with kumo.Server(policy=policy, maildir=maildir, busy_at=2) as server:
+        address = server.start_esmtp_listener(listen="127.0.0.1:0", hostname="mx.busy").address
+        waiting = [raw(address), raw(address)]
+        deadline = time.monotonic() + 5
+        while len(loop) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        shed = raw(address)
+        assert shed.reply() == (421, ["4.3.2 mx.busy service busy, try again later"])
+        loop[0].call_soon_threadsafe(release.set)
+        for client in waiting:
+            assert client.reply()[0] == 220, "the sessions already open carry on"
+        assert raw(address).reply()[0] == 220

@@ -72,7 +72,9 @@ class Job:
 
 @final
 class Core:
-    def __new__(cls, sink: str, maildir: str | None = None, reuse_port: bool = False) -> Core: ...
+    def __new__(
+        cls, sink: str, maildir: str | None = None, reuse_port: bool = False, busy_at: int = 1000
+    ) -> Core: ...
     def start_listener(self, params: dict[str, Any]) -> tuple[str, int]: ...
     def set_handlers(self, events: list[str]) -> None:
         """Raises ``ValueError`` for a name that is not an event."""

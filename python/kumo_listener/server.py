@@ -245,7 +245,8 @@ class Server:
     :meth:`run` runs it on the caller's asyncio loop instead, best one of
     :meth:`new_event_loop`. ``reuse_port`` binds listeners with SO_REUSEPORT,
     for worker processes sharing a port. ``def`` handlers run on at most
-    ``handler_threads`` threads.
+    ``handler_threads`` threads. While ``busy_at`` policy calls wait for
+    their handlers, new connections get ``421 4.3.2 service busy``.
     """
 
     def __init__(
@@ -257,9 +258,11 @@ class Server:
         shutdown_grace: float = 30.0,
         reuse_port: bool = False,
         handler_threads: int = DEFAULT_HANDLER_THREADS,
+        busy_at: int = 1000,
     ) -> None:
         self.policy = policy if policy is not None else default_policy
-        self._core = _core.Core(sink, os.fspath(maildir) if sink == "maildir" else None, reuse_port)
+        maildir_path = os.fspath(maildir) if sink == "maildir" else None
+        self._core = _core.Core(sink, maildir_path, reuse_port, busy_at)
         self._shutdown_grace = shutdown_grace
         self._handler_threads = handler_threads
         self._listeners: list[Listener] = []

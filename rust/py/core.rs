@@ -3,7 +3,7 @@
 use super::convert::to_json;
 use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyListenerParams, PyMessage};
 use super::ParamsError;
-use crate::bridge::{Bridge, Call};
+use crate::bridge::{Bridge, Call, DEFAULT_BUSY_AT};
 use crate::driver::Driver;
 use crate::events::{self, Event, EventKind, Outcome, Response};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
@@ -37,8 +37,8 @@ pub struct PyCore {
 #[pymethods]
 impl PyCore {
     #[new]
-    #[pyo3(signature = (sink, maildir=None, reuse_port=false))]
-    fn new(sink: &str, maildir: Option<PathBuf>, reuse_port: bool) -> PyResult<Self> {
+    #[pyo3(signature = (sink, maildir=None, reuse_port=false, busy_at=DEFAULT_BUSY_AT))]
+    fn new(sink: &str, maildir: Option<PathBuf>, reuse_port: bool, busy_at: usize) -> PyResult<Self> {
         let sink = match (sink, maildir) {
             ("discard", _) => Sink::Discard,
             ("maildir", Some(path)) => Sink::Maildir(Arc::new(
@@ -50,6 +50,7 @@ impl PyCore {
             }
         };
         let bridge = Bridge::new().map_err(os_error)?;
+        bridge.set_busy_at(busy_at);
         Ok(Self {
             state: ServerState::new(Arc::new(bridge), sink, reuse_port),
             driver: Driver::new().map_err(os_error)?,

@@ -4,7 +4,7 @@
 use super::{Session, Step, Stop};
 use crate::clients::{ClientLimits, Refusal};
 use crate::events::{Event, EventKind, Response};
-use crate::log::LOG_INFO;
+use crate::log::{LOG_INFO, LOG_WARNING};
 use crate::params::{ListenerConfig, Params};
 use crate::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
 use crate::reply::Reply;
@@ -30,6 +30,12 @@ impl<S: Transport> Session<S> {
     pub(super) async fn open(&mut self) -> Step {
         if self.context.shutdown.is_requested() {
             return Err(self.close(Reply::new(421, "4.3.2", "shutting down")));
+        }
+        // Load shedding: new clients would only queue up behind the calls waiting.
+        if self.context.policy.is_busy() {
+            let remote = self.remote;
+            self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, too many policy calls waiting"));
+            return Err(self.close(Reply::new(421, "4.3.2", "service busy, try again later")));
         }
         // Decided by the static parameters only: the dynamic hook is asked
         // once, about the real client.
