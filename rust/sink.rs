@@ -4,7 +4,7 @@ use crate::message::Message;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone)]
@@ -34,12 +34,80 @@ impl Sink {
 }
 
 /// A Maildir (`tmp/`, `new/`, `cur/`). A message is written to `tmp/` and
-/// fsynced, renamed into `new/`, and the directory fsynced, so whatever is in
-/// `new/` is complete and survives a crash.
+/// its data synced, renamed into `new/`, and the directory synced, so
+/// whatever is in `new/` is complete and survives a crash. Deliveries that
+/// finish at the same time share one sync of `new/` (group commit).
 #[derive(Debug)]
 pub struct Maildir {
     root: PathBuf,
     host: String,
+    new_dir: GroupSync,
+}
+
+/// Syncs of one directory shared by the threads that need one at the same
+/// time: a sync that starts after a thread's rename covers it, so while one
+/// runs, the threads that arrive meanwhile wait for the next, which one of
+/// them runs for all.
+#[derive(Debug)]
+struct GroupSync {
+    path: PathBuf,
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Tickets given out: one per rename that needs a sync.
+    requested: u64,
+    /// Every ticket up to this one is covered by a finished sync.
+    synced: u64,
+    running: bool,
+    /// Syncs run so far.
+    runs: u64,
+    /// The error of the last sync, for the tickets it was to cover.
+    failed: Option<(u64, io::ErrorKind)>,
+}
+
+impl GroupSync {
+    fn new(path: PathBuf) -> Self {
+        Self { path, state: Mutex::default(), done: Condvar::new() }
+    }
+
+    /// Return once a sync that began after this call has finished.
+    fn sync(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        state.requested += 1;
+        let ticket = state.requested;
+        loop {
+            if state.synced >= ticket {
+                return match state.failed {
+                    Some((covered, kind)) if covered >= ticket => {
+                        Err(io::Error::new(kind, "syncing the Maildir failed"))
+                    }
+                    _ => Ok(()),
+                };
+            }
+            if state.running {
+                state = self.done.wait(state).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            state.running = true;
+            let covers = state.requested;
+            drop(state);
+            let result = File::open(&self.path).and_then(|dir| dir.sync_all());
+            state = self.lock();
+            state.running = false;
+            state.runs += 1;
+            state.synced = covers;
+            state.failed = result.as_ref().err().map(|error| (covers, error.kind()));
+            self.done.notify_all();
+            result?;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Maildir {
@@ -49,7 +117,7 @@ impl Maildir {
             fs::create_dir_all(root.join(sub))?;
         }
         let host = gethostname::gethostname().to_string_lossy().replace(['/', ':'], "_");
-        Ok(Self { root, host })
+        Ok(Self { new_dir: GroupSync::new(root.join("new")), root, host })
     }
 
     pub fn deliver(&self, messages: &[Arc<Message>]) -> io::Result<()> {
@@ -80,7 +148,7 @@ impl Maildir {
                 moved.push(target);
                 Ok(())
             })
-            .and_then(|()| File::open(self.root.join("new"))?.sync_all());
+            .and_then(|()| self.new_dir.sync());
         if result.is_err() {
             remove_all(&moved);
         }
@@ -96,7 +164,9 @@ impl Maildir {
 fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
     let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
     file.write_all(data)?;
-    file.sync_all()
+    // The data and what reading it needs (its size); the name comes with
+    // the sync of `new/` after the rename.
+    file.sync_data()
 }
 
 fn remove_all(paths: &[PathBuf]) {
@@ -136,6 +206,34 @@ mod tests {
         bodies.sort();
         assert_eq!(bodies, vec![b"one\r\n".to_vec(), b"two\r\n".to_vec()]);
         assert!(entries(&root.join("tmp")).is_empty());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn concurrent_deliveries_share_the_syncs_of_new() {
+        let root = scratch_dir("group");
+        let maildir = Arc::new(Maildir::open(&root).unwrap());
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let maildir = maildir.clone();
+                std::thread::spawn(move || (0..10).for_each(|_| maildir.deliver(&[message(b"x\r\n")]).unwrap()))
+            })
+            .collect();
+        threads.into_iter().for_each(|thread| thread.join().unwrap());
+        assert_eq!(entries(&root.join("new")).len(), 160);
+        let state = maildir.new_dir.lock();
+        assert_eq!((state.requested, state.synced, state.running), (160, 160, false));
+        assert!(state.runs < 160, "16 threads delivering at once shared no sync");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_failed_sync_fails_the_deliveries_it_covers() {
+        let root = scratch_dir("sync-fails");
+        let sync = GroupSync::new(root.join("missing"));
+        assert!(sync.sync().is_err());
+        fs::create_dir_all(root.join("missing")).unwrap();
+        assert!(sync.sync().is_ok(), "a later sync is judged on its own");
         fs::remove_dir_all(root).unwrap();
     }
 
