@@ -10,6 +10,7 @@
 
 use crate::events::{Event, EventKind, Outcome};
 use crate::log::{LogLevel, LogRecord, LogRecords, LOG_ERROR};
+use crate::metrics::PolicyLatency;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -61,6 +62,7 @@ pub struct Bridge {
     /// Calls queued or running in Python whose sessions still wait.
     waiting: AtomicUsize,
     busy_at: AtomicUsize,
+    latency: PolicyLatency,
 }
 
 /// The default of [`Bridge::set_busy_at`]: far beyond what a healthy policy
@@ -99,12 +101,18 @@ impl Bridge {
             log_level: LogLevel::default(),
             waiting: AtomicUsize::new(0),
             busy_at: AtomicUsize::new(DEFAULT_BUSY_AT),
+            latency: PolicyLatency::default(),
         })
     }
 
     /// From how many calls waiting for Python on the server is busy (see [`Bridge::is_busy`]).
     pub fn set_busy_at(&self, calls: usize) {
         self.busy_at.store(calls.max(1), Ordering::Relaxed);
+    }
+
+    /// How long policy calls took, per event.
+    pub fn latency(&self) -> &PolicyLatency {
+        &self.latency
     }
 
     /// Whether so many calls wait for Python that new connections should be
@@ -145,7 +153,10 @@ impl Bridge {
         let _waiting = Waiting::count(&self.waiting);
         let (reply, outcome) = oneshot::channel();
         self.push(|queue| queue.calls.push(Call { event, reply }));
-        match tokio::time::timeout(timeout, outcome).await {
+        let started = std::time::Instant::now();
+        let answered = tokio::time::timeout(timeout, outcome).await;
+        self.latency.observe(kind, started.elapsed());
+        match answered {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Outcome::Failed(format!("{} handler was dropped without an answer", kind.name())),
             Err(_) => {

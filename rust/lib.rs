@@ -20,6 +20,7 @@ pub mod framing;
 pub mod log;
 pub mod message;
 pub mod meta;
+pub mod metrics;
 pub mod params;
 pub mod parser;
 pub mod proxy;

@@ -9,6 +9,7 @@
 use crate::bridge::Bridge;
 use crate::clients::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::log::{LOG_ERROR, LOG_INFO};
+use crate::metrics::{self, ListenerMetrics};
 use crate::params::{ListenerConfig, Params};
 use crate::reply::Reply;
 use crate::session::{self, SessionContext, Shutdown};
@@ -18,7 +19,7 @@ use socket2::{Domain, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
@@ -36,6 +37,8 @@ pub struct ServerState {
     sessions: AtomicUsize,
     /// Listening sockets still open: each closes when its accept loop sees the shutdown.
     listening: AtomicUsize,
+    /// Each listener's name and counters, in the order they were started.
+    metrics: Mutex<Vec<(Arc<str>, Arc<ListenerMetrics>)>>,
 }
 
 impl ServerState {
@@ -49,6 +52,7 @@ impl ServerState {
             shutdown: watch::Sender::new(false),
             sessions: AtomicUsize::new(0),
             listening: AtomicUsize::new(0),
+            metrics: Mutex::default(),
         })
     }
 
@@ -65,16 +69,20 @@ impl ServerState {
         self.listening.load(Ordering::Acquire)
     }
 
+    /// Each listener's name and counters.
+    pub fn listener_metrics(&self) -> Vec<(Arc<str>, Arc<ListenerMetrics>)> {
+        self.metrics.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     fn shutdown_signal(&self) -> Shutdown {
         Shutdown::new(self.shutdown.subscribe())
     }
 }
 
-/// One listener: what its sessions see, and its live connection count.
+/// One listener: what its sessions see (its counters among it).
 struct Listener {
     context: Arc<SessionContext>,
     server: Arc<ServerState>,
-    connections: AtomicUsize,
 }
 
 /// Counts a connection on its listener and the server while alive.
@@ -82,16 +90,18 @@ struct ConnectionSlot(Arc<Listener>);
 
 impl ConnectionSlot {
     fn claim(listener: &Arc<Listener>) -> Option<Self> {
-        let previous = listener.connections.fetch_add(1, Ordering::AcqRel);
+        let metrics = &listener.context.metrics;
+        metrics::count(&metrics.connections);
+        let previous = metrics.active.fetch_add(1, Ordering::AcqRel);
         listener.server.sessions.fetch_add(1, Ordering::AcqRel);
         let slot = ConnectionSlot(listener.clone());
-        (previous < listener.context.config.max_connections).then_some(slot)
+        (previous < listener.context.config.max_connections as u64).then_some(slot)
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.context.metrics.active.fetch_sub(1, Ordering::AcqRel);
         self.0.server.sessions.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -110,9 +120,12 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
         sink: server.sink.clone(),
         tls: server.tls.clone(),
         clients: server.clients.clone(),
+        metrics: Arc::default(),
         shutdown: server.shutdown_signal(),
     });
-    let listener = Arc::new(Listener { context, server, connections: AtomicUsize::new(0) });
+    let entry = (context.listener.clone(), context.metrics.clone());
+    server.metrics.lock().unwrap_or_else(PoisonError::into_inner).push(entry);
+    let listener = Arc::new(Listener { context, server });
     let _entered = runtime.enter();
     let socket = TcpListener::from_std(socket)?;
     listener.server.listening.fetch_add(1, Ordering::AcqRel);

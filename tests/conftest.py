@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import signal
 import smtplib
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +154,49 @@ def delivered(maildir: Path) -> list[bytes]:
 def kumo_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.INFO, logger="kumo_listener")
     return caplog
+
+
+KUMO = [sys.executable, "-m", "kumo_listener"]
+
+
+class Served:
+    """A ``kumo-listener serve`` process and the address it printed."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.process = subprocess.Popen(
+            [*KUMO, "serve", *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        self.banner = self.process.stdout.readline()
+        found = re.search(r"listening on ([\d.]+):(\d+)", self.banner)
+        assert found, self.banner + self.process.stderr.read()  # type: ignore[union-attr]
+        self.address = (found.group(1), int(found.group(2)))
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    started: list[Served] = []
+
+    def start(*args: str) -> Served:
+        started.append(Served(list(args), tmp_path))
+        return started[-1]
+
+    yield start
+    for served in started:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

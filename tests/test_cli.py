@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import smtplib
 import socket
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RawClient, delivered
-
-KUMO = [sys.executable, "-m", "kumo_listener"]
+from conftest import KUMO, RawClient, delivered, free_port
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -52,43 +47,6 @@ def test_check_json_and_unreadable_files(tmp_path: Path):
     assert run("check", str(tmp_path / "missing.toml")).returncode == 1
 
 
-class Served:
-    """A ``kumo-listener serve`` process and the address it printed."""
-
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        self.process = subprocess.Popen(
-            [*KUMO, "serve", *args],
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        self.banner = self.process.stdout.readline()
-        found = re.search(r"listening on ([\d.]+):(\d+)", self.banner)
-        assert found, self.banner + self.process.stderr.read()  # type: ignore[union-attr]
-        self.address = (found.group(1), int(found.group(2)))
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=30)
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator:
-    started: list[Served] = []
-
-    def start(*args: str) -> Served:
-        started.append(Served(list(args), tmp_path))
-        return started[-1]
-
-    yield start
-    for served in started:
-        if served.process.poll() is None:
-            served.process.kill()
-            served.process.wait()
-
-
 def test_serve_delivers_then_stops_cleanly_on_sigterm(serve, tmp_path: Path):
     served = serve("--listen", "127.0.0.1:0")
     assert "mail goes to Maildir maildir" in served.banner
@@ -120,12 +78,6 @@ def test_serve_with_a_policy_file(serve, tmp_path: Path):
     assert RawClient(("127.0.0.2", port)).reply() == (220, ["mx.customer.example kumo_listener"])
     assert RawClient(("127.0.0.3", port)).reply() == (220, ["mx.default.example kumo_listener"])
     assert served.stop() == 0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_serve_workers_share_the_port(tmp_path: Path):

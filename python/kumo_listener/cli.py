@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _core
-from .server import configure, default_server
+from .server import Server, configure, default_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
         help="processes sharing the listening ports (SO_REUSEPORT), each with its own "
         "interpreter, so Python policy runs on several cores (default 1)",
     )
+    serve.add_argument(
+        "--handler-threads",
+        type=positive_int,
+        help="threads that run def handlers (default 40)",
+    )
+    serve.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help="serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9155"
+        " (with --workers N, worker i listens on the port plus i)",
+    )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate a TOML or JSON overrides file")
     check.add_argument("file")
@@ -66,7 +77,12 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    configure(sink=args.sink, maildir=args.maildir, reuse_port=args.reuse_port)
+    configure(
+        sink=args.sink,
+        maildir=args.maildir,
+        reuse_port=args.reuse_port,
+        handler_threads=args.handler_threads,
+    )
     if args.policy:
         runpy.run_path(args.policy, run_name="kumo_policy")
     server = default_server()
@@ -78,6 +94,8 @@ def serve(args: argparse.Namespace) -> int:
     def ready() -> None:
         if not has_init:
             server.start_esmtp_listener(listen=args.listen or _core.DEFAULT_LISTEN)
+        if args.metrics:
+            serve_metrics(server, args.metrics)
         places = ", ".join(f"{host}:{port}" for host, port in (x.address for x in server.listeners))
         # One write: workers share the pipe, and print() writes the newline apart.
         sys.stdout.write(
@@ -95,11 +113,25 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_metrics(server: Server, address: str) -> None:
+    """Prometheus metrics at ``http://ADDRESS/metrics``, on a thread."""
+    import prometheus_client
+
+    host, _, port = address.rpartition(":")
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(server.metrics_collector())
+    prometheus_client.start_http_server(
+        int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry
+    )
+
+
 def supervise_workers(args: argparse.Namespace) -> int:
     """Run ``args.workers`` copies of this command sharing their ports; pass
     SIGINT/SIGTERM on to them and exit when all have, with the worst status."""
-    command = [sys.executable, "-m", "kumo_listener", *worker_arguments(args)]
-    workers = [subprocess.Popen(command) for _ in range(args.workers)]
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "kumo_listener", *worker_arguments(args, index)])
+        for index in range(args.workers)
+    ]
 
     def forward(signum: int, _frame: object) -> None:
         for worker in workers:
@@ -112,17 +144,25 @@ def supervise_workers(args: argparse.Namespace) -> int:
     return next((status for status in statuses if status), 0)
 
 
-def worker_arguments(args: argparse.Namespace) -> list[str]:
-    """The ``serve`` arguments of one worker: the same, as a single process."""
+def worker_arguments(args: argparse.Namespace, index: int) -> list[str]:
+    """The ``serve`` arguments of worker ``index``: the same, as a single
+    process, with its metrics on a port of its own."""
     given = {
         "--policy": args.policy,
         "--listen": args.listen,
         "--maildir": args.maildir,
         "--sink": args.sink,
         "--log-level": args.log_level,
+        "--handler-threads": args.handler_threads and str(args.handler_threads),
+        "--metrics": args.metrics and worker_metrics_address(args.metrics, index),
     }
     options = [part for name, value in given.items() if value for part in (name, value)]
     return ["serve", *options, "--reuse-port"]
+
+
+def worker_metrics_address(address: str, index: int) -> str:
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + index}"
 
 
 def load_overrides(path: Path) -> Any:

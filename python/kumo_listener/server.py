@@ -27,12 +27,15 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _core
 from .policy import Policy, default_policy
 from .reject import Reject
 from .threads import DEFAULT_HANDLER_THREADS, HandlerThreads, runs_on_loop
+
+if TYPE_CHECKING:
+    from .metrics import Collector
 
 logger = logging.getLogger("kumo_listener")
 
@@ -291,6 +294,13 @@ class Server:
         self._listeners.append(listener)
         return listener
 
+    def metrics_collector(self) -> Collector:
+        """A ``prometheus_client`` collector of this server's metrics, for
+        ``registry.register(...)``."""
+        from .metrics import Collector
+
+        return Collector(self._core.metrics)
+
     def _sync_handlers(self) -> None:
         self._core.set_handlers(self.policy.events())
 
@@ -420,10 +430,14 @@ def configure(
     sink: str | None = None,
     maildir: str | os.PathLike[str] | None = None,
     reuse_port: bool | None = None,
+    handler_threads: int | None = None,
 ) -> None:
-    """Set up the default server (sink, SO_REUSEPORT), before it is first used."""
+    """Set up the default server (sink, SO_REUSEPORT, handler threads),
+    before it is first used."""
     if _default is not None:
         raise RuntimeError("the default server is already running; configure it before use")
+    if handler_threads is not None:
+        _default_settings["handler_threads"] = handler_threads
     if sink is not None:
         _default_settings["sink"] = sink
     if maildir is not None:

@@ -6,6 +6,7 @@ use super::ParamsError;
 use crate::bridge::{Bridge, Call, DEFAULT_BUSY_AT};
 use crate::driver::Driver;
 use crate::events::{self, Event, EventKind, Outcome, Response};
+use crate::metrics::{ListenerMetrics, LATENCY_BUCKETS};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
 use crate::server::{self, ServerState};
 use crate::sink::{Maildir, Sink};
@@ -14,6 +15,7 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -146,6 +148,53 @@ impl PyCore {
     fn describe_sink(&self) -> String {
         self.state.sink.describe()
     }
+
+    /// The counters: `{"listeners": [{"listener": name, "connections": n,
+    /// …, "rejections": {code: n}}], "policy_latency": [{"event": name,
+    /// "buckets": [(upper bound, cumulative count), …, (inf, count)], "sum": seconds}]}`.
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let listeners = PyList::empty(py);
+        for (name, metrics) in self.state.listener_metrics() {
+            listeners.append(listener_metrics(py, &name, &metrics)?)?;
+        }
+        let latency = PyList::empty(py);
+        for histogram in self.state.bridge.latency().snapshot() {
+            let bounds = LATENCY_BUCKETS.iter().copied().chain([f64::INFINITY]);
+            let buckets: Vec<(f64, u64)> = bounds.zip(histogram.cumulative).collect();
+            let entry = PyDict::new(py);
+            entry.set_item("event", histogram.event)?;
+            entry.set_item("buckets", buckets)?;
+            entry.set_item("sum", histogram.sum_seconds)?;
+            latency.append(entry)?;
+        }
+        let all = PyDict::new(py);
+        all.set_item("listeners", listeners)?;
+        all.set_item("policy_latency", latency)?;
+        Ok(all)
+    }
+}
+
+fn listener_metrics<'py>(py: Python<'py>, name: &str, metrics: &ListenerMetrics) -> PyResult<Bound<'py, PyDict>> {
+    let entry = PyDict::new(py);
+    entry.set_item("listener", name)?;
+    for (key, counter) in [
+        ("connections", &metrics.connections),
+        ("active", &metrics.active),
+        ("messages", &metrics.messages),
+        ("message_bytes", &metrics.message_bytes),
+        ("tls_handshakes", &metrics.tls_handshakes),
+        ("tls_failures", &metrics.tls_failures),
+        ("client_limit_refusals", &metrics.client_limit_refusals),
+        ("shed_connections", &metrics.shed_connections),
+    ] {
+        entry.set_item(key, counter.load(Ordering::Relaxed))?;
+    }
+    let rejections = PyDict::new(py);
+    for (code, count) in metrics.refusals() {
+        rejections.set_item(code, count)?;
+    }
+    entry.set_item("rejections", rejections)?;
+    Ok(entry)
 }
 
 /// A policy call waiting for its handler's result.

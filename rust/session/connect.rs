@@ -5,6 +5,7 @@ use super::{Session, Step, Stop};
 use crate::clients::{ClientLimits, Refusal};
 use crate::events::{Event, EventKind, Response};
 use crate::log::{LOG_INFO, LOG_WARNING};
+use crate::metrics;
 use crate::params::{ListenerConfig, Params};
 use crate::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
 use crate::reply::Reply;
@@ -33,6 +34,7 @@ impl<S: Transport> Session<S> {
         }
         // Load shedding: new clients would only queue up behind the calls waiting.
         if self.context.policy.is_busy() {
+            metrics::count(&self.context.metrics.shed_connections);
             let remote = self.remote;
             self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, too many policy calls waiting"));
             return Err(self.close(Reply::new(421, "4.3.2", "service busy, try again later")));
@@ -110,6 +112,7 @@ impl<S: Transport> Session<S> {
             Err(Refusal::TooManyConnections) => "too many connections from your address",
             Err(Refusal::ConnectionRate) => "too many connections from your address in a short time, try again later",
         };
+        metrics::count(&self.context.metrics.client_limit_refusals);
         let remote = self.remote;
         self.context.policy.log(LOG_INFO, || format!("{remote}: refused, {refusal}"));
         Err(self.close(Reply::new(421, "4.7.0", refusal)))

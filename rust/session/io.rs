@@ -37,12 +37,14 @@ pub(super) enum ReadError {
 impl<S: Transport> Session<S> {
     /// Queue `reply`; its enhanced code only for a client that said EHLO.
     pub(super) fn send(&mut self, reply: &Reply) {
+        self.context.metrics.reply_sent(reply.code);
         reply.write(&mut self.output, self.esmtp);
     }
 
     /// Queue `reply` after our hostname, always with its enhanced code (as
     /// Postfix writes them), as the last words of the session.
     pub(super) fn close(&mut self, reply: Reply) -> Stop {
+        self.context.metrics.reply_sent(reply.code);
         let text = format!("{} {}", self.params.hostname, reply.text);
         Reply { text: text.into(), ..reply }.write(&mut self.output, true);
         Stop::Closing

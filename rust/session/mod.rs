@@ -28,6 +28,7 @@ use crate::clients::{ClientSlot, ClientTable};
 use crate::events::{Event, EventKind, Outcome, Response};
 use crate::framing::LineFramer;
 use crate::meta::MetaStore;
+use crate::metrics::ListenerMetrics;
 use crate::params::{ListenerConfig, Params};
 use crate::parser::{is_http_request, parse_command, Command, ParseError};
 use crate::reply::Reply;
@@ -56,6 +57,8 @@ pub struct SessionContext {
     pub tls: Arc<TlsCache>,
     /// Per-client-address counts, shared by the listeners of a server.
     pub clients: Arc<ClientTable>,
+    /// This listener's counters.
+    pub metrics: Arc<ListenerMetrics>,
     pub shutdown: Shutdown,
 }
 

@@ -3,6 +3,7 @@
 use super::{Session, Step, Stop};
 use crate::framing::LineFramer;
 use crate::log::{LOG_ERROR, LOG_INFO};
+use crate::metrics;
 use crate::reply::Reply;
 use crate::stream::{Stream, Transport};
 use crate::tls::{ServerIdentity, TlsIdentity};
@@ -62,6 +63,7 @@ impl<S: Transport> Session<S> {
             Ok(Err(error)) => return Err(self.handshake_failed(&error.to_string())),
             Err(_) => return Err(self.handshake_failed("timed out")),
         };
+        metrics::count(&self.context.metrics.tls_handshakes);
         let (_, connection) = tls.get_ref();
         if let Some(suite) = connection.negotiated_cipher_suite() {
             self.meta.set("tls_cipher", format!("{:?}", suite.suite()));
@@ -77,6 +79,7 @@ impl<S: Transport> Session<S> {
     }
 
     fn handshake_failed(&self, reason: &str) -> Stop {
+        metrics::count(&self.context.metrics.tls_failures);
         self.context.policy.log(LOG_INFO, || format!("{}: TLS handshake failed: {reason}", self.remote));
         Stop::Gone
     }

@@ -48,6 +48,7 @@ impl Harness {
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             clients: ClientTable::new(CLIENT_TABLE_CAPACITY),
+            metrics: Arc::default(),
             shutdown: Shutdown::new(shutdown.subscribe()),
         });
         Ok(Self { context, shutdown, logs })

@@ -12,6 +12,7 @@ use crate::parser::{MailParams, Mailbox, ReversePath};
 use crate::reply::Reply;
 use crate::stream::Transport;
 use bytes::{Buf, Bytes};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -292,11 +293,15 @@ impl<S: Transport> Session<S> {
             }
         }
         let policy = self.context.policy.clone();
+        let (stored, bytes) = (parts.len() as u64, parts.iter().map(|part| part.data.len() as u64).sum());
         if let Err(error) = self.context.sink.deliver(parts).await {
             policy.log(LOG_WARNING, || format!("message {} from {}: sink failed: {error}", message.id, self.remote));
             self.send(&Reply::new(451, "4.3.0", "temporary failure storing the message, try again later"));
             return Ok(());
         }
+        let metrics = &self.context.metrics;
+        metrics.messages.fetch_add(stored, Ordering::Relaxed);
+        metrics.message_bytes.fetch_add(bytes, Ordering::Relaxed);
         policy.log(LOG_INFO, || format!("message {} from {} accepted", message.id, self.remote));
         self.send(&Reply::with_text(250, "2.0.0", format!("OK id={}", message.id)));
         Ok(())
