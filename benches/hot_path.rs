@@ -91,7 +91,7 @@ fn merging(c: &mut Criterion) {
 
 fn lookup(c: &mut Criterion) {
     let mut group = c.benchmark_group("via lookup");
-    for size in [10u32, 10_000, 100_000] {
+    for size in [1u32, 10, 100, 10_000, 100_000] {
         let mut map = CidrMap::new();
         for index in 0..size {
             let ip = Ipv4Addr::from(0x0a00_0000 + index * 7);

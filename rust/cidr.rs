@@ -32,9 +32,51 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 /// A map from CIDR blocks to values, looked up by longest prefix.
 #[derive(Clone)]
 pub struct CidrMap<V> {
-    /// Allocated on first insert: most parameter blocks have no `peer` or
-    /// `via` blocks of their own, and an empty trie is hundreds of bytes.
-    map: Option<Box<JointPrefixMap<IpNet, V>>>,
+    entries: Entries<V>,
+}
+
+/// Up to this many entries, a scan of masks beats a walk down a trie.
+const SMALL: usize = 16;
+
+#[derive(Clone)]
+enum Entries<V> {
+    /// Most parameter blocks have no `peer` or `via` blocks of their own,
+    /// and an empty trie is hundreds of bytes.
+    Empty,
+    /// Longest prefix first, so that the first block holding an address is the answer.
+    Small(Vec<Block<V>>),
+    Trie(Box<JointPrefixMap<IpNet, V>>),
+}
+
+#[derive(Clone)]
+struct Block<V> {
+    net: IpNet,
+    mask: Mask,
+    value: V,
+}
+
+/// A block as the bits an address must have under its mask.
+#[derive(Clone, Copy)]
+enum Mask {
+    V4 { bits: u32, mask: u32 },
+    V6 { bits: u128, mask: u128 },
+}
+
+impl Mask {
+    fn of(net: IpNet) -> Self {
+        match net {
+            IpNet::V4(net) => Mask::V4 { bits: net.network().to_bits(), mask: net.netmask().to_bits() },
+            IpNet::V6(net) => Mask::V6 { bits: net.network().to_bits(), mask: net.netmask().to_bits() },
+        }
+    }
+
+    fn holds(self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (Mask::V4 { bits, mask }, IpAddr::V4(ip)) => ip.to_bits() & mask == bits,
+            (Mask::V6 { bits, mask }, IpAddr::V6(ip)) => ip.to_bits() & mask == bits,
+            _ => false,
+        }
+    }
 }
 
 /// A set of CIDR blocks.
@@ -42,18 +84,45 @@ pub type CidrSet = CidrMap<()>;
 
 impl<V> CidrMap<V> {
     pub fn new() -> Self {
-        Self { map: None }
+        Self { entries: Entries::Empty }
     }
 
     /// Insert `value` under `net`, returning the value it replaces.
     pub fn insert(&mut self, net: IpNet, value: V) -> Option<V> {
-        self.map.get_or_insert_with(Box::default).insert(net, value)
+        match &mut self.entries {
+            Entries::Empty => {
+                self.entries = Entries::Small(vec![Block { net, mask: Mask::of(net), value }]);
+                None
+            }
+            Entries::Small(blocks) => {
+                if let Some(block) = blocks.iter_mut().find(|block| block.net == net) {
+                    return Some(std::mem::replace(&mut block.value, value));
+                }
+                if blocks.len() < SMALL {
+                    let at = blocks.partition_point(|block| block.net.prefix_len() >= net.prefix_len());
+                    blocks.insert(at, Block { net, mask: Mask::of(net), value });
+                    return None;
+                }
+                let mut trie = Box::<JointPrefixMap<IpNet, V>>::default();
+                for block in std::mem::take(blocks) {
+                    trie.insert(block.net, block.value);
+                }
+                trie.insert(net, value);
+                self.entries = Entries::Trie(trie);
+                None
+            }
+            Entries::Trie(trie) => trie.insert(net, value),
+        }
     }
 
     /// The value of the longest prefix containing `ip`.
     pub fn longest_match(&self, ip: IpAddr) -> Option<&V> {
-        let map = self.map.as_ref()?;
-        map.get_lpm(&IpNet::from(canonical_ip(ip))).map(|(_, value)| value)
+        let ip = canonical_ip(ip);
+        match &self.entries {
+            Entries::Empty => None,
+            Entries::Small(blocks) => blocks.iter().find(|block| block.mask.holds(ip)).map(|block| &block.value),
+            Entries::Trie(trie) => trie.get_lpm(&IpNet::from(ip)).map(|(_, value)| value),
+        }
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -61,7 +130,11 @@ impl<V> CidrMap<V> {
     }
 
     pub fn len(&self) -> usize {
-        self.map.as_ref().map_or(0, |map| map.len())
+        match &self.entries {
+            Entries::Empty => 0,
+            Entries::Small(blocks) => blocks.len(),
+            Entries::Trie(trie) => trie.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -70,7 +143,13 @@ impl<V> CidrMap<V> {
 
     /// Every entry, by prefix (IPv4 first).
     pub fn iter(&self) -> impl Iterator<Item = (IpNet, &V)> {
-        self.map.iter().flat_map(|map| map.iter())
+        let mut entries: Vec<(IpNet, &V)> = match &self.entries {
+            Entries::Empty => Vec::new(),
+            Entries::Small(blocks) => blocks.iter().map(|block| (block.net, &block.value)).collect(),
+            Entries::Trie(trie) => trie.iter().collect(),
+        };
+        entries.sort_by_key(|(net, _)| *net);
+        entries.into_iter()
     }
 }
 
@@ -157,6 +236,45 @@ mod tests {
         assert_eq!(map.longest_match(ip("::ffff:127.0.0.9")), Some(&"v4"));
         assert_eq!(map.longest_match(ip("::1")), Some(&"any v6"));
         assert_eq!(map.longest_match(ip("192.0.2.1")), None);
+    }
+
+    #[test]
+    fn small_and_large_maps_agree_at_every_size() {
+        let nets: Vec<IpNet> = (0..40u32)
+            .map(|n| match n % 4 {
+                0 => format!("10.{n}.0.0/16"),
+                1 => format!("10.{}.{n}.0/24", n - 1),
+                2 => format!("2001:db8:{n:x}::/48"),
+                _ => format!("10.{}.{}.7", n - 3, n - 2),
+            })
+            .map(|key| parse_cidr(&key).unwrap())
+            .chain([parse_cidr("0.0.0.0/0").unwrap()])
+            .collect();
+        let probes: Vec<IpAddr> = (0..40u32)
+            .flat_map(|n| [format!("10.{n}.{}.7", n + 1), format!("10.{n}.9.9"), format!("2001:db8:{n:x}::1")])
+            .chain(["192.0.2.1".into(), "::ffff:10.4.5.7".into(), "2001:db9::1".into()])
+            .map(|text| ip(&text))
+            .collect();
+        for size in 1..=nets.len() {
+            let mut map = CidrMap::new();
+            for (index, net) in nets[..size].iter().enumerate() {
+                assert_eq!(map.insert(*net, index), None);
+            }
+            assert_eq!(map.insert(nets[0], 0), Some(0), "replacing returns the old value");
+            assert_eq!(map.len(), size);
+            for probe in &probes {
+                let expected = nets[..size]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, net)| net.contains(&canonical_ip(*probe)))
+                    .max_by_key(|(_, net)| net.prefix_len())
+                    .map(|(index, _)| index);
+                assert_eq!(map.longest_match(*probe).copied(), expected, "{probe} among {size}");
+            }
+            let mut sorted = nets[..size].to_vec();
+            sorted.sort();
+            assert_eq!(map.iter().map(|(net, _)| net).collect::<Vec<_>>(), sorted);
+        }
     }
 
     #[test]
