@@ -38,6 +38,9 @@ impl<S: Transport> Session<S> {
     /// Queue `reply`; its enhanced code only for a client that said EHLO.
     pub(super) fn send(&mut self, reply: &Reply) {
         self.context.metrics.reply_sent(reply.code);
+        if reply.code >= 400 {
+            self.log_refusal(reply);
+        }
         reply.write(&mut self.output, self.esmtp);
     }
 
@@ -45,6 +48,9 @@ impl<S: Transport> Session<S> {
     /// Postfix writes them), as the last words of the session.
     pub(super) fn close(&mut self, reply: Reply) -> Stop {
         self.context.metrics.reply_sent(reply.code);
+        if reply.code >= 400 {
+            self.log_refusal(&reply);
+        }
         let text = format!("{} {}", self.params.hostname, reply.text);
         Reply { text: text.into(), ..reply }.write(&mut self.output, true);
         Stop::Closing

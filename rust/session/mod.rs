@@ -14,6 +14,7 @@
 mod auth;
 mod connect;
 mod io;
+mod record;
 mod starttls;
 mod transaction;
 mod xclient;
@@ -114,6 +115,7 @@ pub struct Session<S> {
     transactions_started: usize,
     errors: usize,
     lines: LineFramer,
+    tally: record::Tally,
 }
 
 /// Serve one accepted connection to the end.
@@ -126,6 +128,7 @@ pub async fn run<S: Transport>(stream: S, remote: SocketAddr, local: SocketAddr,
     if matches!(result, Err(Stop::Closing)) {
         session.finish().await;
     }
+    session.log_disconnect();
 }
 
 impl<S: Transport> Session<S> {
@@ -148,6 +151,7 @@ impl<S: Transport> Session<S> {
             transaction: None,
             transactions_started: 0,
             errors: 0,
+            tally: record::Tally::new(),
         };
         session.set_addresses(remote, local);
         session.meta.set("hostname", session.params.hostname.clone());
@@ -159,12 +163,14 @@ impl<S: Transport> Session<S> {
             match self.next_line(self.command_deadline()).await? {
                 io::Framed::Line { len, consumed } => {
                     if is_http_request(&self.input[..len]) {
+                        self.tally.begin::<()>(&Err(()));
                         // Postfix's exact words, without our hostname: a web client learns nothing.
                         Reply::new(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
                             .write(&mut self.output, true);
                         return Err(Stop::Closing);
                     }
                     let parsed = parse_command(&self.input[..len]);
+                    self.tally.begin(&parsed);
                     self.input.advance(consumed);
                     // Like Postfix, only what is already buffered counts: no extra read.
                     if parsed.as_ref().is_ok_and(Command::ends_pipelining_group) && !self.input.is_empty() {
@@ -173,6 +179,7 @@ impl<S: Transport> Session<S> {
                     self.dispatch(parsed).await?;
                 }
                 io::Framed::TooLong { consumed } => {
+                    self.tally.begin::<()>(&Err(()));
                     self.input.advance(consumed);
                     self.refuse(Reply::new(500, "5.2.3", "line too long"))?;
                 }

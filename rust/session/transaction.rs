@@ -302,9 +302,25 @@ impl<S: Transport> Session<S> {
         let metrics = &self.context.metrics;
         metrics.messages.fetch_add(stored, Ordering::Relaxed);
         metrics.message_bytes.fetch_add(bytes, Ordering::Relaxed);
-        policy.log(LOG_INFO, || format!("message {} from {} accepted", message.id, self.remote));
+        policy.log(LOG_INFO, || self.stored_line(&message, bytes));
         self.send(&Reply::with_text(250, "2.0.0", format!("OK id={}", message.id)));
         Ok(())
+    }
+
+    /// The log line of a stored transaction.
+    fn stored_line(&self, message: &Message, bytes: u64) -> String {
+        let recipients: Vec<String> = message.recipients.iter().map(|r| format!("<{r}>")).collect();
+        let tls =
+            self.meta.get_str("tls_protocol_version").map(|version| format!(" tls={version}")).unwrap_or_default();
+        format!(
+            "stored: {} from=<{}> to={} size={bytes} client={} via={} ({}){tls}",
+            message.id,
+            message.sender,
+            recipients.join(","),
+            self.remote,
+            self.local,
+            self.params.hostname,
+        )
     }
 
     /// The `Received:` header, or nothing when `trace_headers` turn it off.
