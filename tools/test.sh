@@ -29,6 +29,8 @@ python3 -m ruff format --check python tests benches
 # The stubs of the compiled core against the installed module.
 python3 -m mypy.stubtest kumo_listener._core
 python3 -m pytest "$@"
+# The abi3 wheel, installed into a fresh venv without cargo, runs.
+bash tools/wheel-smoke.sh
 
 bash tools/fuzz.sh "${FUZZ_SECONDS:-15}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pwd
 import runpy
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from . import _core
+from . import _core, privileges
 from .server import Server, configure, default_server
 
 
@@ -58,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9155"
         " (with --workers N, worker i listens on the port plus i)",
     )
+    serve.add_argument(
+        "--user",
+        help="when started as root: run init (which binds the listeners) as root, then "
+        "become this user and its groups before any connection is accepted",
+    )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate a TOML or JSON overrides file")
     check.add_argument("file")
@@ -72,11 +78,22 @@ def positive_int(text: str) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    if args.workers > 1:
-        return supervise_workers(args)
+    try:
+        user = privileges.lookup_user(args.user) if args.user else None
+        # Who to become once bound: None without --user, or when already that user.
+        become = user if user is not None and privileges.needs_drop(user) else None
+    except privileges.PrivilegeError as error:
+        print(f"kumo-listener: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if become is not None and args.sink == "maildir":
+        # Created here as root, owned by the user, before the server (or the
+        # workers) open it.
+        privileges.prepare_maildir(args.maildir, become)
+    if args.workers > 1:
+        return supervise_workers(args, become)
     configure(
         sink=args.sink,
         maildir=args.maildir,
@@ -92,10 +109,15 @@ def serve(args: argparse.Namespace) -> int:
         return 2
 
     def ready() -> None:
+        # Called after init, before the sessions run: bind, then drop root.
         if not has_init:
             server.start_esmtp_listener(listen=args.listen or _core.DEFAULT_LISTEN)
         if args.metrics:
             serve_metrics(server, args.metrics)
+        if become is not None:
+            privileges.drop_privileges(become)
+        elif user is None:
+            privileges.warn_if_root()
         places = ", ".join(f"{host}:{port}" for host, port in (x.address for x in server.listeners))
         # One write: workers share the pipe, and print() writes the newline apart.
         sys.stdout.write(
@@ -105,7 +127,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         server.run_forever(handle_signals=True, run_init=True, on_ready=ready)
-    except (_core.ParamsError, OSError) as error:
+    except (_core.ParamsError, OSError, privileges.PrivilegeError) as error:
         # Invalid listener parameters or an address that can't be bound: the
         # message says what and where; a traceback would only hide it.
         print(f"kumo-listener: {error}", file=sys.stderr)
@@ -125,13 +147,17 @@ def serve_metrics(server: Server, address: str) -> None:
     )
 
 
-def supervise_workers(args: argparse.Namespace) -> int:
+def supervise_workers(args: argparse.Namespace, user: pwd.struct_passwd | None) -> int:
     """Run ``args.workers`` copies of this command sharing their ports; pass
-    SIGINT/SIGTERM on to them and exit when all have, with the worst status."""
+    SIGINT/SIGTERM on to them and exit when all have, with the worst status.
+    With ``--user``, each worker binds as root and drops privileges itself;
+    this process, which runs no policy, drops them once they are started."""
     workers = [
         subprocess.Popen([sys.executable, "-m", "kumo_listener", *worker_arguments(args, index)])
         for index in range(args.workers)
     ]
+    if user is not None:
+        privileges.drop_privileges(user)
 
     def forward(signum: int, _frame: object) -> None:
         for worker in workers:
@@ -155,6 +181,7 @@ def worker_arguments(args: argparse.Namespace, index: int) -> list[str]:
         "--log-level": args.log_level,
         "--handler-threads": args.handler_threads and str(args.handler_threads),
         "--metrics": args.metrics and worker_metrics_address(args.metrics, index),
+        "--user": args.user,
     }
     options = [part for name, value in given.items() if value for part in (name, value)]
     return ["serve", *options, "--reuse-port"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -13,6 +14,8 @@ from typing import Any, TypeVar
 from ._core import duration_seconds
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+logger = logging.getLogger("kumo_listener")
 
 
 class _Cache:
@@ -32,6 +35,12 @@ class _Cache:
             self._entries.move_to_end(key)
             return True, entry[1]
 
+    def get_stale(self, key: Hashable) -> tuple[bool, Any]:
+        """The value stored for ``key``, expired or not (until evicted)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return (False, None) if entry is None else (True, entry[1])
+
     def put(self, key: Hashable, value: Any) -> None:
         with self._lock:
             self._entries[key] = (time.monotonic() + self._ttl, value)
@@ -40,12 +49,20 @@ class _Cache:
                 self._entries.popitem(last=False)
 
 
-def memoize(fn: F, *, name: str, ttl: float | str, capacity: int) -> F:
+def memoize(
+    fn: F, *, name: str, ttl: float | str, capacity: int, stale_on_error: bool = False
+) -> F:
     """Wrap ``fn`` so that results are reused for ``ttl`` (seconds, or a
     string like ``"5 minutes"``), keeping at most ``capacity`` argument tuples.
 
     Arguments must be hashable. ``async def`` functions are supported: the
     awaited result is cached. Exceptions are not cached.
+
+    With ``stale_on_error``, when ``fn`` raises for arguments that had a
+    result, that last good result is returned instead (and kept for another
+    ``ttl``, when ``fn`` is tried again), and the error is logged as a
+    warning on the ``kumo_listener`` logger: a half-written or invalid file
+    being reloaded keeps the previous settings rather than failing connections.
     """
     if not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"memoize {name!r}: capacity must be a positive integer, got {capacity!r}")
@@ -58,6 +75,15 @@ def memoize(fn: F, *, name: str, ttl: float | str, capacity: int) -> F:
     def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         return (args, tuple(sorted(kwargs.items()))) if kwargs else args
 
+    def fall_back(key: Hashable, error: Exception) -> Any:
+        """The last good result for ``key`` if allowed and known; else re-raise."""
+        hit, value = cache.get_stale(key) if stale_on_error else (False, None)
+        if not hit:
+            raise error
+        logger.warning("memoize %r: keeping the last good result: %s", name, error)
+        cache.put(key, value)
+        return value
+
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
@@ -65,7 +91,10 @@ def memoize(fn: F, *, name: str, ttl: float | str, capacity: int) -> F:
             key = key_of(args, kwargs)
             hit, value = cache.get(key)
             if not hit:
-                value = await fn(*args, **kwargs)
+                try:
+                    value = await fn(*args, **kwargs)
+                except Exception as error:
+                    return fall_back(key, error)
                 cache.put(key, value)
             return value
 
@@ -76,7 +105,10 @@ def memoize(fn: F, *, name: str, ttl: float | str, capacity: int) -> F:
         key = key_of(args, kwargs)
         hit, value = cache.get(key)
         if not hit:
-            value = fn(*args, **kwargs)
+            try:
+                value = fn(*args, **kwargs)
+            except Exception as error:
+                return fall_back(key, error)
             cache.put(key, value)
         return value
 

@@ -63,6 +63,8 @@ class _DrivingSelector(selectors.BaseSelector):
         self._core = core
         self._selector = selectors.DefaultSelector()
         self.on_work: Callable[[], None] | None = None
+        # False: asyncio's own selector only, the sessions don't run.
+        self.driving = True
 
     def register(self, fileobj: FileObject, events: int, data: Any = None) -> selectors.SelectorKey:
         return self._selector.register(fileobj, events, data)
@@ -77,6 +79,8 @@ class _DrivingSelector(selectors.BaseSelector):
         return self._selector.get_map()
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if not self.driving:
+            return self._selector.select(timeout)
         readable = self._core.drive(self._selector.fileno(), timeout)
         ready = self._selector.select(0) if readable else []
         if self.on_work is not None:
@@ -118,8 +122,12 @@ class _Dispatcher:
         self._wake_fd: int | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._tick: asyncio.TimerHandle | None = None
+        self._run_handlers = True
 
-    def start(self) -> None:
+    def start(self, *, run_handlers: bool = True) -> None:
+        """Dispatch queued calls from now on; without ``run_handlers``, fail
+        them without running any handler (a server that failed to start)."""
+        self._run_handlers = run_handlers
         if self._selector is not None:
             self._selector.on_work = self._drain
         else:
@@ -155,6 +163,9 @@ class _Dispatcher:
             logger.log(level, "%s", message)
 
     def _run(self, job: _core.Job) -> None:
+        if not self._run_handlers:
+            job.fail(f"{job.event}: the server failed to start")
+            return
         handler = self._policy.handler(job.event)
         if handler is None:
             job.complete(None)
@@ -328,22 +339,39 @@ class Server:
     ) -> None:
         """Serve on the running loop until :meth:`stop` (or SIGINT/SIGTERM
         with ``handle_signals``), then shut down gracefully. ``on_ready`` is
-        called once ``init`` has run."""
+        called once ``init`` has run.
+
+        The sessions don't run until ``init`` and ``on_ready`` have returned:
+        listeners they start are bound at once (the kernel queues connections
+        in the backlog), but no connection is accepted and no other handler
+        runs before. ``kumo-listener serve --user`` drops root in ``on_ready``."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stopping = asyncio.Event()
-        dispatcher = _Dispatcher(
-            self._core, self.policy, loop, self._driving.get(loop), self._handler_threads
-        )
-        dispatcher.start()
+        selector = self._driving.get(loop)
+        dispatcher = _Dispatcher(self._core, self.policy, loop, selector, self._handler_threads)
         if handle_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, self._stopping.set)
         try:
-            if run_init:
-                await self.run_init()
-            if on_ready is not None:
-                on_ready()
+            if selector is not None:
+                selector.driving = False
+            try:
+                if run_init:
+                    await self.run_init()
+                if on_ready is not None:
+                    on_ready()
+            except BaseException:
+                # Shutting down needs the runtime driven, and a connection may
+                # be accepted meanwhile: no handler runs for it.
+                self._core.begin_shutdown()
+                dispatcher.start(run_handlers=False)
+                raise
+            else:
+                dispatcher.start()
+            finally:
+                if selector is not None:
+                    selector.driving = True
             await self._stopping.wait()
         finally:
             await self._shut_down()
