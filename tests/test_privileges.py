@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RawClient, delivered
-from test_cli import KUMO, Served, port_free, run
+from conftest import KUMO, RawClient, Served, delivered
+from test_cli import port_free, run
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
