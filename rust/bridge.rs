@@ -9,7 +9,7 @@
 //! reach Python's `logging`. What a call carries is in [`crate::events`].
 
 use crate::events::{Event, EventKind, Outcome};
-use crate::log::{LogLevel, LogRecord, LogRecords, LOG_ERROR};
+use crate::log::{LogEntry, LogLevel, LogRecord, LogRecords, LOG_ERROR};
 use crate::metrics::PolicyLatency;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -172,10 +172,10 @@ impl Bridge {
     /// the calls: it waits for [`Bridge::refresh_log_level`] (once a
     /// second), where the logger's level at that moment decides (see
     /// [`LogRecords::push`] for the bound).
-    pub fn log(&self, level: u8, message: impl FnOnce() -> String) {
+    pub fn log<E: Into<LogEntry>>(&self, level: u8, message: impl FnOnce() -> E) {
         let wanted = self.log_level.wants(level);
         let mut queue = self.lock();
-        if queue.logs.push(wanted, level, message) {
+        if queue.logs.push(wanted, level, || message().into()) {
             self.notify(&mut queue);
         }
     }
@@ -284,10 +284,10 @@ mod tests {
     fn a_record_below_the_level_waits_without_waking() {
         let bridge = Bridge::new().unwrap();
         bridge.refresh_log_level(LOG_WARNING);
-        bridge.log(LOG_DEBUG, || "quieter".into());
-        bridge.log(LOG_INFO, || "quiet".into());
+        bridge.log(LOG_DEBUG, || String::from("quieter"));
+        bridge.log(LOG_INFO, || String::from("quiet"));
         assert!(!readable(&bridge));
-        bridge.log(LOG_WARNING, || "loud".into());
+        bridge.log(LOG_WARNING, || String::from("loud"));
         assert!(readable(&bridge));
         let messages = |logs: Vec<LogRecord>| logs.into_iter().map(|record| record.message).collect::<Vec<_>>();
         assert_eq!(messages(bridge.take().1), ["loud"]);

@@ -222,7 +222,7 @@ mod tests {
         let logger = bridge.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
-            logger.log(LOG_ERROR, || "from a blocking thread".into());
+            logger.log(LOG_ERROR, || String::from("from a blocking thread"));
         });
         driver.drive(&bridge, watched.as_raw_fd(), None).unwrap();
         assert_eq!(bridge.take().1.len(), 1);

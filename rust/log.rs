@@ -3,6 +3,7 @@
 //! below the logger's level as last known waits here, unwoken, until Python
 //! next says what the level is.
 
+use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// A log record for Python's `kumo_listener` logger; levels are Python's.
@@ -10,6 +11,27 @@ use std::sync::atomic::{AtomicU8, Ordering};
 pub struct LogRecord {
     pub level: u8,
     pub message: String,
+    /// What the message says, as fields (`event` first), for `--log-format json`.
+    pub fields: Option<Map<String, Value>>,
+}
+
+/// What a record says: its text, and for the lines an operator greps, the same as fields.
+#[derive(Debug)]
+pub struct LogEntry {
+    message: String,
+    fields: Option<Map<String, Value>>,
+}
+
+impl LogEntry {
+    pub fn with_fields(message: String, fields: Map<String, Value>) -> Self {
+        Self { message, fields: Some(fields) }
+    }
+}
+
+impl From<String> for LogEntry {
+    fn from(message: String) -> Self {
+        Self { message, fields: None }
+    }
 }
 
 pub const LOG_DEBUG: u8 = 10;
@@ -55,11 +77,15 @@ impl LogRecords {
     /// Keep a record, `wanted` now or quiet. At most [`MAX_QUIET_RECORDS`]
     /// quiet ones wait; more are dropped unformatted. Returns whether Python
     /// should be woken for it.
-    pub fn push(&mut self, wanted: bool, level: u8, message: impl FnOnce() -> String) -> bool {
+    pub fn push(&mut self, wanted: bool, level: u8, entry: impl FnOnce() -> LogEntry) -> bool {
+        let record = || {
+            let LogEntry { message, fields } = entry();
+            LogRecord { level, message, fields }
+        };
         if wanted {
-            self.wanted.push(LogRecord { level, message: message() });
+            self.wanted.push(record());
         } else if self.quiet.len() < MAX_QUIET_RECORDS {
-            self.quiet.push(LogRecord { level, message: message() });
+            self.quiet.push(record());
         }
         wanted
     }
@@ -96,9 +122,9 @@ mod tests {
     #[test]
     fn quiet_records_are_filtered_by_the_level_when_taken() {
         let mut records = LogRecords::default();
-        assert!(!records.push(false, LOG_DEBUG, || "quieter".into()));
-        assert!(!records.push(false, LOG_INFO, || "quiet".into()));
-        assert!(records.push(true, LOG_WARNING, || "loud".into()));
+        assert!(!records.push(false, LOG_DEBUG, || String::from("quieter").into()));
+        assert!(!records.push(false, LOG_INFO, || String::from("quiet").into()));
+        assert!(records.push(true, LOG_WARNING, || String::from("loud").into()));
         assert_eq!(messages(records.take()), ["loud"]);
         assert_eq!(messages(records.take_quiet(LOG_INFO)), ["quiet"]);
         assert!(records.take_quiet(LOG_DEBUG).is_empty());
@@ -108,7 +134,7 @@ mod tests {
     fn records_below_the_level_are_bounded() {
         let mut records = LogRecords::default();
         for _ in 0..MAX_QUIET_RECORDS + 5 {
-            records.push(false, LOG_DEBUG, String::new);
+            records.push(false, LOG_DEBUG, || String::new().into());
         }
         assert_eq!(records.take_quiet(LOG_DEBUG).len(), MAX_QUIET_RECORDS);
     }

@@ -3,9 +3,12 @@ one per connection when it ends (as Postfix's smtpd writes them)."""
 
 from __future__ import annotations
 
+import json
 import re
+import smtplib
 import time
 
+import kumo_listener as kumo
 import pytest
 
 BODY = b"Subject: log\r\n\r\nbody\r\n"
@@ -56,8 +59,6 @@ def test_a_stored_message_a_refusal_and_the_disconnect_line(kumo_log, listen, sm
 
 
 def test_policy_refusals_are_info_and_failures_warnings(kumo_log, policy, listen, smtp):
-    import kumo_listener as kumo
-
     @policy.on("smtp_server_mail_from")
     def mail(sender, meta):
         if sender.user == "broken":
@@ -74,3 +75,27 @@ def test_policy_refusals_are_info_and_failures_warnings(kumo_log, policy, listen
         ("INFO", "550 5.7.1"),
         ("WARNING", "451 4.3.0"),
     ]
+
+
+def test_serve_log_format_json(serve):
+    served = serve("--listen", "127.0.0.1:0", "--sink", "discard", "--log-format", "json")
+    with smtplib.SMTP(*served.address, timeout=10) as client:
+        client.sendmail("a@b.example", ["c@d.example", "e@f.example"], BODY)
+        client.ehlo("client.example")
+        assert client.docmd("VRFY")[0] == 501
+    assert served.stop() == 0
+    assert served.process.stderr is not None
+    records = [json.loads(line) for line in served.process.stderr.read().splitlines()]
+    assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
+    by_event = {record.get("event"): record for record in records}
+    stored = by_event["stored"]
+    assert stored["sender"] == "a@b.example"
+    assert stored["recipients"] == ["c@d.example", "e@f.example"]
+    assert stored["client"].startswith("127.0.0.1:") and stored["size"] > len(BODY)
+    assert stored["message"].startswith(f"stored: {stored['id']} from=<a@b.example>")
+    reject = by_event["reject"]
+    assert (reject["command"], reject["code"], reject["enhanced"]) == ("VRFY", 501, "5.5.4")
+    disconnect = by_event["disconnect"]
+    assert disconnect["commands"]["vrfy"] == {"tried": 1, "refused": 1}
+    # EHLO, MAIL, 2 RCPT, DATA, EHLO, VRFY, QUIT
+    assert disconnect["commands"]["commands"] == {"tried": 8, "refused": 1}

@@ -807,6 +807,12 @@ def test_bad_certificate_from_the_dynamic_hook_fails_only_starttls(
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
     assert certificate_at(raw, address, "127.0.0.1") == good.cert
     assert eventually(lambda: str(missing) in kumo_log.text), kumo_log.text
+    # The log names our address and the identity that could not be used.
+    assert re.search(
+        rf"127\.0\.0\.2:\d+ \(mx\.test\.example\): TLS not available: .*"
+        rf"\(tls_certificate {re.escape(str(missing))}, tls_private_key ",
+        kumo_log.text,
+    ), kumo_log.text
 
 
 # --- client certificates and TLS metadata -----------------------------------------

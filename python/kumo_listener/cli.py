@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _core, privileges
+from .logs import JsonFormatter
 from .server import Server, configure, default_server
 
 
@@ -41,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--sink", choices=["maildir", "discard"], default="maildir")
     serve.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text lines, or one JSON object per record (default text)",
+    )
     serve.add_argument(
         "--workers",
         type=positive_int,
@@ -85,9 +92,7 @@ def serve(args: argparse.Namespace) -> int:
     except privileges.PrivilegeError as error:
         print(f"kumo-listener: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     if become is not None and args.sink == "maildir":
         # Created here as root, owned by the user, before the server (or the
         # workers) open it.
@@ -135,6 +140,15 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 def serve_metrics(server: Server, address: str) -> None:
     """Prometheus metrics at ``http://ADDRESS/metrics``, on a thread."""
     import prometheus_client
@@ -179,6 +193,7 @@ def worker_arguments(args: argparse.Namespace, index: int) -> list[str]:
         "--maildir": args.maildir,
         "--sink": args.sink,
         "--log-level": args.log_level,
+        "--log-format": args.log_format,
         "--handler-threads": args.handler_threads and str(args.handler_threads),
         "--metrics": args.metrics and worker_metrics_address(args.metrics, index),
         "--user": args.user,

@@ -158,9 +158,10 @@ class _Dispatcher:
             self._run(job)
 
     @staticmethod
-    def _log(records: list[tuple[int, str]]) -> None:
-        for level, message in records:
-            logger.log(level, "%s", message)
+    def _log(records: list[tuple[int, str, dict[str, Any] | None]]) -> None:
+        for level, message, fields in records:
+            # The fields reach a formatter as `record.kumo` (see `logs.JsonFormatter`).
+            logger.log(level, "%s", message, extra=None if fields is None else {"kumo": fields})
 
     def _run(self, job: _core.Job) -> None:
         if not self._run_handlers:

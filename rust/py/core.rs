@@ -1,11 +1,12 @@
 //! The server handle Python drives, and the jobs it hands to Python.
 
-use super::convert::to_json;
+use super::convert::{to_json, to_python};
 use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyListenerParams, PyMessage};
 use super::ParamsError;
 use crate::bridge::{Bridge, Call, DEFAULT_BUSY_AT};
 use crate::driver::Driver;
 use crate::events::{self, Event, EventKind, Outcome, Response};
+use crate::log::LogRecord;
 use crate::metrics::{ListenerMetrics, LATENCY_BUCKETS};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
 use crate::server::{self, ServerState};
@@ -14,6 +15,7 @@ use crate::tls;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -92,8 +94,8 @@ impl PyCore {
     /// Tell the core the `kumo_listener` logger's level (Python's numbering):
     /// records below it do not wake Python. Returns `(level, message)` of
     /// the records queued below the previous level that this one lets through.
-    fn refresh_log_level(&self, level: u8) -> Vec<(u8, String)> {
-        self.state.bridge.refresh_log_level(level).into_iter().map(|record| (record.level, record.message)).collect()
+    fn refresh_log_level<'py>(&self, py: Python<'py>, level: u8) -> PyResult<Vec<LogTuple<'py>>> {
+        self.state.bridge.refresh_log_level(level).into_iter().map(|record| log_tuple(py, record)).collect()
     }
 
     /// Run the sessions (GIL released) until policy calls or log records are
@@ -124,11 +126,11 @@ impl PyCore {
     }
 
     /// Queued policy calls and log records `(level, message)`.
-    fn take(&self) -> (Vec<PyJob>, Vec<(u8, String)>) {
+    fn take<'py>(&self, py: Python<'py>) -> PyResult<(Vec<PyJob>, Vec<LogTuple<'py>>)> {
         let (calls, logs) = self.state.bridge.take();
         let bridge = &self.state.bridge;
         let jobs = calls.into_iter().map(|call| PyJob::new(call, bridge.clone())).collect();
-        (jobs, logs.into_iter().map(|record| (record.level, record.message)).collect())
+        Ok((jobs, logs.into_iter().map(|record| log_tuple(py, record)).collect::<PyResult<_>>()?))
     }
 
     /// Stop accepting; sessions answer 421 at their next read.
@@ -172,6 +174,14 @@ impl PyCore {
         all.set_item("policy_latency", latency)?;
         Ok(all)
     }
+}
+
+/// A log record for Python: `(level, message, fields or None)`.
+type LogTuple<'py> = (u8, String, Option<Bound<'py, PyAny>>);
+
+fn log_tuple(py: Python<'_>, record: LogRecord) -> PyResult<LogTuple<'_>> {
+    let fields = record.fields.map(|fields| to_python(py, &Value::Object(fields))).transpose()?;
+    Ok((record.level, record.message, fields))
 }
 
 fn listener_metrics<'py>(py: Python<'py>, name: &str, metrics: &ListenerMetrics) -> PyResult<Bound<'py, PyDict>> {

@@ -163,14 +163,14 @@ impl<S: Transport> Session<S> {
             match self.next_line(self.command_deadline()).await? {
                 io::Framed::Line { len, consumed } => {
                     if is_http_request(&self.input[..len]) {
-                        self.tally.begin::<()>(&Err(()));
+                        self.tally.begin::<()>(b"", &Err(()));
                         // Postfix's exact words, without our hostname: a web client learns nothing.
                         Reply::new(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
                             .write(&mut self.output, true);
                         return Err(Stop::Closing);
                     }
                     let parsed = parse_command(&self.input[..len]);
-                    self.tally.begin(&parsed);
+                    self.tally.begin(&self.input[..len], &parsed);
                     self.input.advance(consumed);
                     // Like Postfix, only what is already buffered counts: no extra read.
                     if parsed.as_ref().is_ok_and(Command::ends_pipelining_group) && !self.input.is_empty() {
@@ -179,7 +179,7 @@ impl<S: Transport> Session<S> {
                     self.dispatch(parsed).await?;
                 }
                 io::Framed::TooLong { consumed } => {
-                    self.tally.begin::<()>(&Err(()));
+                    self.tally.begin::<()>(b"", &Err(()));
                     self.input.advance(consumed);
                     self.refuse(Reply::new(500, "5.2.3", "line too long"))?;
                 }

@@ -2,10 +2,11 @@
 //! one when the connection ends with the count of each command.
 
 use super::Session;
-use crate::log::{LOG_INFO, LOG_WARNING};
+use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
 use crate::parser::Command;
 use crate::reply::Reply;
 use crate::stream::Transport;
+use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
 use std::time::Instant;
 
@@ -28,22 +29,31 @@ pub(super) struct Tally {
     current_refused: bool,
 }
 
-fn slot(parsed: Result<&Command, ()>) -> usize {
-    match parsed {
-        Ok(Command::Helo(_)) => 0,
-        Ok(Command::Ehlo(_)) => 1,
-        Ok(Command::StartTls) => 2,
-        Ok(Command::Auth { .. }) => 3,
-        Ok(Command::XClient(_)) => 4,
-        Ok(Command::MailFrom { .. }) => 5,
-        Ok(Command::RcptTo { .. }) => 6,
-        Ok(Command::Data) => 7,
-        Ok(Command::Rset) => 8,
-        Ok(Command::Noop) => 9,
-        Ok(Command::Vrfy(_)) => 10,
-        Ok(Command::Help) => 11,
-        Ok(Command::Quit) => 12,
-        Err(()) => UNKNOWN,
+/// The command a line was: the parsed one, or for a line that did not
+/// parse, the verb it starts with if it is one we know (`VRFY` with no
+/// argument is a refused `vrfy`, as Postfix counts it).
+fn slot<E>(line: &[u8], parsed: &Result<Command, E>) -> usize {
+    let Ok(command) = parsed else {
+        let verb = line.split(|&byte| byte == b' ').next().unwrap_or_default();
+        return VERBS[..UNKNOWN]
+            .iter()
+            .position(|known| verb.eq_ignore_ascii_case(known.as_bytes()))
+            .unwrap_or(UNKNOWN);
+    };
+    match command {
+        Command::Helo(_) => 0,
+        Command::Ehlo(_) => 1,
+        Command::StartTls => 2,
+        Command::Auth { .. } => 3,
+        Command::XClient(_) => 4,
+        Command::MailFrom { .. } => 5,
+        Command::RcptTo { .. } => 6,
+        Command::Data => 7,
+        Command::Rset => 8,
+        Command::Noop => 9,
+        Command::Vrfy(_) => 10,
+        Command::Help => 11,
+        Command::Quit => 12,
     }
 }
 
@@ -58,10 +68,10 @@ impl Tally {
         }
     }
 
-    /// A command line came: `Err` when it did not parse.
-    pub(super) fn begin<E>(&mut self, parsed: &Result<Command, E>) {
+    /// A command line came, and what it parsed to.
+    pub(super) fn begin<E>(&mut self, line: &[u8], parsed: &Result<Command, E>) {
         self.end();
-        let index = slot(parsed.as_ref().map_err(drop));
+        let index = slot(line, parsed);
         self.tried[index] += 1;
         self.current = Some(index);
     }
@@ -85,10 +95,12 @@ impl Tally {
     }
 
     /// `ehlo=1 mail=1/2 rcpt=1 data=1 quit=1 commands=5/6`: tried, or
-    /// accepted/tried when some were refused.
-    fn counts(&mut self) -> String {
+    /// accepted/tried when some were refused; and the same as fields
+    /// (`{"mail": {"tried": 2, "refused": 1}, …}`).
+    fn counts(&mut self) -> (String, Value) {
         self.end();
         let mut text = String::new();
+        let mut fields = Map::new();
         let (mut tried, mut refused) = (0, 0);
         for (index, verb) in VERBS.iter().enumerate() {
             let (count, bad) = (self.tried[index], self.refused[index]);
@@ -96,10 +108,20 @@ impl Tally {
             refused += bad;
             if count > 0 {
                 let _ = write!(text, "{verb}={} ", fraction(count, bad));
+                fields.insert((*verb).into(), json!({"tried": count, "refused": bad}));
             }
         }
         let _ = write!(text, "commands={}", fraction(tried, refused));
-        text
+        fields.insert("commands".into(), json!({"tried": tried, "refused": refused}));
+        (text, Value::Object(fields))
+    }
+}
+
+/// A `json!` object's map.
+pub(super) fn object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
     }
 }
 
@@ -120,8 +142,17 @@ impl<S: Transport> Session<S> {
         let verb = self.tally.verb();
         let (remote, helo) = (self.remote, self.helo.as_deref().unwrap_or_default());
         let enhanced = reply.enhanced.as_deref().unwrap_or_default();
-        let message = || format!("reject: {verb} from {remote}: {} {enhanced} {}; helo={helo}", reply.code, reply.text);
-        self.context.policy.log(level, message);
+        let entry = || {
+            let message =
+                format!("reject: {verb} from {remote}: {} {enhanced} {}; helo={helo}", reply.code, reply.text);
+            let fields = json!({
+                "event": "reject", "command": verb, "client": remote.to_string(), "via": self.local.to_string(),
+                "hostname": self.params.hostname, "code": reply.code, "enhanced": enhanced, "text": reply.text,
+                "helo": helo,
+            });
+            LogEntry::with_fields(message, object(fields))
+        };
+        self.context.policy.log(level, entry);
     }
 
     /// Postfix's `disconnect from` line, when the session ends.
@@ -133,9 +164,17 @@ impl<S: Transport> Session<S> {
             _ => String::new(),
         };
         let seconds = self.tally.started.elapsed().as_secs_f64();
-        let counts = self.tally.counts();
-        let message = || format!("disconnect from {remote} to {local} ({hostname}){tls} time={seconds:.3}s {counts}");
-        self.context.policy.log(LOG_INFO, message);
+        let (counts, commands) = self.tally.counts();
+        let entry = || {
+            let message = format!("disconnect from {remote} to {local} ({hostname}){tls} time={seconds:.3}s {counts}");
+            let fields = json!({
+                "event": "disconnect", "client": remote.to_string(), "via": local.to_string(), "hostname": hostname,
+                "tls_protocol_version": self.meta.get_str("tls_protocol_version"),
+                "tls_cipher": self.meta.get_str("tls_cipher"), "seconds": seconds, "commands": commands,
+            });
+            LogEntry::with_fields(message, object(fields))
+        };
+        self.context.policy.log(LOG_INFO, entry);
     }
 }
 
@@ -147,16 +186,18 @@ mod tests {
     #[test]
     fn counts_name_the_commands_tried_and_how_many_were_refused() {
         let mut tally = Tally::new();
-        for (line, refused) in
-            [("EHLO x", false), ("MAIL FROM:<a@b>", true), ("MAIL FROM:<a@b>", false), ("BOGUS", true)]
-        {
-            tally.begin(&parse_command(line.as_bytes()));
+        let lines = [("EHLO x", false), ("MAIL FROM:<a@b>", true), ("MAIL FROM:<a@b>", false), ("BOGUS", true)];
+        for (line, refused) in lines.into_iter().chain([("vrfy", true)]) {
+            tally.begin(line.as_bytes(), &parse_command(line.as_bytes()));
             if refused {
                 tally.refused();
             }
         }
-        tally.begin(&parse_command(b"QUIT"));
-        assert_eq!(tally.counts(), "ehlo=1 mail=1/2 quit=1 unknown=0/1 commands=3/5");
-        assert_eq!(Tally::new().counts(), "commands=0");
+        tally.begin(b"QUIT", &parse_command(b"QUIT"));
+        let (text, fields) = tally.counts();
+        assert_eq!(text, "ehlo=1 mail=1/2 vrfy=0/1 quit=1 unknown=0/1 commands=3/6");
+        assert_eq!(fields["mail"], json!({"tried": 2, "refused": 1}));
+        assert_eq!(fields["commands"], json!({"tried": 6, "refused": 3}));
+        assert_eq!(Tally::new().counts().0, "commands=0");
     }
 }

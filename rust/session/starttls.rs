@@ -4,6 +4,7 @@ use super::{Session, Step, Stop};
 use crate::framing::LineFramer;
 use crate::log::{LOG_ERROR, LOG_INFO};
 use crate::metrics;
+use crate::params::KeySource;
 use crate::reply::Reply;
 use crate::stream::{Stream, Transport};
 use crate::tls::{ServerIdentity, TlsIdentity};
@@ -46,8 +47,21 @@ impl<S: Transport> Session<S> {
         tokio::task::spawn_blocking(move || cache.identity(&wanted)).await.map_err(|e| e.to_string())?
     }
 
+    /// Log why, naming the identity that could not be used: our address,
+    /// the effective hostname, the certificate and key sources.
     pub(super) fn tls_unavailable(&self, reason: &str) -> Stop {
-        self.context.policy.log(LOG_ERROR, || format!("{}: TLS not available: {reason}", self.remote));
+        let source = |source: &Option<KeySource>| match source {
+            Some(KeySource::File(path)) => path.display().to_string(),
+            Some(KeySource::Data(_)) => "key_data".into(),
+            None => "self-signed".into(),
+        };
+        let (certificate, key) = (source(&self.params.tls_certificate), source(&self.params.tls_private_key));
+        self.context.policy.log(LOG_ERROR, || {
+            format!(
+                "{} to {} ({}): TLS not available: {reason} (tls_certificate {certificate}, tls_private_key {key})",
+                self.remote, self.local, self.params.hostname
+            )
+        });
         Stop::Gone
     }
 

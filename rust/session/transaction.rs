@@ -5,13 +5,14 @@ use super::io::MIN_READ;
 use super::{Session, Step, Stop};
 use crate::events::{Event, EventKind, Response};
 use crate::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
-use crate::log::{LOG_INFO, LOG_WARNING};
+use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
 use crate::message::{self, Message, ReceivedInfo, Supplemental};
 use crate::params::ListenerDomain;
 use crate::parser::{MailParams, Mailbox, ReversePath};
 use crate::reply::Reply;
 use crate::stream::Transport;
 use bytes::{Buf, Bytes};
+use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -302,25 +303,31 @@ impl<S: Transport> Session<S> {
         let metrics = &self.context.metrics;
         metrics.messages.fetch_add(stored, Ordering::Relaxed);
         metrics.message_bytes.fetch_add(bytes, Ordering::Relaxed);
-        policy.log(LOG_INFO, || self.stored_line(&message, bytes));
+        policy.log(LOG_INFO, || self.stored_entry(&message, bytes));
         self.send(&Reply::with_text(250, "2.0.0", format!("OK id={}", message.id)));
         Ok(())
     }
 
-    /// The log line of a stored transaction.
-    fn stored_line(&self, message: &Message, bytes: u64) -> String {
-        let recipients: Vec<String> = message.recipients.iter().map(|r| format!("<{r}>")).collect();
-        let tls =
-            self.meta.get_str("tls_protocol_version").map(|version| format!(" tls={version}")).unwrap_or_default();
-        format!(
-            "stored: {} from=<{}> to={} size={bytes} client={} via={} ({}){tls}",
+    /// The log record of a stored transaction.
+    fn stored_entry(&self, message: &Message, bytes: u64) -> LogEntry {
+        let recipients: Vec<String> = message.recipients.iter().map(ToString::to_string).collect();
+        let tls = self.meta.get_str("tls_protocol_version");
+        let text = format!(
+            "stored: {} from=<{}> to=<{}> size={bytes} client={} via={} ({}){}",
             message.id,
             message.sender,
-            recipients.join(","),
+            recipients.join(">,<"),
             self.remote,
             self.local,
             self.params.hostname,
-        )
+            tls.as_ref().map(|version| format!(" tls={version}")).unwrap_or_default(),
+        );
+        let fields = json!({
+            "event": "stored", "id": message.id, "sender": message.sender.to_string(), "recipients": recipients,
+            "size": bytes, "client": self.remote.to_string(), "via": self.local.to_string(),
+            "hostname": self.params.hostname, "tls_protocol_version": tls,
+        });
+        LogEntry::with_fields(text, super::record::object(fields))
     }
 
     /// The `Received:` header, or nothing when `trace_headers` turn it off.
