@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import smtplib
 import socket
 import time
@@ -144,6 +145,17 @@ def smtp():
 def delivered(maildir: Path) -> list[bytes]:
     """Contents of every message in ``new/``, oldest name first."""
     return [path.read_bytes() for path in sorted((maildir / "new").iterdir())]
+
+
+ENVELOPE = re.compile(rb"\AReturn-Path: <[^\r\n]*>\r\n(?:Delivered-To: [^\r\n]+\r\n)+")
+
+
+def without_envelope(stored: bytes) -> bytes:
+    """A stored file without the ``Return-Path:`` and ``Delivered-To:`` lines
+    the Maildir sink writes first (it fails the test when they are missing)."""
+    found = ENVELOPE.match(stored)
+    assert found, f"no envelope at the top of {stored[:200]!r}"
+    return stored[found.end() :]
 
 
 @pytest.fixture
