@@ -23,16 +23,40 @@ pub struct Message {
     /// The reverse path; the null sender `<>` has an empty local part and domain.
     pub sender: Mailbox,
     pub recipients: Vec<Mailbox>,
-    /// The message as received, trace headers first. Split parts share the
-    /// transaction's bytes, except with a supplemental header: each part is
-    /// then a copy with its own header in front.
+    /// Trace headers of this message alone, written before `data`: a split
+    /// part's supplemental header and its `Received:` header when the
+    /// transaction had several recipients. Often empty.
+    pub head: Bytes,
+    /// The message as received (after a `Received:` header when the
+    /// transaction had one recipient). Split parts share the transaction's
+    /// bytes: no part copies the body.
     pub data: Bytes,
     pub meta: MetaStore,
 }
 
 impl Message {
     pub fn new(id: String, sender: Mailbox, recipients: Vec<Mailbox>, data: Bytes) -> Arc<Self> {
-        Arc::new(Self { id, sender, recipients, data, meta: MetaStore::new() })
+        Self::with_head(id, sender, recipients, Bytes::new(), data)
+    }
+
+    pub fn with_head(id: String, sender: Mailbox, recipients: Vec<Mailbox>, head: Bytes, data: Bytes) -> Arc<Self> {
+        Arc::new(Self { id, sender, recipients, head, data, meta: MetaStore::new() })
+    }
+
+    /// The whole message, trace headers first, as policy sees it.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Write `head` then `data` into `out`, of [`Self::len`] bytes.
+    pub fn copy_to(&self, out: &mut [u8]) {
+        let (head, data) = out.split_at_mut(self.head.len());
+        head.copy_from_slice(&self.head);
+        data.copy_from_slice(&self.data);
     }
 }
 
@@ -54,24 +78,46 @@ pub struct Supplemental<'a> {
 }
 
 /// Split a transaction into the messages that policy and the sink receive.
-/// Each part gets its own id and a copy of the transaction's metadata.
-pub fn split(transaction: &Message, handling: BatchHandling, supplemental: Option<&Supplemental>) -> Vec<Arc<Message>> {
+/// Each part gets its own id and a copy of the transaction's metadata, and
+/// shares the transaction's `data`. Its `head`: the supplemental header, then
+/// `received` (when the `Received:` header is not already in `data`) naming
+/// the part's recipient when it has only one.
+pub fn split(
+    transaction: &Message,
+    handling: BatchHandling,
+    supplemental: Option<&Supplemental>,
+    received: Option<&ReceivedHeader>,
+) -> Vec<Arc<Message>> {
     let groups: Vec<Vec<Mailbox>> = match handling {
         BatchHandling::BifurcateAlways => transaction.recipients.iter().map(|r| vec![r.clone()]).collect(),
         BatchHandling::BatchByDomain => group_by_domain(&transaction.recipients),
     };
     let meta = transaction.meta.snapshot();
+    // One part is the transaction itself: its id, the one its `Received:`
+    // header (in the body, for one recipient) and the 250 name.
+    let single = groups.len() == 1;
     groups
         .into_iter()
         .map(|recipients| {
-            let data = match supplemental {
-                Some(supplemental) => {
-                    let header = supplemental_header(supplemental, &recipients, &meta);
-                    [header.as_bytes(), &transaction.data].concat().into()
-                }
-                None => transaction.data.clone(),
-            };
-            let part = Message::new(new_message_id(), transaction.sender.clone(), recipients, data);
+            let id = if single { transaction.id.clone() } else { new_message_id() };
+            let mut head = String::new();
+            if let Some(supplemental) = supplemental {
+                head.push_str(&supplemental_header(supplemental, &recipients, &meta));
+            }
+            if let Some(received) = received {
+                let only = match recipients.as_slice() {
+                    [only] => Some(only),
+                    _ => None,
+                };
+                head.push_str(&received.render(&id, only));
+            }
+            let part = Message::with_head(
+                id,
+                transaction.sender.clone(),
+                recipients,
+                Bytes::from(head),
+                transaction.data.clone(),
+            );
             part.meta.merge(&meta);
             part
         })
@@ -114,27 +160,40 @@ pub struct ReceivedInfo<'a> {
     pub client_ip: IpAddr,
     pub hostname: &'a str,
     pub protocol: &'a str,
-    pub id: &'a str,
-    pub recipients: &'a [Mailbox],
 }
 
-/// An RFC 5321 §4.4 `Received:` header, folded, ending in CRLF.
-pub fn received_header(info: &ReceivedInfo) -> String {
-    let ReceivedInfo { helo_domain, client_ip, hostname, protocol, id, recipients } = info;
-    let address_literal = match client_ip {
-        IpAddr::V4(ip) => format!("[{ip}]"),
-        IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
-    };
-    // Naming the recipient of a multi-recipient transaction would disclose
-    // the others to each of them.
-    let for_clause = match recipients {
-        [only] => format!("\r\n\tfor <{only}>"),
-        _ => String::new(),
-    };
-    let date = chrono::Local::now().to_rfc2822();
-    format!(
-        "Received: from {helo_domain} ({address_literal})\r\n\tby {hostname} (kumo_listener) with {protocol} id {id}{for_clause};\r\n\t{date}\r\n"
-    )
+/// An RFC 5321 §4.4 `Received:` header, made once per transaction and
+/// rendered for each message that carries it, with or without `for`.
+#[derive(Clone, Debug)]
+pub struct ReceivedHeader {
+    /// Up to the protocol, with no id, `for` clause nor `;`.
+    start: String,
+    date: String,
+}
+
+impl ReceivedHeader {
+    pub fn new(info: &ReceivedInfo) -> Self {
+        let ReceivedInfo { helo_domain, client_ip, hostname, protocol } = info;
+        let address_literal = match client_ip {
+            IpAddr::V4(ip) => format!("[{ip}]"),
+            IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
+        };
+        let start = format!(
+            "Received: from {helo_domain} ({address_literal})\r\n\tby {hostname} (kumo_listener) with {protocol}"
+        );
+        Self { start, date: chrono::Local::now().to_rfc2822() }
+    }
+
+    /// Folded, ending in CRLF; `for <recipient>` only for a message to one
+    /// recipient: naming one of several would disclose it to the others.
+    /// `id` is the message's own: each file's header names the id its file name carries.
+    pub fn render(&self, id: &str, recipient: Option<&Mailbox>) -> String {
+        let Self { start, date } = self;
+        match recipient {
+            Some(only) => format!("{start} id {id}\r\n\tfor <{only}>;\r\n\t{date}\r\n"),
+            None => format!("{start} id {id};\r\n\t{date}\r\n"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -143,7 +202,7 @@ mod tests {
 
     fn mailbox(s: &str) -> Mailbox {
         let (local_part, domain) = s.split_once('@').unwrap();
-        Mailbox { local_part: local_part.into(), domain: domain.into() }
+        Mailbox::new(local_part, domain)
     }
 
     fn transaction(recipients: &[&str]) -> Arc<Message> {
@@ -167,8 +226,12 @@ mod tests {
 
     #[test]
     fn bifurcate_always_gives_one_message_per_recipient() {
-        let parts =
-            split(&transaction(&["1@a.example", "2@a.example", "3@b.example"]), BatchHandling::BifurcateAlways, None);
+        let parts = split(
+            &transaction(&["1@a.example", "2@a.example", "3@b.example"]),
+            BatchHandling::BifurcateAlways,
+            None,
+            None,
+        );
         assert_eq!(parts.len(), 3);
         assert!(parts.iter().all(|p| p.recipients.len() == 1));
         assert_eq!(parts[0].meta.get_str("tenant").as_deref(), Some("acme"));
@@ -177,8 +240,12 @@ mod tests {
 
     #[test]
     fn batch_by_domain_groups_case_insensitively_in_first_seen_order() {
-        let parts =
-            split(&transaction(&["1@a.example", "2@b.example", "3@A.EXAMPLE"]), BatchHandling::BatchByDomain, None);
+        let parts = split(
+            &transaction(&["1@a.example", "2@b.example", "3@A.EXAMPLE"]),
+            BatchHandling::BatchByDomain,
+            None,
+            None,
+        );
         let domains: Vec<Vec<String>> =
             parts.iter().map(|p| p.recipients.iter().map(|r| r.to_string()).collect()).collect();
         assert_eq!(
@@ -187,36 +254,62 @@ mod tests {
         );
     }
 
+    /// A part's whole text, as policy sees it.
+    fn text_of(part: &Message) -> String {
+        let mut whole = vec![0; part.len()];
+        part.copy_to(&mut whole);
+        String::from_utf8(whole).unwrap()
+    }
+
     #[test]
     fn supplemental_header_encodes_recipient_and_chosen_meta() {
         let names = vec!["tenant".to_string(), "absent".to_string()];
         let supplemental = Supplemental { header_name: "X-KumoRef", include_meta_names: &names };
-        let parts = split(&transaction(&["1@a.example"]), BatchHandling::BifurcateAlways, Some(&supplemental));
-        let text = std::str::from_utf8(&parts[0].data).unwrap();
+        let transaction = transaction(&["1@a.example"]);
+        let parts = split(&transaction, BatchHandling::BifurcateAlways, Some(&supplemental), None);
+        let text = text_of(&parts[0]);
         let (header, rest) = text.split_once("\r\n").unwrap();
         assert_eq!(rest, "Subject: t\r\n\r\nbody\r\n");
+        assert!(parts[0].data.as_ptr() == transaction.data.as_ptr(), "the body is shared, not copied");
         let encoded = header.strip_prefix("X-KumoRef: ").unwrap();
         let decoded: Value = serde_json::from_slice(&BASE64.decode(encoded).unwrap()).unwrap();
         assert_eq!(decoded, serde_json::json!({"_@_": "\\_o< DUCK!", "recipient": "1@a.example", "tenant": "acme"}));
     }
 
-    #[test]
-    fn received_header_names_a_single_recipient_only() {
-        let recipients = [mailbox("r@b.example")];
-        let info = ReceivedInfo {
+    fn info() -> ReceivedInfo<'static> {
+        ReceivedInfo {
             helo_domain: "client.example",
             client_ip: "192.0.2.1".parse().unwrap(),
             hostname: "mx.example",
             protocol: "ESMTP",
-            id: "abc",
-            recipients: &recipients,
-        };
-        let header = received_header(&info);
+        }
+    }
+
+    #[test]
+    fn received_header_names_a_single_recipient_only() {
+        let received = ReceivedHeader::new(&info());
+        let header = received.render("abc", Some(&mailbox("r@b.example")));
         assert!(header.starts_with("Received: from client.example ([192.0.2.1])\r\n\tby mx.example"));
-        assert!(header.contains("for <r@b.example>;"));
+        assert!(header.contains(" with ESMTP id abc\r\n\tfor <r@b.example>;\r\n\t"), "{header:?}");
         assert!(header.ends_with("\r\n"));
-        let two = [mailbox("r@b.example"), mailbox("s@b.example")];
-        let header = received_header(&ReceivedInfo { recipients: &two, ..info });
-        assert!(!header.contains("for <"));
+        let header = received.render("abc", None);
+        assert!(header.contains(" id abc;\r\n\t") && !header.contains("for <"), "{header:?}");
+    }
+
+    #[test]
+    fn each_part_of_one_recipient_gets_its_own_for_clause_and_shares_the_body() {
+        let received = ReceivedHeader::new(&info());
+        let transaction = transaction(&["1@a.example", "2@a.example", "3@b.example"]);
+        let parts = split(&transaction, BatchHandling::BifurcateAlways, None, Some(&received));
+        for (part, recipient) in parts.iter().zip(["1@a.example", "2@a.example", "3@b.example"]) {
+            let text = text_of(part);
+            assert!(text.starts_with("Received: from client.example"), "{text:?}");
+            assert!(text.contains(&format!("for <{recipient}>;")), "{text:?}");
+            assert!(text.ends_with("\r\nSubject: t\r\n\r\nbody\r\n"));
+            assert!(part.data.as_ptr() == transaction.data.as_ptr());
+        }
+        let parts = split(&transaction, BatchHandling::BatchByDomain, None, Some(&received));
+        assert!(!text_of(&parts[0]).contains("for <"), "two recipients: no for clause");
+        assert!(text_of(&parts[1]).contains("for <3@b.example>;"));
     }
 }

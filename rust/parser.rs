@@ -14,15 +14,26 @@ const LONGEST_VERB: usize = "STARTTLS".len();
 const MAX_DOMAIN_LEN: usize = 255;
 const MAX_LABEL_LEN: usize = 63;
 
-/// An address. `domain` is empty for the bare `<postmaster>` recipient.
+/// An address, with the ESMTP parameters of the `MAIL FROM`/`RCPT TO` that
+/// gave it. `domain` is empty for the bare `<postmaster>` recipient.
 /// The local part is not limited to 64 octets: many real senders exceed it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Mailbox {
     pub local_part: String,
     pub domain: String,
+    pub params: EsmtpParams,
 }
 
 impl Mailbox {
+    pub fn new(local_part: impl Into<String>, domain: impl Into<String>) -> Self {
+        Self { local_part: local_part.into(), domain: domain.into(), params: EsmtpParams::default() }
+    }
+
+    /// The same address, ignoring parameters.
+    pub fn same_address(&self, other: &Mailbox) -> bool {
+        self.local_part == other.local_part && self.domain == other.domain
+    }
+
     /// The null reverse path `<>`, as the session stores it.
     pub fn is_null(&self) -> bool {
         self.local_part.is_empty() && self.domain.is_empty()
@@ -75,11 +86,46 @@ pub enum Body {
     EightBitMime,
 }
 
+/// The ESMTP parameters of one `MAIL FROM` or `RCPT TO`, in the order given:
+/// keywords upper-case, values xtext-decoded (and upper-cased for the
+/// keyword-valued `BODY`, `RET` and `NOTIFY`), `None` for a bare keyword.
+/// A command without parameters has an empty list, which allocates nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EsmtpParams(Vec<(&'static str, Option<Cow<'static, str>>)>);
+
+impl EsmtpParams {
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, Option<&str>)> {
+        self.0.iter().map(|(keyword, value)| (*keyword, value.as_deref()))
+    }
+
+    /// `Some(value)` when `keyword` (upper-case) was given.
+    pub fn get(&self, keyword: &str) -> Option<Option<&str>> {
+        self.iter().find(|(given, _)| *given == keyword).map(|(_, value)| value)
+    }
+
+    pub fn contains(&self, keyword: &str) -> bool {
+        self.0.iter().any(|(given, _)| *given == keyword)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// What the session needs of `MAIL FROM`'s parameters, and all of them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MailParams {
     pub size: Option<u64>,
     pub body: Option<Body>,
     pub smtputf8: bool,
+    /// RFC 8689 `REQUIRETLS`.
+    pub requiretls: bool,
+    /// Every parameter as given (the session moves them into the sender's [`Mailbox`]).
+    pub all: EsmtpParams,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,6 +214,10 @@ impl ParseError {
     fn unsupported_parameter(command: &str, keyword: &str) -> Self {
         Self::new(555, "5.5.4", format!("unsupported {command} parameter {keyword}"))
     }
+
+    fn not_implemented() -> Self {
+        Self::new(502, "5.5.1", "command not implemented")
+    }
 }
 
 impl fmt::Display for ParseError {
@@ -198,6 +248,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         b"VRFY" => parse_vrfy(args),
         b"AUTH" => parse_auth(args),
         b"XCLIENT" => Ok(Command::XClient(args.to_owned())),
+        b"EXPN" | b"ETRN" | b"TURN" => Err(ParseError::not_implemented()),
         _ => Err(ParseError::unrecognized()),
     }
 }
@@ -280,8 +331,8 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
 
 fn parse_rcpt(args: &str) -> Result<Command, ParseError> {
     let path = strip_path_keyword(args, "TO:").ok_or_else(|| ParseError::syntax("syntax: RCPT TO:<address>"))?;
-    let (forward_path, params) = parse_forward_path(path).ok_or_else(ParseError::bad_recipient)?;
-    reject_rcpt_params(params)?;
+    let (mut forward_path, params) = parse_forward_path(path).ok_or_else(ParseError::bad_recipient)?;
+    forward_path.params = parse_parameters(params, "RCPT", &RCPT_KEYWORDS)?;
     Ok(Command::RcptTo { forward_path })
 }
 
@@ -317,8 +368,7 @@ fn parse_bare_postmaster(input: &str) -> Option<(Mailbox, &str)> {
     if !local_part.eq_ignore_ascii_case("postmaster") {
         return None;
     }
-    let mailbox = Mailbox { local_part: local_part.to_owned(), domain: String::new() };
-    Some((mailbox, end_of_path(rest)?))
+    Some((Mailbox::new(local_part, ""), end_of_path(rest)?))
 }
 
 /// `<[source-route:]local-part@domain>`, returning the parameter text after it.
@@ -327,7 +377,7 @@ fn parse_path(input: &str) -> Option<(Mailbox, &str)> {
     let (local_part, rest) = parse_local_part(input)?;
     let (domain, rest) = parse_domain(rest.strip_prefix('@')?)?;
     let params = end_of_path(rest.strip_prefix('>')?)?;
-    Some((Mailbox { local_part, domain: domain.to_owned() }, params))
+    Some((Mailbox::new(local_part, domain), params))
 }
 
 /// A closed path must end the line or be followed by whitespace.
@@ -481,37 +531,158 @@ fn is_valid_address_literal(content: &str) -> bool {
 }
 
 fn parse_mail_params(text: &str) -> Result<MailParams, ParseError> {
-    let mut params = MailParams::default();
-    for word in words(text) {
-        let (keyword, value) = split_parameter(word, "MAIL")?;
-        if keyword.eq_ignore_ascii_case("SIZE") {
-            set_once(&mut params.size, parse_size(value)?, keyword)?;
-        } else if keyword.eq_ignore_ascii_case("BODY") {
-            set_once(&mut params.body, parse_body(value)?, keyword)?;
-        } else if keyword.eq_ignore_ascii_case("SMTPUTF8") {
-            if params.smtputf8 {
-                return Err(duplicate_parameter(keyword));
-            }
-            if value.is_some() {
-                return Err(ParseError::syntax("syntax: SMTPUTF8 takes no value"));
-            }
-            params.smtputf8 = true;
-        } else {
-            return Err(ParseError::unsupported_parameter("MAIL", keyword));
+    let all = parse_parameters(text, "MAIL", &MAIL_KEYWORDS)?;
+    if all.is_empty() {
+        return Ok(MailParams::default());
+    }
+    Ok(MailParams {
+        // Validated as digits that fit a u64.
+        size: all.get("SIZE").flatten().and_then(|digits| digits.parse().ok()),
+        body: all.get("BODY").flatten().map(|body| if body == "7BIT" { Body::SevenBit } else { Body::EightBitMime }),
+        smtputf8: all.contains("SMTPUTF8"),
+        requiretls: all.contains("REQUIRETLS"),
+        all,
+    })
+}
+
+/// The ESMTP parameters this server knows, each with its value's syntax.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keyword {
+    /// RFC 1870.
+    Size,
+    /// RFC 6152.
+    Body,
+    /// RFC 6531.
+    SmtpUtf8,
+    /// RFC 8689.
+    RequireTls,
+    /// RFC 3461 §4.3.
+    Ret,
+    /// RFC 3461 §4.4.
+    EnvId,
+    /// RFC 4954 §5.
+    Auth,
+    /// RFC 3461 §4.1.
+    Notify,
+    /// RFC 3461 §4.2.
+    Orcpt,
+}
+
+const MAIL_KEYWORDS: [Keyword; 7] =
+    [Keyword::Size, Keyword::Body, Keyword::SmtpUtf8, Keyword::RequireTls, Keyword::Ret, Keyword::EnvId, Keyword::Auth];
+const RCPT_KEYWORDS: [Keyword; 2] = [Keyword::Notify, Keyword::Orcpt];
+
+/// RFC 3461 §4.4: "the ENVID esmtp-value MUST NOT exceed 100 characters".
+const MAX_ENVID_LEN: usize = 100;
+/// RFC 3461 §4.2: "the ORCPT esmtp-value MUST NOT exceed 500 characters".
+const MAX_ORCPT_LEN: usize = 500;
+
+impl Keyword {
+    const fn name(self) -> &'static str {
+        match self {
+            Keyword::Size => "SIZE",
+            Keyword::Body => "BODY",
+            Keyword::SmtpUtf8 => "SMTPUTF8",
+            Keyword::RequireTls => "REQUIRETLS",
+            Keyword::Ret => "RET",
+            Keyword::EnvId => "ENVID",
+            Keyword::Auth => "AUTH",
+            Keyword::Notify => "NOTIFY",
+            Keyword::Orcpt => "ORCPT",
         }
+    }
+
+    /// The value as policy sees it, or the refusal.
+    fn parse_value(self, value: Option<&str>) -> Result<Option<Cow<'static, str>>, ParseError> {
+        match self {
+            Keyword::Size => parse_size(value).map(|digits| Some(Cow::Owned(digits.to_owned()))),
+            Keyword::Body => parse_body(value).map(|body| Some(Cow::Borrowed(body))),
+            Keyword::SmtpUtf8 | Keyword::RequireTls => match value {
+                None => Ok(None),
+                Some(_) => Err(ParseError::syntax(format!("syntax: {} takes no value", self.name()))),
+            },
+            Keyword::Ret => match value {
+                Some(ret) if ret.eq_ignore_ascii_case("FULL") => Ok(Some(Cow::Borrowed("FULL"))),
+                Some(ret) if ret.eq_ignore_ascii_case("HDRS") => Ok(Some(Cow::Borrowed("HDRS"))),
+                _ => Err(ParseError::syntax("syntax: RET=FULL or RET=HDRS")),
+            },
+            Keyword::EnvId => value
+                .filter(|envid| envid.len() <= MAX_ENVID_LEN)
+                .and_then(xtext)
+                .map(|envid| Some(Cow::Owned(envid)))
+                .ok_or_else(|| ParseError::syntax("syntax: ENVID=<xtext of at most 100 characters>")),
+            Keyword::Auth => value
+                .and_then(xtext)
+                .map(|mailbox| Some(Cow::Owned(mailbox)))
+                .ok_or_else(|| ParseError::syntax("syntax: AUTH=<mailbox or <> in xtext>")),
+            Keyword::Notify => value
+                .and_then(parse_notify)
+                .map(|notify| Some(Cow::Owned(notify)))
+                .ok_or_else(|| ParseError::syntax("syntax: NOTIFY=NEVER or a list of SUCCESS, FAILURE, DELAY")),
+            Keyword::Orcpt => value
+                .and_then(parse_orcpt)
+                .map(|orcpt| Some(Cow::Owned(orcpt)))
+                .ok_or_else(|| ParseError::syntax("syntax: ORCPT=addr-type;xtext (at most 500 characters)")),
+        }
+    }
+}
+
+/// Every parameter in `text`, each once; unknown ones (not in `known`) get `555`.
+fn parse_parameters(text: &str, command: &'static str, known: &[Keyword]) -> Result<EsmtpParams, ParseError> {
+    let mut params = EsmtpParams::default();
+    for word in words(text) {
+        let (given, value) = split_parameter(word, command)?;
+        let keyword = known
+            .iter()
+            .copied()
+            .find(|keyword| keyword.name().eq_ignore_ascii_case(given))
+            .ok_or_else(|| ParseError::unsupported_parameter(command, given))?;
+        if params.contains(keyword.name()) {
+            return Err(ParseError::syntax(format!("duplicate {command} parameter {given}")));
+        }
+        let value = keyword.parse_value(value)?;
+        params.0.push((keyword.name(), value));
     }
     Ok(params)
 }
 
-/// No RCPT parameter is supported; the first one is reported.
-fn reject_rcpt_params(text: &str) -> Result<(), ParseError> {
-    match words(text).next() {
-        Some(word) => {
-            let (keyword, _) = split_parameter(word, "RCPT")?;
-            Err(ParseError::unsupported_parameter("RCPT", keyword))
-        }
-        None => Ok(()),
+/// Non-empty RFC 3461 xtext, decoded to UTF-8 text without control characters
+/// (they would reach logs and headers).
+fn xtext(text: &str) -> Option<String> {
+    if text.is_empty() {
+        return None;
     }
+    let decoded = crate::xclient::decode_xtext(text).ok()?;
+    (!decoded.chars().any(char::is_control)).then_some(decoded)
+}
+
+/// `NEVER` alone, or SUCCESS, FAILURE and DELAY, each at most once, comma-separated.
+fn parse_notify(value: &str) -> Option<String> {
+    let notify = value.to_ascii_uppercase();
+    if notify == "NEVER" {
+        return Some(notify);
+    }
+    let mut seen = Vec::with_capacity(3);
+    for item in notify.split(',') {
+        if !matches!(item, "SUCCESS" | "FAILURE" | "DELAY") || seen.contains(&item) {
+            return None;
+        }
+        seen.push(item);
+    }
+    Some(notify)
+}
+
+/// `addr-type;xtext`, returned as `addr-type;decoded`.
+fn parse_orcpt(value: &str) -> Option<String> {
+    if value.len() > MAX_ORCPT_LEN {
+        return None;
+    }
+    let (addr_type, address) = value.split_once(';')?;
+    let is_atom = !addr_type.is_empty() && addr_type.bytes().all(|byte| byte.is_ascii() && is_atext(byte));
+    if !is_atom {
+        return None;
+    }
+    Some(format!("{addr_type};{}", xtext(address)?))
 }
 
 /// Splits `KEYWORD[=value]`. The keyword is validated because it is echoed in replies.
@@ -532,30 +703,24 @@ fn is_esmtp_keyword(keyword: &str) -> bool {
         && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
 }
 
-fn set_once<T>(slot: &mut Option<T>, value: T, keyword: &str) -> Result<(), ParseError> {
-    if slot.is_some() {
-        return Err(duplicate_parameter(keyword));
-    }
-    *slot = Some(value);
-    Ok(())
-}
-
-fn duplicate_parameter(keyword: &str) -> ParseError {
-    ParseError::syntax(format!("duplicate MAIL parameter {keyword}"))
-}
-
-fn parse_size(value: Option<&str>) -> Result<u64, ParseError> {
+/// The digits of a `SIZE=` value that fits a u64.
+fn parse_size(value: Option<&str>) -> Result<&str, ParseError> {
     // The digit check matters: `u64::from_str` would also accept a leading `+`.
     value
-        .filter(|digits| digits.bytes().all(|byte| byte.is_ascii_digit()))
-        .and_then(|digits| digits.parse().ok())
+        .filter(|digits| !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit()))
+        .filter(|digits| digits.parse::<u64>().is_ok())
         .ok_or_else(|| ParseError::syntax("syntax: SIZE=<number>"))
 }
 
-fn parse_body(value: Option<&str>) -> Result<Body, ParseError> {
+/// `7BIT` or `8BITMIME`. `BINARYMIME` (RFC 3030) needs CHUNKING, which is not
+/// offered: a known value this server does not implement, so `555`.
+fn parse_body(value: Option<&str>) -> Result<&'static str, ParseError> {
     match value {
-        Some(value) if value.eq_ignore_ascii_case("7BIT") => Ok(Body::SevenBit),
-        Some(value) if value.eq_ignore_ascii_case("8BITMIME") => Ok(Body::EightBitMime),
+        Some(value) if value.eq_ignore_ascii_case("7BIT") => Ok("7BIT"),
+        Some(value) if value.eq_ignore_ascii_case("8BITMIME") => Ok("8BITMIME"),
+        Some(value) if value.eq_ignore_ascii_case("BINARYMIME") => {
+            Err(ParseError::new(555, "5.5.4", "BODY=BINARYMIME needs CHUNKING, which is not offered"))
+        }
         _ => Err(ParseError::syntax("syntax: BODY=7BIT or BODY=8BITMIME")),
     }
 }
@@ -581,7 +746,24 @@ mod tests {
     }
 
     fn mailbox(local_part: &str, domain: &str) -> Mailbox {
-        Mailbox { local_part: local_part.into(), domain: domain.into() }
+        Mailbox::new(local_part, domain)
+    }
+
+    /// The parameters as policy sees them.
+    fn listed(params: &EsmtpParams) -> Vec<(&'static str, Option<String>)> {
+        params.iter().map(|(keyword, value)| (keyword, value.map(str::to_owned))).collect()
+    }
+
+    fn mail_params_of(line: &str) -> Vec<(&'static str, Option<String>)> {
+        listed(&params(line).all)
+    }
+
+    fn rcpt_params_of(line: &str) -> Vec<(&'static str, Option<String>)> {
+        listed(&recipient(line).params)
+    }
+
+    fn some(value: &str) -> Option<String> {
+        Some(value.to_owned())
     }
 
     fn mail_from(line: &str) -> (ReversePath, MailParams) {
@@ -779,7 +961,8 @@ mod tests {
     fn mail_from_with_size_and_body() {
         let (reverse_path, params) = mail_from("MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME");
         assert_eq!(reverse_path, ReversePath::Mailbox(mailbox("a", "b.example")));
-        assert_eq!(params, MailParams { size: Some(1000), body: Some(Body::EightBitMime), smtputf8: false });
+        assert_eq!((params.size, params.body, params.smtputf8), (Some(1000), Some(Body::EightBitMime), false));
+        assert_eq!(listed(&params.all), [("SIZE", some("1000")), ("BODY", some("8BITMIME"))]);
     }
 
     #[test]
@@ -832,10 +1015,9 @@ mod tests {
 
     #[test]
     fn mail_params_are_case_insensitive_and_tolerate_extra_spaces() {
-        assert_eq!(
-            params("MAIL FROM:<a@b.example>   size=42  body=7bit\tsmtputf8"),
-            MailParams { size: Some(42), body: Some(Body::SevenBit), smtputf8: true }
-        );
+        let given = params("MAIL FROM:<a@b.example>   size=42  body=7bit\tsmtputf8");
+        assert_eq!((given.size, given.body, given.smtputf8), (Some(42), Some(Body::SevenBit), true));
+        assert_eq!(listed(&given.all), [("SIZE", some("42")), ("BODY", some("7BIT")), ("SMTPUTF8", None)]);
         assert_eq!(params("MAIL FROM:<a@b.example> Body=8bitMime").body, Some(Body::EightBitMime));
     }
 
@@ -850,9 +1032,14 @@ mod tests {
 
     #[test]
     fn body_must_be_7bit_or_8bitmime() {
-        for value in ["BODY", "BODY=", "BODY=BINARYMIME", "BODY=8BIT"] {
+        for value in ["BODY", "BODY=", "BODY=8BIT", "BODY=BINARY"] {
             assert_eq!(codes(&format!("MAIL FROM:<a@b.example> {value}")), SYNTAX, "{value}");
         }
+        // Known, but it needs CHUNKING, which is not offered.
+        assert_eq!(
+            reply_to(b"MAIL FROM:<a@b.example> BODY=binarymime"),
+            (555, "5.5.4", "BODY=BINARYMIME needs CHUNKING, which is not offered".into())
+        );
     }
 
     #[test]
@@ -873,9 +1060,13 @@ mod tests {
     #[test]
     fn unknown_mail_params_are_unsupported() {
         assert_eq!(reply_to(b"MAIL FROM:<a@b.example> FOO=1"), (555, "5.5.4", "unsupported MAIL parameter FOO".into()));
-        assert_eq!(text(reply_to(b"MAIL FROM:<a@b.example> RET=FULL")), "unsupported MAIL parameter RET");
-        assert_eq!(text(reply_to(b"MAIL FROM:<a@b.example> SIZE=1 AUTH=<>")), "unsupported MAIL parameter AUTH");
+        assert_eq!(text(reply_to(b"MAIL FROM:<a@b.example> NOTIFY=NEVER")), "unsupported MAIL parameter NOTIFY");
+        assert_eq!(
+            text(reply_to(b"MAIL FROM:<a@b.example> SIZE=1 orcpt=rfc822;a")),
+            "unsupported MAIL parameter orcpt"
+        );
         assert_eq!(codes("MAIL FROM:<> X-CUSTOM"), UNSUPPORTED);
+        assert_eq!(codes("MAIL FROM:<> MT-PRIORITY=3"), UNSUPPORTED);
     }
 
     #[test]
@@ -923,9 +1114,149 @@ mod tests {
     }
 
     #[test]
-    fn rcpt_params_are_unsupported() {
-        assert_eq!(reply_to(b"RCPT TO:<a@b> NOTIFY=NEVER"), (555, "5.5.4", "unsupported RCPT parameter NOTIFY".into()));
-        assert_eq!(codes("RCPT TO:<postmaster> ORCPT=rfc822;a@b"), UNSUPPORTED);
+    fn unknown_rcpt_params_are_unsupported() {
+        assert_eq!(reply_to(b"RCPT TO:<a@b> SIZE=1"), (555, "5.5.4", "unsupported RCPT parameter SIZE".into()));
+        assert_eq!(codes("RCPT TO:<postmaster> RET=FULL"), UNSUPPORTED);
+        assert_eq!(codes("RCPT TO:<a@b> NOTIFY=NEVER X-FOO"), UNSUPPORTED);
+    }
+
+    #[test]
+    fn a_command_without_parameters_has_an_empty_list() {
+        assert!(params("MAIL FROM:<a@b.example>").all.is_empty());
+        assert!(recipient("RCPT TO:<a@b.example>").params.is_empty());
+        assert_eq!(params("MAIL FROM:<a@b.example>").all.0.capacity(), 0, "nothing allocated");
+    }
+
+    #[test]
+    fn dsn_parameters_of_mail() {
+        assert_eq!(
+            mail_params_of("MAIL FROM:<a@b.example> ret=hdrs ENVID=QQ314159+2B+3D"),
+            [("RET", some("HDRS")), ("ENVID", some("QQ314159+="))]
+        );
+        assert_eq!(mail_params_of("MAIL FROM:<> RET=Full"), [("RET", some("FULL"))]);
+        for value in ["RET", "RET=", "RET=ALL", "RET=FULL,HDRS"] {
+            assert_eq!(codes(&format!("MAIL FROM:<a@b.example> {value}")), SYNTAX, "{value}");
+        }
+    }
+
+    #[test]
+    fn envid_is_xtext_of_at_most_100_characters() {
+        let longest = "e".repeat(100);
+        assert_eq!(mail_params_of(&format!("MAIL FROM:<> ENVID={longest}")), [("ENVID", some(&longest))]);
+        let too_long = "e".repeat(101);
+        // Escapes decode to fewer characters, but the limit is on the value as sent.
+        let escaped = "+41".repeat(34);
+        for value in ["ENVID", "ENVID=", "ENVID=a+2", "ENVID=a+2b", "ENVID=a+ZZ", "ENVID=+0D+0A", "ENVID=+FF"] {
+            assert_eq!(codes(&format!("MAIL FROM:<> {value}")), SYNTAX, "{value}");
+        }
+        assert_eq!(codes(&format!("MAIL FROM:<> ENVID={too_long}")), SYNTAX);
+        assert_eq!(codes(&format!("MAIL FROM:<> ENVID={escaped}")), SYNTAX);
+        assert_eq!(mail_params_of("MAIL FROM:<> ENVID=+C3+A9"), [("ENVID", some("é"))]);
+    }
+
+    #[test]
+    fn auth_of_mail_is_an_xtext_mailbox_or_null() {
+        assert_eq!(mail_params_of("MAIL FROM:<a@b.example> AUTH=<>"), [("AUTH", some("<>"))]);
+        assert_eq!(mail_params_of("MAIL FROM:<a@b.example> AUTH=e+2Bf@b.example"), [("AUTH", some("e+f@b.example"))]);
+        for value in ["AUTH", "AUTH=", "AUTH=a+b"] {
+            assert_eq!(codes(&format!("MAIL FROM:<a@b.example> {value}")), SYNTAX, "{value}");
+        }
+    }
+
+    #[test]
+    fn requiretls_takes_no_value() {
+        let given = params("MAIL FROM:<a@b.example> RequireTLS");
+        assert!(given.requiretls);
+        assert_eq!(listed(&given.all), [("REQUIRETLS", None)]);
+        assert!(!params("MAIL FROM:<a@b.example> SMTPUTF8").requiretls);
+        assert_eq!(codes("MAIL FROM:<a@b.example> REQUIRETLS=yes"), SYNTAX);
+        assert_eq!(codes("MAIL FROM:<a@b.example> REQUIRETLS REQUIRETLS"), SYNTAX);
+    }
+
+    #[test]
+    fn notify_is_never_alone_or_a_list() {
+        assert_eq!(rcpt_params_of("RCPT TO:<a@b> NOTIFY=never"), [("NOTIFY", some("NEVER"))]);
+        assert_eq!(
+            rcpt_params_of("RCPT TO:<a@b> NOTIFY=success,Failure,DELAY"),
+            [("NOTIFY", some("SUCCESS,FAILURE,DELAY"))]
+        );
+        assert_eq!(rcpt_params_of("RCPT TO:<a@b> NOTIFY=DELAY"), [("NOTIFY", some("DELAY"))]);
+        for value in [
+            "NOTIFY",
+            "NOTIFY=",
+            "NOTIFY=NEVER,SUCCESS",
+            "NOTIFY=SUCCESS,NEVER",
+            "NOTIFY=SUCCESS,,DELAY",
+            "NOTIFY=SUCCESS,",
+            "NOTIFY=SUCCESS,SUCCESS",
+            "NOTIFY=ALWAYS",
+        ] {
+            assert_eq!(codes(&format!("RCPT TO:<a@b> {value}")), SYNTAX, "{value}");
+        }
+    }
+
+    #[test]
+    fn orcpt_is_an_address_type_and_xtext() {
+        assert_eq!(
+            rcpt_params_of("RCPT TO:<a@b> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;u+2Bx@example.com"),
+            [("NOTIFY", some("SUCCESS,FAILURE")), ("ORCPT", some("rfc822;u+x@example.com"))]
+        );
+        assert_eq!(rcpt_params_of("RCPT TO:<postmaster> ORCPT=utf-8;j+C3+B6rg@b"), [("ORCPT", some("utf-8;jörg@b"))]);
+        let longest = format!("rfc822;{}", "o".repeat(493));
+        assert_eq!(rcpt_params_of(&format!("RCPT TO:<a@b> ORCPT={longest}")), [("ORCPT", some(&longest))]);
+        for value in [
+            "ORCPT",
+            "ORCPT=",
+            "ORCPT=rfc822",
+            "ORCPT=;a@b",
+            "ORCPT=rfc822;",
+            "ORCPT=rfc 822;a@b",
+            "ORCPT=rfc(822);a@b",
+            "ORCPT=rfc822;a+b",
+            "ORCPT=rfc822;+0A",
+        ] {
+            assert_eq!(codes(&format!("RCPT TO:<a@b> {value}")), SYNTAX, "{value}");
+        }
+        assert_eq!(codes(&format!("RCPT TO:<a@b> ORCPT={longest}o")), SYNTAX);
+    }
+
+    #[test]
+    fn rcpt_params_may_not_repeat() {
+        assert_eq!(
+            reply_to(b"RCPT TO:<a@b> NOTIFY=NEVER notify=NEVER"),
+            (501, "5.5.4", "duplicate RCPT parameter notify".into())
+        );
+        assert_eq!(codes("RCPT TO:<a@b> ORCPT=rfc822;a ORCPT=rfc822;a"), SYNTAX);
+    }
+
+    #[test]
+    fn every_mail_parameter_at_once() {
+        let given = params(
+            "MAIL FROM:<a@b.example> SIZE=10 BODY=8BITMIME SMTPUTF8 REQUIRETLS RET=FULL ENVID=x AUTH=a@b.example",
+        );
+        assert_eq!(
+            listed(&given.all),
+            [
+                ("SIZE", some("10")),
+                ("BODY", some("8BITMIME")),
+                ("SMTPUTF8", None),
+                ("REQUIRETLS", None),
+                ("RET", some("FULL")),
+                ("ENVID", some("x")),
+                ("AUTH", some("a@b.example")),
+            ]
+        );
+        assert!(given.smtputf8 && given.requiretls);
+        assert_eq!(given.all.get("ENVID"), Some(Some("x")));
+        assert_eq!(given.all.get("SMTPUTF8"), Some(None));
+        assert_eq!(given.all.get("NOTIFY"), None);
+    }
+
+    #[test]
+    fn expn_etrn_and_turn_are_not_implemented() {
+        for line in ["EXPN staff", "etrn example.com", "TURN", "EXPN"] {
+            assert_eq!(reply_to(line.as_bytes()), (502, "5.5.1", "command not implemented".into()), "{line}");
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! SASL PLAIN (RFC 4616) as carried by SMTP AUTH (RFC 4954). Pure logic.
+//! SASL PLAIN (RFC 4616) and LOGIN (draft-murchison-sasl-login) as carried
+//! by SMTP AUTH (RFC 4954). Pure logic.
 
 use crate::reply::Reply;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -19,6 +20,8 @@ pub enum PlainError {
     BadBase64,
     /// Not `authz NUL authc NUL password` in UTF-8 with a non-empty authc.
     Malformed,
+    /// A LOGIN user name or password that is not UTF-8 without NUL, or an empty user name.
+    MalformedLogin,
 }
 
 impl PlainError {
@@ -27,6 +30,7 @@ impl PlainError {
             PlainError::Cancelled => Reply::new(501, "5.0.0", "authentication cancelled"),
             PlainError::BadBase64 => Reply::new(501, "5.5.2", "cannot decode the base64 response"),
             PlainError::Malformed => Reply::new(501, "5.5.2", "malformed PLAIN response"),
+            PlainError::MalformedLogin => Reply::new(501, "5.5.2", "malformed LOGIN response"),
         }
     }
 }
@@ -52,6 +56,44 @@ pub fn decode_plain(response: &str) -> Result<PlainCredentials, PlainError> {
         return Err(PlainError::Malformed);
     }
     Ok(PlainCredentials { authz: authz.into(), authc: authc.into(), password: password.into() })
+}
+
+/// The `334` challenge of AUTH LOGIN for the user name: base64 of `Username:`.
+pub const LOGIN_USERNAME_PROMPT: &str = "VXNlcm5hbWU6";
+/// The `334` challenge of AUTH LOGIN for the password: base64 of `Password:`.
+pub const LOGIN_PASSWORD_PROMPT: &str = "UGFzc3dvcmQ6";
+
+/// Decode the user name of AUTH LOGIN (given after `AUTH LOGIN` or after the
+/// first `334`): base64 of non-empty UTF-8 text without NUL.
+pub fn decode_login_username(response: &str) -> Result<String, PlainError> {
+    let username = decode_login_field(response)?;
+    if username.is_empty() {
+        return Err(PlainError::MalformedLogin);
+    }
+    Ok(username)
+}
+
+/// Decode the password of AUTH LOGIN: base64 of UTF-8 text without NUL
+/// (empty allowed, as PLAIN allows it).
+pub fn decode_login_password(response: &str) -> Result<String, PlainError> {
+    decode_login_field(response)
+}
+
+fn decode_login_field(response: &str) -> Result<String, PlainError> {
+    let response = response.trim_end();
+    if response == "*" {
+        return Err(PlainError::Cancelled);
+    }
+    let decoded = match response {
+        // An empty line, or RFC 4954's `=` for an empty initial response.
+        "" | "=" => Vec::new(),
+        encoded => BASE64.decode(encoded).map_err(|_| PlainError::BadBase64)?,
+    };
+    let text = String::from_utf8(decoded).map_err(|_| PlainError::MalformedLogin)?;
+    if text.contains('\0') {
+        return Err(PlainError::MalformedLogin);
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -81,5 +123,31 @@ mod tests {
         assert_eq!(decode_plain(&encoded(b"a\0b\0c\0d")), Err(PlainError::Malformed));
         assert_eq!(decode_plain(&encoded(b"a\0\0secret")), Err(PlainError::Malformed));
         assert_eq!(decode_plain(&encoded(b"\0\xff\0x")), Err(PlainError::Malformed));
+    }
+
+    #[test]
+    fn login_decodes_each_field() {
+        assert_eq!(decode_login_username(&encoded(b"user")), Ok("user".into()));
+        assert_eq!(decode_login_username(&format!("{} \r\n", encoded("jörg".as_bytes()))), Ok("jörg".into()));
+        assert_eq!(decode_login_password(&encoded(b"s3cret")), Ok("s3cret".into()));
+        assert_eq!(decode_login_password(""), Ok(String::new()));
+        assert_eq!(decode_login_password("="), Ok(String::new()));
+        assert_eq!(BASE64.decode(LOGIN_USERNAME_PROMPT).unwrap(), b"Username:");
+        assert_eq!(BASE64.decode(LOGIN_PASSWORD_PROMPT).unwrap(), b"Password:");
+    }
+
+    #[test]
+    fn login_refusals() {
+        for decode in [decode_login_username, decode_login_password] {
+            assert_eq!(decode("*"), Err(PlainError::Cancelled));
+            assert_eq!(decode("* "), Err(PlainError::Cancelled));
+            assert_eq!(decode("not base64!"), Err(PlainError::BadBase64));
+            assert_eq!(decode(&encoded(b"a\0b")), Err(PlainError::MalformedLogin));
+            assert_eq!(decode(&encoded(b"\xff")), Err(PlainError::MalformedLogin));
+        }
+        assert_eq!(decode_login_username("="), Err(PlainError::MalformedLogin));
+        assert_eq!(decode_login_username(""), Err(PlainError::MalformedLogin));
+        assert_eq!(PlainError::MalformedLogin.reply().code, 501);
+        assert_eq!(PlainError::Cancelled.reply(), Reply::new(501, "5.0.0", "authentication cancelled"));
     }
 }

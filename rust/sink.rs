@@ -125,7 +125,7 @@ impl Maildir {
         let mut staged = Vec::with_capacity(messages.len());
         for (message, name) in messages.iter().zip(&names) {
             let path = self.root.join("tmp").join(name);
-            let written = write_durably(&path, &message.data);
+            let written = write_durably(&path, message);
             staged.push(path);
             if let Err(err) = written {
                 remove_all(&staged);
@@ -161,9 +161,25 @@ impl Maildir {
     }
 }
 
-fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
+/// The envelope, as Postfix's local delivery writes it at the top of a
+/// mailbox file: `Return-Path: <sender>` (`<>` for the null sender), then a
+/// `Delivered-To:` for each recipient of this file; then the message's own
+/// trace headers.
+fn envelope_and_head(message: &Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + 48 * message.recipients.len() + message.head.len());
+    // Display writes no CR or LF: the parser refuses control characters.
+    let _ = write!(out, "Return-Path: <{}>\r\n", message.sender);
+    for recipient in &message.recipients {
+        let _ = write!(out, "Delivered-To: {recipient}\r\n");
+    }
+    out.extend_from_slice(&message.head);
+    out
+}
+
+fn write_durably(path: &Path, message: &Message) -> io::Result<()> {
     let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
-    file.write_all(data)?;
+    file.write_all(&envelope_and_head(message))?;
+    file.write_all(&message.data)?;
     // The data and what reading it needs (its size); the name comes with
     // the sync of `new/` after the rename.
     file.sync_data()
@@ -183,7 +199,7 @@ mod tests {
     use bytes::Bytes;
 
     fn message(body: &'static [u8]) -> Arc<Message> {
-        let who = Mailbox { local_part: "a".into(), domain: "b.example".into() };
+        let who = Mailbox::new("a", "b.example");
         Message::new(crate::message::new_message_id(), who.clone(), vec![who], Bytes::from_static(body))
     }
 
@@ -204,7 +220,11 @@ mod tests {
         maildir.deliver(&[message(b"one\r\n"), message(b"two\r\n")]).unwrap();
         let mut bodies: Vec<Vec<u8>> = entries(&root.join("new")).iter().map(|p| fs::read(p).unwrap()).collect();
         bodies.sort();
-        assert_eq!(bodies, vec![b"one\r\n".to_vec(), b"two\r\n".to_vec()]);
+        let envelope = b"Return-Path: <a@b.example>\r\nDelivered-To: a@b.example\r\n";
+        assert_eq!(
+            bodies,
+            vec![[envelope, b"one\r\n".as_slice()].concat(), [envelope, b"two\r\n".as_slice()].concat()]
+        );
         assert!(entries(&root.join("tmp")).is_empty());
         fs::remove_dir_all(root).unwrap();
     }
@@ -244,6 +264,23 @@ mod tests {
         fs::remove_dir_all(root.join("new")).unwrap();
         assert!(maildir.deliver(&[message(b"one\r\n")]).is_err());
         assert!(entries(&root.join("tmp")).is_empty());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn the_envelope_goes_first_one_delivered_to_per_recipient() {
+        let root = scratch_dir("envelope");
+        let maildir = Maildir::open(&root).unwrap();
+        let recipients = vec![Mailbox::new("x", "d.example"), Mailbox::new("y", "d.example")];
+        let head = Bytes::from_static(b"Received: by test\r\n");
+        let message =
+            Message::with_head("id".into(), Mailbox::default(), recipients, head, Bytes::from_static(b"\r\nhi\r\n"));
+        maildir.deliver(&[message]).unwrap();
+        let stored = fs::read(&entries(&root.join("new"))[0]).unwrap();
+        assert_eq!(
+            stored,
+            b"Return-Path: <>\r\nDelivered-To: x@d.example\r\nDelivered-To: y@d.example\r\nReceived: by test\r\n\r\nhi\r\n"
+        );
         fs::remove_dir_all(root).unwrap();
     }
 }

@@ -150,6 +150,17 @@ def delivered(maildir: Path) -> list[bytes]:
     return [path.read_bytes() for path in sorted((maildir / "new").iterdir())]
 
 
+ENVELOPE = re.compile(rb"\AReturn-Path: <[^\r\n]*>\r\n(?:Delivered-To: [^\r\n]+\r\n)+")
+
+
+def without_envelope(stored: bytes) -> bytes:
+    """A stored file without the ``Return-Path:`` and ``Delivered-To:`` lines
+    the Maildir sink writes first (it fails the test when they are missing)."""
+    found = ENVELOPE.match(stored)
+    assert found, f"no envelope at the top of {stored[:200]!r}"
+    return stored[found.end() :]
+
+
 @pytest.fixture
 def kumo_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.INFO, logger="kumo_listener")

@@ -75,8 +75,14 @@ def test_serve_with_a_policy_file(serve, tmp_path: Path):
     )
     served = serve("--policy", str(policy), "--sink", "discard")
     port = served.address[1]
-    assert RawClient(("127.0.0.2", port)).reply() == (220, ["mx.customer.example kumo_listener"])
-    assert RawClient(("127.0.0.3", port)).reply() == (220, ["mx.default.example kumo_listener"])
+    assert RawClient(("127.0.0.2", port)).reply() == (
+        220,
+        ["mx.customer.example ESMTP kumo_listener"],
+    )
+    assert RawClient(("127.0.0.3", port)).reply() == (
+        220,
+        ["mx.default.example ESMTP kumo_listener"],
+    )
     assert served.stop() == 0
 
 

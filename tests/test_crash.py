@@ -135,7 +135,8 @@ def check_maildir(maildir: Path, load: Load) -> tuple[int, int]:
         assert stored.endswith(f"END-{ident}\r\n".encode()), f"{path.name}: truncated"
         assert stored.endswith(original), f"{path.name}: differs from what was sent"
         trace = stored[: -len(original)]
-        assert trace.startswith(b"Received: ") and b"\r\n\r\n" not in trace, trace
+        envelope = rb"Return-Path: <[^\r\n]*>\r\nDelivered-To: [^\r\n]+\r\nReceived: "
+        assert re.match(envelope, trace) and b"\r\n\r\n" not in trace, trace
         assert len(stored) == len(trace) + len(original)
         found[ident] += 1
     duplicates = [ident for ident, count in found.items() if count > 1]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import delivered
+from conftest import delivered, without_envelope
 
 
 def send(client: smtplib.SMTP, recipients: list[str], subject: str = "test") -> dict:
@@ -52,6 +52,8 @@ def test_swaks_end_to_end(listen, maildir):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     [stored] = delivered(maildir)
+    assert stored.startswith(b"Return-Path: <sender@b.example>\r\nDelivered-To: rcpt@d.example\r\n")
+    stored = without_envelope(stored)
     assert stored.startswith(b"Received: from swaks.example ([127.0.0.1])\r\n\tby mx.test.example")
     assert b"\r\n\tfor <rcpt@d.example>;" in stored
     assert b"Subject: via swaks\r\n" in stored and b"sent by swaks" in stored
@@ -65,11 +67,14 @@ def test_received_header_then_the_data_as_sent(listen, raw, maildir):
     client.command("RCPT TO:<c@d.example>")
     client.command("DATA")
     code, lines = client.command(b"Subject: s\r\n\r\n..one\r\ntwo\r\n.\r\n")
-    assert code == 250 and lines[0].startswith("2.0.0 OK id=")
+    assert code == 250 and lines[0].startswith("2.0.0 OK ids=")
+    [id] = lines[0].removeprefix("2.0.0 OK ids=").split(",")
     [stored] = delivered(maildir)
-    header, body = stored.split(b"Subject: s", 1)
+    [name] = (maildir / "new").iterdir()
+    assert f".{id}." in name.name, "the file name carries the id of the 250"
+    header, body = without_envelope(stored).split(b"Subject: s", 1)
     assert header.startswith(b"Received: from client.example ([127.0.0.1])\r\n")
-    assert b"by mx.test.example (kumo_listener) with ESMTP id " in header
+    assert f"by mx.test.example (kumo_listener) with ESMTP id {id}\r\n".encode() in header
     assert body == b"\r\n\r\n.one\r\ntwo\r\n"
 
 
@@ -100,6 +105,9 @@ def test_batch_handling_splits_the_transaction(policy, listen, smtp, maildir, ha
     assert seen["data"] == [["1@a.example", "2@a.example", "3@b.example"]]
     assert seen["received"] == groups
     assert len(delivered(maildir)) == len(groups)
+    for path in (maildir / "new").iterdir():
+        # File names are `seconds.ID.host`; each file's Received: header names its ID.
+        assert f" id {path.name.split('.')[1]}".encode() in path.read_bytes()
 
 
 def test_supplemental_trace_header(policy, listen, smtp, maildir):
@@ -115,7 +123,7 @@ def test_supplemental_trace_header(policy, listen, smtp, maildir):
     )
     send(client, ["r@d.example"])
     [stored] = delivered(maildir)
-    name, value = stored.split(b"\r\n", 1)[0].split(b": ", 1)
+    name, value = without_envelope(stored).split(b"\r\n", 1)[0].split(b": ", 1)
     assert name == b"X-KumoRef"
     assert json.loads(base64.b64decode(value)) == {
         "_@_": "\\_o< DUCK!",

@@ -27,7 +27,7 @@ def test_a_half_written_overrides_file_fails_each_connection_with_421(
         return kumo.serde.toml_load(overrides)
 
     address = listen()
-    assert greeting(address, raw) == (220, ["mx.good.example kumo_listener"])
+    assert greeting(address, raw) == (220, ["mx.good.example ESMTP kumo_listener"])
     overrides.write_text('hostname = "mx.new.exa')  # cut short
     code, lines = greeting(address, raw)
     assert code == 421 and lines[0].startswith("4.3.0 "), lines
@@ -37,7 +37,7 @@ def test_a_half_written_overrides_file_fails_each_connection_with_421(
     assert code == 421 and lines[0].startswith("4.3.0 "), lines
     assert "hostname: expected a string" in kumo_log.text
     overrides.write_text('hostname = "mx.new.example"\n')
-    assert greeting(address, raw) == (220, ["mx.new.example kumo_listener"])
+    assert greeting(address, raw) == (220, ["mx.new.example ESMTP kumo_listener"])
 
 
 def test_memoize_stale_on_error_keeps_the_last_good_overrides(
@@ -58,16 +58,16 @@ def test_memoize_stale_on_error_keeps_the_last_good_overrides(
         return load(overrides)
 
     address = listen()
-    assert greeting(address, raw) == (220, ["mx.good.example kumo_listener"])
+    assert greeting(address, raw) == (220, ["mx.good.example ESMTP kumo_listener"])
     for broken in ('hostname = "mx.new.exa', "hostname = 7\n"):
         overrides.write_text(broken)
         time.sleep(0.1)
-        assert greeting(address, raw) == (220, ["mx.good.example kumo_listener"])
+        assert greeting(address, raw) == (220, ["mx.good.example ESMTP kumo_listener"])
     assert "memoize 'listener_params': keeping the last good result" in kumo_log.text
     assert "hostname: expected a string" in kumo_log.text
     overrides.write_text('hostname = "mx.new.example"\n')
     time.sleep(0.1)
-    assert greeting(address, raw) == (220, ["mx.new.example kumo_listener"])
+    assert greeting(address, raw) == (220, ["mx.new.example ESMTP kumo_listener"])
 
 
 def test_memoize_stale_on_error(caplog: pytest.LogCaptureFixture):

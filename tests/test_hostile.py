@@ -15,7 +15,7 @@ from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import RawClient, delivered
+from conftest import RawClient, delivered, without_envelope
 
 HOSTNAME = "mx.test.example"
 MIB = 1024 * 1024
@@ -47,7 +47,9 @@ def start_transaction(client: RawClient) -> None:
 
 
 def stored(maildir: Path) -> list[bytes]:
-    return delivered(maildir) if (maildir / "new").is_dir() else []
+    if not (maildir / "new").is_dir():
+        return []
+    return [without_envelope(message) for message in delivered(maildir)]
 
 
 def status_kib(field: str) -> int:
@@ -625,7 +627,7 @@ def proxied(policy, listen):
 
 
 def assert_proxied_session(client: RawClient, seen) -> None:
-    assert client.reply() == (220, ["proxied-peer.example via two"])
+    assert client.reply() == (220, ["proxied-peer.example ESMTP via two"])
     [accepted] = seen["accepted"]
     assert accepted["received_from"] == "192.0.2.7:40000"
     assert accepted["received_via"] == "127.0.0.2:25"
@@ -656,7 +658,7 @@ def test_proxy_v2_header_and_ehlo_in_one_segment(proxied, raw):
     address, _ = proxied()
     client = raw(address, source="127.0.0.1")
     client.send(PROXY_V2 + b"EHLO x\r\n")
-    assert client.reply() == (220, ["proxied-peer.example via two"])
+    assert client.reply() == (220, ["proxied-peer.example ESMTP via two"])
     code, lines = client.reply()
     assert code == 250 and lines[0] == "proxied-peer.example Hello x"
 
@@ -665,7 +667,7 @@ def test_proxy_v2_local_keeps_the_socket_addresses(proxied, raw):
     address, seen = proxied()
     client = raw(address, source="127.0.0.1")
     client.send(V2_SIGNATURE + struct.pack("!BBH", 0x20, 0x00, 0))
-    assert client.reply() == (220, [f"{HOSTNAME} kumo_listener"])
+    assert client.reply() == (220, [f"{HOSTNAME} ESMTP kumo_listener"])
     here = client.sock.getsockname()
     [accepted] = seen["accepted"]
     assert accepted["received_from"] == f"127.0.0.1:{here[1]}"
@@ -747,7 +749,7 @@ def test_xclient_starts_the_session_over_as_the_new_client(xclient, raw):
     here = f"127.0.0.1:{client.sock.getsockname()[1]}"
     assert client.command("XCLIENT ADDR=192.0.2.9 PORT=4000") == (
         220,
-        ["xclient-peer.example kumo_listener"],
+        ["xclient-peer.example ESMTP kumo_listener"],
     )
     assert calls == [(here, None), ("192.0.2.9:4000", here)]
     assert client.command("MAIL FROM:<a@b.example>")[0] == 503
@@ -810,4 +812,4 @@ def test_xclient_destaddr_switches_the_via_block(xclient, raw):
     address, _ = xclient()
     client = raw(address, source="127.0.0.1")
     ehlo(client)
-    assert client.command("XCLIENT DESTADDR=127.0.0.3") == (220, [f"{HOSTNAME} via three"])
+    assert client.command("XCLIENT DESTADDR=127.0.0.3") == (220, [f"{HOSTNAME} ESMTP via three"])

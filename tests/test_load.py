@@ -177,7 +177,7 @@ def test_max_connections_refuses_the_one_too_many_then_admits_again(listen, raw)
     address = listen(max_connections=50)
     clients = [raw(address) for _ in range(50)]
     for client in clients:
-        assert client.reply() == (220, ["mx.test.example kumo_listener"])
+        assert client.reply() == (220, ["mx.test.example ESMTP kumo_listener"])
     refused = raw(address)
     busy = "4.3.2 mx.test.example too many concurrent sessions. Try later"
     assert refused.reply() == (421, [busy])

@@ -88,11 +88,14 @@ def test_serve_log_format_json(serve):
     records = [json.loads(line) for line in served.process.stderr.read().splitlines()]
     assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
     by_event = {record.get("event"): record for record in records}
-    stored = by_event["stored"]
-    assert stored["sender"] == "a@b.example"
-    assert stored["recipients"] == ["c@d.example", "e@f.example"]
-    assert stored["client"].startswith("127.0.0.1:") and stored["size"] > len(BODY)
-    assert stored["message"].startswith(f"stored: {stored['id']} from=<a@b.example>")
+    # One record per stored message: split per recipient, each under its own id.
+    stored = [record for record in records if record.get("event") == "stored"]
+    assert [record["recipients"] for record in stored] == [["c@d.example"], ["e@f.example"]]
+    assert len({record["id"] for record in stored}) == 2
+    for record in stored:
+        assert record["sender"] == "a@b.example"
+        assert record["client"].startswith("127.0.0.1:") and record["size"] > len(BODY)
+        assert record["message"].startswith(f"stored: {record['id']} from=<a@b.example>")
     reject = by_event["reject"]
     assert (reject["command"], reject["code"], reject["enhanced"]) == ("VRFY", 501, "5.5.4")
     disconnect = by_event["disconnect"]

@@ -84,8 +84,8 @@ def test_merge_precedence_and_meta_key_by_key(policy, listen, raw):
             "127.0.0.3": {"banner": "three"},
         },
     )
-    assert greeting(address, raw) == (220, ["wide-peer.example kumo_listener"])
-    assert greeting(address, raw, source="127.0.0.9") == (220, ["peer.example kumo_listener"])
+    assert greeting(address, raw) == (220, ["wide-peer.example ESMTP kumo_listener"])
+    assert greeting(address, raw, source="127.0.0.9") == (220, ["peer.example ESMTP kumo_listener"])
     assert seen["meta"] == {
         "a": "base",
         "b": "peer",
@@ -95,12 +95,12 @@ def test_merge_precedence_and_meta_key_by_key(policy, listen, raw):
     }
     assert greeting(address, raw, via="127.0.0.2", source="127.0.0.9") == (
         220,
-        ["via.example kumo_listener"],
+        ["via.example ESMTP kumo_listener"],
     )
     assert seen["meta"]["b"] == "peer" and seen["meta"]["c"] == "via"
     assert greeting(address, raw, via="127.0.0.3", source="127.0.0.9") == (
         220,
-        ["dynamic.example three"],
+        ["dynamic.example ESMTP three"],
     )
     assert seen["meta"] == {
         "a": "base",
@@ -124,9 +124,9 @@ def test_nested_blocks_apply_recursively(listen, raw):
             }
         },
     )
-    assert greeting(address, raw, via="127.0.0.2")[1] == ["via.example kumo_listener"]
+    assert greeting(address, raw, via="127.0.0.2")[1] == ["via.example ESMTP kumo_listener"]
     assert greeting(address, raw, via="127.0.0.2", source="127.0.0.9")[1] == [
-        "via-peer.example kumo_listener"
+        "via-peer.example ESMTP kumo_listener"
     ]
 
 
@@ -142,12 +142,14 @@ def test_seed_example_wildcard_listener_with_toml_overrides(policy, listen, raw,
         return kumo.serde.toml_load(overrides)
 
     address = listen(listen="0.0.0.0:0", hostname="default.example")
-    assert greeting(address, raw, via="127.0.0.2")[1] == ["mx.customer-one.example kumo_listener"]
-    assert greeting(address, raw, via="127.0.0.3")[1] == ["mx.customer-two.example hello two"]
-    assert greeting(address, raw, via="127.0.0.4")[1] == ["default.example kumo_listener"]
+    assert greeting(address, raw, via="127.0.0.2")[1] == [
+        "mx.customer-one.example ESMTP kumo_listener"
+    ]
+    assert greeting(address, raw, via="127.0.0.3")[1] == ["mx.customer-two.example ESMTP hello two"]
+    assert greeting(address, raw, via="127.0.0.4")[1] == ["default.example ESMTP kumo_listener"]
     overrides.write_text('[via."127.0.0.2"]\nhostname = "mx.renamed.example"\n')
-    assert greeting(address, raw, via="127.0.0.2")[1] == ["mx.renamed.example kumo_listener"]
-    assert greeting(address, raw, via="127.0.0.3")[1] == ["default.example kumo_listener"]
+    assert greeting(address, raw, via="127.0.0.2")[1] == ["mx.renamed.example ESMTP kumo_listener"]
+    assert greeting(address, raw, via="127.0.0.3")[1] == ["default.example ESMTP kumo_listener"]
 
 
 def test_bad_dynamic_result_fails_only_that_connection(policy, listen, raw, kumo_log):
@@ -160,7 +162,7 @@ def test_bad_dynamic_result_fails_only_that_connection(policy, listen, raw, kumo
     address = listen(relay_hosts=["127.0.0.0/8"])
     code, lines = greeting(address, raw, source="127.0.0.9")
     assert code == 421 and lines[0].startswith("4.3.0 ")
-    assert greeting(address, raw) == (220, ["fine.example kumo_listener"])
+    assert greeting(address, raw) == (220, ["fine.example ESMTP kumo_listener"])
     assert "via.'127.0.0.1'.max_connections: only allowed at the top level" in kumo_log.text
 
 
@@ -191,8 +193,8 @@ def test_listener_params_are_validated_once_and_reusable(policy, listen, raw):
         return validated
 
     address = listen(listen="0.0.0.0:0", hostname="default.example")
-    assert greeting(address, raw, via="127.0.0.2")[1] == ["mx.two.example validated"]
-    assert greeting(address, raw, via="127.0.0.3")[1] == ["default.example validated"]
+    assert greeting(address, raw, via="127.0.0.2")[1] == ["mx.two.example ESMTP validated"]
+    assert greeting(address, raw, via="127.0.0.3")[1] == ["default.example ESMTP validated"]
     assert len(calls) == 2
 
 
@@ -225,8 +227,8 @@ def test_dual_stack_listener_matches_ipv4_keys_for_mapped_clients(policy, listen
     )
     assert greeting(address, raw, via="127.0.0.2", source="127.0.0.9") == (
         220,
-        ["v4-peer.example via two"],
+        ["v4-peer.example ESMTP via two"],
     )
     assert seen["src"].startswith("127.0.0.9:")
     client = raw(("::1", address[1]))
-    assert client.reply() == (220, ["mx.test.example kumo_listener"])
+    assert client.reply() == (220, ["mx.test.example ESMTP kumo_listener"])

@@ -124,7 +124,7 @@ def test_init_runs_as_root_and_nothing_is_accepted_before_the_drop(shared_dir, n
             time.sleep(0.01)
         client = RawClient(("127.0.0.1", port))  # bound, init still awaiting as root
         # No connection_accepted handler: a session running now would greet at once.
-        assert client.reply() == (220, ["mx.test init-euid=0"])
+        assert client.reply() == (220, ["mx.test ESMTP init-euid=0"])
         assert done.exists(), "greeted before init returned"
         code, lines = client.command("EHLO client.example")
         assert code == 250 and f"X-EUID-{nobody.pw_uid}" in lines

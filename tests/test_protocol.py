@@ -7,6 +7,7 @@ import select
 import time
 
 import pytest
+from conftest import without_envelope
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 
@@ -25,7 +26,7 @@ def ehlo(client) -> list[str]:
 
 def test_greeting_and_ehlo_extensions(address, raw):
     client = raw(address)
-    assert client.reply() == (220, ["mx.test.example kumo_listener"])
+    assert client.reply() == (220, ["mx.test.example ESMTP kumo_listener"])
     code, lines = client.command("EHLO client.example")
     assert code == 250
     assert lines[0] == "mx.test.example Hello client.example"
@@ -35,6 +36,7 @@ def test_greeting_and_ehlo_extensions(address, raw):
         "8BITMIME",
         "SMTPUTF8",
         f"SIZE {20 * 1024 * 1024}",
+        "DSN",
         "STARTTLS",
     ]
 
@@ -85,6 +87,11 @@ def test_every_reply_after_ehlo_has_an_enhanced_code(address, raw):
         ("STARTTLS now", 501, "5.5.4"),
         ("AUTH PLAIN", 503, "5.5.1"),
         ("XCLIENT ADDR=1.2.3.4", 550, "5.7.0"),
+        ("EXPN staff", 502, "5.5.1"),
+        ("ETRN example.com", 502, "5.5.1"),
+        ("TURN", 502, "5.5.1"),
+        ("MAIL FROM:<a@b.example> BODY=BINARYMIME", 555, "5.5.4"),
+        ("MAIL FROM:<a@b.example> REQUIRETLS", 530, "5.7.10"),
     ],
 )
 def test_command_replies(address, raw, command, code, enhanced):
@@ -202,7 +209,8 @@ def test_empty_body_and_terminator_split_across_segments(listen, raw, maildir):
         client.send(bytes([byte]))
         time.sleep(0.005)
     assert client.reply()[0] == 250
-    assert sorted(p.read_bytes() for p in (maildir / "new").iterdir()) == [b"", b"line\r\n"]
+    stored = [without_envelope(p.read_bytes()) for p in (maildir / "new").iterdir()]
+    assert sorted(stored) == [b"", b"line\r\n"]
 
 
 def test_non_ascii_address_needs_smtputf8(address, raw):

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import select
+import shutil
 import smtplib
 import socket
 import ssl
@@ -635,7 +636,7 @@ def test_seed_toml_certificates_per_via_follow_edits(listen, raw, pki, toml_over
 
     toml_overrides.write_text(via_toml({"127.0.0.2": renamed, "127.0.0.3": two}))
     client = raw(("127.0.0.2", address[1]))
-    assert client.reply() == (220, ["mx.renamed.example kumo_listener"])
+    assert client.reply() == (220, ["mx.renamed.example ESMTP kumo_listener"])
     ehlo(client)
     upgrade(client, verified)
     assert peer_certificate(client) == renamed.cert
@@ -800,7 +801,7 @@ def test_bad_certificate_from_the_dynamic_hook_fails_only_starttls(
 
     address = listen(listen="0.0.0.0:0")
     client = raw(("127.0.0.2", address[1]))
-    assert client.reply() == (220, ["mx.test.example kumo_listener"])
+    assert client.reply() == (220, ["mx.test.example ESMTP kumo_listener"])
     ehlo(client)
     assert client.command("STARTTLS") == (454, ["4.7.0 TLS not available"])
     assert client.command("NOOP") == (250, ["2.0.0 OK"])
@@ -978,7 +979,7 @@ def test_openssl_s_client_implicit_tls(listen):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert b"220 mx.test.example kumo_listener" in banner
+    assert b"220 mx.test.example ESMTP kumo_listener" in banner
     assert b"221 " in banner + rest
 
 
@@ -987,7 +988,7 @@ def test_openssl_s_client_implicit_tls(listen):
 
 def test_implicit_tls_banner_comes_over_tls(listen, raw, mail_meta):
     client = implicit_tls_client(raw, listen(implicit_tls=True))
-    assert client.reply() == (220, ["mx.test.example kumo_listener"])
+    assert client.reply() == (220, ["mx.test.example ESMTP kumo_listener"])
     lines = ehlo(client)
     assert lines[0] == "mx.test.example Hello client.example"
     assert "STARTTLS" not in lines
@@ -1006,7 +1007,7 @@ def test_implicit_tls_uses_the_via_certificate(listen, raw, pki):
         via={"127.0.0.2": {"hostname": "mx.one.example", **files(one)}},
     )
     client = implicit_tls_client(raw, ("127.0.0.2", address[1]), client_context(ca))
-    assert client.reply() == (220, ["mx.one.example kumo_listener"])
+    assert client.reply() == (220, ["mx.one.example ESMTP kumo_listener"])
     assert peer_certificate(client) == one.cert
 
 
@@ -1051,7 +1052,7 @@ def test_auth_before_tls_is_refused_with_538(listen, raw, auth_calls):
 
 def test_ehlo_over_tls_advertises_auth_plain_with_a_handler(listen, raw, auth_calls):
     _, lines = tls_session(raw, listen())
-    assert "AUTH PLAIN" in lines
+    assert "AUTH PLAIN LOGIN" in lines
 
 
 def test_no_auth_handler_no_auth_over_tls(listen, raw):
@@ -1094,7 +1095,6 @@ def test_auth_plain_success(listen, raw, auth_calls, mail_meta, two_step, authz,
         (["AUTH PLAIN " + b64(b"user\0secret")], 501, None),
         (["AUTH PLAIN " + b64(b"\0user\0secret\0")], 501, None),
         (["AUTH PLAIN ="], 501, None),
-        (["AUTH LOGIN"], 504, None),
         (["AUTH CRAM-MD5"], 504, None),
     ],
     ids=[
@@ -1108,7 +1108,6 @@ def test_auth_plain_success(listen, raw, auth_calls, mail_meta, two_step, authz,
         "one-nul",
         "three-nuls",
         "empty",
-        "login",
         "cram-md5",
     ],
 )
@@ -1126,6 +1125,129 @@ def test_auth_plain_failures_then_success(listen, raw, auth_calls, exchange, cod
     # The session goes on, unauthenticated, and may still log in.
     assert client.command("NOOP") == (250, ["2.0.0 OK"])
     assert client.command("AUTH PLAIN " + plain("", "user", "secret"))[0] == 235
+
+
+# --- AUTH LOGIN ------------------------------------------------------------------------
+
+USERNAME_PROMPT = (334, ["VXNlcm5hbWU6"])
+PASSWORD_PROMPT = (334, ["UGFzc3dvcmQ6"])
+
+
+@pytest.mark.parametrize("initial_response_ok", [True, False], ids=["initial-response", "two-step"])
+def test_smtplib_auth_login_over_starttls(listen, auth_calls, mail_meta, initial_response_ok):
+    host, port = listen()
+    with smtplib.SMTP(host, port, timeout=10) as client:
+        client.starttls(context=client_context())
+        client.ehlo("client.example")
+        assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+        client.user, client.password = "user", "secret"
+        code, _ = client.auth("LOGIN", client.auth_login, initial_response_ok=initial_response_ok)
+        assert code == 235
+        client.sendmail("a@b.example", ["c@outside.example"], b"Subject: login\r\n\r\nhi\r\n")
+    assert auth_calls == [("", "user", "secret")], "LOGIN passes an empty authz"
+    assert mail_meta["authn_id"] == mail_meta["authz_id"] == "user"
+
+
+def test_smtplib_auth_login_with_a_wrong_password(listen, auth_calls):
+    host, port = listen()
+    with smtplib.SMTP(host, port, timeout=10) as client:
+        client.starttls(context=client_context())
+        client.ehlo("client.example")
+        client.user, client.password = "user", "wrong"
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.auth("LOGIN", client.auth_login)
+        assert refused.value.smtp_code == 535
+    assert auth_calls == [("", "user", "wrong")]
+
+
+@pytest.mark.parametrize(
+    ("exchange", "code"),
+    [
+        (["AUTH LOGIN", "*"], 501),
+        (["AUTH LOGIN " + b64(b"user"), "*"], 501),
+        (["AUTH LOGIN !!!!"], 501),
+        (["AUTH LOGIN", "!!!!"], 501),
+        (["AUTH LOGIN " + b64(b"user"), "!!!!"], 501),
+        (["AUTH LOGIN ="], 501),
+        (["AUTH LOGIN " + b64(b"us\0er")], 501),
+        (["AUTH LOGIN " + b64(b"user"), b64(b"wrong")], 535),
+        (["AUTH LOGIN", b64(b"nobody"), b64(b"secret")], 535),
+    ],
+    ids=[
+        "cancel-username",
+        "cancel-password",
+        "bad-base64",
+        "two-step-bad-base64",
+        "bad-base64-password",
+        "empty-username",
+        "nul",
+        "wrong-password",
+        "unknown-user",
+    ],
+)
+def test_auth_login_failures_then_success(listen, raw, auth_calls, exchange, code):
+    client, _ = tls_session(raw, listen())
+    *continued, last = exchange
+    for line in continued:
+        assert client.command(line) in (USERNAME_PROMPT, PASSWORD_PROMPT)
+    got, lines = client.command(last)
+    assert got == code, lines
+    if code != 535:
+        assert auth_calls == [], "malformed AUTH must not reach the handler"
+    assert client.command("AUTH LOGIN") == USERNAME_PROMPT
+    assert client.command(b64(b"user")) == PASSWORD_PROMPT
+    assert client.command(b64(b"secret"))[0] == 235
+
+
+def test_auth_login_before_tls_is_refused_with_538(listen, raw, auth_calls):
+    client = raw(listen())
+    client.reply()
+    ehlo(client)
+    code, lines = client.command("AUTH LOGIN " + b64(b"user"))
+    assert code == 538 and lines[-1].startswith("5.7.11 "), lines
+    assert auth_calls == []
+
+
+def swaks_has_tls() -> bool:
+    """swaks does TLS only with Net::SSLeay and IO::Socket::SSL (Debian's
+    libnet-ssleay-perl and libio-socket-ssl-perl, which it only recommends)."""
+    if shutil.which("swaks") is None:
+        return False
+    support = subprocess.run(["swaks", "--support"], capture_output=True, text=True, timeout=30)
+    return "=== TLS supported" in support.stdout + support.stderr
+
+
+@pytest.mark.skipif(
+    not swaks_has_tls(), reason="needs swaks with TLS (libnet-ssleay-perl, libio-socket-ssl-perl)"
+)
+def test_swaks_auth_login(listen, auth_calls, maildir):
+    host, port = listen()
+    result = subprocess.run(
+        [
+            "swaks",
+            "--server",
+            host,
+            "--port",
+            str(port),
+            "--tls",
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            "user",
+            "--auth-password",
+            "secret",
+            "--from",
+            "a@b.example",
+            "--to",
+            "c@outside.example",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert auth_calls == [("", "user", "secret")]
+    assert len(delivered(maildir)) == 1
 
 
 def test_auth_again_after_success_is_503(listen, raw, auth_calls):

@@ -4,12 +4,17 @@
 //! password) without NUL, taken from the input split at NULs, round-trips
 //! through base64 of `authz NUL authc NUL password` (with or without
 //! trailing whitespace); an empty authc is refused as Malformed.
+//!
+//! AUTH LOGIN's fields on the same input: `decode_login_username` and
+//! `decode_login_password` never panic; what they accept has no NUL (and a
+//! user name is not empty) and encodes back to itself; any text without NUL
+//! round-trips through base64; `*` cancels.
 
 #![no_main]
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
-use kumo_listener::sasl::{decode_plain, PlainCredentials, PlainError};
+use kumo_listener::sasl::{decode_login_password, decode_login_username, decode_plain, PlainCredentials, PlainError};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
@@ -43,7 +48,34 @@ fuzz_target!(|text: &str| {
     let response = encode(authz, authc, password);
     assert_eq!(decode_plain(&response), expected, "{response:?}");
     assert_eq!(decode_plain(&format!("{response} \t\r\n")), expected, "{response:?} with trailing whitespace");
+
+    check_login(text);
 });
+
+fn check_login(text: &str) {
+    for (decoded, is_username) in [(decode_login_username(text), true), (decode_login_password(text), false)] {
+        match decoded {
+            Ok(field) => {
+                assert!(!field.contains('\0') && !(is_username && field.is_empty()), "{field:?} from {text:?}");
+                if !field.is_empty() {
+                    assert_eq!(decode_login_password(&BASE64.encode(&field)), Ok(field.clone()));
+                }
+            }
+            Err(error) => {
+                assert_eq!(error.reply().code, 501);
+                assert_ne!(error, PlainError::Malformed, "LOGIN has its own malformed reply");
+                if error == PlainError::Cancelled {
+                    assert_eq!(text.trim_end(), "*");
+                }
+            }
+        }
+    }
+    let field = text.split('\0').next().unwrap_or_default();
+    let encoded = BASE64.encode(field);
+    let expected = if field.is_empty() { Err(PlainError::MalformedLogin) } else { Ok(field.to_owned()) };
+    assert_eq!(decode_login_username(&encoded), expected, "{encoded:?}");
+    assert_eq!(decode_login_password(&format!("{encoded}\r\n")), Ok(field.to_owned()), "{encoded:?}");
+}
 
 fn encode(authz: &str, authc: &str, password: &str) -> String {
     BASE64.encode(format!("{authz}\0{authc}\0{password}"))

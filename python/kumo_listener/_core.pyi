@@ -38,6 +38,10 @@ class EnvelopeAddress:
     def user(self) -> str: ...
     @property
     def domain(self) -> str: ...
+    @property
+    def params(self) -> dict[str, str | None]:
+        """ESMTP parameters of its MAIL FROM/RCPT TO: keys upper-case, values
+        xtext-decoded, None for a bare keyword."""
 
 @final
 class Message:

@@ -19,7 +19,7 @@ use crate::clients::Rate;
 use crate::framing::LineEndings;
 use parse::{
     batch_handling, boolean, cidr_blocks, cidr_list, hostname, line_endings, line_limit, meta, parse_listen,
-    positive_integer, rate, relay_hosts, string, trace_headers, unknown_key, Errors,
+    positive_integer, rate, relay_hosts, size, string, trace_headers, unknown_key, Errors,
 };
 pub use parse::{key_path, parse_duration, parse_key_source, ParamError, ParamErrors};
 use serde_json::{Map, Value};
@@ -46,10 +46,10 @@ listener_params! {
         relay_hosts: Arc<CidrSet> = loopback(), tree relay_hosts, set;
         client_timeout: Duration = Duration::from_secs(60), value parse_duration, set;
         data_processing_timeout: Duration = Duration::from_secs(300), value parse_duration, set;
-        max_message_size: usize = 20 * 1024 * 1024, value positive_integer, set;
+        max_message_size: usize = 20 * 1024 * 1024, value size, set;
         max_recipients_per_message: usize = 1024, value positive_integer, set;
         max_messages_per_connection: usize = 10_000, value positive_integer, set;
-        data_buffer_size: usize = 128 * 1024, value positive_integer, set;
+        data_buffer_size: usize = 128 * 1024, value size, set;
         line_length_hard_limit: usize = 998, value line_limit, set;
         invalid_line_endings: LineEndings = LineEndings::Deny, value line_endings, set;
         meta: Map<String, Value> = Map::new(), value meta, keys;
@@ -407,7 +407,7 @@ mod tests {
         let valid = json!({
             "hostname": "mx", "banner": "b", "relay_hosts": ["10.0.0.0/8"], "client_timeout": 5,
             "data_processing_timeout": "1m", "max_message_size": 1, "max_recipients_per_message": 1,
-            "max_messages_per_connection": 1, "data_buffer_size": 1, "line_length_hard_limit": 510,
+            "max_messages_per_connection": 1, "data_buffer_size": "64 KiB", "line_length_hard_limit": 510,
             "invalid_line_endings": "Allow", "meta": {"a": 1}, "peer": {"10.0.0.1": {}}, "via": {"::1": {}},
             "batch_handling": "BatchByDomain", "trace_headers": {"received_header": false},
             "tls_certificate": "c.pem", "tls_private_key": "k.pem", "tls_required_client_ca": {"key_data": "PEM"},

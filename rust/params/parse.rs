@@ -170,6 +170,45 @@ pub(super) fn positive_integer(value: &Value) -> Result<usize, String> {
         .ok_or_else(|| expected("a positive integer", value))
 }
 
+/// A size in bytes: a positive integer, or a string like `"20 MiB"`,
+/// `"100 KB"`, `"1.5 GiB"` or `"4096"`. Units, in any case: `B`, `KB`, `MB`,
+/// `GB` (powers of 1000) and `KiB`, `MiB`, `GiB` (powers of 1024).
+pub(super) fn size(value: &Value) -> Result<usize, String> {
+    match value {
+        Value::String(text) => parse_size(text).ok_or_else(|| {
+            format!("{text:?} is not a size like \"20 MiB\" or \"100 KB\" (KB = 1000 bytes, KiB = 1024)")
+        }),
+        Value::Number(_) => positive_integer(value),
+        other => Err(expected("a positive integer or a size like \"20 MiB\"", other)),
+    }
+}
+
+fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let multiplier: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    let bytes = match number.split_once('.') {
+        None => number.parse::<u64>().ok()?.checked_mul(multiplier)?,
+        Some((whole, fraction)) => {
+            let valid = !whole.is_empty() && !fraction.is_empty() && !fraction.contains('.');
+            let scaled = valid.then(|| number.parse::<f64>().ok()).flatten()? * multiplier as f64;
+            // Whole bytes; anything past u64 is refused below.
+            (scaled < u64::MAX as f64).then_some(scaled as u64)?
+        }
+    };
+    usize::try_from(bytes).ok().filter(|&bytes| bytes > 0)
+}
+
 /// RFC 5321 needs command lines of 512 octets, so nothing below works.
 pub(super) fn line_limit(value: &Value) -> Result<usize, String> {
     let limit = positive_integer(value)?;
@@ -308,4 +347,43 @@ fn string_list(value: &Value) -> Result<Vec<String>, String> {
         .iter()
         .map(|item| item.as_str().map(str::to_owned).ok_or_else(wanted))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sizes_are_integers_or_strings_with_units() {
+        for (given, bytes) in [
+            (json!(1024), 1024),
+            (json!("1024"), 1024),
+            (json!("20 MiB"), 20 << 20),
+            (json!("20MiB"), 20 << 20),
+            (json!("100 KB"), 100_000),
+            (json!("100 kb"), 100_000),
+            (json!("128 KiB"), 128 << 10),
+            (json!(" 2 GB "), 2_000_000_000),
+            (json!("1 GiB"), 1 << 30),
+            (json!("1.5 MiB"), 3 << 19),
+            (json!("10 B"), 10),
+        ] {
+            assert_eq!(size(&given), Ok(bytes), "{given}");
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        for given in ["", "MiB", "0", "0 KB", "-1 KB", "20 MiBs", "20 M", "20 K", "1.2.3 KB", ".5 KB", "5. KB", "1e3"] {
+            let error = size(&json!(given)).unwrap_err();
+            assert!(error.contains("is not a size like \"20 MiB\""), "{given:?}: {error}");
+        }
+        assert_eq!(size(&json!("99999999999 GiB")).map_err(|_| ()), Err(()));
+        assert_eq!(size(&json!(-1)), Err("expected a positive integer, got the number -1".into()));
+        assert_eq!(
+            size(&json!(true)),
+            Err("expected a positive integer or a size like \"20 MiB\", got the boolean true".into())
+        );
+    }
 }

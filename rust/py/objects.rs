@@ -70,6 +70,17 @@ impl PyEnvelopeAddress {
         &self.mailbox.domain
     }
 
+    /// The ESMTP parameters of its `MAIL FROM`/`RCPT TO`: keys upper-case,
+    /// values xtext-decoded, None for a bare keyword. A new dict each time.
+    #[getter]
+    fn params<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let params = PyDict::new(py);
+        for (keyword, value) in self.mailbox.params.iter() {
+            params.set_item(keyword, value)?;
+        }
+        Ok(params)
+    }
+
     fn __str__(&self) -> String {
         self.mailbox.to_string()
     }
@@ -79,7 +90,8 @@ impl PyEnvelopeAddress {
     }
 
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
-        other.cast::<PyEnvelopeAddress>().is_ok_and(|other| other.get().mailbox == self.mailbox)
+        // The address, as `__hash__`: parameters do not make it another address.
+        other.cast::<PyEnvelopeAddress>().is_ok_and(|other| other.get().mailbox.same_address(&self.mailbox))
     }
 
     fn __hash__(&self) -> u64 {
@@ -115,10 +127,18 @@ impl PyMessage {
         self.message.recipients.iter().cloned().map(PyEnvelopeAddress::new).collect()
     }
 
-    /// The message as received, trace headers included.
+    /// The message as received, trace headers included (not the Maildir's
+    /// `Return-Path:`/`Delivered-To:`, which the sink adds as it writes).
     #[getter]
-    fn data<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.message.data)
+    fn data<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let message = &self.message;
+        if message.head.is_empty() {
+            return Ok(PyBytes::new(py, &message.data));
+        }
+        PyBytes::new_with(py, message.len(), |out| {
+            message.copy_to(out);
+            Ok(())
+        })
     }
 
     fn get_meta<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {

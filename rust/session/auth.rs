@@ -1,14 +1,26 @@
-//! AUTH (RFC 4954): PLAIN, only under TLS, decided by `smtp_server_auth_plain`.
+//! AUTH (RFC 4954): PLAIN and LOGIN, only under TLS, both decided by
+//! `smtp_server_auth_plain` (LOGIN with an empty `authz`).
 
 use super::io::Framed;
 use super::{Session, Step, Stop};
 use crate::events::{Event, EventKind, Response};
 use crate::reply::Reply;
-use crate::sasl::decode_plain;
+use crate::sasl::{
+    decode_login_password, decode_login_username, decode_plain, PlainCredentials, PlainError, LOGIN_PASSWORD_PROMPT,
+    LOGIN_USERNAME_PROMPT,
+};
 use crate::stream::Transport;
 use bytes::Buf;
 
+/// What EHLO offers under TLS when an `smtp_server_auth_plain` handler is registered.
+pub(super) const AUTH_EXTENSION: &str = "AUTH PLAIN LOGIN";
+
 impl<S: Transport> Session<S> {
+    /// Whether AUTH is offered: under TLS, with a handler registered.
+    pub(super) fn auth_offered(&self) -> bool {
+        self.stream.is_tls() && self.is_registered(EventKind::AuthPlain)
+    }
+
     pub(super) async fn auth(&mut self, mechanism: String, initial_response: Option<String>) -> Step {
         if !self.is_registered(EventKind::AuthPlain) {
             return self.refuse(Reply::new(503, "5.5.1", "authentication not enabled"));
@@ -23,19 +35,15 @@ impl<S: Transport> Session<S> {
         if self.helo.is_none() || self.authenticated.is_some() || self.transaction.is_some() {
             return self.refuse(Reply::new(503, "5.5.1", "AUTH only after EHLO, once, outside a mail transaction"));
         }
-        if mechanism != "PLAIN" {
-            return self.refuse(Reply::new(504, "5.5.4", "unrecognized authentication mechanism"));
-        }
-        let response = match initial_response {
-            Some(response) => response,
-            None => match self.auth_continuation().await? {
-                Some(response) => response,
-                None => return Ok(()),
-            },
+        let exchanged = match mechanism.as_str() {
+            "PLAIN" => self.plain_exchange(initial_response).await?,
+            "LOGIN" => self.login_exchange(initial_response).await?,
+            _ => return self.refuse(Reply::new(504, "5.5.4", "unrecognized authentication mechanism")),
         };
-        let credentials = match decode_plain(&response) {
-            Ok(credentials) => credentials,
-            Err(error) => return self.refuse(error.reply()),
+        let credentials = match exchanged {
+            Exchanged::Credentials(credentials) => credentials,
+            Exchanged::Refused(error) => return self.refuse(error.reply()),
+            Exchanged::Answered => return Ok(()),
         };
         let authc = credentials.authc.clone();
         let authz = if credentials.authz.is_empty() { authc.clone() } else { credentials.authz.clone() };
@@ -54,10 +62,45 @@ impl<S: Transport> Session<S> {
         }
     }
 
-    /// Ask for the PLAIN response with an empty `334` and read it. `None`:
-    /// the line was too long and the refusal is queued.
-    async fn auth_continuation(&mut self) -> Result<Option<String>, Stop> {
-        self.send(&Reply::bare(334, ""));
+    /// PLAIN: the initial response, or one asked for with an empty `334`.
+    async fn plain_exchange(&mut self, initial_response: Option<String>) -> Result<Exchanged, Stop> {
+        let response = match initial_response {
+            Some(response) => response,
+            None => match self.auth_continuation("").await? {
+                Some(response) => response,
+                None => return Ok(Exchanged::Answered),
+            },
+        };
+        Ok(decode_plain(&response).map_or_else(Exchanged::Refused, Exchanged::Credentials))
+    }
+
+    /// LOGIN: the user name (the initial response, or asked for with
+    /// `334 VXNlcm5hbWU6`), then the password (`334 UGFzc3dvcmQ6`).
+    async fn login_exchange(&mut self, initial_response: Option<String>) -> Result<Exchanged, Stop> {
+        let response = match initial_response {
+            Some(response) => response,
+            None => match self.auth_continuation(LOGIN_USERNAME_PROMPT).await? {
+                Some(response) => response,
+                None => return Ok(Exchanged::Answered),
+            },
+        };
+        let authc = match decode_login_username(&response) {
+            Ok(username) => username,
+            Err(error) => return Ok(Exchanged::Refused(error)),
+        };
+        let Some(response) = self.auth_continuation(LOGIN_PASSWORD_PROMPT).await? else {
+            return Ok(Exchanged::Answered);
+        };
+        Ok(match decode_login_password(&response) {
+            Ok(password) => Exchanged::Credentials(PlainCredentials { authz: String::new(), authc, password }),
+            Err(error) => Exchanged::Refused(error),
+        })
+    }
+
+    /// Send the `334` challenge `prompt` and read the response. `None`: the
+    /// line was too long and the refusal is queued.
+    async fn auth_continuation(&mut self, prompt: &'static str) -> Result<Option<String>, Stop> {
+        self.send(&Reply::bare(334, prompt));
         match self.next_line(self.command_deadline()).await? {
             Framed::Line { len, consumed } => {
                 let response = String::from_utf8_lossy(&self.input[..len]).into_owned();
@@ -70,4 +113,13 @@ impl<S: Transport> Session<S> {
             }
         }
     }
+}
+
+/// How a SASL exchange ended.
+enum Exchanged {
+    Credentials(PlainCredentials),
+    /// The client's response was refused with this error (not yet sent).
+    Refused(PlainError),
+    /// A reply has been queued already.
+    Answered,
 }

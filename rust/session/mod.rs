@@ -213,13 +213,29 @@ impl<S: Transport> Session<S> {
                 Ok(())
             }
             Command::Help => {
-                self.send(&Reply::new(214, "2.0.0", "commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"));
+                self.send(&self.help());
                 Ok(())
             }
             Command::StartTls => self.starttls().await,
             Command::Auth { mechanism, initial_response } => self.auth(mechanism, initial_response).await,
             Command::XClient(arguments) => self.xclient(&arguments).await,
         }
+    }
+
+    /// The commands available now: STARTTLS before TLS, AUTH when offered,
+    /// XCLIENT when this client may use it.
+    fn help(&self) -> Reply {
+        let mut text = String::from("commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP");
+        if !self.stream.is_tls() {
+            text.push_str(" STARTTLS");
+        }
+        if self.auth_offered() {
+            text.push_str(" AUTH");
+        }
+        if self.params.allow_xclient {
+            text.push_str(" XCLIENT");
+        }
+        Reply::with_text(214, "2.0.0", text)
     }
 
     /// Send a refusal of the client's command; too many of them end the session.

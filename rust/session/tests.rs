@@ -118,7 +118,7 @@ impl Seen {
 async fn greeting_with_the_effective_hostname_and_banner() {
     let harness = plain(json!({"hostname": "mx.test", "via": {"198.51.100.1": {"banner": "first\nsecond"}}}));
     let mut client = Client::new(harness.connect(CLIENT, LOCAL));
-    assert_eq!(client.reply().await, (220, vec!["mx.test first".into(), "second".into()]));
+    assert_eq!(client.reply().await, (220, vec!["mx.test ESMTP first".into(), "second".into()]));
     assert_eq!(client.code("QUIT").await, (221, "2.0.0 mx.test closing connection".into()));
     client.expect_closed().await;
 }
@@ -139,9 +139,13 @@ async fn ehlo_lists_extensions_and_helo_does_not() {
     let (code, lines) = client.command("EHLO client.test").await;
     assert_eq!(code, 250);
     assert_eq!(lines[0], "mx.test Hello client.test");
-    for extension in ["PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "SIZE 1000", "STARTTLS"] {
+    for extension in ["PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "SIZE 1000", "DSN", "STARTTLS"] {
         assert!(lines.contains(&extension.to_string()), "{extension} not in {lines:?}");
     }
+    for absent in ["REQUIRETLS", "CHUNKING", "BINARYMIME"] {
+        assert!(!lines.iter().any(|line| line.starts_with(absent)), "{absent} in {lines:?}");
+    }
+    assert!(!lines.iter().any(|line| line.starts_with("AUTH")), "no AUTH before TLS: {lines:?}");
     assert_eq!(client.command("HELO client.test").await, (250, vec!["mx.test Hello client.test".into()]));
     // After HELO, replies carry no enhanced status codes.
     assert_eq!(client.code("NOOP").await, (250, "OK".into()));
@@ -170,7 +174,11 @@ async fn a_pipelined_transaction_is_answered_in_order_and_handed_to_policy() {
     let script = move |event: &Event| {
         if let Event::MessageReceived { message, .. } = event {
             let body = String::from_utf8_lossy(&message.data).into_owned();
+            // The Received: header, in the head or at the start of the data, names this message's id.
+            let whole = String::from_utf8_lossy(&[message.head.as_ref(), &message.data].concat()).into_owned();
+            assert!(whole.contains(&format!(" id {}\r\n", message.id)), "{whole:?}");
             recorder.push(format!("{} {}", message.recipients[0], body.rsplit("\r\n\r\n").next().unwrap_or_default()));
+            recorder.push(message.id.clone());
         }
         nothing(event)
     };
@@ -184,8 +192,10 @@ async fn a_pipelined_transaction_is_answered_in_order_and_handed_to_policy() {
     client.send(b"Subject: hi\r\n\r\n..dot\r\n.\r\n").await;
     let (code, text) = client.reply().await;
     assert_eq!(code, 250, "{text:?}");
-    assert!(text[0].starts_with("2.0.0 OK id="), "{text:?}");
-    assert_eq!(seen.take(), ["x@d.test .dot\r\n", "y@d.test .dot\r\n"]);
+    let seen = seen.take();
+    assert_eq!([seen[0].as_str(), &seen[2]], ["x@d.test .dot\r\n", "y@d.test .dot\r\n"]);
+    // One id per stored message, as its Received: header says.
+    assert_eq!(text[0], format!("2.0.0 OK ids={},{}", seen[1], seen[3]));
     // A second transaction on the same connection.
     client.send(b"MAIL FROM:<>\r\nRCPT TO:<x@d.test>\r\nDATA\r\n").await;
     for expected in [250, 250, 354] {
@@ -329,7 +339,7 @@ async fn dynamic_parameters_override_for_the_connection() {
     };
     let harness = harness(json!({"hostname": "static.test"}), &[EventKind::GetDynamicParameters], script);
     let mut client = Client::new(harness.connect(CLIENT, LOCAL));
-    assert_eq!(client.reply().await.1[0], "dynamic.test kumo_listener");
+    assert_eq!(client.reply().await.1[0], "dynamic.test ESMTP kumo_listener");
 }
 
 #[tokio::test(start_paused = true)]
@@ -369,7 +379,7 @@ async fn a_proxy_header_sets_the_real_addresses_before_the_banner() {
     let harness = harness(params, &[EventKind::ConnectionAccepted], script);
     let mut client = Client::new(harness.connect(CLIENT, LOCAL));
     client.send(b"PROXY TCP4 10.9.8.7 203.0.113.5 1234 25\r\n").await;
-    assert_eq!(client.reply().await.1[0], "proxied.test kumo_listener");
+    assert_eq!(client.reply().await.1[0], "proxied.test ESMTP kumo_listener");
     assert_eq!(seen.take(), ["10.9.8.7:1234", "203.0.113.5:25", "192.0.2.10:40000"]);
 
     let mut liar = Client::new(harness.connect(CLIENT, LOCAL));
@@ -401,7 +411,7 @@ async fn xclient_starts_the_session_over_for_the_real_client() {
     let (_, extensions) = client.command("EHLO proxy.test").await;
     assert!(extensions.iter().any(|e| e.starts_with("XCLIENT ")), "{extensions:?}");
     let (code, text) = client.command("XCLIENT ADDR=10.1.1.1 PORT=5555 LOGIN=someone").await;
-    assert_eq!((code, text[0].as_str()), (220, "real.test kumo_listener"));
+    assert_eq!((code, text[0].as_str()), (220, "real.test ESMTP kumo_listener"));
     assert_eq!(seen.take(), ["192.0.2.10:40000", "10.1.1.1:5555"]);
     // The real client's parameters: no XCLIENT for it; LOGIN lets it relay.
     client.command("EHLO real-client.test").await;
@@ -454,7 +464,8 @@ async fn starttls_discards_pipelined_commands_then_auth_plain_works() {
     let mut client = starttls(&harness).await;
     assert_eq!(client.code("MAIL FROM:<a@b.test>").await.0, 503, "EHLO is needed again, nothing was kept");
     let (_, extensions) = client.command("EHLO client.test").await;
-    assert!(extensions.contains(&"AUTH PLAIN".to_string()) && !extensions.contains(&"STARTTLS".to_string()));
+    assert!(extensions.contains(&"AUTH PLAIN LOGIN".to_string()) && !extensions.contains(&"STARTTLS".to_string()));
+    assert!(extensions.contains(&"REQUIRETLS".to_string()), "{extensions:?}");
     assert_eq!(client.code("STARTTLS").await, (503, "5.5.1 TLS already active".into()));
     // base64 of "\0user\0wrong", then of "\0user\0secret".
     assert_eq!(client.code("AUTH PLAIN AHVzZXIAd3Jvbmc=").await.0, 535);
@@ -464,6 +475,249 @@ async fn starttls_discards_pipelined_commands_then_auth_plain_works() {
     assert_eq!(client.code("AUTH PLAIN AHVzZXIAc2VjcmV0").await.0, 503, "only once");
     client.command("MAIL FROM:<a@b.test>").await;
     assert_eq!(client.code("RCPT TO:<x@anywhere.test>").await.0, 250, "authenticated clients relay");
+}
+
+/// Each parameter as `KEY=value` or `KEY`, in order.
+fn shown(params: &crate::parser::EsmtpParams) -> String {
+    let shown: Vec<String> = params
+        .iter()
+        .map(|(keyword, value)| match value {
+            Some(value) => format!("{keyword}={value}"),
+            None => keyword.to_string(),
+        })
+        .collect();
+    shown.join(" ")
+}
+
+#[tokio::test]
+async fn esmtp_parameters_reach_every_event_and_message() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| {
+        match event {
+            Event::MailFrom { sender, .. } => recorder.push(format!("mail <{sender}> {}", shown(&sender.params))),
+            Event::RcptTo { recipient, .. } => {
+                recorder.push(format!("rcpt <{recipient}> {}", shown(&recipient.params)))
+            }
+            Event::Data { message, .. } | Event::MessageReceived { message, .. } => {
+                let recipients: Vec<String> =
+                    message.recipients.iter().map(|r| format!("<{r}> {}", shown(&r.params))).collect();
+                recorder.push(format!("{} {}", shown(&message.sender.params), recipients.join(", ")));
+            }
+            _ => {}
+        }
+        nothing(event)
+    };
+    let registered = [EventKind::MailFrom, EventKind::RcptTo, EventKind::Data, EventKind::MessageReceived];
+    let harness = harness(json!({"relay_hosts": ["192.0.2.0/24"]}), &registered, script);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client
+        .send(
+            b"MAIL FROM:<> RET=HDRS ENVID=QQ+2B1 SIZE=10\r\n\
+              RCPT TO:<x@d.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x+2By@d.test\r\n\
+              RCPT TO:<y@d.test>\r\nDATA\r\n",
+        )
+        .await;
+    for expected in [250, 250, 250, 354] {
+        assert_eq!(client.reply().await.0, expected);
+    }
+    client.send(b"\r\nbody\r\n.\r\n").await;
+    assert_eq!(client.reply().await.0, 250);
+    let mail = "RET=HDRS ENVID=QQ+1 SIZE=10";
+    let x = "<x@d.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x+y@d.test";
+    assert_eq!(
+        seen.take(),
+        [
+            format!("mail <> {mail}"),
+            "rcpt <x@d.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x+y@d.test".into(),
+            "rcpt <y@d.test> ".into(),
+            format!("{mail} {x}, <y@d.test> "),
+            format!("{mail} {x}"),
+            format!("{mail} <y@d.test> "),
+        ]
+    );
+    assert_eq!(client.code("MAIL FROM:<a@b.test> NOTIFY=NEVER").await.0, 555);
+    assert_eq!(client.code("MAIL FROM:<a@b.test> BODY=BINARYMIME").await.0, 555);
+    assert_eq!(client.code("MAIL FROM:<a@b.test> RET=ALL").await.0, 501);
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await.0, 250);
+    assert_eq!(client.code("RCPT TO:<x@d.test> NOTIFY=NEVER,DELAY").await.0, 501);
+    assert_eq!(client.code("RCPT TO:<x@d.test> RET=FULL").await.0, 555);
+}
+
+#[tokio::test]
+async fn requiretls_needs_tls_and_marks_the_message() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| {
+        if let Event::MessageReceived { message, .. } = event {
+            recorder.push(format!(
+                "{:?} {:?}",
+                message.meta.get("requiretls"),
+                message.meta.get_str("reception_protocol")
+            ));
+        }
+        nothing(event)
+    };
+    let harness =
+        harness(json!({"hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"]}), &[EventKind::MessageReceived], script);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    assert_eq!(
+        client.code("MAIL FROM:<a@b.test> REQUIRETLS").await,
+        (530, "5.7.10 REQUIRETLS needs TLS, issue STARTTLS first".into())
+    );
+    let mut client = starttls(&harness).await;
+    let (_, extensions) = client.command("EHLO client.test").await;
+    assert!(extensions.contains(&"REQUIRETLS".to_string()), "{extensions:?}");
+    for (mail, expected) in [
+        ("MAIL FROM:<a@b.test> REQUIRETLS", r#"Some(Bool(true)) Some("ESMTPS")"#),
+        ("MAIL FROM:<a@b.test> SMTPUTF8", r#"None Some("UTF8SMTPS")"#),
+    ] {
+        client.send(format!("{mail}\r\nRCPT TO:<x@d.test>\r\nDATA\r\n").as_bytes()).await;
+        for code in [250, 250, 354] {
+            assert_eq!(client.reply().await.0, code, "{mail}");
+        }
+        client.send(b"\r\nbody\r\n.\r\n").await;
+        assert_eq!(client.reply().await.0, 250);
+        assert_eq!(seen.take(), [expected]);
+    }
+}
+
+#[tokio::test]
+async fn auth_login_with_and_without_the_initial_response() {
+    let harness = harness_with_auth();
+    let mut client = starttls(&harness).await;
+    client.command("EHLO client.test").await;
+    // "user" is dXNlcg==, "secret" c2VjcmV0, "wrong" d3Jvbmc=.
+    assert_eq!(client.code("AUTH LOGIN dXNlcg==").await, (334, "UGFzc3dvcmQ6".into()));
+    assert_eq!(client.code("d3Jvbmc=").await, (535, "5.7.8 authentication credentials invalid".into()));
+    assert_eq!(client.code("AUTH LOGIN").await, (334, "VXNlcm5hbWU6".into()));
+    assert_eq!(client.code("*").await, (501, "5.0.0 authentication cancelled".into()));
+    assert_eq!(client.code("AUTH LOGIN").await, (334, "VXNlcm5hbWU6".into()));
+    assert_eq!(client.code("dXNlcg==").await, (334, "UGFzc3dvcmQ6".into()));
+    assert_eq!(client.code("*").await.0, 501, "cancelled at the password too");
+    assert_eq!(client.code("AUTH LOGIN !!!").await, (501, "5.5.2 cannot decode the base64 response".into()));
+    assert_eq!(client.code("AUTH LOGIN =").await, (501, "5.5.2 malformed LOGIN response".into()));
+    assert_eq!(client.code("AUTH LOGIN").await.0, 334);
+    assert_eq!(client.code("dXNlcg==").await.0, 334);
+    assert_eq!(client.code(&"A".repeat(2000)).await, (500, "5.5.6 authentication exchange line is too long".into()));
+    assert_eq!(client.code("AUTH LOGIN").await.0, 334);
+    assert_eq!(client.code("dXNlcg==").await.0, 334);
+    assert_eq!(client.code("c2VjcmV0").await, (235, "2.7.0 authentication successful".into()));
+    assert_eq!(client.code("AUTH LOGIN dXNlcg==").await.0, 503, "only once");
+    client.command("MAIL FROM:<a@b.test>").await;
+    assert_eq!(client.code("RCPT TO:<x@anywhere.test>").await.0, 250, "authenticated clients relay");
+}
+
+#[tokio::test]
+async fn auth_login_passes_an_empty_authz_and_needs_tls() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| match event {
+        Event::AuthPlain { credentials, .. } => {
+            recorder.push(format!("{credentials:?}"));
+            Outcome::Done(Response::Authenticated(true))
+        }
+        _ => nothing(event),
+    };
+    let harness = harness(json!({"hostname": "mx.test"}), &[EventKind::AuthPlain], script);
+    let mut plaintext = greeted(&harness, CLIENT).await;
+    plaintext.command("EHLO client.test").await;
+    assert_eq!(plaintext.code("AUTH LOGIN dXNlcg==").await.0, 538);
+    let mut client = starttls(&harness).await;
+    client.command("EHLO client.test").await;
+    client.command("AUTH LOGIN dXNlcg==").await;
+    assert_eq!(client.code("").await.0, 235, "an empty password is the handler's to judge");
+    assert_eq!(seen.take(), [r#"PlainCredentials { authz: "", authc: "user", password: "" }"#]);
+}
+
+#[tokio::test]
+async fn help_lists_what_is_available_and_expn_is_not_implemented() {
+    let harness = harness(json!({"hostname": "mx.test", "allow_xclient": true}), &[EventKind::AuthPlain], nothing);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    let (code, help) = client.code("HELP").await;
+    assert_eq!(code, 214);
+    assert!(help.ends_with("VRFY HELP STARTTLS XCLIENT"), "{help}");
+    for command in ["EXPN staff", "ETRN d.test", "TURN"] {
+        assert_eq!(client.code(command).await, (502, "5.5.1 command not implemented".into()));
+    }
+    let mut client = starttls(&harness).await;
+    client.command("EHLO client.test").await;
+    assert!(client.code("HELP").await.1.ends_with("VRFY HELP AUTH XCLIENT"));
+    let plain_harness = plain(json!({}));
+    let mut client = greeted(&plain_harness, CLIENT).await;
+    assert!(client.code("HELP").await.1.ends_with("VRFY HELP STARTTLS"));
+}
+
+#[tokio::test]
+async fn the_maildir_keeps_the_envelope_and_each_part_its_for_clause() {
+    let root = std::env::temp_dir().join(format!("kumo-session-envelope-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for (handling, files) in [("BifurcateAlways", 3), ("BatchByDomain", 2)] {
+        let params = json!({"hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"], "batch_handling": handling});
+        let harness =
+            Harness::new(params, &[], nothing, Sink::Maildir(Arc::new(crate::sink::Maildir::open(&root).unwrap())))
+                .unwrap();
+        let mut client = greeted(&harness, CLIENT).await;
+        client.command("EHLO client.test").await;
+        client
+            .send(b"MAIL FROM:<>\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\nRCPT TO:<z@e.test>\r\nDATA\r\n")
+            .await;
+        for code in [250, 250, 250, 250, 354] {
+            assert_eq!(client.reply().await.0, code);
+        }
+        client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n").await;
+        assert_eq!(client.reply().await.0, 250);
+        let new = root.join("new");
+        let mut stored: Vec<String> = std::fs::read_dir(&new)
+            .unwrap()
+            .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+            .collect();
+        stored.sort();
+        assert_eq!(stored.len(), files, "{handling}");
+        for file in &stored {
+            assert!(file.starts_with("Return-Path: <>\r\nDelivered-To: "), "{file:?}");
+            assert!(file.ends_with("\r\nSubject: s\r\n\r\nbody\r\n"), "{file:?}");
+            let delivered: Vec<&str> = file.lines().filter_map(|line| line.strip_prefix("Delivered-To: ")).collect();
+            let received = &file[file.find("Received: ").unwrap()..];
+            match delivered.as_slice() {
+                [only] => assert!(received.contains(&format!("\tfor <{only}>;")), "{file:?}"),
+                _ => assert!(!received.contains("for <"), "{file:?}"),
+            }
+        }
+        if handling == "BatchByDomain" {
+            assert!(stored.iter().any(|file| file.contains("Delivered-To: x@d.test\r\nDelivered-To: y@d.test\r\n")));
+        }
+        for entry in std::fs::read_dir(&new).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[tokio::test]
+async fn one_recipient_keeps_the_received_header_in_the_body() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| {
+        if let Event::MessageReceived { message, .. } = event {
+            let data = String::from_utf8_lossy(&message.data);
+            recorder.push(format!("{} {}", message.head.len(), data.contains("for <x@d.test>;")));
+        }
+        nothing(event)
+    };
+    let harness = harness(json!({"relay_hosts": ["192.0.2.0/24"]}), &[EventKind::MessageReceived], script);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nDATA\r\n").await;
+    for code in [250, 250, 354] {
+        assert_eq!(client.reply().await.0, code);
+    }
+    client.send(b"\r\nbody\r\n.\r\n").await;
+    assert_eq!(client.reply().await.0, 250);
+    assert_eq!(seen.take(), ["0 true"], "no separate head: the header was read into the body's buffer");
 }
 
 fn trusting_client_config() -> ClientConfig {

@@ -6,7 +6,8 @@ use super::{Session, Step, Stop};
 use crate::events::{Event, EventKind, Response};
 use crate::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
 use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
-use crate::message::{self, Message, ReceivedInfo, Supplemental};
+use crate::message::{self, Message, ReceivedHeader, ReceivedInfo, Supplemental};
+use crate::metrics;
 use crate::params::ListenerDomain;
 use crate::parser::{MailParams, Mailbox, ReversePath};
 use crate::reply::Reply;
@@ -45,16 +46,32 @@ impl<S: Transport> Session<S> {
             "8BITMIME".into(),
             "SMTPUTF8".into(),
             format!("SIZE {}", self.params.max_message_size),
+            "DSN".into(),
         ];
         if self.params.allow_xclient {
             extensions.push("XCLIENT ADDR PORT DESTADDR DESTPORT HELO NAME LOGIN PROTO".into());
         }
         if !self.stream.is_tls() {
             extensions.push("STARTTLS".into());
-        } else if self.is_registered(EventKind::AuthPlain) {
-            extensions.push("AUTH PLAIN".into());
+        } else {
+            if self.auth_offered() {
+                extensions.push(super::auth::AUTH_EXTENSION.into());
+            }
+            // RFC 8689 §2: only over TLS.
+            extensions.push("REQUIRETLS".into());
         }
         extensions
+    }
+
+    /// The protocol of a transaction: the connection's `reception_protocol`,
+    /// with RFC 6531's `UTF8SMTP` for `ESMTP` (so `UTF8SMTPS`, `UTF8SMTPA`,
+    /// `UTF8SMTPSA`) when it used SMTPUTF8.
+    pub(super) fn protocol_of(&self, smtputf8: bool) -> String {
+        let protocol = self.meta.get_str("reception_protocol").unwrap_or_else(|| self.protocol());
+        match protocol.strip_prefix("ESMTP") {
+            Some(rest) if smtputf8 => format!("UTF8SMTP{rest}"),
+            _ => protocol,
+        }
     }
 
     /// RFC 3848: ESMTP, plus S under TLS and A once authenticated.
@@ -104,7 +121,7 @@ impl<S: Transport> Session<S> {
         self.helo.as_deref().unwrap_or_default()
     }
 
-    pub(super) async fn mail_from(&mut self, reverse_path: ReversePath, params: MailParams) -> Step {
+    pub(super) async fn mail_from(&mut self, reverse_path: ReversePath, mut params: MailParams) -> Step {
         if self.helo.is_none() {
             return self.refuse(Reply::new(503, "5.5.1", "send EHLO or HELO first"));
         }
@@ -117,10 +134,17 @@ impl<S: Transport> Session<S> {
         if params.size.is_some_and(|size| size > self.params.max_message_size as u64) {
             return self.refuse(MESSAGE_TOO_BIG);
         }
-        let sender = match reverse_path {
-            ReversePath::Null => Mailbox { local_part: String::new(), domain: String::new() },
+        // RFC 8689 §2: REQUIRETLS only in a session that uses TLS (and it is
+        // not advertised otherwise). RFC 3207's "530 Must issue a STARTTLS
+        // command first", with RFC 5248's X.7.10 "Encryption needed".
+        if params.requiretls && !self.stream.is_tls() {
+            return self.refuse(Reply::new(530, "5.7.10", "REQUIRETLS needs TLS, issue STARTTLS first"));
+        }
+        let mut sender = match reverse_path {
+            ReversePath::Null => Mailbox::default(),
             ReversePath::Mailbox(mailbox) => mailbox,
         };
+        sender.params = std::mem::take(&mut params.all);
         if !params.smtputf8 && !sender.is_ascii() {
             return self.refuse(NON_ASCII);
         }
@@ -230,14 +254,21 @@ impl<S: Transport> Session<S> {
         }
         self.send(&Reply::bare(354, "end data with <CR><LF>.<CR><LF>"));
         self.flush().await?;
-        // The trace header goes first into the buffer the body is read into,
-        // so that prepending it costs no copy. Its time is DATA's, as in Postfix.
+        // With one recipient, the trace header (naming it) goes first into
+        // the buffer the body is read into, so that prepending it costs no
+        // copy. With several, each split part gets its own, naming its
+        // recipient when it has only one, kept apart from the shared body.
+        // Its time is DATA's, as in Postfix.
         let id = message::new_message_id();
-        let header = self.trace_header(&id, &transaction);
+        let received = self.trace_header(&transaction);
+        let (in_body, per_part) = match (received, transaction.recipients.as_slice()) {
+            (Some(received), [only]) => (received.render(&id, Some(only)), None),
+            (received, _) => (String::new(), received),
+        };
         let size_hint = transaction.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX));
-        let (verdict, data) = self.read_body(&header, size_hint).await?;
+        let (verdict, data) = self.read_body(&in_body, size_hint).await?;
         match verdict.refusal() {
-            None => self.accept_message(id, transaction, data).await,
+            None => self.accept_message(id, transaction, data, per_part).await,
             Some(refusal) => self.refuse(refusal),
         }
     }
@@ -274,10 +305,24 @@ impl<S: Transport> Session<S> {
         }
     }
 
-    async fn accept_message(&mut self, id: String, transaction: Transaction, data: Vec<u8>) -> Step {
-        let message = Message::new(id, transaction.sender, transaction.recipients, Bytes::from(data));
+    /// `received`: the `Received:` header of each part, when it is not in `data`.
+    async fn accept_message(
+        &mut self,
+        id: String,
+        transaction: Transaction,
+        data: Vec<u8>,
+        received: Option<ReceivedHeader>,
+    ) -> Step {
+        let head = received.as_ref().map_or_else(Bytes::new, |received| Bytes::from(received.render(&id, None)));
+        let message = Message::with_head(id, transaction.sender, transaction.recipients, head, Bytes::from(data));
         // As in KumoMTA, a message starts with a copy of its connection's metadata.
         message.meta.merge(&self.meta.snapshot());
+        if transaction.params.smtputf8 {
+            message.meta.set("reception_protocol", self.protocol_of(true));
+        }
+        if transaction.params.requiretls {
+            message.meta.set("requiretls", true);
+        }
         let make = |session: &Self| Event::Data { message: message.clone(), meta: session.meta.clone() };
         if self.consult(EventKind::Data, make).await?.is_none() {
             return Ok(());
@@ -286,7 +331,7 @@ impl<S: Transport> Session<S> {
         let supplemental = trace
             .supplemental_header
             .then(|| Supplemental { header_name: &trace.header_name, include_meta_names: &trace.include_meta_names });
-        let parts = message::split(&message, self.params.batch_handling, supplemental.as_ref());
+        let parts = message::split(&message, self.params.batch_handling, supplemental.as_ref(), received.as_ref());
         for part in &parts {
             let make = |session: &Self| Event::MessageReceived { message: part.clone(), meta: session.meta.clone() };
             if self.consult(EventKind::MessageReceived, make).await?.is_none() {
@@ -294,22 +339,25 @@ impl<S: Transport> Session<S> {
             }
         }
         let policy = self.context.policy.clone();
-        let (stored, bytes) = (parts.len() as u64, parts.iter().map(|part| part.data.len() as u64).sum());
-        if let Err(error) = self.context.sink.deliver(parts).await {
+        if let Err(error) = self.context.sink.deliver(parts.clone()).await {
             policy.log(LOG_WARNING, || format!("message {} from {}: sink failed: {error}", message.id, self.remote));
             self.send(&Reply::new(451, "4.3.0", "temporary failure storing the message, try again later"));
             return Ok(());
         }
         let metrics = &self.context.metrics;
-        metrics.messages.fetch_add(stored, Ordering::Relaxed);
-        metrics.message_bytes.fetch_add(bytes, Ordering::Relaxed);
-        policy.log(LOG_INFO, || self.stored_entry(&message, bytes));
-        self.send(&Reply::with_text(250, "2.0.0", format!("OK id={}", message.id)));
+        for part in &parts {
+            metrics::count(&metrics.messages);
+            metrics.message_bytes.fetch_add(part.len() as u64, Ordering::Relaxed);
+            policy.log(LOG_INFO, || self.stored_entry(part));
+        }
+        let ids: Vec<&str> = parts.iter().map(|part| part.id.as_str()).collect();
+        self.send(&Reply::with_text(250, "2.0.0", format!("OK ids={}", ids.join(","))));
         Ok(())
     }
 
-    /// The log record of a stored transaction.
-    fn stored_entry(&self, message: &Message, bytes: u64) -> LogEntry {
+    /// The log record of a stored message, under the id its file name carries.
+    fn stored_entry(&self, message: &Message) -> LogEntry {
+        let bytes = message.len();
         let recipients: Vec<String> = message.recipients.iter().map(ToString::to_string).collect();
         let tls = self.meta.get_str("tls_protocol_version");
         let text = format!(
@@ -330,19 +378,17 @@ impl<S: Transport> Session<S> {
         LogEntry::with_fields(text, super::record::object(fields))
     }
 
-    /// The `Received:` header, or nothing when `trace_headers` turn it off.
-    fn trace_header(&self, id: &str, transaction: &Transaction) -> String {
+    /// The `Received:` header, or none when `trace_headers` turn it off.
+    fn trace_header(&self, transaction: &Transaction) -> Option<ReceivedHeader> {
         if !self.params.trace_headers.received_header {
-            return String::new();
+            return None;
         }
-        let protocol = self.meta.get_str("reception_protocol").unwrap_or_else(|| "SMTP".into());
-        message::received_header(&ReceivedInfo {
+        let protocol = self.protocol_of(transaction.params.smtputf8);
+        Some(ReceivedHeader::new(&ReceivedInfo {
             helo_domain: self.helo_domain(),
             client_ip: self.remote.ip(),
             hostname: &self.params.hostname,
             protocol: &protocol,
-            id,
-            recipients: &transaction.recipients,
-        })
+        }))
     }
 }
