@@ -36,8 +36,33 @@ pub enum Refusal {
 #[derive(Debug)]
 struct Entry {
     active: usize,
-    window_started: Instant,
-    connections_in_window: u32,
+    connections: Window,
+    messages: Window,
+}
+
+/// Events counted since a window started.
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    count: u32,
+}
+
+impl Window {
+    fn new(now: Instant) -> Self {
+        Self { started: now, count: 0 }
+    }
+
+    /// Count one more if `rate` allows it at `now`.
+    fn admit(&mut self, rate: Rate, now: Instant) -> bool {
+        if now.duration_since(self.started) >= rate.per {
+            *self = Self::new(now);
+        }
+        if self.count >= rate.count {
+            return false;
+        }
+        self.count += 1;
+        true
+    }
 }
 
 /// Every client address seen recently, shared by the listeners of a server.
@@ -64,19 +89,16 @@ impl ClientTable {
         if entries.len() >= self.capacity && !entries.contains_key(&ip) {
             forget_idle(&mut entries, now);
         }
-        let entry = entries.entry(ip).or_insert(Entry { active: 0, window_started: now, connections_in_window: 0 });
+        let entry = entries.entry(ip).or_insert_with(|| Entry {
+            active: 0,
+            connections: Window::new(now),
+            messages: Window::new(now),
+        });
         if entry.active >= limits.max_connections {
             return Err(Refusal::TooManyConnections);
         }
-        if let Some(rate) = limits.connection_rate {
-            if now.duration_since(entry.window_started) >= rate.per {
-                entry.window_started = now;
-                entry.connections_in_window = 0;
-            }
-            if entry.connections_in_window >= rate.count {
-                return Err(Refusal::ConnectionRate);
-            }
-            entry.connections_in_window += 1;
+        if limits.connection_rate.is_some_and(|rate| !entry.connections.admit(rate, now)) {
+            return Err(Refusal::ConnectionRate);
         }
         entry.active += 1;
         Ok(ClientSlot { table: self.clone(), ip })
@@ -102,9 +124,19 @@ impl ClientTable {
 fn forget_idle(entries: &mut HashMap<IpAddr, Entry>, now: Instant) {
     const LONGEST_WINDOW: Duration = Duration::from_secs(24 * 3600);
     let before = entries.len();
-    entries.retain(|_, entry| entry.active > 0 || now.duration_since(entry.window_started) < LONGEST_WINDOW);
+    let recent = |window: &Window| now.duration_since(window.started) < LONGEST_WINDOW;
+    entries.retain(|_, entry| entry.active > 0 || recent(&entry.connections) || recent(&entry.messages));
     if entries.len() > before / 2 {
         entries.retain(|_, entry| entry.active > 0);
+    }
+}
+
+impl ClientSlot {
+    /// Count a new message (a MAIL command) from this client at `now`;
+    /// `false` when `rate` does not allow it (Postfix's message rate).
+    pub fn admit_message(&self, rate: Rate, now: Instant) -> bool {
+        let mut entries = self.table.lock();
+        entries.get_mut(&self.ip).is_some_and(|entry| entry.messages.admit(rate, now))
     }
 }
 
@@ -151,6 +183,18 @@ mod tests {
         let refused = table.admit(CLIENT, limits(50, Some((3, 60))), start + Duration::from_secs(59));
         assert_eq!(refused.err(), Some(Refusal::ConnectionRate));
         assert!(table.admit(CLIENT, limits(50, Some((3, 60))), start + Duration::from_secs(60)).is_ok());
+    }
+
+    #[test]
+    fn the_message_rate_counts_across_the_sessions_of_an_address() {
+        let table = ClientTable::new(100);
+        let start = Instant::now();
+        let rate = Rate { count: 2, per: Duration::from_secs(60) };
+        let first = table.admit(CLIENT, limits(50, None), start).unwrap();
+        let second = table.admit(CLIENT, limits(50, None), start).unwrap();
+        assert!(first.admit_message(rate, start) && second.admit_message(rate, start));
+        assert!(!first.admit_message(rate, start + Duration::from_secs(30)));
+        assert!(second.admit_message(rate, start + Duration::from_secs(60)), "a new window");
     }
 
     #[test]

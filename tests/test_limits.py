@@ -60,3 +60,24 @@ def test_bad_limit_values_name_their_key_path(listen):
         listen(peer={"10.0.0.0/8": {"max_connection_rate_per_client": "lots"}})
     with pytest.raises(kumo.ParamsError, match="max_connections_per_client: expected a positive"):
         listen(max_connections_per_client=0)
+
+
+def test_message_rate_per_client_address(listen, raw):
+    address = listen(max_message_rate_per_client="2/hour")
+    client = raw(address, source="127.0.0.36")
+    assert greeting(client)[0] == 220
+    assert client.command("EHLO client.example")[0] == 250
+    for _ in range(2):
+        assert client.command("MAIL FROM:<a@b.example>")[0] == 250
+        assert client.command("RSET")[0] == 250
+    assert client.command("MAIL FROM:<a@b.example>") == (
+        452,
+        ["4.7.0 too many messages from your address, try again later"],
+    )
+    # Loopback (relay_hosts) is exempt.
+    exempt = raw(address)
+    assert greeting(exempt)[0] == 220
+    assert exempt.command("EHLO client.example")[0] == 250
+    for _ in range(3):
+        assert exempt.command("MAIL FROM:<a@b.example>")[0] == 250
+        assert exempt.command("RSET")[0] == 250

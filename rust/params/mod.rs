@@ -62,6 +62,7 @@ listener_params! {
         require_proxy_protocol: bool = false, value boolean, set;
         max_connections_per_client: usize = 50, value positive_integer, set;
         max_connection_rate_per_client: Rate = None, value rate, option;
+        max_message_rate_per_client: Rate = None, value rate, option;
     }
 }
 
@@ -412,7 +413,7 @@ mod tests {
             "batch_handling": "BatchByDomain", "trace_headers": {"received_header": false},
             "tls_certificate": "c.pem", "tls_private_key": "k.pem", "tls_required_client_ca": {"key_data": "PEM"},
             "allow_xclient": true, "require_proxy_protocol": true, "max_connections_per_client": 5,
-            "max_connection_rate_per_client": "30/minute",
+            "max_connection_rate_per_client": "30/minute", "max_message_rate_per_client": "100/hour",
         });
         let mut keys: Vec<&str> = valid.as_object().unwrap().keys().map(String::as_str).collect();
         let mut known = ANYWHERE.to_vec();

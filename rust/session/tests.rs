@@ -800,3 +800,22 @@ async fn the_connection_rate_per_client_address_is_limited() {
     assert_eq!(third.reply().await.0, 421);
     let _other = greeted(&harness, "192.0.2.11:1").await;
 }
+
+#[tokio::test]
+async fn the_message_rate_per_client_address_is_limited() {
+    let harness = plain(json!({"hostname": "mx.test", "max_message_rate_per_client": "2/hour"}));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    for _ in 0..2 {
+        assert_eq!(client.code("MAIL FROM:<a@b.test>").await.0, 250);
+        assert_eq!(client.code("RSET").await.0, 250);
+    }
+    let refused = (452, "4.7.0 too many messages from your address, try again later".into());
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await, refused);
+    let mut again = greeted(&harness, CLIENT).await;
+    again.command("EHLO client.test").await;
+    assert_eq!(again.code("MAIL FROM:<a@b.test>").await, refused, "counted per address, not per session");
+    let mut other = greeted(&harness, "192.0.2.11:1").await;
+    other.command("EHLO client.test").await;
+    assert_eq!(other.code("MAIL FROM:<a@b.test>").await.0, 250);
+}

@@ -148,6 +148,11 @@ impl<S: Transport> Session<S> {
         if !params.smtputf8 && !sender.is_ascii() {
             return self.refuse(NON_ASCII);
         }
+        if !self.message_rate_allows() {
+            metrics::count(&self.context.metrics.client_limit_refusals);
+            self.send(&Reply::new(452, "4.7.0", "too many messages from your address, try again later"));
+            return Ok(());
+        }
         let make = |session: &Self| Event::MailFrom { sender: sender.clone(), meta: session.meta.clone() };
         if self.consult(EventKind::MailFrom, make).await?.is_none() {
             return Ok(());
@@ -184,6 +189,15 @@ impl<S: Transport> Session<S> {
         }
         self.send(&Reply::new(250, "2.1.5", "OK"));
         Ok(())
+    }
+
+    /// `max_message_rate_per_client`, counted per client address across its
+    /// sessions (clients exempt from the per-client limits have no slot).
+    fn message_rate_allows(&self) -> bool {
+        match (self.params.max_message_rate_per_client, &self.client) {
+            (Some(rate), Some(slot)) => slot.admit_message(rate, std::time::Instant::now()),
+            _ => true,
+        }
     }
 
     /// As in KumoMTA, an authenticated client may relay like a relay host.
