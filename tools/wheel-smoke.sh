@@ -24,7 +24,8 @@ case "$wheel" in
 esac
 
 python3 -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index "$wheel"
+# The wheel itself, never a build from source; its dependencies (prometheus_client) from the index.
+"$work/venv/bin/python" -m pip install --quiet --disable-pip-version-check --only-binary=:all: "$wheel"
 
 # From here on: the venv and the system's binaries only, and not this tree.
 cd "$work"
