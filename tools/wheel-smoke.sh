@@ -15,7 +15,7 @@ wheel=${WHEEL:-}
 if [ -z "$wheel" ]; then
   command -v maturin >/dev/null 2>&1 ||
     python3 -m pip install --quiet --disable-pip-version-check 'maturin>=1.9.4,<2'
-  maturin build --release --quiet --out "$work/dist"
+  maturin build --release --features abi3 --quiet --out "$work/dist"
   wheel=$(echo "$work"/dist/kumo_listener-*.whl)
 fi
 case "$wheel" in
