@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
 
 #[derive(Debug, Clone)]
 pub enum Sink {
@@ -19,17 +20,14 @@ impl Sink {
     pub async fn deliver(&self, messages: Vec<Arc<Message>>) -> io::Result<()> {
         match self {
             Sink::Discard => Ok(()),
-            Sink::Maildir(maildir) => {
-                let maildir = maildir.clone();
-                tokio::task::spawn_blocking(move || maildir.deliver(&messages)).await.map_err(io::Error::other)?
-            }
+            Sink::Maildir(maildir) => maildir.submit(messages).await.map_err(io::Error::other)?,
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
             Sink::Discard => "discard".into(),
-            Sink::Maildir(maildir) => format!("Maildir {}", maildir.root.display()),
+            Sink::Maildir(maildir) => format!("Maildir {}", maildir.files.root.display()),
         }
     }
 }
@@ -37,138 +35,194 @@ impl Sink {
 /// A Maildir (`tmp/`, `new/`, `cur/`). A message is written to `tmp/`, its
 /// file system synced, renamed into `new/`, and the file system synced
 /// again, so whatever is in `new/` is complete and survives a crash.
-/// Deliveries that are at the same step at the same time share its sync
-/// (group commit), and one sync serves one delivery's first step and
-/// another's second.
+///
+/// One thread, the committer, does this for every delivery (group commit):
+/// each round it writes the deliveries that arrived, renames those whose
+/// data the last round's sync made durable, and syncs once for both, so a
+/// round costs one `syncfs` however many deliveries it carries, and no
+/// delivery needs a thread of its own.
 #[derive(Debug)]
 pub struct Maildir {
-    root: PathBuf,
-    host: String,
-    file_system: GroupSync,
+    files: Arc<Files>,
+    queue: Arc<Queue>,
 }
 
-/// Syncs shared by the threads that need one at the same time: a sync that
-/// starts after a thread's write covers it, so while one runs, the threads
-/// that arrive meanwhile wait for the next, which one of them runs for all.
+/// Where and how the committer writes.
 #[derive(Debug)]
-struct GroupSync {
+struct Files {
+    root: PathBuf,
+    host: String,
     /// Held open from the start: `syncfs` reports the write-back errors
     /// (of the background flusher too) that happened since it was opened.
-    target: File,
-    run: fn(&File) -> io::Result<()>,
-    state: Mutex<SyncState>,
-    done: Condvar,
+    file_system: File,
+    sync: fn(&File) -> io::Result<()>,
+}
+
+type Answer = oneshot::Sender<io::Result<()>>;
+
+/// The messages of one transaction, stored all or none, and who waits.
+#[derive(Debug)]
+struct Delivery {
+    messages: Vec<Arc<Message>>,
+    answer: Answer,
+}
+
+/// The deliveries waiting for the committer.
+#[derive(Debug, Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    arrived: Condvar,
 }
 
 #[derive(Debug, Default)]
-struct SyncState {
-    /// Tickets given out: one per rename that needs a sync.
-    requested: u64,
-    /// Every ticket up to this one is covered by a finished sync.
-    synced: u64,
-    running: bool,
-    /// Syncs run so far.
-    runs: u64,
-    /// The error of the last sync, for the tickets it was to cover.
-    failed: Option<(u64, io::ErrorKind)>,
+struct QueueState {
+    waiting: Vec<Delivery>,
+    closed: bool,
 }
 
-impl GroupSync {
-    fn new(target: File, run: fn(&File) -> io::Result<()>) -> Self {
-        Self { target, run, state: Mutex::default(), done: Condvar::new() }
-    }
-
-    /// Return once a sync that began after this call has finished.
-    fn sync(&self) -> io::Result<()> {
-        let mut state = self.lock();
-        state.requested += 1;
-        let ticket = state.requested;
-        loop {
-            if state.synced >= ticket {
-                return match state.failed {
-                    Some((covered, kind)) if covered >= ticket => {
-                        Err(io::Error::new(kind, "syncing the Maildir's file system failed"))
-                    }
-                    _ => Ok(()),
-                };
-            }
-            if state.running {
-                state = self.done.wait(state).unwrap_or_else(PoisonError::into_inner);
-                continue;
-            }
-            state.running = true;
-            let covers = state.requested;
-            drop(state);
-            let result = (self.run)(&self.target);
-            state = self.lock();
-            state.running = false;
-            state.runs += 1;
-            state.synced = covers;
-            state.failed = result.as_ref().err().map(|error| (covers, error.kind()));
-            self.done.notify_all();
-            result?;
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, SyncState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+/// A delivery whose files are in `tmp/` or `new/`, by name.
+struct Staged {
+    names: Vec<String>,
+    answer: Answer,
 }
 
 impl Maildir {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
-        let root = root.into();
+        Self::with_sync(root.into(), sync_file_system)
+    }
+
+    fn with_sync(root: PathBuf, sync: fn(&File) -> io::Result<()>) -> io::Result<Self> {
         for sub in ["tmp", "new", "cur"] {
             fs::create_dir_all(root.join(sub))?;
         }
         let host = gethostname::gethostname().to_string_lossy().replace(['/', ':'], "_");
-        let file_system = GroupSync::new(File::open(&root)?, sync_file_system);
-        Ok(Self { file_system, root, host })
+        let files = Arc::new(Files { file_system: File::open(&root)?, sync, root, host });
+        let queue = Arc::new(Queue::default());
+        let (committer_files, committer_queue) = (files.clone(), queue.clone());
+        std::thread::Builder::new()
+            .name("maildir-commit".into())
+            .spawn(move || commit_until_closed(&committer_files, &committer_queue))?;
+        Ok(Self { files, queue })
     }
 
-    pub fn deliver(&self, messages: &[Arc<Message>]) -> io::Result<()> {
-        let names: Vec<String> = messages.iter().map(|m| self.file_name(m)).collect();
-        let mut staged = Vec::with_capacity(messages.len());
-        for (message, name) in messages.iter().zip(&names) {
+    /// Hand messages to the committer; the answer comes once they are durable.
+    fn submit(&self, messages: Vec<Arc<Message>>) -> oneshot::Receiver<io::Result<()>> {
+        let (answer, receiver) = oneshot::channel();
+        self.queue.lock().waiting.push(Delivery { messages, answer });
+        self.queue.arrived.notify_one();
+        receiver
+    }
+}
+
+impl Drop for Maildir {
+    /// The committer finishes what it holds, then ends.
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.arrived.notify_one();
+    }
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What arrived since the last call; waits for something unless `in_flight`.
+    /// None once the Maildir is dropped and nothing is left.
+    fn take(&self, in_flight: bool) -> Option<Vec<Delivery>> {
+        let mut state = self.lock();
+        while state.waiting.is_empty() && !in_flight && !state.closed {
+            state = self.arrived.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        if state.waiting.is_empty() && !in_flight && state.closed {
+            return None;
+        }
+        Some(std::mem::take(&mut state.waiting))
+    }
+}
+
+fn commit_until_closed(files: &Files, queue: &Queue) {
+    let mut written: Vec<Staged> = Vec::new();
+    while let Some(arrived) = queue.take(!written.is_empty()) {
+        written = files.round(arrived, written);
+    }
+}
+
+impl Files {
+    /// One round: write what arrived, publish what the last sync made
+    /// durable, sync once. Returns the deliveries written in this round.
+    fn round(&self, arrived: Vec<Delivery>, data_synced: Vec<Staged>) -> Vec<Staged> {
+        let written: Vec<Staged> = arrived.into_iter().filter_map(|delivery| self.stage(delivery)).collect();
+        let published: Vec<Staged> = data_synced.into_iter().filter_map(|staged| self.publish(staged)).collect();
+        match (self.sync)(&self.file_system) {
+            Ok(()) => {
+                published.into_iter().for_each(|staged| answer(staged.answer, Ok(())));
+                written
+            }
+            Err(error) => {
+                let failed = || io::Error::new(error.kind(), format!("syncing the Maildir's file system: {error}"));
+                for staged in published {
+                    remove_all(&self.paths("new", &staged.names));
+                    answer(staged.answer, Err(failed()));
+                }
+                for staged in written {
+                    remove_all(&self.paths("tmp", &staged.names));
+                    answer(staged.answer, Err(failed()));
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// Write a delivery's files into `tmp/`, all or none (None: it has been
+    /// answered).
+    fn stage(&self, delivery: Delivery) -> Option<Staged> {
+        let names: Vec<String> = delivery.messages.iter().map(|m| self.file_name(m)).collect();
+        let mut staged = Vec::with_capacity(names.len());
+        for (message, name) in delivery.messages.iter().zip(&names) {
             let path = self.root.join("tmp").join(name);
             let written = write_durably(&path, message);
             staged.push(path);
             if let Err(err) = written {
                 remove_all(&staged);
-                return Err(err);
+                answer(delivery.answer, Err(err));
+                return None;
             }
         }
-        if let Err(err) = self.file_system.sync() {
-            remove_all(&staged);
-            return Err(err);
-        }
-        let published = self.publish(&names);
-        remove_all(&staged);
-        published
+        Some(Staged { names, answer: delivery.answer })
     }
 
-    /// Move staged files into `new/`, all or none.
-    fn publish(&self, names: &[String]) -> io::Result<()> {
-        let mut moved = Vec::with_capacity(names.len());
-        let result = names
-            .iter()
-            .try_for_each(|name| {
-                let target = self.root.join("new").join(name);
-                fs::rename(self.root.join("tmp").join(name), &target)?;
-                moved.push(target);
-                Ok(())
-            })
-            .and_then(|()| self.file_system.sync());
-        if result.is_err() {
+    /// Move staged files into `new/`, all or none (None: it has been answered).
+    fn publish(&self, staged: Staged) -> Option<Staged> {
+        let mut moved = Vec::with_capacity(staged.names.len());
+        let result = staged.names.iter().try_for_each(|name| {
+            let target = self.root.join("new").join(name);
+            fs::rename(self.root.join("tmp").join(name), &target)?;
+            moved.push(target);
+            Ok(())
+        });
+        if let Err(err) = result {
             remove_all(&moved);
+            remove_all(&self.paths("tmp", &staged.names));
+            answer(staged.answer, Err(err));
+            return None;
         }
-        result
+        Some(staged)
+    }
+
+    fn paths(&self, sub: &str, names: &[String]) -> Vec<PathBuf> {
+        names.iter().map(|name| self.root.join(sub).join(name)).collect()
     }
 
     fn file_name(&self, message: &Message) -> String {
         let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
         format!("{secs}.{}.{}", message.id, self.host)
     }
+}
+
+/// The session may be gone (its client hung up): then nobody listens.
+fn answer(to: Answer, result: io::Result<()>) {
+    let _ = to.send(result);
 }
 
 /// The envelope, as Postfix's local delivery writes it at the top of a
@@ -199,7 +253,11 @@ fn write_durably(path: &Path, message: &Message) -> io::Result<()> {
 /// dirty on that file system: a busy Maildir wants its own.
 fn sync_file_system(target: &File) -> io::Result<()> {
     // SAFETY: syncfs takes any open descriptor and touches no memory of ours.
-    if unsafe { libc::syncfs(target.as_raw_fd()) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if unsafe { libc::syncfs(target.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn remove_all(paths: &[PathBuf]) {
@@ -214,6 +272,7 @@ mod tests {
     use super::*;
     use crate::parser::Mailbox;
     use bytes::Bytes;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     fn message(body: &'static [u8]) -> Arc<Message> {
         let who = Mailbox::new("a", "b.example");
@@ -230,11 +289,15 @@ mod tests {
         fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect()
     }
 
+    fn deliver(maildir: &Maildir, messages: &[Arc<Message>]) -> io::Result<()> {
+        maildir.submit(messages.to_vec()).blocking_recv().unwrap()
+    }
+
     #[test]
     fn delivered_messages_are_complete_in_new_and_tmp_is_empty() {
         let root = scratch_dir("ok");
         let maildir = Maildir::open(&root).unwrap();
-        maildir.deliver(&[message(b"one\r\n"), message(b"two\r\n")]).unwrap();
+        deliver(&maildir, &[message(b"one\r\n"), message(b"two\r\n")]).unwrap();
         let mut bodies: Vec<Vec<u8>> = entries(&root.join("new")).iter().map(|p| fs::read(p).unwrap()).collect();
         bodies.sort();
         let envelope = b"Return-Path: <a@b.example>\r\nDelivered-To: a@b.example\r\n";
@@ -248,37 +311,44 @@ mod tests {
 
     #[test]
     fn concurrent_deliveries_share_the_syncs() {
+        static SYNCS: AtomicU64 = AtomicU64::new(0);
+        fn counted(target: &File) -> io::Result<()> {
+            SYNCS.fetch_add(1, Ordering::Relaxed);
+            sync_file_system(target)
+        }
         let root = scratch_dir("group");
-        let maildir = Arc::new(Maildir::open(&root).unwrap());
+        let maildir = Arc::new(Maildir::with_sync(root.clone(), counted).unwrap());
         let threads: Vec<_> = (0..16)
             .map(|_| {
                 let maildir = maildir.clone();
-                std::thread::spawn(move || (0..10).for_each(|_| maildir.deliver(&[message(b"x\r\n")]).unwrap()))
+                std::thread::spawn(move || (0..10).for_each(|_| deliver(&maildir, &[message(b"x\r\n")]).unwrap()))
             })
             .collect();
         threads.into_iter().for_each(|thread| thread.join().unwrap());
         assert_eq!(entries(&root.join("new")).len(), 160);
-        let state = maildir.file_system.lock();
-        assert_eq!((state.requested, state.synced, state.running), (320, 320, false));
-        assert!(state.runs < 320, "16 threads delivering at once shared no sync");
+        assert!(entries(&root.join("tmp")).is_empty());
+        // Alone, each delivery would take two rounds.
+        assert!(SYNCS.load(Ordering::Relaxed) < 160, "16 threads delivering at once shared no sync");
         fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
-    fn a_failed_sync_fails_the_deliveries_it_covers() {
-        fn fails_while_the_file_is_empty(target: &File) -> io::Result<()> {
-            match target.metadata()?.len() {
-                0 => Err(io::Error::other("empty")),
-                _ => Ok(()),
+    fn a_failed_sync_fails_the_deliveries_it_covers_and_leaves_nothing() {
+        static FAIL: AtomicBool = AtomicBool::new(true);
+        fn fails_when_told(target: &File) -> io::Result<()> {
+            if FAIL.load(Ordering::Relaxed) {
+                Err(io::Error::other("told to fail"))
+            } else {
+                sync_file_system(target)
             }
         }
         let root = scratch_dir("sync-fails");
-        fs::create_dir_all(&root).unwrap();
-        let path = root.join("target");
-        let sync = GroupSync::new(File::create(&path).unwrap(), fails_while_the_file_is_empty);
-        assert!(sync.sync().is_err());
-        fs::write(&path, b"x").unwrap();
-        assert!(sync.sync().is_ok(), "a later sync is judged on its own");
+        let maildir = Maildir::with_sync(root.clone(), fails_when_told).unwrap();
+        assert!(deliver(&maildir, &[message(b"one\r\n"), message(b"two\r\n")]).is_err());
+        assert!(entries(&root.join("tmp")).is_empty() && entries(&root.join("new")).is_empty());
+        FAIL.store(false, Ordering::Relaxed);
+        deliver(&maildir, &[message(b"three\r\n")]).expect("a later round is judged on its own");
+        assert_eq!(entries(&root.join("new")).len(), 1);
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -287,7 +357,7 @@ mod tests {
         let root = scratch_dir("fail");
         let maildir = Maildir::open(&root).unwrap();
         fs::remove_dir_all(root.join("new")).unwrap();
-        assert!(maildir.deliver(&[message(b"one\r\n")]).is_err());
+        assert!(deliver(&maildir, &[message(b"one\r\n")]).is_err());
         assert!(entries(&root.join("tmp")).is_empty());
         fs::remove_dir_all(root).unwrap();
     }
@@ -300,7 +370,7 @@ mod tests {
         let head = Bytes::from_static(b"Received: by test\r\n");
         let message =
             Message::with_head("id".into(), Mailbox::default(), recipients, head, Bytes::from_static(b"\r\nhi\r\n"));
-        maildir.deliver(&[message]).unwrap();
+        deliver(&maildir, &[message]).unwrap();
         let stored = fs::read(&entries(&root.join("new"))[0]).unwrap();
         assert_eq!(
             stored,
