@@ -8,7 +8,8 @@ Usage::
 
 Options: ``--sessions`` (parallel smtp-source sessions, 16), ``--repeat`` (timed
 runs per cell, 3), ``--seconds`` (target length of a run, 3), ``--idle`` (idle
-connections, 5000), ``--kumo-log-level`` (WARNING).
+connections, 5000), ``--kumo-log-level`` (WARNING), ``--durable-sessions`` (50),
+``--memory-sessions`` (50), ``--memory-megabytes`` (5), ``--memory-seconds`` (4).
 
 Each server runs as its own process on a free 127.0.0.1 port, one after the other:
 
@@ -34,6 +35,24 @@ Then the resident memory per idle connection of kumo_listener (discard) and
 aiosmtpd: RSS of a fresh server process before and after opening ``--idle``
 connections that have read their banner.
 
+Durable delivery: kumo_listener (discard), kumo_listener (maildir) and a private
+Postfix with its queue (``postfix -c DIR start``, its own ``queue_directory`` under
+/var/tmp, ``default_transport = discard``: cleanup fsyncs each message into the
+queue before smtpd's 250) run at the same time, with ``--durable-sessions``
+smtp-source sessions, a new connection per 1 KB message and reused connections;
+their timed runs take turns. The table gives Maildir/discard and Maildir/Postfix.
+A Postfix run counts when its log has a ``status=sent`` line per message sent.
+Server CPU is that of the server's process tree, with the CPU of the children
+it has reaped (``/proc/PID/stat`` utime, stime, cutime, cstime): for Postfix,
+master, smtpd, cleanup, qmgr, the discard transport and the rest.
+
+Memory with big bodies: ``--memory-sessions`` clients each send a message of
+``--memory-megabytes`` over ``--memory-seconds`` and wait before the final dot;
+kumo_listener (maildir), aiosmtpd and the Postfix queue. Memory is the sum of the
+Pss (``/proc/PID/smaps_rollup``) of the server's process tree: before, at the
+pause, and the highest of samples every 0.1 s; for single processes also VmHWM
+(reset through ``clear_refs``) minus VmRSS before.
+
 The harness installs what it lacks: the Debian package ``postfix`` (configured as
 "No configuration", so no mail system is set up; its ports are never used) and
 the PyPI packages ``aiosmtpd`` and ``cryptography``. It raises its own open-file
@@ -57,7 +76,9 @@ does here.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import dataclasses
 import datetime
 import importlib.metadata
 import importlib.util
@@ -75,6 +96,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,8 +153,22 @@ KUMO_DISCARD = ServerKind("kumo_discard", "kumo_listener (discard)")
 KUMO_MAILDIR = ServerKind("kumo_maildir", "kumo_listener (maildir)")
 AIOSMTPD = ServerKind("aiosmtpd", "aiosmtpd")
 SMTP_SINK = ServerKind("smtp_sink", "smtp-sink")
+POSTFIX_QUEUE = ServerKind("postfix_queue", "Postfix (queue, discard transport)")
 SERVERS = (KUMO_DISCARD, KUMO_MAILDIR, AIOSMTPD, SMTP_SINK)
 COUNTED = (KUMO_DISCARD, KUMO_MAILDIR, AIOSMTPD)
+# Durable delivery side by side: what a durable 250 costs, against discarding.
+DURABLE_SERVERS = (KUMO_DISCARD, KUMO_MAILDIR, POSTFIX_QUEUE)
+DURABLE_SHAPES = (
+    Shape("durable_new_connection_1k", "new connection per message, 1 KB", 1024, False, 100, 4),
+    Shape("durable_reused_connection_1k", "reused connections, 1 KB", 1024, True, 200, 20),
+)
+# Bodies held while their sessions are slow: what a server keeps in memory.
+BODY_MEMORY_SERVERS = (KUMO_MAILDIR, AIOSMTPD, POSTFIX_QUEUE)
+BODY_LINE = b"x" * 998 + b"\r\n"
+BODY_CHUNK_LINES = 64
+POSTFIX_LOG_WAIT = 60.0
+POSTFIX_SENT = re.compile(r" status=sent ")
+POSTFIX_TROUBLE = re.compile(r"^.* (fatal|panic|error): .*$", re.MULTILINE)
 
 
 class BenchError(Exception):
@@ -149,6 +185,10 @@ class Settings:
     kumo_log_level: str
     run_timeout: float
     workdir: Path
+    durable_sessions: int
+    memory_sessions: int
+    memory_megabytes: int
+    memory_seconds: float
 
     @property
     def tls_dir(self) -> Path:
@@ -329,17 +369,29 @@ def free_port() -> int:
 @dataclass
 class RunningServer:
     kind: ServerKind
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None
+    """None for Postfix, which puts itself in the background."""
+    pid: int
+    """The process whose tree is the server (Postfix: its master)."""
     port: int
     stderr_path: Path
     count_file: Path | None
     maildir: Path | None
+    postfix_log: PostfixLog | None = None
     stderr_offset: int = 0
 
     def check_alive(self) -> None:
+        if self.process is None:
+            if not Path(f"/proc/{self.pid}").exists():
+                tail = self.stderr_path.read_text(errors="replace")[-4000:]
+                raise BenchError(f"{self.kind.title}: its master process is gone:\n{tail}")
+            return
         if self.process.poll() is not None:
             tail = self.stderr_path.read_text(errors="replace")[-4000:]
             raise BenchError(f"{self.kind.title} exited with {self.process.returncode}:\n{tail}")
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.pid)
 
     def new_log_output(self) -> str:
         """What the server wrote to stderr since the last call."""
@@ -349,12 +401,17 @@ class RunningServer:
         self.stderr_offset += len(data)
         return data.decode(errors="replace")
 
-    def received(self) -> int | None:
-        """The server's message counter (asked for with SIGUSR1), if it has one."""
+    def received(self, at_least: int = 0) -> int | None:
+        """The server's message counter (asked for with SIGUSR1), if it has one.
+
+        Postfix's counter is its log's ``status=sent`` lines: it delivers (to the
+        discard transport) after its 250, so this waits until ``at_least``."""
+        if self.postfix_log is not None:
+            return self.postfix_log.sent(at_least)
         if self.count_file is None:
             return None
         self.count_file.unlink(missing_ok=True)
-        self.process.send_signal(signal.SIGUSR1)
+        os.kill(self.pid, signal.SIGUSR1)
         deadline = time.monotonic() + 10.0
         while not self.count_file.exists():
             self.check_alive()
@@ -405,6 +462,10 @@ def server_command(
 def running_server(
     kind: ServerKind, tools: Tools, settings: Settings, max_connections: int = 32768
 ) -> Iterator[RunningServer]:
+    if kind is POSTFIX_QUEUE:
+        with running_postfix_queue() as server:
+            yield server
+        return
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix=f"{kind.key}-", dir=settings.workdir))
     count_file, maildir = workdir / "received", workdir / "maildir"
@@ -432,6 +493,7 @@ def running_server(
         server = RunningServer(
             kind=kind,
             process=process,
+            pid=process.pid,
             port=port,
             stderr_path=stderr_path,
             count_file=count_file if kind in COUNTED else None,
@@ -449,7 +511,7 @@ def wait_until_ready(server: RunningServer, stdout_path: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         server.check_alive()
-        if server.kind is SMTP_SINK:
+        if server.kind in (SMTP_SINK, POSTFIX_QUEUE):
             with contextlib.suppress(OSError):
                 probe_banner(server.port)
                 return
@@ -473,6 +535,144 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout)
             return
+
+
+# --- a private Postfix instance with its queue --------------------------------------
+
+
+POSTFIX_MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {base}/spool
+data_directory = {base}/lib
+maillog_file = {base}/postfix.log
+maillog_file_prefixes = {base}
+myhostname = postfix-queue.bench.example
+mydestination =
+alias_maps =
+alias_database =
+local_recipient_maps =
+inet_interfaces = all
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+default_transport = discard
+relay_transport = discard
+message_size_limit = 104857600
+default_process_limit = 200
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+smtpd_peername_lookup = no
+in_flow_delay = 0s
+"""
+
+
+@contextlib.contextmanager
+def running_postfix_queue() -> Iterator[RunningServer]:
+    """Postfix with its own configuration and queue under /var/tmp (each directory
+    on the way must be open to the ``postfix`` user): smtpd on a free port,
+    cleanup fsyncs each message into the queue before smtpd's 250, and the
+    ``discard`` transport takes it out again. Anvil's limits are off and
+    ``in_flow_delay`` is 0, so that nothing but the work paces it; no DNS."""
+    port = free_port()
+    base = Path(tempfile.mkdtemp(prefix="kumo-e2e-postfix-", dir="/var/tmp"))
+    base.chmod(0o755)
+    etc, lib = base / "etc", base / "lib"
+    for directory in (etc, base / "spool", lib):
+        directory.mkdir()
+    shutil.chown(lib, "postfix")
+    (etc / "main.cf").write_text(POSTFIX_MAIN_CF.format(base=base))
+    master = Path("/etc/postfix/master.cf").read_text()
+    listener = f"{LOOPBACK}:{port} inet n - n - - smtpd"
+    master, replaced = re.subn(r"(?m)^smtp\s+inet\s.*$", listener, master)
+    if replaced != 1:
+        raise BenchError("no `smtp inet` line in /etc/postfix/master.cf")
+    (etc / "master.cf").write_text(master)
+    subprocess.run(["postconf", "-c", str(etc), "-F", "*/*/chroot = n"], check=True)
+    log_path, stderr_path = base / "postfix.log", base / "start.log"
+    log_path.touch()
+    try:
+        # Postfix prints why it did not start only to a terminal: give it one.
+        start = f"postfix -c {shlex.quote(str(etc))} start"
+        result = subprocess.run(
+            ["script", "-qec", start, "/dev/null"], capture_output=True, text=True
+        )
+        stderr_path.write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise BenchError(f"{start} failed:\n{result.stdout}{result.stderr}")
+        server = RunningServer(
+            kind=POSTFIX_QUEUE,
+            process=None,
+            pid=postfix_master_pid(base / "spool"),
+            port=port,
+            stderr_path=stderr_path,
+            count_file=None,
+            maildir=None,
+            postfix_log=PostfixLog(log_path),
+        )
+        log(f"e2e: started {POSTFIX_QUEUE.title}: {start} (listening on {LOOPBACK}:{port})")
+        wait_until_ready(server, stderr_path)
+        yield server
+    finally:
+        stop_postfix(etc)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def postfix_master_pid(spool: Path) -> int:
+    deadline = time.monotonic() + READY_TIMEOUT
+    pid_file = spool / "pid" / "master.pid"
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            return int(pid_file.read_text().strip())
+        time.sleep(0.05)
+    raise BenchError(f"no {pid_file} after {READY_TIMEOUT:.0f} s")
+
+
+def stop_postfix(etc: Path) -> None:
+    """``postfix stop``; ``postfix abort`` if the master does not end."""
+    for action in ("stop", "abort"):
+        command = ["postfix", "-c", str(etc), action]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(command, capture_output=True, timeout=STOP_TIMEOUT)
+        status = subprocess.run(["postfix", "-c", str(etc), "status"], capture_output=True)
+        if status.returncode != 0:  # not running
+            return
+
+
+@dataclass
+class PostfixLog:
+    """Postfix's log, read as it grows."""
+
+    path: Path
+    offset: int = 0
+    sent_lines: int = 0
+
+    def sent(self, at_least: int) -> int:
+        """Deliveries logged (``status=sent``), once there are ``at_least``, or
+        when none came for ``POSTFIX_LOG_WAIT``; BenchError on a fatal or panic."""
+        deadline = time.monotonic() + POSTFIX_LOG_WAIT
+        while True:
+            before = self.sent_lines
+            self.read_new_lines()
+            if self.sent_lines >= at_least:
+                return self.sent_lines
+            if self.sent_lines > before:
+                deadline = time.monotonic() + POSTFIX_LOG_WAIT
+            elif time.monotonic() > deadline:
+                return self.sent_lines
+            time.sleep(0.05)
+
+    def read_new_lines(self) -> None:
+        with self.path.open("rb") as stream:
+            stream.seek(self.offset)
+            data = stream.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        text = complete.decode(errors="replace")
+        self.sent_lines += len(POSTFIX_SENT.findall(text))
+        trouble = POSTFIX_TROUBLE.search(text)
+        if trouble:
+            raise BenchError(f"Postfix logged: {text[trouble.start() :][:2000]}")
 
 
 # --- throughput ----------------------------------------------------------------------
@@ -508,24 +708,48 @@ def run_load(
     server: RunningServer, command: list[str], timeout: float
 ) -> tuple[subprocess.CompletedProcess[str], Run]:
     """Run a load generator against ``server``: its output, and the run (count 1)."""
-    server_cpu, client_cpu = process_cpu_seconds(server.process.pid), children_cpu_seconds()
+    server_cpu, client_cpu = server.cpu_seconds(), children_cpu_seconds()
     started = time.perf_counter()
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         raise BenchError(f"{shlex.join(command)} timed out after {error.timeout} s") from None
     elapsed = time.perf_counter() - started
-    server_cpu = process_cpu_seconds(server.process.pid) - server_cpu
+    server_cpu = server.cpu_seconds() - server_cpu
     client_cpu = children_cpu_seconds() - client_cpu
     if result.returncode != 0:
         raise BenchError(f"{shlex.join(command)} exited with {result.returncode}:\n{result.stderr}")
     return result, Run(1, elapsed, server_cpu, client_cpu)
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a running process (``/proc/PID/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def process_tree(root: int) -> dict[int, list[str]]:
+    """``/proc/PID/stat`` fields (after the command name) of ``root`` and its
+    descendants, by pid."""
+    stats: dict[int, list[str]] = {}
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree: dict[int, list[str]] = {}
+    pending = [root]
+    while pending:
+        pid = pending.pop()
+        if pid in stats:
+            tree[pid] = stats[pid]
+            pending += children.get(pid, [])
+    return tree
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User and system CPU time of a process and its descendants, with that of
+    the children they have waited for: Postfix's master reaps the smtpd and
+    cleanup processes that exit, so their time stays in the sum."""
+    ticks = sum(sum(map(int, fields[11:15])) for fields in process_tree(root).values())
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_seconds() -> float:
@@ -549,7 +773,7 @@ def check_delivery(
 ) -> None:
     check_server_log(server)
     if counter_before is not None:
-        counted = server.received()
+        counted = server.received(at_least=counter_before + sent)
         assert counted is not None
         if counted - counter_before != sent:
             raise BenchError(
@@ -607,6 +831,56 @@ def measure_server(kind: ServerKind, tools: Tools, settings: Settings) -> dict[s
         return {shape.key: Throughput(error=str(error)) for shape in SHAPES}
 
 
+def measure_durable(tools: Tools, settings: Settings) -> dict[str, dict[str, Throughput]]:
+    """The durable shapes with ``--durable-sessions``: kumo_listener (discard,
+    Maildir) and Postfix with its queue all running at once, their timed runs
+    taking turns, so that whatever else loads the machine falls on each alike."""
+    durable = dataclasses.replace(settings, sessions=settings.durable_sessions)
+    results = {
+        shape.key: {kind.key: Throughput() for kind in DURABLE_SERVERS} for shape in DURABLE_SHAPES
+    }
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, RunningServer] = {}
+        for kind in DURABLE_SERVERS:
+            try:
+                servers[kind.key] = stack.enter_context(running_server(kind, tools, durable))
+            except BenchError as error:
+                log(f"e2e: {kind.title}: {error}")
+                for shape in DURABLE_SHAPES:
+                    results[shape.key][kind.key].error = str(error)
+        for shape in DURABLE_SHAPES:
+            row = results[shape.key]
+            for key, server in servers.items():
+                row[key].messages_per_run = measure_count(server, tools, durable, shape, row[key])
+            for _ in range(durable.repeat):
+                for key, server in servers.items():
+                    if row[key].error is None:
+                        with record_error(row[key]):
+                            count = row[key].messages_per_run
+                            row[key].runs.append(timed_run(server, tools, durable, shape, count))
+            for key, server in servers.items():
+                status = row[key].error or ", ".join(f"{r:,.0f}" for r in row[key].rates)
+                log(f"e2e: durable, {server.kind.title}, {shape.title}: {status} msgs/s")
+    return results
+
+
+def measure_count(
+    server: RunningServer, tools: Tools, settings: Settings, shape: Shape, into: Measured
+) -> int:
+    """The message count of a timed run (0 when the warm-up failed, in ``into.error``)."""
+    with record_error(into):
+        return shape.quick_count if settings.quick else calibrate(server, tools, settings, shape)
+    return 0
+
+
+@contextlib.contextmanager
+def record_error(into: Measured) -> Iterator[None]:
+    try:
+        yield
+    except BenchError as error:
+        into.error = str(error)
+
+
 # --- resident memory per idle connection ---------------------------------------------
 
 
@@ -655,11 +929,11 @@ def measure_idle_memory(kind: ServerKind, tools: Tools, settings: Settings) -> I
         with running_server(kind, tools, settings, max_connections=settings.idle + 100) as server:
             warm_up_connections(server.port, settings.sessions)
             time.sleep(0.5)
-            result.rss_before_kib = rss_kib(server.process.pid)
+            result.rss_before_kib = rss_kib(server.pid)
             open_idle_connections(server.port, settings.idle, connections)
             time.sleep(1.0)
             server.check_alive()
-            result.rss_after_kib = rss_kib(server.process.pid)
+            result.rss_after_kib = rss_kib(server.pid)
             result.connections = len(connections)
             for connection in connections:
                 connection.close()
@@ -670,6 +944,166 @@ def measure_idle_memory(kind: ServerKind, tools: Tools, settings: Settings) -> I
             connection.close()
     status = result.error or f"{result.kib_per_connection:.1f} KiB per connection"
     log(f"e2e: {kind.title}, {settings.idle} idle connections: {status}")
+    return result
+
+
+# --- memory while slow sessions send big messages ---------------------------------
+
+
+@dataclass
+class BodyMemory:
+    """Memory of a server's processes (the sum of their Pss, so that pages they
+    share count once) while ``sessions`` clients each send a big message slowly."""
+
+    sessions: int = 0
+    baseline_kib: int = 0
+    at_pause_kib: int = 0
+    """All bodies sent but for the final dot."""
+    peak_kib: int = 0
+    """The highest of the samples taken every ``MEMORY_SAMPLE_SECONDS``, end of data included."""
+    hwm_growth_kib: int | None = None
+    """Single-process servers: VmHWM at the end minus VmRSS before (exact peak)."""
+    error: str | None = None
+
+    def growth_mib(self, value_kib: int) -> float:
+        return (value_kib - self.baseline_kib) / 1024
+
+
+MEMORY_SAMPLE_SECONDS = 0.1
+
+
+def tree_pss_kib(root: int) -> int:
+    """The proportional set size of a process and its descendants."""
+    total = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
+def status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise BenchError(f"no {key} for process {pid}")
+
+
+class MemorySampler:
+    """Samples the Pss of a process tree in a thread, keeping the highest."""
+
+    def __init__(self, root: int) -> None:
+        self.root, self.peak_kib = root, 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.sample_until_stopped, daemon=True)
+
+    def sample_until_stopped(self) -> None:
+        while not self.stopped.wait(MEMORY_SAMPLE_SECONDS):
+            self.peak_kib = max(self.peak_kib, tree_pss_kib(self.root))
+
+    def __enter__(self) -> MemorySampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+async def read_reply(reader: asyncio.StreamReader, code: bytes) -> None:
+    while True:
+        line = await reader.readline()
+        if not line.startswith(code):
+            raise BenchError(f"expected {code.decode()}, got {line!r}")
+        if line[3:4] != b"-":
+            return
+
+
+async def slow_session(
+    port: int, settings: Settings, paused: asyncio.Queue[None], go: asyncio.Event
+) -> None:
+    """One message of ``--memory-megabytes``, sent over ``--memory-seconds``;
+    then wait for ``go`` before the final dot."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        await read_reply(reader, b"220")
+        for command, code in (
+            (b"EHLO client.example", b"250"),
+            (f"MAIL FROM:<{SENDER}>".encode(), b"250"),
+            (f"RCPT TO:<{RECIPIENT}>".encode(), b"250"),
+            (b"DATA", b"354"),
+        ):
+            writer.write(command + b"\r\n")
+            await read_reply(reader, code)
+        chunk = BODY_LINE * BODY_CHUNK_LINES
+        chunks = settings.memory_megabytes * 1024 * 1024 // len(chunk)
+        for _ in range(chunks):
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(settings.memory_seconds / chunks)
+        paused.put_nowait(None)
+        await go.wait()
+        writer.write(b".\r\n")
+        await read_reply(reader, b"250")
+        writer.write(b"QUIT\r\n")
+        await read_reply(reader, b"221")
+    finally:
+        writer.close()
+
+
+async def slow_sessions(server: RunningServer, settings: Settings, result: BodyMemory) -> None:
+    """Run the sessions; sample memory once all of them wait before their final dot."""
+    paused: asyncio.Queue[None] = asyncio.Queue()
+    go = asyncio.Event()
+    sessions = [
+        asyncio.create_task(slow_session(server.port, settings, paused, go))
+        for _ in range(settings.memory_sessions)
+    ]
+    waiting = asyncio.gather(*sessions)
+    try:
+        for _ in sessions:
+            await asyncio.wait_for(paused.get(), settings.run_timeout)
+        await asyncio.sleep(0.5)  # for the server to read the last bytes
+        result.at_pause_kib = tree_pss_kib(server.pid)
+        go.set()
+        await asyncio.wait_for(waiting, settings.run_timeout)
+    except TimeoutError:
+        raise BenchError("slow sessions timed out") from None
+    finally:
+        waiting.cancel()
+        with contextlib.suppress(BaseException):
+            await waiting
+
+
+def measure_body_memory(kind: ServerKind, tools: Tools, settings: Settings) -> BodyMemory:
+    result = BodyMemory(sessions=settings.memory_sessions)
+    try:
+        with running_server(kind, tools, settings) as server:
+            warm_up_connections(server.port, 4)
+            time.sleep(0.5)
+            result.baseline_kib = tree_pss_kib(server.pid)
+            single = server.process is not None
+            if single:
+                rss_before = status_kib(server.pid, "VmRSS")
+                Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # resets VmHWM
+            with MemorySampler(server.pid) as sampler:
+                asyncio.run(slow_sessions(server, settings, result))
+            result.peak_kib = max(sampler.peak_kib, result.at_pause_kib)
+            if single:
+                result.hwm_growth_kib = status_kib(server.pid, "VmHWM") - rss_before
+            check_server_log(server)
+            counted = server.received(at_least=settings.memory_sessions)
+            if counted is not None and counted < settings.memory_sessions:
+                raise BenchError(f"{counted} messages counted, {settings.memory_sessions} sent")
+    except (BenchError, OSError) as error:
+        result.error = str(error)
+    status = result.error or (
+        f"{result.growth_mib(result.at_pause_kib):,.1f} MiB more at the pause, "
+        f"{result.growth_mib(result.peak_kib):,.1f} MiB more at the peak"
+    )
+    log(f"e2e: {kind.title}, {settings.memory_sessions} slow sessions: {status}")
     return result
 
 
@@ -741,6 +1175,9 @@ class Results:
     """shape key → server key → runs"""
     memory: dict[str, IdleMemory]
     starttls: dict[str, Handshakes]
+    durable: dict[str, dict[str, Throughput]]
+    """durable shape key → server key → runs"""
+    body_memory: dict[str, BodyMemory]
 
 
 def machine_description(settings: Settings) -> dict[str, Any]:
@@ -843,6 +1280,57 @@ def throughput_table(results: dict[str, dict[str, Throughput]]) -> list[str]:
     return lines
 
 
+def durable_ratios(row: dict[str, Throughput]) -> dict[str, float | None]:
+    maildir = row[KUMO_MAILDIR.key].median
+    return {
+        "maildir_over_discard": ratio(maildir, row[KUMO_DISCARD.key].median),
+        "maildir_over_postfix_queue": ratio(maildir, row[POSTFIX_QUEUE.key].median),
+    }
+
+
+def durable_table(results: dict[str, dict[str, Throughput]], sessions: int) -> list[str]:
+    titles = [kind.title for kind in DURABLE_SERVERS]
+    header = [f"durable, {sessions} sessions (msgs/s, median)", *titles]
+    header += ["maildir/discard", "maildir/Postfix queue"]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for shape in DURABLE_SHAPES:
+        row = results[shape.key]
+        ratios = durable_ratios(row)
+        cells = [rate_cell(row[kind.key].median) for kind in DURABLE_SERVERS]
+        cells += [ratio_cell(ratios["maildir_over_discard"])]
+        cells += [ratio_cell(ratios["maildir_over_postfix_queue"])]
+        lines.append(f"| {shape.title} | " + " | ".join(cells) + " |")
+    for shape in DURABLE_SHAPES:
+        cells = [cpu_cell(results[shape.key][kind.key]) for kind in DURABLE_SERVERS]
+        lines.append(
+            f"| CPU µs per message, server / load generator: {shape.title} | "
+            + " | ".join(cells)
+            + " | | |"
+        )
+    return lines
+
+
+def body_memory_table(memory: dict[str, BodyMemory], settings: Settings) -> list[str]:
+    lines = [
+        f"| {settings.memory_sessions} sessions, {settings.memory_megabytes} MB each over "
+        f"{settings.memory_seconds:g} s (MiB) | before | more, before the final dots "
+        "| more, peak (sampled) | more, VmHWM |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for kind in BODY_MEMORY_SERVERS:
+        item = memory[kind.key]
+        if item.error:
+            lines.append(f"| {kind.title} | FAILED | FAILED | FAILED | FAILED |")
+            continue
+        hwm = "n/a" if item.hwm_growth_kib is None else f"{item.hwm_growth_kib / 1024:,.1f}"
+        lines.append(
+            f"| {kind.title} | {item.baseline_kib / 1024:,.1f} "
+            f"| {item.growth_mib(item.at_pause_kib):,.1f} | {item.growth_mib(item.peak_kib):,.1f} "
+            f"| {hwm} |"
+        )
+    return lines
+
+
 def cpu_cell(item: Measured | None) -> str:
     cpu = None if item is None else item.cpu_us()
     return "n/a" if cpu is None else f"{cpu[0]:,.0f} / {cpu[1]:,.0f}"
@@ -906,6 +1394,16 @@ def failures(results: Results) -> list[str]:
         (f"{titles[key]}, idle connections", item.error) for key, item in results.memory.items()
     ]
     labelled += [(f"{titles[key]}, STARTTLS", item.error) for key, item in results.starttls.items()]
+    titles[POSTFIX_QUEUE.key] = POSTFIX_QUEUE.title
+    labelled += [
+        (f"{titles[key]}, durable, {shape.title}", item.error)
+        for shape in DURABLE_SHAPES
+        for key, item in results.durable[shape.key].items()
+    ]
+    labelled += [
+        (f"{titles[key]}, slow sessions with big messages", item.error)
+        for key, item in results.body_memory.items()
+    ]
     found: list[str] = []
     first_seen: dict[str, str] = {}
     for label, error in labelled:
@@ -928,6 +1426,15 @@ def run_details(results: Results) -> list[str]:
                 rates = ", ".join(f"{rate:,.0f}" for rate in item.rates)
                 lines.append(
                     f"- {kind.title}, {shape.title}: {item.messages_per_run} msgs/run; {rates}"
+                )
+    for shape in DURABLE_SHAPES:
+        for kind in DURABLE_SERVERS:
+            item = results.durable[shape.key][kind.key]
+            if item.rates:
+                rates = ", ".join(f"{rate:,.0f}" for rate in item.rates)
+                lines.append(
+                    f"- durable, {kind.title}, {shape.title}: {item.messages_per_run} msgs/run; "
+                    + rates
                 )
     for kind in STARTTLS_SERVERS:
         handshakes = results.starttls[kind.key]
@@ -956,6 +1463,13 @@ def report(machine: dict[str, Any], settings: Settings, results: Results) -> str
         *cpu_table(results),
         "",
         *memory_table(results.memory, settings.idle),
+        "",
+        *durable_table(results.durable, settings.durable_sessions),
+        "",
+        "Memory: the sum of the Pss of the server's processes (Postfix: master and every "
+        "child, smtpd and cleanup included); VmHWM for single processes.",
+        "",
+        *body_memory_table(results.body_memory, settings),
         "",
         "Runs:",
         *run_details(results),
@@ -1009,6 +1523,28 @@ def as_json(machine: dict[str, Any], settings: Settings, results: Results) -> di
         }
         for key, item in results.starttls.items()
     }
+    durable = {
+        shape.key: {
+            "title": shape.title,
+            "sessions": settings.durable_sessions,
+            "reused_connections": shape.reuse,
+            "servers": {
+                kind.key: {
+                    "title": kind.title,
+                    "msgs_per_s_median": item.median,
+                    "msgs_per_s_runs": item.rates,
+                    "cpu_us_per_msg_server_client": item.cpu_us(),
+                    "messages_per_run": item.messages_per_run,
+                    "error": item.error,
+                }
+                for kind in DURABLE_SERVERS
+                for item in [results.durable[shape.key][kind.key]]
+            },
+            "ratios": durable_ratios(results.durable[shape.key]),
+        }
+        for shape in DURABLE_SHAPES
+    }
+    body_memory = {key: dataclasses.asdict(item) for key, item in results.body_memory.items()}
     return {
         "command": sys.orig_argv,
         "machine": machine,
@@ -1019,10 +1555,16 @@ def as_json(machine: dict[str, Any], settings: Settings, results: Results) -> di
             "seconds": settings.seconds,
             "idle_connections": settings.idle,
             "kumo_log_level": settings.kumo_log_level,
+            "durable_sessions": settings.durable_sessions,
+            "memory_sessions": settings.memory_sessions,
+            "memory_megabytes": settings.memory_megabytes,
+            "memory_seconds": settings.memory_seconds,
         },
         "throughput": throughput,
         "idle_memory": idle_memory,
         "starttls": starttls,
+        "durable": durable,
+        "slow_big_messages_memory": body_memory,
     }
 
 
@@ -1042,6 +1584,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--kumo-log-level", default="WARNING", help="kumo_listener --log-level (default WARNING)"
     )
+    parser.add_argument(
+        "--durable-sessions", type=int, default=50, help="sessions of the durable comparison"
+    )
+    parser.add_argument(
+        "--memory-sessions", type=int, help="slow sessions with a big message (default 50, quick 4)"
+    )
+    parser.add_argument(
+        "--memory-megabytes", type=int, default=5, help="size of each slow session's message"
+    )
+    parser.add_argument(
+        "--memory-seconds", type=float, help="how long each slow body takes (default 4, quick 0.5)"
+    )
     return parser.parse_args(argv)
 
 
@@ -1055,6 +1609,10 @@ def settings_from(args: argparse.Namespace, workdir: Path) -> Settings:
         kumo_log_level=args.kumo_log_level,
         run_timeout=60.0 if args.quick else 120.0,
         workdir=workdir,
+        durable_sessions=args.durable_sessions,
+        memory_sessions=args.memory_sessions or (4 if args.quick else 50),
+        memory_megabytes=args.memory_megabytes,
+        memory_seconds=args.memory_seconds or (0.5 if args.quick else 4.0),
     )
 
 
@@ -1078,6 +1636,10 @@ def run(settings: Settings, json_path: Path | None) -> int:
         memory={
             kind.key: measure_idle_memory(kind, tools, settings)
             for kind in (KUMO_DISCARD, AIOSMTPD)
+        },
+        durable=measure_durable(tools, settings),
+        body_memory={
+            kind.key: measure_body_memory(kind, tools, settings) for kind in BODY_MEMORY_SERVERS
         },
     )
     print(report(machine, settings, results), flush=True)
