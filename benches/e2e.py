@@ -609,6 +609,7 @@ def running_postfix_queue() -> Iterator[RunningServer]:
             count_file=None,
             maildir=None,
             postfix_log=PostfixLog(log_path),
+            stderr_offset=stderr_path.stat().st_size,  # "starting the Postfix mail system"
         )
         log(f"e2e: started {POSTFIX_QUEUE.title}: {start} (listening on {LOOPBACK}:{port})")
         wait_until_ready(server, stderr_path)
