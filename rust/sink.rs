@@ -52,9 +52,9 @@ pub struct Maildir {
 struct Files {
     root: PathBuf,
     host: String,
-    /// Held open from the start: `syncfs` reports the write-back errors
-    /// (of the background flusher too) that happened since it was opened.
-    file_system: File,
+    /// `new/`, held open from the start: `syncfs` reports the write-back
+    /// errors (of the background flusher too) since it was opened.
+    new_dir: File,
     sync: fn(&File) -> io::Result<()>,
 }
 
@@ -96,7 +96,7 @@ impl Maildir {
             fs::create_dir_all(root.join(sub))?;
         }
         let host = gethostname::gethostname().to_string_lossy().replace(['/', ':'], "_");
-        let files = Arc::new(Files { file_system: File::open(&root)?, sync, root, host });
+        let files = Arc::new(Files { new_dir: File::open(root.join("new"))?, sync, root, host });
         let queue = Arc::new(Queue::default());
         let (committer_files, committer_queue) = (files.clone(), queue.clone());
         std::thread::Builder::new()
@@ -154,7 +154,7 @@ impl Files {
     fn round(&self, arrived: Vec<Delivery>, data_synced: Vec<Staged>) -> Vec<Staged> {
         let written: Vec<Staged> = arrived.into_iter().filter_map(|delivery| self.stage(delivery)).collect();
         let published: Vec<Staged> = data_synced.into_iter().filter_map(|staged| self.publish(staged)).collect();
-        match (self.sync)(&self.file_system) {
+        match (self.sync)(&self.new_dir) {
             Ok(()) => {
                 published.into_iter().for_each(|staged| answer(staged.answer, Ok(())));
                 written
@@ -249,15 +249,20 @@ fn write_durably(path: &Path, message: &Message) -> io::Result<()> {
 /// `syncfs(2)`: every file's data and metadata on the Maildir's file system,
 /// one cache flush of the device for all of them. Unlike an `fdatasync` per
 /// file and an `fsync` of `new/`, it writes the inode and directory blocks
-/// that the files of a batch share once. It also flushes whatever else is
+/// that the files of a round share once. It also flushes whatever else is
 /// dirty on that file system: a busy Maildir wants its own.
-fn sync_file_system(target: &File) -> io::Result<()> {
+///
+/// Then an `fsync` of `new/`: on a file system without a journal (ext4
+/// without one, as on this project's machine, or ext2) syncfs issues the
+/// cache flush before it waits for the inode and directory blocks it has
+/// written; this second flush covers them. With a journal, syncfs committed
+/// them already, and the fsync is a flush with little left to write.
+fn sync_file_system(new_dir: &File) -> io::Result<()> {
     // SAFETY: syncfs takes any open descriptor and touches no memory of ours.
-    if unsafe { libc::syncfs(target.as_raw_fd()) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    if unsafe { libc::syncfs(new_dir.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
     }
+    new_dir.sync_all()
 }
 
 fn remove_all(paths: &[PathBuf]) {
