@@ -36,18 +36,23 @@ impl Sink {
 /// file system synced, renamed into `new/`, and the file system synced
 /// again, so whatever is in `new/` is complete and survives a crash.
 ///
-/// One thread, the committer, does this for every delivery (group commit):
-/// each round it writes the deliveries that arrived, renames those whose
-/// data the last round's sync made durable, and syncs once for both, so a
-/// round costs one `syncfs` however many deliveries it carries, and no
-/// delivery needs a thread of its own.
+/// A few committer threads do this for every delivery (group commit): each
+/// round, a committer writes the deliveries that arrived, renames those whose
+/// data its last round's sync made durable, and syncs once for both, so a
+/// round costs one sync however many deliveries it carries, and no delivery
+/// needs a thread of its own.
 #[derive(Debug)]
 pub struct Maildir {
     files: Arc<Files>,
     queue: Arc<Queue>,
 }
 
-/// Where and how the committer writes.
+/// Committer threads: each runs its own rounds (its renames wait for its own
+/// syncs), so that while one waits for the device's cache flushes, another
+/// takes what arrived meanwhile, and their flushes overlap.
+const COMMITTERS: usize = 4;
+
+/// Where and how the committers write.
 #[derive(Debug)]
 struct Files {
     root: PathBuf,
@@ -98,10 +103,12 @@ impl Maildir {
         let host = gethostname::gethostname().to_string_lossy().replace(['/', ':'], "_");
         let files = Arc::new(Files { new_dir: File::open(root.join("new"))?, sync, root, host });
         let queue = Arc::new(Queue::default());
-        let (committer_files, committer_queue) = (files.clone(), queue.clone());
-        std::thread::Builder::new()
-            .name("maildir-commit".into())
-            .spawn(move || commit_until_closed(&committer_files, &committer_queue))?;
+        for _ in 0..COMMITTERS {
+            let (committer_files, committer_queue) = (files.clone(), queue.clone());
+            std::thread::Builder::new()
+                .name("maildir-commit".into())
+                .spawn(move || commit_until_closed(&committer_files, &committer_queue))?;
+        }
         Ok(Self { files, queue })
     }
 
@@ -118,7 +125,7 @@ impl Drop for Maildir {
     /// The committer finishes what it holds, then ends.
     fn drop(&mut self) {
         self.queue.lock().closed = true;
-        self.queue.arrived.notify_one();
+        self.queue.arrived.notify_all();
     }
 }
 
