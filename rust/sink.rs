@@ -57,9 +57,6 @@ const COMMITTERS: usize = 4;
 struct Files {
     root: PathBuf,
     host: String,
-    /// `new/`, held open from the start: `syncfs` reports the write-back
-    /// errors (of the background flusher too) since it was opened.
-    new_dir: File,
     sync: fn(&File) -> io::Result<()>,
 }
 
@@ -101,18 +98,22 @@ impl Maildir {
             fs::create_dir_all(root.join(sub))?;
         }
         let host = gethostname::gethostname().to_string_lossy().replace(['/', ':'], "_");
-        let files = Arc::new(Files { new_dir: File::open(root.join("new"))?, sync, root, host });
+        let files = Arc::new(Files { sync, root, host });
         let queue = Arc::new(Queue::default());
         for _ in 0..COMMITTERS {
+            // Its own, held open from the start: `syncfs` reports to each open
+            // file the write-back errors (of the background flusher too) that
+            // happened since it was opened or last reported.
+            let new_dir = File::open(files.root.join("new"))?;
             let (committer_files, committer_queue) = (files.clone(), queue.clone());
             std::thread::Builder::new()
                 .name("maildir-commit".into())
-                .spawn(move || commit_until_closed(&committer_files, &committer_queue))?;
+                .spawn(move || commit_until_closed(&committer_files, &committer_queue, &new_dir))?;
         }
         Ok(Self { files, queue })
     }
 
-    /// Hand messages to the committer; the answer comes once they are durable.
+    /// Hand messages to the committers; the answer comes once they are durable.
     fn submit(&self, messages: Vec<Arc<Message>>) -> oneshot::Receiver<io::Result<()>> {
         let (answer, receiver) = oneshot::channel();
         self.queue.lock().waiting.push(Delivery { messages, answer });
@@ -122,7 +123,7 @@ impl Maildir {
 }
 
 impl Drop for Maildir {
-    /// The committer finishes what it holds, then ends.
+    /// The committers finish what they hold, then end.
     fn drop(&mut self) {
         self.queue.lock().closed = true;
         self.queue.arrived.notify_all();
@@ -148,20 +149,20 @@ impl Queue {
     }
 }
 
-fn commit_until_closed(files: &Files, queue: &Queue) {
+fn commit_until_closed(files: &Files, queue: &Queue, new_dir: &File) {
     let mut written: Vec<Staged> = Vec::new();
     while let Some(arrived) = queue.take(!written.is_empty()) {
-        written = files.round(arrived, written);
+        written = files.round(arrived, written, new_dir);
     }
 }
 
 impl Files {
     /// One round: write what arrived, publish what the last sync made
     /// durable, sync once. Returns the deliveries written in this round.
-    fn round(&self, arrived: Vec<Delivery>, data_synced: Vec<Staged>) -> Vec<Staged> {
+    fn round(&self, arrived: Vec<Delivery>, data_synced: Vec<Staged>, new_dir: &File) -> Vec<Staged> {
         let written: Vec<Staged> = arrived.into_iter().filter_map(|delivery| self.stage(delivery)).collect();
         let published: Vec<Staged> = data_synced.into_iter().filter_map(|staged| self.publish(staged)).collect();
-        match (self.sync)(&self.new_dir) {
+        match (self.sync)(new_dir) {
             Ok(()) => {
                 published.into_iter().for_each(|staged| answer(staged.answer, Ok(())));
                 written
