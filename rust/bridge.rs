@@ -9,7 +9,7 @@
 //! reach Python's `logging`. What a call carries is in [`crate::events`].
 
 use crate::events::{Event, EventKind, Outcome};
-use crate::log::{LogEntry, LogLevel, LogRecord, LogRecords, LOG_ERROR};
+use crate::log::{self, LogEntry, LogFormat, LogLevel, LogRecord, LogRecords, LOG_ERROR};
 use crate::metrics::PolicyLatency;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -178,6 +178,18 @@ impl Bridge {
         if queue.logs.push(wanted, level, || message().into()) {
             self.notify(&mut queue);
         }
+    }
+
+    /// Write the records Python's logger wants to standard error ourselves,
+    /// in `format`, instead of handing them to Python (see [`crate::log`]).
+    pub fn write_logs_directly(&self, format: LogFormat) {
+        self.lock().logs.write_directly(format);
+    }
+
+    /// Write out the lines that [`Bridge::write_logs_directly`] has kept.
+    pub fn flush_logs(&self) {
+        let lines = self.lock().logs.take_direct_output();
+        log::write_to_stderr(&lines);
     }
 
     /// Take the effective level of Python's `kumo_listener` logger, and

@@ -11,6 +11,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -70,6 +71,21 @@ pub fn new_message_id() -> String {
     format!("{nanos:016x}{:08x}{:08x}", *PROCESS_ID, sequence as u32)
 }
 
+/// Now as an RFC 2822 date in local time, formatted once a second per thread.
+fn rfc2822_now() -> String {
+    thread_local! {
+        static LAST: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let second = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    LAST.with_borrow_mut(|(formatted_at, date)| {
+        if *formatted_at != second {
+            *formatted_at = second;
+            *date = chrono::Local::now().to_rfc2822();
+        }
+        date.clone()
+    })
+}
+
 /// KumoMTA's supplemental trace header, added to each split part so that
 /// bounces and feedback reports can be tied back to it.
 pub struct Supplemental<'a> {
@@ -92,10 +108,11 @@ pub fn split(
         BatchHandling::BifurcateAlways => transaction.recipients.iter().map(|r| vec![r.clone()]).collect(),
         BatchHandling::BatchByDomain => group_by_domain(&transaction.recipients),
     };
-    let meta = transaction.meta.snapshot();
     // One part is the transaction itself: its id, the one its `Received:`
-    // header (in the body, for one recipient) and the 250 name.
+    // header (in the body, for one recipient) and the 250 name, and its
+    // metadata store (nobody sees the transaction after the split).
     let single = groups.len() == 1;
+    let meta = if single && supplemental.is_none() { Map::new() } else { transaction.meta.snapshot() };
     groups
         .into_iter()
         .map(|recipients| {
@@ -111,15 +128,14 @@ pub fn split(
                 };
                 head.push_str(&received.render(&id, only));
             }
-            let part = Message::with_head(
+            Arc::new(Message {
                 id,
-                transaction.sender.clone(),
+                sender: transaction.sender.clone(),
                 recipients,
-                Bytes::from(head),
-                transaction.data.clone(),
-            );
-            part.meta.merge(&meta);
-            part
+                head: Bytes::from(head),
+                data: transaction.data.clone(),
+                meta: if single { transaction.meta.clone() } else { MetaStore::from(meta.clone()) },
+            })
         })
         .collect()
 }
@@ -181,7 +197,7 @@ impl ReceivedHeader {
         let start = format!(
             "Received: from {helo_domain} ({address_literal})\r\n\tby {hostname} (kumo_listener) with {protocol}"
         );
-        Self { start, date: chrono::Local::now().to_rfc2822() }
+        Self { start, date: rfc2822_now() }
     }
 
     /// Folded, ending in CRLF; `for <recipient>` only for a message to one
@@ -236,6 +252,27 @@ mod tests {
         assert!(parts.iter().all(|p| p.recipients.len() == 1));
         assert_eq!(parts[0].meta.get_str("tenant").as_deref(), Some("acme"));
         assert_ne!(parts[0].id, parts[1].id);
+    }
+
+    #[test]
+    fn parts_copy_the_metadata_and_a_single_part_keeps_the_transactions() {
+        let several = transaction(&["1@a.example", "2@b.example"]);
+        let parts = split(&several, BatchHandling::BifurcateAlways, None, None);
+        parts[0].meta.set("tenant", "other");
+        assert_eq!(parts[1].meta.get_str("tenant").as_deref(), Some("acme"));
+        assert_eq!(several.meta.get_str("tenant").as_deref(), Some("acme"));
+        let one = transaction(&["1@a.example"]);
+        let parts = split(&one, BatchHandling::BifurcateAlways, None, None);
+        assert_eq!(parts[0].id, one.id);
+        parts[0].meta.set("seen", true);
+        assert_eq!(one.meta.get("seen"), Some(Value::Bool(true)), "one part is the transaction itself");
+    }
+
+    #[test]
+    fn the_date_of_trace_headers_is_local_time_of_now() {
+        let before = chrono::Local::now().timestamp();
+        let date = chrono::DateTime::parse_from_rfc2822(&rfc2822_now()).unwrap().timestamp();
+        assert!((before..=before + 2).contains(&date), "{date} is not now ({before})");
     }
 
     #[test]

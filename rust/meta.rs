@@ -8,9 +8,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 #[derive(Clone, Debug, Default)]
 pub struct MetaStore(Arc<Mutex<Map<String, Value>>>);
 
+impl From<Map<String, Value>> for MetaStore {
+    fn from(map: Map<String, Value>) -> Self {
+        Self(Arc::new(Mutex::new(map)))
+    }
+}
+
 impl MetaStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Replace the contents with a copy of `other`'s (one copy, where a
+    /// merge into an empty store would make two).
+    pub fn copy_from(&self, other: &MetaStore) {
+        let copy = other.snapshot();
+        *self.lock() = copy;
     }
 
     pub fn get(&self, name: &str) -> Option<Value> {

@@ -92,7 +92,7 @@ def serve(args: argparse.Namespace) -> int:
     except privileges.PrivilegeError as error:
         print(f"kumo-listener: {error}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level, args.log_format)
+    handler = configure_logging(args.log_level, args.log_format)
     if become is not None and args.sink == "maildir":
         # Created here as root, owned by the user, before the server (or the
         # workers) open it.
@@ -108,6 +108,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.policy:
         runpy.run_path(args.policy, run_name="kumo_policy")
     server = default_server()
+    if logging_is_the_clis(handler):
+        server.write_logs_directly(args.log_format)
     has_init = server.policy.handler("init") is not None
     if has_init and args.listen:
         print("kumo-listener: --listen conflicts with the policy's init handler", file=sys.stderr)
@@ -140,13 +142,24 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def configure_logging(level: str, log_format: str) -> None:
+def configure_logging(level: str, log_format: str) -> logging.Handler:
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    return handler
+
+
+def logging_is_the_clis(handler: logging.Handler) -> bool:
+    """Whether the core's records would only reach ``handler``: then the core
+    writes them itself, in the same format. A policy that adds handlers or
+    filters keeps them going through ``logging``."""
+    ours = logging.getLogger("kumo_listener")
+    root = logging.getLogger()
+    only_ours = root.handlers == [handler] and ours.propagate
+    return only_ours and not (ours.handlers or ours.filters or root.filters)
 
 
 def serve_metrics(server: Server, address: str) -> None:

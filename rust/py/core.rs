@@ -6,7 +6,7 @@ use super::ParamsError;
 use crate::bridge::{Bridge, Call, DEFAULT_BUSY_AT};
 use crate::driver::Driver;
 use crate::events::{self, Event, EventKind, Outcome, Response};
-use crate::log::LogRecord;
+use crate::log::{LogFormat, LogRecord};
 use crate::metrics::{ListenerMetrics, LATENCY_BUCKETS};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
 use crate::server::{self, ServerState};
@@ -105,7 +105,22 @@ impl PyCore {
     fn drive(&self, py: Python<'_>, watched: i32, timeout: Option<f64>) -> PyResult<bool> {
         // Too large to represent (or NaN): no limit.
         let timeout = timeout.and_then(|seconds| Duration::try_from_secs_f64(seconds.max(0.0)).ok());
-        py.detach(|| self.driver.drive(&self.state.bridge, watched, timeout)).map_err(os_error)
+        py.detach(|| {
+            let readable = self.driver.drive(&self.state.bridge, watched, timeout);
+            self.state.bridge.flush_logs();
+            readable
+        })
+        .map_err(os_error)
+    }
+
+    /// Write the core's records to standard error in `format` (`"text"` or
+    /// `"json"`, as `kumo-listener serve --log-format`), rather than hand
+    /// them to the `kumo_listener` logger; its level still decides which.
+    fn write_logs_directly(&self, format: &str) -> PyResult<()> {
+        let format = LogFormat::from_name(format)
+            .ok_or_else(|| PyValueError::new_err(format!("log format {format:?}: expected \"text\" or \"json\"")))?;
+        self.state.bridge.write_logs_directly(format);
+        Ok(())
     }
 
     /// Stop watching the descriptor `drive` watched; call before closing it.
@@ -127,8 +142,9 @@ impl PyCore {
 
     /// Queued policy calls and log records `(level, message)`.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<(Vec<PyJob>, Vec<LogTuple<'py>>)> {
-        let (calls, logs) = self.state.bridge.take();
         let bridge = &self.state.bridge;
+        let (calls, logs) = bridge.take();
+        bridge.flush_logs();
         let jobs = calls.into_iter().map(|call| PyJob::new(call, bridge.clone())).collect();
         Ok((jobs, logs.into_iter().map(|record| log_tuple(py, record)).collect::<PyResult<_>>()?))
     }

@@ -330,7 +330,7 @@ impl<S: Transport> Session<S> {
         let head = received.as_ref().map_or_else(Bytes::new, |received| Bytes::from(received.render(&id, None)));
         let message = Message::with_head(id, transaction.sender, transaction.recipients, head, Bytes::from(data));
         // As in KumoMTA, a message starts with a copy of its connection's metadata.
-        message.meta.merge(&self.meta.snapshot());
+        message.meta.copy_from(&self.meta);
         if transaction.params.smtputf8 {
             message.meta.set("reception_protocol", self.protocol_of(true));
         }
