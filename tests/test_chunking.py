@@ -82,7 +82,11 @@ def test_pipelined_chunks_are_data_not_commands(address, raw, maildir):
         + b"NOOP\r\n"
     )
     got = replies(client, 5)
-    assert got[:3] == [(250, "2.1.0 OK"), (250, "2.1.5 OK"), (250, f"2.0.0 {len(first)} octets received")]
+    assert got[:3] == [
+        (250, "2.1.0 OK"),
+        (250, "2.1.5 OK"),
+        (250, f"2.0.0 {len(first)} octets received"),
+    ]
     assert got[3][0] == 250 and got[3][1].startswith("2.0.0 OK ids=")
     assert got[4] == (250, "2.0.0 OK")
     assert stored_bodies(maildir) == [first + second]
@@ -107,7 +111,10 @@ def test_a_chunk_cut_short_by_a_closed_socket_stores_nothing(address, raw, maild
     client.close()
 
     def disconnect_logged() -> bool:
-        return any("disconnect from" in r.getMessage() and "bdat=1" in r.getMessage() for r in kumo_log.records)
+        return any(
+            "disconnect from" in r.getMessage() and "bdat=1" in r.getMessage()
+            for r in kumo_log.records
+        )
 
     assert wait_for(disconnect_logged), [r.getMessage() for r in kumo_log.records]
     assert not (maildir / "new").exists() or delivered(maildir) == []
@@ -157,7 +164,9 @@ def test_data_after_bdat_and_bdat_without_a_transaction(address, raw):
     ehlo(client)
     client.send(bdat(b"MAIL FROM:<a@b.example>\r\n", last=True) + b"RSET\r\n")
     assert replies(client, 2) == [(503, "5.5.1 need MAIL command first"), (250, "2.0.0 OK")]
-    client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@d.example>\r\n" + bdat(b"abc") + b"DATA\r\n")
+    client.send(
+        b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@d.example>\r\n" + bdat(b"abc") + b"DATA\r\n"
+    )
     assert replies(client, 4)[3] == (503, "5.5.1 DATA after BDAT, send RSET")
 
 
@@ -168,7 +177,9 @@ def test_data_after_bdat_and_bdat_without_a_transaction(address, raw):
 def exim() -> Path:
     """Exim 4 from Debian's packages, unpacked by tools/exim.sh (idempotent),
     which needs root: failing, not skipping, where it can't run."""
-    result = subprocess.run(["bash", str(INSTALL_EXIM)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["bash", str(INSTALL_EXIM)], capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         pytest.fail(f"tools/exim.sh failed (it needs root and Debian's archive):\n{result.stderr}")
     return EXIM
@@ -218,7 +229,10 @@ begin retry
 
     def run(self, *args: str, stdin: bytes = b"") -> bytes:
         result = subprocess.run(
-            [str(self.binary), "-C", str(self.config), *args], input=stdin, capture_output=True, timeout=120
+            [str(self.binary), "-C", str(self.config), *args],
+            input=stdin,
+            capture_output=True,
+            timeout=120,
         )
         assert result.returncode == 0, (args, result.stderr)
         return result.stdout
@@ -252,7 +266,10 @@ def eight_bit_body() -> bytes:
     """Lines of every byte but NUL, CR and LF (some starting with a dot)."""
     generator = random.Random(3030)
     alphabet = bytes(b for b in range(1, 256) if b not in b"\r\n")
-    lines = [bytes(generator.choice(alphabet) for _ in range(generator.randrange(0, 900))) for _ in range(200)]
+    lines = [
+        bytes(generator.choice(alphabet) for _ in range(generator.randrange(0, 900)))
+        for _ in range(200)
+    ]
     return b"\n".join([b".", b"..dot", *lines]) + b"\n"
 
 
@@ -271,7 +288,9 @@ def test_exim_sends_by_bdat_and_every_message_is_stored_byte_exact(exim_client, 
     exim_client.run("-qqff")
 
     def deliveries() -> list[str]:
-        return [line for line in exim_client.mainlog().splitlines() if " => x@local.example" in line]
+        return [
+            line for line in exim_client.mainlog().splitlines() if " => x@local.example" in line
+        ]
 
     assert wait_for(lambda: len(deliveries()) == len(sent), within=60), exim_client.mainlog()
     log = exim_client.mainlog()
