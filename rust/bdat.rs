@@ -191,7 +191,10 @@ mod tests {
     fn chunks_are_stored_as_sent_without_unstuffing() {
         let chunks: [&[u8]; 3] = [b"a: b\r\n\r\n.x\r", b"\n.\r\n", b"end\r\n"];
         for mode in [LineEndings::Deny, LineEndings::Allow, LineEndings::Fix] {
-            assert_eq!(receive(limits(mode), false, &chunks), (DataVerdict::Accept, b"a: b\r\n\r\n.x\r\n.\r\nend\r\n".to_vec()));
+            assert_eq!(
+                receive(limits(mode), false, &chunks),
+                (DataVerdict::Accept, b"a: b\r\n\r\n.x\r\n.\r\nend\r\n".to_vec())
+            );
         }
     }
 
@@ -200,16 +203,25 @@ mod tests {
         let chunks: [&[u8]; 3] = [b"a\nb\r", b"c\r", b""];
         assert_eq!(receive(limits(LineEndings::Deny), false, &chunks).0, DataVerdict::BareLineEnding);
         assert_eq!(receive(limits(LineEndings::Allow), false, &chunks), (DataVerdict::Accept, b"a\nb\rc\r".to_vec()));
-        assert_eq!(receive(limits(LineEndings::Fix), false, &chunks), (DataVerdict::Accept, b"a\r\nb\r\nc\r\n".to_vec()));
+        assert_eq!(
+            receive(limits(LineEndings::Fix), false, &chunks),
+            (DataVerdict::Accept, b"a\r\nb\r\nc\r\n".to_vec())
+        );
         // A CR ending one chunk and an LF starting the next make a CRLF.
-        assert_eq!(receive(limits(LineEndings::Deny), false, &[b"a\r", b"\nb"]), (DataVerdict::Accept, b"a\r\nb".to_vec()));
+        assert_eq!(
+            receive(limits(LineEndings::Deny), false, &[b"a\r", b"\nb"]),
+            (DataVerdict::Accept, b"a\r\nb".to_vec())
+        );
     }
 
     #[test]
     fn binarymime_has_no_lines_only_a_size() {
         let binary: &[u8] = b"\0\r\x80\n\xff\r\r";
         let long = [b'x'; 50];
-        assert_eq!(receive(limits(LineEndings::Deny), true, &[binary, &long]), (DataVerdict::Accept, [binary, &long].concat()));
+        assert_eq!(
+            receive(limits(LineEndings::Deny), true, &[binary, &long]),
+            (DataVerdict::Accept, [binary, &long].concat())
+        );
         assert_eq!(receive(limits(LineEndings::Deny), false, &[&long]).0, DataVerdict::LineTooLong);
         assert_eq!(receive(limits(LineEndings::Deny), true, &[&long, &long, b"x"]).0, DataVerdict::TooBig);
     }

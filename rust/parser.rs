@@ -1440,7 +1440,8 @@ mod tests {
     #[test]
     fn commands_that_end_a_pipelining_group() {
         let ending = ["EHLO x", "HELO x", "DATA", "NOOP", "VRFY x"];
-        let not_ending = ["MAIL FROM:<a@b.example>", "RCPT TO:<a@b.example>", "RSET", "QUIT", "STARTTLS", "BDAT 5", "BDAT 0 LAST"];
+        let not_ending =
+            ["MAIL FROM:<a@b.example>", "RCPT TO:<a@b.example>", "RSET", "QUIT", "STARTTLS", "BDAT 5", "BDAT 0 LAST"];
         for line in ending {
             assert!(parse_command(line.as_bytes()).unwrap().ends_pipelining_group(), "{line}");
         }

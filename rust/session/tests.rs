@@ -866,7 +866,10 @@ async fn bdat_chunks_are_read_exactly_even_when_pipelined_with_commands() {
     pipelined.extend_from_slice(b"NOOP\r\n");
     client.send(&pipelined).await;
     let replies = codes_of(&mut client, 5).await;
-    assert_eq!(replies[..3], [(250, "2.1.0 OK".into()), (250, "2.1.5 OK".into()), (250, "2.0.0 23 octets received".into())]);
+    assert_eq!(
+        replies[..3],
+        [(250, "2.1.0 OK".into()), (250, "2.1.5 OK".into()), (250, "2.0.0 23 octets received".into())]
+    );
     assert!(replies[3].0 == 250 && replies[3].1.starts_with("2.0.0 OK ids="), "{replies:?}");
     assert_eq!(replies[4], (250, "2.0.0 OK".into()));
     assert_eq!(seen.take(), ["Subject: x\r\n\r\n.\r\nRSET\r\nQUIT\r\n..\r\n"]);

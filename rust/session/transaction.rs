@@ -170,13 +170,8 @@ impl<S: Transport> Session<S> {
             return Ok(());
         }
         self.transactions_started += 1;
-        self.transaction = Some(Transaction {
-            sender,
-            params,
-            recipients: Vec::new(),
-            chunks: None,
-            relay_from_sender_domain: None,
-        });
+        self.transaction =
+            Some(Transaction { sender, params, recipients: Vec::new(), chunks: None, relay_from_sender_domain: None });
         self.send(&Reply::new(250, "2.1.0", "OK"));
         Ok(())
     }
