@@ -16,6 +16,7 @@ from pathlib import Path
 import kumo_listener as kumo
 import pytest
 from conftest import RawClient, delivered, without_envelope
+from test_hostile import RssWatch
 
 EXIM = Path("/usr/sbin/exim4")
 INSTALL_EXIM = Path(__file__).resolve().parent.parent / "tools" / "exim.sh"
@@ -148,6 +149,24 @@ def test_a_message_over_max_message_size_is_refused_chunk_by_chunk(address, raw,
         too_big,
         (250, "2.1.0 OK"),
     ]
+    assert not (maildir / "new").exists() or delivered(maildir) == []
+
+
+def test_a_chunk_too_big_is_discarded_in_bounded_memory(address, raw, maildir):
+    client = raw(address)
+    ehlo(client)
+    size = 100 * 1024 * 1024
+    client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@d.example>\r\n")
+    assert [code for code, _ in replies(client, 2)] == [250, 250]
+    watch = RssWatch()
+    client.send(f"BDAT {size} LAST\r\n".encode())
+    piece = b"x" * (1024 * 1024)
+    for _ in range(size // len(piece)):
+        client.send(piece)
+        watch.sample()
+    assert replies(client, 1) == [(552, "5.3.4 message size exceeds fixed maximum message size")]
+    assert watch.growth_mib() < 30, f"{watch.growth_mib():.1f} MiB for a {size >> 20} MiB chunk"
+    assert client.command("MAIL FROM:<a@b.example>")[0] == 250, "LAST ended the transaction"
     assert not (maildir / "new").exists() or delivered(maildir) == []
 
 
