@@ -17,6 +17,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install --quiet --disable-pip-version-check ".[test]"
+# Exim, the real BDAT client of tests/test_chunking.py, unpacked beside
+# Postfix rather than installed (their packages conflict).
+bash tools/exim.sh
 
 # Without the `python` feature nothing links libpython: the unit tests,
 # benches and fuzz targets run as they are. Clippy checks the crate both

@@ -52,6 +52,11 @@ fn check_command(line: &[u8], command: &Command) {
         Command::Auth { mechanism, .. } => {
             assert!(!mechanism.is_empty() && *mechanism == mechanism.to_ascii_uppercase(), "{command:?}");
         }
+        Command::Bdat { size, .. } => {
+            let digits = text.split_whitespace().nth(1).expect("BDAT has a size");
+            assert_eq!(digits.parse::<u64>().ok(), Some(*size), "{command:?}");
+            assert!(digits.bytes().all(|byte| byte.is_ascii_digit()), "{command:?}");
+        }
         Command::Ehlo(name) | Command::Helo(name) => {
             assert!(!name.is_empty() && !name.contains([' ', '\t']), "{command:?}");
         }

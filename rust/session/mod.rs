@@ -9,9 +9,10 @@
 //! A session sees only its [`SessionContext`]; it is split by phase:
 //! [`connect`](self) (parameters, PROXY header, greeting), `io` (reading,
 //! writing, the two reply verbs), `transaction` (EHLO to the end of DATA),
-//! `starttls`, `auth` and `xclient`.
+//! `chunking` (BDAT), `starttls`, `auth` and `xclient`.
 
 mod auth;
+mod chunking;
 mod connect;
 mod io;
 mod record;
@@ -190,6 +191,7 @@ impl<S: Transport> Session<S> {
     async fn dispatch(&mut self, parsed: Result<Command, ParseError>) -> Step {
         let command = match parsed {
             Ok(command) => command,
+            Err(error) if error.ends_session() => return Err(self.close(error.reply())),
             Err(error) => return self.refuse(error.reply()),
         };
         match command {
@@ -198,6 +200,7 @@ impl<S: Transport> Session<S> {
             Command::MailFrom { reverse_path, params } => self.mail_from(reverse_path, params).await,
             Command::RcptTo { forward_path } => self.rcpt_to(forward_path).await,
             Command::Data => self.data().await,
+            Command::Bdat { size, last } => self.bdat(size, last).await,
             Command::Rset => {
                 self.transaction = None;
                 self.send(&OK);
@@ -225,7 +228,7 @@ impl<S: Transport> Session<S> {
     /// The commands available now: STARTTLS before TLS, AUTH when offered,
     /// XCLIENT when this client may use it.
     fn help(&self) -> Reply {
-        let mut text = String::from("commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP");
+        let mut text = String::from("commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
         if !self.stream.is_tls() {
             text.push_str(" STARTTLS");
         }

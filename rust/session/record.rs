@@ -12,9 +12,9 @@ use std::time::Instant;
 
 /// Command names in the order Postfix lists them; `unknown` counts lines
 /// that did not parse.
-const VERBS: [&str; 14] = [
-    "helo", "ehlo", "starttls", "auth", "xclient", "mail", "rcpt", "data", "rset", "noop", "vrfy", "help", "quit",
-    "unknown",
+const VERBS: [&str; 15] = [
+    "helo", "ehlo", "starttls", "auth", "xclient", "mail", "rcpt", "data", "bdat", "rset", "noop", "vrfy", "help",
+    "quit", "unknown",
 ];
 const UNKNOWN: usize = VERBS.len() - 1;
 
@@ -49,11 +49,12 @@ fn slot<E>(line: &[u8], parsed: &Result<Command, E>) -> usize {
         Command::MailFrom { .. } => 5,
         Command::RcptTo { .. } => 6,
         Command::Data => 7,
-        Command::Rset => 8,
-        Command::Noop => 9,
-        Command::Vrfy(_) => 10,
-        Command::Help => 11,
-        Command::Quit => 12,
+        Command::Bdat { .. } => 8,
+        Command::Rset => 9,
+        Command::Noop => 10,
+        Command::Vrfy(_) => 11,
+        Command::Help => 12,
+        Command::Quit => 13,
     }
 }
 

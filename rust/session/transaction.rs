@@ -1,6 +1,7 @@
 //! EHLO/HELO and the mail transaction: MAIL, RCPT (with the relaying
 //! decision), DATA, and the hand-over to policy and the sink.
 
+use super::chunking::Chunks;
 use super::io::MIN_READ;
 use super::{Session, Step, Stop};
 use crate::events::{Event, EventKind, Response};
@@ -9,7 +10,7 @@ use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
 use crate::message::{self, Message, ReceivedHeader, ReceivedInfo, Supplemental};
 use crate::metrics;
 use crate::params::ListenerDomain;
-use crate::parser::{MailParams, Mailbox, ReversePath};
+use crate::parser::{Body, MailParams, Mailbox, ReversePath};
 use crate::reply::Reply;
 use crate::stream::Transport;
 use bytes::{Buf, Bytes};
@@ -21,18 +22,27 @@ use tokio::time::Instant;
 /// The most a body buffer is sized up front from `MAIL FROM ... SIZE=`.
 const MAX_SIZE_HINT: usize = 1 << 20;
 
+/// What `MAIL FROM ... SIZE=` announced, trusted up to [`MAX_SIZE_HINT`]
+/// only: a client could announce 20 MB and send nothing.
+pub(super) fn size_hint(transaction: &Transaction) -> usize {
+    transaction.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX)).min(MAX_SIZE_HINT)
+}
+
 /// The slowest DATA transfer tolerated, in bytes per second (Postfix's
 /// `smtpd_min_data_rate`): each byte received extends the DATA deadline by
 /// this much, so trickling keeps no connection alive for long.
 const MIN_DATA_RATE: f64 = 500.0;
 
-const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "need MAIL command first");
+pub(super) const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "need MAIL command first");
+pub(super) const NEED_RCPT: Reply = Reply::new(503, "5.5.1", "need RCPT command first");
 const NON_ASCII: Reply = Reply::new(553, "5.6.7", "non-ASCII address requires SMTPUTF8");
 
 pub(super) struct Transaction {
     sender: Mailbox,
-    params: MailParams,
-    recipients: Vec<Mailbox>,
+    pub(super) params: MailParams,
+    pub(super) recipients: Vec<Mailbox>,
+    /// The message being received with BDAT, from its first chunk on.
+    pub(super) chunks: Option<Chunks>,
     /// Whether `get_listener_domain` lets this peer relay mail from the
     /// sender's domain; asked at the first RCPT that needs it.
     relay_from_sender_domain: Option<bool>,
@@ -47,6 +57,8 @@ impl<S: Transport> Session<S> {
             "SMTPUTF8".into(),
             format!("SIZE {}", self.params.max_message_size),
             "DSN".into(),
+            "CHUNKING".into(),
+            "BINARYMIME".into(),
         ];
         if self.params.allow_xclient {
             extensions.push("XCLIENT ADDR PORT DESTADDR DESTPORT HELO NAME LOGIN PROTO".into());
@@ -158,7 +170,8 @@ impl<S: Transport> Session<S> {
             return Ok(());
         }
         self.transactions_started += 1;
-        self.transaction = Some(Transaction { sender, params, recipients: Vec::new(), relay_from_sender_domain: None });
+        self.transaction =
+            Some(Transaction { sender, params, recipients: Vec::new(), chunks: None, relay_from_sender_domain: None });
         self.send(&Reply::new(250, "2.1.0", "OK"));
         Ok(())
     }
@@ -262,43 +275,66 @@ impl<S: Transport> Session<S> {
         let Some(transaction) = self.transaction.take() else {
             return self.refuse(NEED_MAIL);
         };
-        if transaction.recipients.is_empty() {
+        // RFC 3030 §2 and §3: DATA neither after BDAT nor for BINARYMIME.
+        let refusal = if transaction.chunks.is_some() {
+            Some(Reply::new(503, "5.5.1", "DATA after BDAT, send RSET"))
+        } else if transaction.params.body == Some(Body::BinaryMime) {
+            Some(Reply::new(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA"))
+        } else if transaction.recipients.is_empty() {
+            Some(NEED_RCPT)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
             self.transaction = Some(transaction);
-            return self.refuse(Reply::new(503, "5.5.1", "need RCPT command first"));
+            return self.refuse(refusal);
         }
         self.send(&Reply::bare(354, "end data with <CR><LF>.<CR><LF>"));
         self.flush().await?;
-        // With one recipient, the trace header (naming it) goes first into
-        // the buffer the body is read into, so that prepending it costs no
-        // copy. With several, each split part gets its own, naming its
-        // recipient when it has only one, kept apart from the shared body.
-        // Its time is DATA's, as in Postfix.
         let id = message::new_message_id();
-        let received = self.trace_header(&transaction);
-        let (in_body, per_part) = match (received, transaction.recipients.as_slice()) {
-            (Some(received), [only]) => (received.render(&id, Some(only)), None),
-            (received, _) => (String::new(), received),
-        };
-        let size_hint = transaction.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX));
-        let (verdict, data) = self.read_body(&in_body, size_hint).await?;
+        let (in_body, per_part) = self.trace_placement(&transaction, &id);
+        let (verdict, data) = self.read_body(&in_body, size_hint(&transaction)).await?;
         match verdict.refusal() {
             None => self.accept_message(id, transaction, data, per_part).await,
             Some(refusal) => self.refuse(refusal),
         }
     }
 
-    /// The message after our trace header `header`: the returned bytes
-    /// start with it unless the message is refused.
-    async fn read_body(&mut self, header: &str, size_hint: usize) -> Result<(DataVerdict, Vec<u8>), Stop> {
-        let limits = DataLimits {
+    /// Where the trace header goes: with one recipient, the header (naming
+    /// it) is returned to go first into the buffer the body is read into,
+    /// so that prepending it costs no copy. With several, each split part
+    /// gets its own, naming its recipient when it has only one, kept apart
+    /// from the shared body. Its time is DATA's (or the first BDAT's), as in Postfix.
+    pub(super) fn trace_placement(&self, transaction: &Transaction, id: &str) -> (String, Option<ReceivedHeader>) {
+        let received = self.trace_header(transaction);
+        match (received, transaction.recipients.as_slice()) {
+            (Some(received), [only]) => (received.render(id, Some(only)), None),
+            (received, _) => (String::new(), received),
+        }
+    }
+
+    /// The deadline of the next read of a message's bytes, `received` of them
+    /// in since `started`: idle for `client_timeout`, or slower than
+    /// MIN_DATA_RATE overall.
+    pub(super) fn data_deadline(&self, started: Instant, received: usize) -> Instant {
+        let earned = Duration::from_secs_f64(received as f64 / MIN_DATA_RATE);
+        (Instant::now() + self.params.client_timeout).min(started + self.params.client_timeout + earned)
+    }
+
+    /// The limits on a message's content, whichever verb carries it.
+    pub(super) fn data_limits(&self) -> DataLimits {
+        DataLimits {
             max_message_size: self.params.max_message_size,
             max_line_length: self.params.line_length_hard_limit,
             line_endings: self.params.invalid_line_endings,
-        };
-        let mut framer = DataFramer::new(limits);
-        // Trust SIZE= only so far: a client could announce 20 MB and send nothing.
-        let expected =
-            size_hint.min(MAX_SIZE_HINT).max(self.input.len()).max(MIN_READ).min(self.params.max_message_size);
+        }
+    }
+
+    /// The message after our trace header `header`: the returned bytes
+    /// start with it unless the message is refused.
+    async fn read_body(&mut self, header: &str, size_hint: usize) -> Result<(DataVerdict, Vec<u8>), Stop> {
+        let mut framer = DataFramer::new(self.data_limits());
+        let expected = size_hint.max(self.input.len()).max(MIN_READ).min(self.params.max_message_size);
         let mut body = Vec::with_capacity(header.len() + expected);
         body.extend_from_slice(header.as_bytes());
         let started = Instant::now();
@@ -310,17 +346,14 @@ impl<S: Transport> Session<S> {
             if fed.done {
                 return Ok((framer.verdict(), body));
             }
-            // Idle for `client_timeout`, or slower than MIN_DATA_RATE overall.
-            let earned = Duration::from_secs_f64(received as f64 / MIN_DATA_RATE);
-            let deadline =
-                (Instant::now() + self.params.client_timeout).min(started + self.params.client_timeout + earned);
+            let deadline = self.data_deadline(started, received);
             let filled = self.fill(deadline, self.params.data_buffer_size).await;
             filled.map_err(|error| self.read_failed(error))?;
         }
     }
 
     /// `received`: the `Received:` header of each part, when it is not in `data`.
-    async fn accept_message(
+    pub(super) async fn accept_message(
         &mut self,
         id: String,
         transaction: Transaction,
