@@ -112,7 +112,7 @@ pub fn split(
     // header (in the body, for one recipient) and the 250 name, and its
     // metadata store (nobody sees the transaction after the split).
     let single = groups.len() == 1;
-    let meta = if single && supplemental.is_none() { Map::new() } else { transaction.meta.snapshot() };
+    let meta = if supplemental.is_some() { transaction.meta.snapshot() } else { Map::new() };
     groups
         .into_iter()
         .map(|recipients| {
@@ -134,7 +134,7 @@ pub fn split(
                 recipients,
                 head: Bytes::from(head),
                 data: transaction.data.clone(),
-                meta: if single { transaction.meta.clone() } else { MetaStore::from(meta.clone()) },
+                meta: if single { transaction.meta.clone() } else { transaction.meta.copy() },
             })
         })
         .collect()
