@@ -10,11 +10,11 @@ use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
 use std::time::Instant;
 
-/// Command names in the order Postfix lists them; `unknown` counts lines
-/// that did not parse.
-const VERBS: [&str; 14] = [
+/// Command names in the order Postfix lists them (and LMTP's `lhlo`);
+/// `unknown` counts lines that did not parse.
+const VERBS: [&str; 15] = [
     "helo", "ehlo", "starttls", "auth", "xclient", "mail", "rcpt", "data", "rset", "noop", "vrfy", "help", "quit",
-    "unknown",
+    "lhlo", "unknown",
 ];
 const UNKNOWN: usize = VERBS.len() - 1;
 
@@ -54,6 +54,7 @@ fn slot<E>(line: &[u8], parsed: &Result<Command, E>) -> usize {
         Command::Vrfy(_) => 10,
         Command::Help => 11,
         Command::Quit => 12,
+        Command::Lhlo(_) => 13,
     }
 }
 
