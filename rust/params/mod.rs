@@ -463,9 +463,10 @@ mod tests {
             assert_eq!(row, !["peer", "via"].contains(&key.as_str()), "{key}");
         }
         assert_eq!((params.peer.len(), params.via.len()), (1, 1));
-        let top = json!({"listen": "[::]:25", "max_connections": 1, "implicit_tls": true});
+        let top = json!({"listen": "[::]:25", "max_connections": 1, "implicit_tls": true, "protocol": "lmtp"});
         let config = parse_listener_config(&top).unwrap();
         assert_eq!((config.listen.as_str(), config.max_connections, config.implicit_tls), ("[::]:25", 1, true));
+        assert_eq!(config.protocol, Protocol::Lmtp);
         assert_eq!(top.as_object().unwrap().len(), TOP_LEVEL_ONLY.len());
         assert_eq!(errors_of(parse_overrides(&top, "")).len(), TOP_LEVEL_ONLY.len());
     }
