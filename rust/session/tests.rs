@@ -448,8 +448,16 @@ fn harness_with_auth() -> Harness {
 /// STARTTLS with commands pipelined after it: they are discarded unread, so
 /// the handshake that follows works and the client starts over with EHLO.
 async fn starttls(harness: &Harness) -> Client<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
+    starttls_after(harness, "EHLO").await
+}
+
+/// [`starttls`] after `hello` (EHLO, or LMTP's LHLO).
+async fn starttls_after(
+    harness: &Harness,
+    hello: &str,
+) -> Client<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
     let mut client = greeted(harness, CLIENT).await;
-    client.command("EHLO client.test").await;
+    client.command(&format!("{hello} client.test")).await;
     client.send(b"STARTTLS\r\nMAIL FROM:<smuggled@x.test>\r\n").await;
     assert_eq!(client.reply().await, (220, vec!["2.0.0 Ready to start TLS".into()]));
     assert!(client.buffer.is_empty());
@@ -1043,4 +1051,32 @@ async fn lmtp_is_the_reception_protocol_and_in_the_received_header() {
     client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n").await;
     assert_eq!(client.reply().await.0, 250);
     assert_eq!(seen.take(), ["LMTP LMTP", "UTF8LMTP UTF8LMTP"]);
+}
+
+#[tokio::test]
+async fn lmtp_with_starttls_and_auth_is_lmtpsa() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| match event {
+        Event::AuthPlain { .. } => Outcome::Done(Response::Authenticated(true)),
+        Event::MessageReceived { message, .. } => {
+            recorder.push(message.meta.get_str("reception_protocol").unwrap_or_default());
+            nothing(event)
+        }
+        _ => nothing(event),
+    };
+    let registered = [EventKind::AuthPlain, EventKind::MessageReceived];
+    let harness = harness(lmtp(json!({"hostname": "mx.test"})), &registered, script);
+    let mut client = starttls_after(&harness, "LHLO").await;
+    assert_eq!(client.code("EHLO client.test").await.0, 500);
+    let (_, extensions) = client.command("LHLO client.test").await;
+    assert!(extensions.contains(&"AUTH PLAIN LOGIN".to_string()), "{extensions:?}");
+    assert_eq!(client.code("AUTH PLAIN AHVzZXIAc2VjcmV0").await.0, 235);
+    client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@anywhere.test>\r\nRCPT TO:<y@anywhere.test>\r\nDATA\r\n").await;
+    for code in [250, 250, 250, 354] {
+        assert_eq!(client.reply().await.0, code);
+    }
+    client.send(b"\r\nbody\r\n.\r\n").await;
+    assert_eq!([client.reply().await.0, client.reply().await.0], [250, 250]);
+    assert_eq!(seen.take(), ["LMTPSA", "LMTPSA"]);
 }
