@@ -164,9 +164,11 @@ def test_unix_socket_file_replaces_a_stale_socket_and_is_removed_at_stop(policy,
         client.close()
     assert not path.exists()
     path.write_text("not a socket")
-    with kumo.Server(policy=policy, sink="discard", shutdown_grace=5) as running:
-        with pytest.raises(OSError, match="exists and is not a socket"):
-            running.start_esmtp_listener(listen=str(path))
+    with (
+        kumo.Server(policy=policy, sink="discard", shutdown_grace=5) as running,
+        pytest.raises(OSError, match="exists and is not a socket"),
+    ):
+        running.start_esmtp_listener(listen=str(path))
     assert path.read_text() == "not a socket"
 
 
@@ -175,9 +177,11 @@ def test_workers_cannot_share_a_unix_socket(socket_dir):
     command = ["kumo-listener", "serve", "--workers", "2", "--listen", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Unix socket cannot be shared" in result.stderr, result
-    with kumo.Server(sink="discard", reuse_port=True) as running:
-        with pytest.raises(OSError, match="cannot be shared by worker processes"):
-            running.start_esmtp_listener(listen=str(path))
+    with (
+        kumo.Server(sink="discard", reuse_port=True) as running,
+        pytest.raises(OSError, match="cannot be shared by worker processes"),
+    ):
+        running.start_esmtp_listener(listen=str(path))
 
 
 def test_serve_listens_on_a_unix_socket(serve, socket_dir):
@@ -194,7 +198,9 @@ def test_serve_listens_on_a_unix_socket(serve, socket_dir):
 
 # --- swaks ---------------------------------------------------------------------------------
 
-needs_swaks = pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is installed by tools/test.sh")
+needs_swaks = pytest.mark.skipif(
+    shutil.which("swaks") is None, reason="swaks is installed by tools/test.sh"
+)
 
 
 def swaks(*where: str) -> subprocess.CompletedProcess[str]:
@@ -207,7 +213,8 @@ def assert_swaks_answered_each(result: subprocess.CompletedProcess[str], maildir
     # swaks shows `<-` for a good reply, `<**` for a refusal.
     after_data = result.stdout.split("\n -> .\n", 1)[1]
     replies = re.findall(r"^<(?:-|\*\*) +(\d{3} [\d.]+ .*)$", after_data, re.M)[:3]
-    assert [reply[:10] for reply in replies] == ["250 2.0.0 ", "550 5.7.1 ", "250 2.0.0 "], result.stdout
+    codes = [reply[:10] for reply in replies]
+    assert codes == ["250 2.0.0 ", "550 5.7.1 ", "250 2.0.0 "], result.stdout
     assert replies[0] != replies[2], "each stored part has its own id"
     assert stored_recipients(maildir) == ["x@d.example", "z@e.example"]
     assert all(b" with LMTP id " in stored for stored in delivered(maildir))
@@ -282,7 +289,8 @@ class PrivatePostfix:
             "bounce_queue_lifetime": "0",
             "maximal_queue_lifetime": "0",
         }
-        (self.etc / "main.cf").write_text("".join(f"{key} = {value}\n" for key, value in main.items()))
+        lines = [f"{key} = {value}\n" for key, value in main.items()]
+        (self.etc / "main.cf").write_text("".join(lines))
         (self.etc / "master.cf").write_text(MASTER_CF)
         self.postfix("start")
 
