@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", help="a Python policy file")
     serve.add_argument(
         "--listen",
-        help="address to listen on when the policy has no init handler"
+        help="address (or Unix socket path) to listen on when the policy has no init handler"
         f" (default {_core.DEFAULT_LISTEN})",
     )
     serve.add_argument(
