@@ -1,5 +1,6 @@
-//! EHLO/HELO and the mail transaction: MAIL, RCPT (with the relaying
-//! decision), DATA, and the hand-over to policy and the sink.
+//! EHLO/HELO (LHLO in LMTP) and the mail transaction: MAIL, RCPT (with the
+//! relaying decision), DATA, the hand-over to policy and the sink, and the
+//! reply to the data (one per recipient in LMTP).
 
 use super::io::MIN_READ;
 use super::{Session, Step, Stop};
