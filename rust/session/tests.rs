@@ -1080,3 +1080,29 @@ async fn lmtp_with_starttls_and_auth_is_lmtpsa() {
     assert_eq!([client.reply().await.0, client.reply().await.0], [250, 250]);
     assert_eq!(seen.take(), ["LMTPSA", "LMTPSA"]);
 }
+
+#[tokio::test]
+async fn lmtp_behind_a_proxy_header_and_with_xclient() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| {
+        if let Event::ConnectionAccepted { meta } = event {
+            recorder.push(meta.get_str("received_from").unwrap_or_default());
+        }
+        nothing(event)
+    };
+    let params = lmtp(
+        json!({"hostname": "mx.test", "require_proxy_protocol": true, "peer": {"10.9.8.7": {"allow_xclient": true}}}),
+    );
+    let harness = harness(params, &[EventKind::ConnectionAccepted], script);
+    let mut client = Client::new(harness.connect(CLIENT, LOCAL));
+    client.send(b"PROXY TCP4 10.9.8.7 203.0.113.5 1234 25\r\n").await;
+    assert_eq!(client.reply().await.1[0], "mx.test LMTP kumo_listener");
+    let (_, extensions) = client.command("LHLO proxy.test").await;
+    assert!(extensions.iter().any(|e| e.starts_with("XCLIENT ")), "{extensions:?}");
+    let (code, text) = client.command("XCLIENT ADDR=10.1.1.1 PORT=5555").await;
+    assert_eq!((code, text[0].as_str()), (220, "mx.test LMTP kumo_listener"));
+    assert_eq!(client.code("EHLO real-client.test").await.0, 500);
+    assert_eq!(client.command("LHLO real-client.test").await.0, 250);
+    assert_eq!(seen.take(), ["10.9.8.7:1234", "10.1.1.1:5555"]);
+}
