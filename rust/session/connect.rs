@@ -76,7 +76,8 @@ impl<S: Transport> Session<S> {
 
     pub(super) fn greet(&mut self) {
         // As Postfix's `$myhostname ESMTP $mail_name`: RFC 5321 §4.2 leaves the
-        // text free, and scanners (testssl.sh) look for the word ESMTP.
+        // text free, and scanners (testssl.sh) look for the word ESMTP. LMTP
+        // says LMTP, as in RFC 2033's examples.
         let protocol = if self.lmtp() { "LMTP" } else { "ESMTP" };
         let greeting = format!("{} {protocol} {}", self.params.hostname, self.params.banner);
         self.send(&Reply::bare(220, greeting));
