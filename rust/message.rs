@@ -158,6 +158,26 @@ fn supplemental_header(supplemental: &Supplemental, recipients: &[Mailbox], meta
     format!("{}: {encoded}\r\n", supplemental.header_name)
 }
 
+/// Which of [`split`]'s parts holds each of the transaction's recipients,
+/// in RCPT order: an LMTP reply per recipient says what became of its part.
+pub fn part_of_each_recipient(recipients: &[Mailbox], handling: BatchHandling) -> Vec<usize> {
+    match handling {
+        BatchHandling::BifurcateAlways => (0..recipients.len()).collect(),
+        BatchHandling::BatchByDomain => {
+            let mut domains: Vec<&str> = Vec::new();
+            let mut parts = Vec::with_capacity(recipients.len());
+            for recipient in recipients {
+                let seen = domains.iter().position(|domain| domain.eq_ignore_ascii_case(&recipient.domain));
+                parts.push(seen.unwrap_or_else(|| {
+                    domains.push(&recipient.domain);
+                    domains.len() - 1
+                }));
+            }
+            parts
+        }
+    }
+}
+
 fn group_by_domain(recipients: &[Mailbox]) -> Vec<Vec<Mailbox>> {
     let mut groups: Vec<Vec<Mailbox>> = Vec::new();
     for recipient in recipients {
@@ -289,6 +309,21 @@ mod tests {
             domains,
             vec![vec!["1@a.example".to_string(), "3@A.EXAMPLE".to_string()], vec!["2@b.example".to_string()]]
         );
+    }
+
+    #[test]
+    fn each_recipient_is_in_the_part_named_for_it() {
+        let message = transaction(&["1@a.example", "2@b.example", "3@A.EXAMPLE", "1@a.example"]);
+        for handling in [BatchHandling::BifurcateAlways, BatchHandling::BatchByDomain] {
+            let parts = split(&message, handling, None, None);
+            let part_of = part_of_each_recipient(&message.recipients, handling);
+            assert_eq!(part_of.len(), message.recipients.len());
+            for (recipient, index) in message.recipients.iter().zip(part_of) {
+                assert!(parts[index].recipients.contains(recipient), "{handling:?}: {recipient} not in part {index}");
+            }
+        }
+        let part_of = part_of_each_recipient(&message.recipients, BatchHandling::BatchByDomain);
+        assert_eq!(part_of, [0, 1, 0, 0]);
     }
 
     /// A part's whole text, as policy sees it.

@@ -134,6 +134,8 @@ pub struct MailParams {
 pub enum Command {
     Ehlo(String),
     Helo(String),
+    /// RFC 2033's EHLO of LMTP.
+    Lhlo(String),
     MailFrom {
         reverse_path: ReversePath,
         params: MailParams,
@@ -166,7 +168,10 @@ impl Command {
     /// RFC 2920 §3.1: a client may pipeline nothing after these commands
     /// before it has the reply (QUIT aside, which ends the session anyway).
     pub fn ends_pipelining_group(&self) -> bool {
-        matches!(self, Command::Ehlo(_) | Command::Helo(_) | Command::Data | Command::Noop | Command::Vrfy(_))
+        matches!(
+            self,
+            Command::Ehlo(_) | Command::Helo(_) | Command::Lhlo(_) | Command::Data | Command::Noop | Command::Vrfy(_)
+        )
     }
 }
 
@@ -202,7 +207,7 @@ impl ParseError {
         Self::new(501, "5.5.2", "invalid UTF-8 in command")
     }
 
-    fn unrecognized() -> Self {
+    pub fn unrecognized() -> Self {
         Self::new(500, "5.5.2", "command not recognized")
     }
 
@@ -249,6 +254,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     match verb {
         b"EHLO" => parse_hello(args, "syntax: EHLO hostname").map(Command::Ehlo),
         b"HELO" => parse_hello(args, "syntax: HELO hostname").map(Command::Helo),
+        b"LHLO" => parse_hello(args, "syntax: LHLO hostname").map(Command::Lhlo),
         b"MAIL" => parse_mail(args),
         b"RCPT" => parse_rcpt(args),
         b"DATA" => without_arguments(args, Command::Data, "syntax: DATA takes no arguments"),
@@ -843,6 +849,7 @@ mod tests {
         let cases = [
             ("EHLO", " a.example", Command::Ehlo("a.example".into())),
             ("HELO", " a.example", Command::Helo("a.example".into())),
+            ("LHLO", " a.example", Command::Lhlo("a.example".into())),
             ("MAIL", " FROM:<>", Command::MailFrom { reverse_path: ReversePath::Null, params: MailParams::default() }),
             ("RCPT", " TO:<a@b.example>", Command::RcptTo { forward_path: mailbox("a", "b.example") }),
             ("DATA", "", Command::Data),
@@ -1439,7 +1446,7 @@ mod tests {
 
     #[test]
     fn commands_that_end_a_pipelining_group() {
-        let ending = ["EHLO x", "HELO x", "DATA", "NOOP", "VRFY x"];
+        let ending = ["EHLO x", "HELO x", "LHLO x", "DATA", "NOOP", "VRFY x"];
         let not_ending =
             ["MAIL FROM:<a@b.example>", "RCPT TO:<a@b.example>", "RSET", "QUIT", "STARTTLS", "BDAT 5", "BDAT 0 LAST"];
         for line in ending {

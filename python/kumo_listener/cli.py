@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", help="a Python policy file")
     serve.add_argument(
         "--listen",
-        help="address to listen on when the policy has no init handler"
+        help="address (or Unix socket path) to listen on when the policy has no init handler"
         f" (default {_core.DEFAULT_LISTEN})",
     )
     serve.add_argument(
@@ -98,6 +98,9 @@ def serve(args: argparse.Namespace) -> int:
         # workers) open it.
         privileges.prepare_maildir(args.maildir, become)
     if args.workers > 1:
+        if args.listen and args.listen.startswith("/"):
+            print("kumo-listener: a Unix socket cannot be shared by --workers", file=sys.stderr)
+            return 2
         return supervise_workers(args, become)
     configure(
         sink=args.sink,
@@ -125,7 +128,7 @@ def serve(args: argparse.Namespace) -> int:
             privileges.drop_privileges(become)
         elif user is None:
             privileges.warn_if_root()
-        places = ", ".join(f"{host}:{port}" for host, port in (x.address for x in server.listeners))
+        places = ", ".join(describe_address(x.address) for x in server.listeners)
         # One write: workers share the pipe, and print() writes the newline apart.
         sys.stdout.write(
             f"kumo-listener: listening on {places or 'nothing'}; mail goes to {server.sink}\n"
@@ -195,6 +198,13 @@ def supervise_workers(args: argparse.Namespace, user: pwd.struct_passwd | None) 
         signal.signal(signum, forward)
     statuses = [worker.wait() for worker in workers]
     return next((status for status in statuses if status), 0)
+
+
+def describe_address(address: tuple[str, int] | str) -> str:
+    if isinstance(address, str):
+        return address
+    host, port = address
+    return f"{host}:{port}"
 
 
 def worker_arguments(args: argparse.Namespace, index: int) -> list[str]:

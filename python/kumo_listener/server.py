@@ -48,9 +48,11 @@ class Listener:
     """A started listener."""
 
     listen: str
-    """The ``listen`` address as configured, e.g. ``"0.0.0.0:25"``."""
-    address: tuple[str, int]
-    """The bound ``(host, port)``; with port 0 in ``listen``, the real port."""
+    """The ``listen`` address as configured, e.g. ``"0.0.0.0:25"``, or the
+    path of a Unix socket, e.g. ``"/run/kumo/lmtp.sock"``."""
+    address: tuple[str, int] | str
+    """The bound ``(host, port)`` (with port 0 in ``listen``, the real port),
+    or the socket's path, as :mod:`socket` gives addresses."""
 
 
 class _DrivingSelector(selectors.BaseSelector):

@@ -9,7 +9,7 @@ use crate::events::{self, Event, EventKind, Outcome, Response};
 use crate::log::{LogFormat, LogRecord};
 use crate::metrics::{ListenerMetrics, LATENCY_BUCKETS};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
-use crate::server::{self, ServerState};
+use crate::server::{self, BoundAddress, ServerState};
 use crate::sink::{Maildir, Sink};
 use crate::tls;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
@@ -62,8 +62,8 @@ impl PyCore {
     }
 
     /// Validate `params`, bind the listener and start serving it.
-    /// Returns the bound `(host, port)`.
-    fn start_listener(&self, py: Python<'_>, params: &Bound<'_, PyDict>) -> PyResult<(String, u16)> {
+    /// Returns the bound `(host, port)`, or the path of a Unix socket.
+    fn start_listener<'py>(&self, py: Python<'py>, params: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
         let value = to_json(params.as_any(), "")?;
         let config = parse_listener_config(&value).map_err(|e| params_error(&e))?;
         let tls_errors = tls::check_static(&config.params, "");
@@ -72,7 +72,10 @@ impl PyCore {
         }
         let state = self.state.clone();
         let bound = py.detach(|| server::start_listener(state, self.driver.handle(), config)).map_err(os_error)?;
-        Ok((bound.ip().to_string(), bound.port()))
+        Ok(match bound {
+            BoundAddress::Inet(address) => (address.ip().to_string(), address.port()).into_pyobject(py)?.into_any(),
+            BoundAddress::Unix(path) => PyString::new(py, &path.to_string_lossy()).into_any(),
+        })
     }
 
     /// Tell the core which events have handlers, so it skips the others.

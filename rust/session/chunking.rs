@@ -68,9 +68,11 @@ impl<S: Transport> Session<S> {
         let verdict = self.chunks().map_or(DataVerdict::Accept, |chunks| chunks.content.verdict());
         if let Some(refusal) = verdict.refusal() {
             // As Postfix does, the refused message's later chunks are
-            // discarded with the same reply until LAST ends it.
+            // discarded with the same reply until LAST ends it (in LMTP,
+            // with that reply for each recipient).
             if last {
-                self.transaction = None;
+                let recipients = self.transaction.take().map_or(1, |transaction| transaction.recipients.len());
+                return self.refuse_message(recipients, refusal);
             }
             return self.refuse(refusal);
         }
@@ -139,7 +141,7 @@ impl<S: Transport> Session<S> {
         };
         let body = &mut chunks.body;
         if let Some(refusal) = chunks.content.finish(|stored| append(body, stored)).refusal() {
-            return self.refuse(refusal);
+            return self.refuse_message(transaction.recipients.len(), refusal);
         }
         self.accept_message(chunks.id, transaction, chunks.body, chunks.per_part).await
     }

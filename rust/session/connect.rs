@@ -14,6 +14,11 @@ use bytes::Buf;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+/// The addresses a Unix socket client and our end of it have, as Postfix's
+/// smtpd gives such a client (`localhost[127.0.0.1]`, port 0): peer and via
+/// blocks, `relay_hosts` and the `Received:` header see a local client.
+pub const UNIX_CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
 fn canonical(address: SocketAddr) -> SocketAddr {
     SocketAddr::new(crate::cidr::canonical_ip(address.ip()), address.port())
 }
@@ -71,8 +76,10 @@ impl<S: Transport> Session<S> {
 
     pub(super) fn greet(&mut self) {
         // As Postfix's `$myhostname ESMTP $mail_name`: RFC 5321 §4.2 leaves the
-        // text free, and scanners (testssl.sh) look for the word ESMTP.
-        let greeting = format!("{} ESMTP {}", self.params.hostname, self.params.banner);
+        // text free, and scanners (testssl.sh) look for the word ESMTP. LMTP
+        // says LMTP, as in RFC 2033's examples.
+        let protocol = if self.lmtp() { "LMTP" } else { "ESMTP" };
+        let greeting = format!("{} {protocol} {}", self.params.hostname, self.params.banner);
         self.send(&Reply::bare(220, greeting));
     }
 
@@ -99,7 +106,7 @@ impl<S: Transport> Session<S> {
     fn admit_client(&mut self) -> Step {
         self.client = None;
         let ip = self.remote.ip();
-        if self.params.relay_hosts.contains(ip) {
+        if self.params.relay_hosts.contains(ip) || self.on_unix_socket() {
             return Ok(());
         }
         let limits = ClientLimits {
@@ -118,6 +125,13 @@ impl<S: Transport> Session<S> {
         let remote = self.remote;
         self.context.policy.log(LOG_INFO, || format!("{remote}: refused, {refusal}"));
         Err(self.close(Reply::new(421, "4.7.0", refusal)))
+    }
+
+    /// A client of a Unix socket listener, with no address given by a PROXY
+    /// header or XCLIENT: it has [`UNIX_CLIENT`]'s stand-in address, which
+    /// is no client's own to count.
+    fn on_unix_socket(&self) -> bool {
+        self.context.config.unix_path().is_some() && self.meta.get("orig_received_from").is_none()
     }
 
     async fn apply_dynamic_parameters(&mut self) -> Step {

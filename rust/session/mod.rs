@@ -31,13 +31,14 @@ use crate::events::{Event, EventKind, Outcome, Response};
 use crate::framing::LineFramer;
 use crate::meta::MetaStore;
 use crate::metrics::ListenerMetrics;
-use crate::params::{ListenerConfig, Params};
+use crate::params::{ListenerConfig, Params, Protocol};
 use crate::parser::{is_http_request, parse_command, Command, ParseError};
 use crate::reply::Reply;
 use crate::sink::Sink;
 use crate::stream::{Stream, Transport};
 use crate::tls::TlsCache;
 use bytes::{Buf, BytesMut};
+pub use connect::UNIX_CLIENT;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -195,7 +196,11 @@ impl<S: Transport> Session<S> {
             Err(error) => return self.refuse(error.reply()),
         };
         match command {
-            Command::Ehlo(domain) => self.hello(domain, true).await,
+            Command::Ehlo(_) | Command::Helo(_) if self.lmtp() => {
+                self.refuse(Reply::new(500, "5.5.1", "this is LMTP: say LHLO, not EHLO or HELO"))
+            }
+            Command::Lhlo(_) if !self.lmtp() => self.refuse(ParseError::unrecognized().reply()),
+            Command::Ehlo(domain) | Command::Lhlo(domain) => self.hello(domain, true).await,
             Command::Helo(domain) => self.hello(domain, false).await,
             Command::MailFrom { reverse_path, params } => self.mail_from(reverse_path, params).await,
             Command::RcptTo { forward_path } => self.rcpt_to(forward_path).await,
@@ -228,7 +233,8 @@ impl<S: Transport> Session<S> {
     /// The commands available now: STARTTLS before TLS, AUTH when offered,
     /// XCLIENT when this client may use it.
     fn help(&self) -> Reply {
-        let mut text = String::from("commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
+        let hello = if self.lmtp() { "LHLO" } else { "EHLO HELO" };
+        let mut text = format!("commands: {hello} MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
         if !self.stream.is_tls() {
             text.push_str(" STARTTLS");
         }
@@ -239,6 +245,11 @@ impl<S: Transport> Session<S> {
             text.push_str(" XCLIENT");
         }
         Reply::with_text(214, "2.0.0", text)
+    }
+
+    /// The listener speaks LMTP (RFC 2033) rather than SMTP.
+    fn lmtp(&self) -> bool {
+        self.context.config.protocol == Protocol::Lmtp
     }
 
     /// Send a refusal of the client's command; too many of them end the session.
@@ -268,21 +279,26 @@ impl<S: Transport> Session<S> {
     /// Consult policy about a command. `Some` means go on (`Nothing` when no
     /// handler is registered); `None` means a refusal was sent.
     async fn consult(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Result<Option<Response>, Stop> {
-        match self.ask(kind, make).await {
-            None => Ok(Some(Response::Nothing)),
-            Some(Outcome::Done(response)) => Ok(Some(response)),
-            Some(Outcome::Reject { code, text }) => {
-                let reply = Reply::from_policy(code, &text);
+        match self.judge(kind, make).await {
+            Ok(response) => Ok(Some(response)),
+            Err(reply) => {
                 self.send(&reply);
                 if reply.closes() {
                     return Err(Stop::Closing);
                 }
                 Ok(None)
             }
-            Some(Outcome::Failed(_)) => {
-                self.send(&Reply::new(451, "4.3.0", "temporary policy failure, try again later"));
-                Ok(None)
-            }
+        }
+    }
+
+    /// What policy says of a command: go on (`Nothing` when no handler is
+    /// registered), or the refusal to send.
+    async fn judge(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Result<Response, Reply> {
+        match self.ask(kind, make).await {
+            None => Ok(Response::Nothing),
+            Some(Outcome::Done(response)) => Ok(response),
+            Some(Outcome::Reject { code, text }) => Err(Reply::from_policy(code, &text)),
+            Some(Outcome::Failed(_)) => Err(Reply::new(451, "4.3.0", "temporary policy failure, try again later")),
         }
     }
 

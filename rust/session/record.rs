@@ -10,11 +10,11 @@ use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
 use std::time::Instant;
 
-/// Command names in the order Postfix lists them; `unknown` counts lines
-/// that did not parse.
-const VERBS: [&str; 15] = [
+/// Command names in the order Postfix lists them (and LMTP's `lhlo`);
+/// `unknown` counts lines that did not parse.
+const VERBS: [&str; 16] = [
     "helo", "ehlo", "starttls", "auth", "xclient", "mail", "rcpt", "data", "bdat", "rset", "noop", "vrfy", "help",
-    "quit", "unknown",
+    "quit", "lhlo", "unknown",
 ];
 const UNKNOWN: usize = VERBS.len() - 1;
 
@@ -55,6 +55,7 @@ fn slot<E>(line: &[u8], parsed: &Result<Command, E>) -> usize {
         Command::Vrfy(_) => 11,
         Command::Help => 12,
         Command::Quit => 13,
+        Command::Lhlo(_) => 14,
     }
 }
 

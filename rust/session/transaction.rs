@@ -1,5 +1,6 @@
-//! EHLO/HELO and the mail transaction: MAIL, RCPT (with the relaying
-//! decision), DATA, and the hand-over to policy and the sink.
+//! EHLO/HELO (LHLO in LMTP) and the mail transaction: MAIL, RCPT (with the
+//! relaying decision), DATA, the hand-over to policy and the sink, and the
+//! reply to the data (one per recipient in LMTP).
 
 use super::chunking::Chunks;
 use super::io::MIN_READ;
@@ -16,6 +17,7 @@ use crate::stream::Transport;
 use bytes::{Buf, Bytes};
 use serde_json::json;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -77,18 +79,29 @@ impl<S: Transport> Session<S> {
 
     /// The protocol of a transaction: the connection's `reception_protocol`,
     /// with RFC 6531's `UTF8SMTP` for `ESMTP` (so `UTF8SMTPS`, `UTF8SMTPA`,
-    /// `UTF8SMTPSA`) when it used SMTPUTF8.
+    /// `UTF8SMTPSA`), and its `UTF8LMTP` for `LMTP`, when it used SMTPUTF8.
     pub(super) fn protocol_of(&self, smtputf8: bool) -> String {
         let protocol = self.meta.get_str("reception_protocol").unwrap_or_else(|| self.protocol());
-        match protocol.strip_prefix("ESMTP") {
-            Some(rest) if smtputf8 => format!("UTF8SMTP{rest}"),
-            _ => protocol,
+        if !smtputf8 {
+            return protocol;
         }
+        for (plain, utf8) in [("ESMTP", "UTF8SMTP"), ("LMTP", "UTF8LMTP")] {
+            if let Some(rest) = protocol.strip_prefix(plain) {
+                return format!("{utf8}{rest}");
+            }
+        }
+        protocol
     }
 
-    /// RFC 3848: ESMTP, plus S under TLS and A once authenticated.
+    /// RFC 3848: ESMTP (LMTP on an LMTP listener), plus S under TLS and A
+    /// once authenticated.
     pub(super) fn protocol(&self) -> String {
-        let mut protocol = String::from(if self.esmtp { "ESMTP" } else { "SMTP" });
+        let base = match (self.lmtp(), self.esmtp) {
+            (true, _) => "LMTP",
+            (false, true) => "ESMTP",
+            (false, false) => "SMTP",
+        };
+        let mut protocol = String::from(base);
         if self.stream.is_tls() {
             protocol.push('S');
         }
@@ -296,8 +309,39 @@ impl<S: Transport> Session<S> {
         let (verdict, data) = self.read_body(&in_body, size_hint(&transaction)).await?;
         match verdict.refusal() {
             None => self.accept_message(id, transaction, data, per_part).await,
-            Some(refusal) => self.refuse(refusal),
+            Some(refusal) => self.refuse_message(transaction.recipients.len(), refusal),
         }
+    }
+
+    /// Refuse a message's data: once in SMTP, once per recipient in LMTP
+    /// (RFC 2033 §4.2), counted as one error.
+    pub(super) fn refuse_message(&mut self, recipients: usize, refusal: Reply) -> Step {
+        if self.lmtp() {
+            for _ in 1..recipients {
+                self.send(&refusal);
+            }
+        }
+        self.refuse(refusal)
+    }
+
+    /// Send the replies to the end of a message's data; a 421 among them
+    /// closes the connection after them all.
+    fn answer_message(&mut self, replies: impl IntoIterator<Item = Reply>) -> Step {
+        let mut closes = false;
+        for reply in replies {
+            self.send(&reply);
+            closes |= reply.closes();
+        }
+        if closes {
+            return Err(Stop::Closing);
+        }
+        Ok(())
+    }
+
+    /// The same answer for the whole message: once in SMTP, once per recipient in LMTP.
+    fn answer_message_alike(&mut self, recipients: usize, reply: Reply) -> Step {
+        let count = if self.lmtp() { recipients } else { 1 };
+        self.answer_message(std::iter::repeat_n(reply, count))
     }
 
     /// Where the trace header goes: with one recipient, the header (naming
@@ -352,7 +396,10 @@ impl<S: Transport> Session<S> {
         }
     }
 
-    /// `received`: the `Received:` header of each part, when it is not in `data`.
+    /// `received`: the `Received:` header of each part, when it is not in
+    /// `data`. Policy, the split, the sink, and the reply: in SMTP one, which
+    /// refuses the whole message when any part is refused; in LMTP one per
+    /// recipient, in RCPT order, each saying what became of its part.
     pub(super) async fn accept_message(
         &mut self,
         id: String,
@@ -360,6 +407,7 @@ impl<S: Transport> Session<S> {
         data: Vec<u8>,
         received: Option<ReceivedHeader>,
     ) -> Step {
+        let recipients = transaction.recipients.len();
         let head = received.as_ref().map_or_else(Bytes::new, |received| Bytes::from(received.render(&id, None)));
         let message = Message::with_head(id, transaction.sender, transaction.recipients, head, Bytes::from(data));
         // As in KumoMTA, a message starts with a copy of its connection's metadata.
@@ -371,35 +419,66 @@ impl<S: Transport> Session<S> {
             message.meta.set("requiretls", true);
         }
         let make = |session: &Self| Event::Data { message: message.clone(), meta: session.meta.clone() };
-        if self.consult(EventKind::Data, make).await?.is_none() {
-            return Ok(());
+        if let Err(refusal) = self.judge(EventKind::Data, make).await {
+            return self.answer_message_alike(recipients, refusal);
         }
         let trace = &self.params.trace_headers;
         let supplemental = trace
             .supplemental_header
             .then(|| Supplemental { header_name: &trace.header_name, include_meta_names: &trace.include_meta_names });
         let parts = message::split(&message, self.params.batch_handling, supplemental.as_ref(), received.as_ref());
-        for part in &parts {
+        let verdicts = self.deliver_parts(&message.id, &parts).await;
+        if !self.lmtp() {
+            let reply = verdicts.into_iter().find_map(Result::err).unwrap_or_else(|| {
+                let ids: Vec<&str> = parts.iter().map(|part| part.id.as_str()).collect();
+                Reply::with_text(250, "2.0.0", format!("OK ids={}", ids.join(",")))
+            });
+            return self.answer_message([reply]);
+        }
+        let part_of = message::part_of_each_recipient(&message.recipients, self.params.batch_handling);
+        let replies = part_of.into_iter().map(|index| match &verdicts[index] {
+            Ok(()) => Reply::with_text(250, "2.0.0", format!("OK id={}", parts[index].id)),
+            Err(refusal) => refusal.clone(),
+        });
+        let replies: Vec<Reply> = replies.collect();
+        self.answer_message(replies)
+    }
+
+    /// Ask `smtp_server_message_received` about each part and store those it
+    /// accepts, all at once: one verdict per part, `Err` holding the reply
+    /// its recipients get. In SMTP the first refusal refuses the whole
+    /// message (its only verdict), and nothing is stored.
+    async fn deliver_parts(&mut self, id: &str, parts: &[Arc<Message>]) -> Vec<Result<(), Reply>> {
+        let mut verdicts = Vec::with_capacity(parts.len());
+        for part in parts {
             let make = |session: &Self| Event::MessageReceived { message: part.clone(), meta: session.meta.clone() };
-            if self.consult(EventKind::MessageReceived, make).await?.is_none() {
-                return Ok(());
+            let verdict = self.judge(EventKind::MessageReceived, make).await.map(drop);
+            if verdict.is_err() && !self.lmtp() {
+                return vec![verdict];
             }
+            verdicts.push(verdict);
+        }
+        let accepted: Vec<Arc<Message>> =
+            parts.iter().zip(&verdicts).filter(|(_, verdict)| verdict.is_ok()).map(|(part, _)| part.clone()).collect();
+        if accepted.is_empty() {
+            return verdicts;
         }
         let policy = self.context.policy.clone();
-        if let Err(error) = self.context.sink.deliver(parts.clone()).await {
-            policy.log(LOG_WARNING, || format!("message {} from {}: sink failed: {error}", message.id, self.remote));
-            self.send(&Reply::new(451, "4.3.0", "temporary failure storing the message, try again later"));
-            return Ok(());
+        if let Err(error) = self.context.sink.deliver(accepted.clone()).await {
+            policy.log(LOG_WARNING, || format!("message {id} from {}: sink failed: {error}", self.remote));
+            let failed = Reply::new(451, "4.3.0", "temporary failure storing the message, try again later");
+            for verdict in verdicts.iter_mut().filter(|verdict| verdict.is_ok()) {
+                *verdict = Err(failed.clone());
+            }
+            return verdicts;
         }
         let metrics = &self.context.metrics;
-        for part in &parts {
+        for part in &accepted {
             metrics::count(&metrics.messages);
             metrics.message_bytes.fetch_add(part.len() as u64, Ordering::Relaxed);
             policy.log(LOG_INFO, || self.stored_entry(part));
         }
-        let ids: Vec<&str> = parts.iter().map(|part| part.id.as_str()).collect();
-        self.send(&Reply::with_text(250, "2.0.0", format!("OK ids={}", ids.join(","))));
-        Ok(())
+        verdicts
     }
 
     /// The log record of a stored message, under the id its file name carries.
