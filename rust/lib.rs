@@ -11,6 +11,7 @@
 //! the binding, built with the `python` feature (maturin turns it on), so
 //! that unit tests, benches and fuzz targets need no libpython.
 
+pub mod body;
 pub mod bridge;
 pub mod cidr;
 pub mod clients;

@@ -6,6 +6,7 @@
 //! [`crate::driver::Driver`]), so dropping the runtime drops every task and
 //! socket with it.
 
+use crate::body::Spool;
 use crate::bridge::Bridge;
 use crate::clients::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::log::{LOG_ERROR, LOG_INFO};
@@ -18,6 +19,7 @@ use crate::tls::{self, TlsCache};
 use socket2::{Domain, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::AsyncWriteExt;
@@ -113,11 +115,13 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
     })?;
     let socket = bind(address, server.reuse_port)?;
     let bound = socket.local_addr()?;
+    let spool = Spool::new(spool_dir(&config, &server.sink)?, config.body_memory_limit);
     let context = Arc::new(SessionContext {
         listener: Arc::from(config.listen.as_str()),
         config,
         policy: server.bridge.clone(),
         sink: server.sink.clone(),
+        spool,
         tls: server.tls.clone(),
         clients: server.clients.clone(),
         metrics: Arc::default(),
@@ -131,6 +135,16 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
     listener.server.listening.fetch_add(1, Ordering::AcqRel);
     runtime.spawn(accept_loop(socket, listener));
     Ok(bound)
+}
+
+/// `body_spool_path` (made if missing), or the sink's choice.
+fn spool_dir(config: &ListenerConfig, sink: &Sink) -> io::Result<PathBuf> {
+    let Some(dir) = &config.body_spool_path else {
+        return Ok(sink.spool_dir());
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("body_spool_path {}: {e}", dir.display())))?;
+    Ok(dir.clone())
 }
 
 fn bind(address: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {

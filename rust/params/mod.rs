@@ -18,7 +18,7 @@ use crate::cidr::{parse_cidr, CidrMap, CidrSet};
 use crate::clients::Rate;
 use crate::framing::LineEndings;
 use parse::{
-    batch_handling, boolean, cidr_blocks, cidr_list, hostname, line_endings, line_limit, meta, parse_listen,
+    batch_handling, boolean, cidr_blocks, cidr_list, directory, hostname, line_endings, line_limit, meta, parse_listen,
     positive_integer, rate, relay_hosts, size, string, trace_headers, unknown_key, Errors,
 };
 pub use parse::{key_path, parse_duration, parse_key_source, ParamError, ParamErrors};
@@ -30,6 +30,7 @@ use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2025";
 const DEFAULT_MAX_CONNECTIONS: usize = 32768;
+const DEFAULT_BODY_MEMORY_LIMIT: usize = 1 << 30;
 
 listener_params! {
     top_level {
@@ -38,6 +39,12 @@ listener_params! {
         max_connections: usize = DEFAULT_MAX_CONNECTIONS, positive_integer;
         /// TLS from the first byte (RFC 8314, port 465) instead of STARTTLS.
         implicit_tls: bool = false, boolean;
+        /// The most the bodies of this listener's messages hold in memory
+        /// together; past it, every new body goes to a file.
+        body_memory_limit: usize = DEFAULT_BODY_MEMORY_LIMIT, size;
+        /// Where spilled bodies go; None: the Maildir's `tmp/`, or the
+        /// system's temporary directory with the discard sink.
+        body_spool_path: Option<PathBuf> = None, directory;
     }
     anywhere {
         // name: type = default, how parser, merge;
@@ -50,6 +57,8 @@ listener_params! {
         max_recipients_per_message: usize = 1024, value positive_integer, set;
         max_messages_per_connection: usize = 10_000, value positive_integer, set;
         data_buffer_size: usize = 128 * 1024, value size, set;
+        /// A body larger than this goes to a file as it arrives.
+        body_spill_threshold: usize = 256 * 1024, value size, set;
         line_length_hard_limit: usize = 998, value line_limit, set;
         invalid_line_endings: LineEndings = LineEndings::Deny, value line_endings, set;
         meta: Map<String, Value> = Map::new(), value meta, keys;

@@ -3,6 +3,7 @@
 //! fuzz target.
 
 use super::{run, SessionContext, Shutdown};
+use crate::body::Spool;
 use crate::bridge::Bridge;
 use crate::clients::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::events::{Event, EventKind, Outcome};
@@ -41,10 +42,13 @@ impl Harness {
         let shutdown = watch::Sender::new(false);
         let logs = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(answer(bridge.clone(), Arc::new(script), logs.clone()));
+        let spool_dir = config.body_spool_path.clone().unwrap_or_else(|| sink.spool_dir());
+        let spool = Spool::new(spool_dir, config.body_memory_limit);
         let context = Arc::new(SessionContext {
             listener: Arc::from(config.listen.as_str()),
             config,
             policy: bridge,
+            spool,
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             clients: ClientTable::new(CLIENT_TABLE_CAPACITY),

@@ -173,9 +173,10 @@ async fn a_pipelined_transaction_is_answered_in_order_and_handed_to_policy() {
     let recorder = seen.clone();
     let script = move |event: &Event| {
         if let Event::MessageReceived { message, .. } = event {
-            let body = String::from_utf8_lossy(&message.data).into_owned();
+            let body = String::from_utf8_lossy(&message.data.to_vec().unwrap()).into_owned();
             // The Received: header, in the head or at the start of the data, names this message's id.
-            let whole = String::from_utf8_lossy(&[message.head.as_ref(), &message.data].concat()).into_owned();
+            let whole = String::from_utf8_lossy(&[message.head.as_ref(), &message.data.to_vec().unwrap()].concat())
+                .into_owned();
             assert!(whole.contains(&format!(" id {}\r\n", message.id)), "{whole:?}");
             recorder.push(format!("{} {}", message.recipients[0], body.rsplit("\r\n\r\n").next().unwrap_or_default()));
             recorder.push(message.id.clone());
@@ -703,7 +704,8 @@ async fn one_recipient_keeps_the_received_header_in_the_body() {
     let recorder = seen.clone();
     let script = move |event: &Event| {
         if let Event::MessageReceived { message, .. } = event {
-            let data = String::from_utf8_lossy(&message.data);
+            let data = message.data.to_vec().unwrap();
+            let data = String::from_utf8_lossy(&data);
             recorder.push(format!("{} {}", message.head.len(), data.contains("for <x@d.test>;")));
         }
         nothing(event)

@@ -3,6 +3,7 @@
 
 use super::io::MIN_READ;
 use super::{Session, Step, Stop};
+use crate::body::{Body, BodyBuffer};
 use crate::events::{Event, EventKind, Response};
 use crate::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
 use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
@@ -27,6 +28,8 @@ const MAX_SIZE_HINT: usize = 1 << 20;
 const MIN_DATA_RATE: f64 = 500.0;
 
 const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "need MAIL command first");
+/// Postfix's reply when its queue file system is short of space.
+const INSUFFICIENT_STORAGE: Reply = Reply::new(452, "4.3.1", "insufficient system storage");
 const NON_ASCII: Reply = Reply::new(553, "5.6.7", "non-ASCII address requires SMTPUTF8");
 
 pub(super) struct Transaction {
@@ -148,6 +151,10 @@ impl<S: Transport> Session<S> {
         if !params.smtputf8 && !sender.is_ascii() {
             return self.refuse(NON_ASCII);
         }
+        if !self.spool_has_room() {
+            self.send(&INSUFFICIENT_STORAGE);
+            return Ok(());
+        }
         if !self.message_rate_allows() {
             metrics::count(&self.context.metrics.client_limit_refusals);
             self.send(&Reply::new(452, "4.7.0", "too many messages from your address, try again later"));
@@ -173,6 +180,10 @@ impl<S: Transport> Session<S> {
         }
         if !transaction.params.smtputf8 && !recipient.is_ascii() {
             return self.refuse(NON_ASCII);
+        }
+        if !self.spool_has_room() {
+            self.send(&INSUFFICIENT_STORAGE);
+            return Ok(());
         }
         let Some(permitted) = self.relay_permitted(&recipient).await? else {
             return Ok(());
@@ -280,16 +291,50 @@ impl<S: Transport> Session<S> {
             (received, _) => (String::new(), received),
         };
         let size_hint = transaction.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX));
-        let (verdict, data) = self.read_body(&in_body, size_hint).await?;
-        match verdict.refusal() {
-            None => self.accept_message(id, transaction, data, per_part).await,
-            Some(refusal) => self.refuse(refusal),
+        let prefix = self.spill_prefix(&transaction, per_part.is_some());
+        let (verdict, body) = self.read_body(&id, &in_body, size_hint, prefix).await?;
+        if let Some(refusal) = verdict.refusal() {
+            return self.refuse(refusal);
+        }
+        match body.finish() {
+            Ok(data) => self.accept_message(id, transaction, data, per_part).await,
+            Err(error) => {
+                let remote = self.remote;
+                let log = || format!("message {id} from {remote}: spooling the body failed: {error}");
+                self.context.policy.log(LOG_WARNING, log);
+                self.send(&Reply::new(451, "4.3.0", "temporary failure storing the message, try again later"));
+                Ok(())
+            }
         }
     }
 
-    /// The message after our trace header `header`: the returned bytes
-    /// start with it unless the message is refused.
-    async fn read_body(&mut self, header: &str, size_hint: usize) -> Result<(DataVerdict, Vec<u8>), Stop> {
+    /// What a spilled body's file starts with: the Maildir envelope when the
+    /// sink can deliver that file as it is (one recipient, no trace header
+    /// of the part's own to come before the body).
+    fn spill_prefix(&self, transaction: &Transaction, received_per_part: bool) -> Vec<u8> {
+        let own_head = self.params.trace_headers.supplemental_header || received_per_part;
+        match transaction.recipients.as_slice() {
+            [only] if !own_head => self.context.sink.envelope_for(self.context.spool.dir(), &transaction.sender, only),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Room on the spool's disk for a message as large as allowed, as
+    /// Postfix asks for 1.5 times `message_size_limit`.
+    pub(super) fn spool_has_room(&self) -> bool {
+        let size = self.params.max_message_size as u64;
+        self.context.spool.has_room(size + size / 2)
+    }
+
+    /// The message after our trace header `header`: the returned body
+    /// starts with it unless the message is refused.
+    async fn read_body(
+        &mut self,
+        id: &str,
+        header: &str,
+        size_hint: usize,
+        prefix: Vec<u8>,
+    ) -> Result<(DataVerdict, BodyBuffer), Stop> {
         let limits = DataLimits {
             max_message_size: self.params.max_message_size,
             max_line_length: self.params.line_length_hard_limit,
@@ -299,12 +344,16 @@ impl<S: Transport> Session<S> {
         // Trust SIZE= only so far: a client could announce 20 MB and send nothing.
         let expected =
             size_hint.min(MAX_SIZE_HINT).max(self.input.len()).max(MIN_READ).min(self.params.max_message_size);
-        let mut body = Vec::with_capacity(header.len() + expected);
-        body.extend_from_slice(header.as_bytes());
+        let spool = &self.context.spool;
+        let name = format!("{id}.body");
+        let mut body = BodyBuffer::new(spool, self.params.body_spill_threshold, header.len() + expected, name, prefix);
+        body.pending().extend_from_slice(header.as_bytes());
         let started = Instant::now();
         let mut received = 0;
         loop {
-            let fed = framer.feed(&self.input, &mut body);
+            let fed = framer.feed(&self.input, body.pending());
+            // A failure is kept for `finish`: the rest of the body is still read, to stay in step.
+            let _ = body.settle();
             self.input.advance(fed.consumed);
             received += fed.consumed;
             if fed.done {
@@ -324,11 +373,11 @@ impl<S: Transport> Session<S> {
         &mut self,
         id: String,
         transaction: Transaction,
-        data: Vec<u8>,
+        data: Body,
         received: Option<ReceivedHeader>,
     ) -> Step {
         let head = received.as_ref().map_or_else(Bytes::new, |received| Bytes::from(received.render(&id, None)));
-        let message = Message::with_head(id, transaction.sender, transaction.recipients, head, Bytes::from(data));
+        let message = Message::with_head(id, transaction.sender, transaction.recipients, head, data);
         // As in KumoMTA, a message starts with a copy of its connection's metadata.
         message.meta.merge(&self.meta.snapshot());
         if transaction.params.smtputf8 {

@@ -1,0 +1,429 @@
+//! Message bodies under a memory budget: a body stays in memory while it is
+//! small and the listener's budget has room; past `body_spill_threshold`, or
+//! once `body_memory_limit` is used up, it goes to a file in the spool
+//! directory as it arrives (the Maildir's `tmp/`, so that the sink can
+//! deliver it by a rename).
+
+use bytes::Bytes;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How long a measure of the spool's free space is trusted.
+const ROOM_TTL_MS: u64 = 1000;
+
+/// Where a listener's spilled bodies go, and what its bodies hold now.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    memory_limit: usize,
+    /// Bytes reserved by bodies in memory (received or being received).
+    in_memory: AtomicUsize,
+    /// Bytes in spill files now.
+    spilled: AtomicU64,
+    /// Free bytes of the spool's file system, as last measured.
+    free: AtomicU64,
+    /// When `free` was measured, in ms since `epoch`; `u64::MAX`: never.
+    measured_at: AtomicU64,
+    epoch: Instant,
+}
+
+impl Spool {
+    pub fn new(dir: PathBuf, memory_limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            dir,
+            memory_limit,
+            in_memory: AtomicUsize::new(0),
+            spilled: AtomicU64::new(0),
+            free: AtomicU64::new(0),
+            measured_at: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn in_memory_bytes(&self) -> usize {
+        self.in_memory.load(Ordering::Relaxed)
+    }
+
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spilled.load(Ordering::Relaxed)
+    }
+
+    /// The in-memory budget is used up: every new body goes to disk.
+    pub fn memory_exhausted(&self) -> bool {
+        self.in_memory_bytes() >= self.memory_limit
+    }
+
+    /// Whether the spool's file system has `needed` bytes free, measured at
+    /// most once a second (a `statvfs`), and taken as full for a second
+    /// after a write to it failed.
+    pub fn has_room(&self, needed: u64) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let measured_at = self.measured_at.load(Ordering::Acquire);
+        if measured_at == u64::MAX || now.saturating_sub(measured_at) >= ROOM_TTL_MS {
+            self.free.store(free_space(&self.dir).unwrap_or(0), Ordering::Relaxed);
+            self.measured_at.store(now, Ordering::Release);
+        }
+        self.free.load(Ordering::Relaxed) >= needed
+    }
+
+    fn write_failed(&self) {
+        self.free.store(0, Ordering::Relaxed);
+        self.measured_at.store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// Reserve `bytes` more of the in-memory budget, or nothing if it has not that much left.
+    fn try_reserve(&self, bytes: usize) -> bool {
+        let before = self.in_memory.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes <= self.memory_limit {
+            return true;
+        }
+        self.in_memory.fetch_sub(bytes, Ordering::Relaxed);
+        false
+    }
+}
+
+fn free_space(dir: &Path) -> io::Result<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer statvfs fills on success.
+    if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let stats = unsafe { stats.assume_init() };
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+/// Bytes of a spool's in-memory budget, given back when dropped.
+#[derive(Debug)]
+struct Reservation {
+    spool: Arc<Spool>,
+    bytes: usize,
+}
+
+impl Reservation {
+    fn grow_to(&mut self, bytes: usize) -> bool {
+        if bytes <= self.bytes {
+            return true;
+        }
+        let granted = self.spool.try_reserve(bytes - self.bytes);
+        if granted {
+            self.bytes = bytes;
+        }
+        granted
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.spool.in_memory.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// A body's bytes kept with their reservation, for [`Bytes::from_owner`].
+struct ReservedBytes {
+    bytes: Vec<u8>,
+    _reservation: Reservation,
+}
+
+impl AsRef<[u8]> for ReservedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// A spill file, removed when dropped unless the sink renamed it away first.
+#[derive(Debug)]
+pub struct SpillFile {
+    file: File,
+    path: PathBuf,
+    spool: Arc<Spool>,
+    /// Bytes written so far.
+    written: u64,
+}
+
+impl SpillFile {
+    fn create(spool: &Arc<Spool>, name: &str) -> io::Result<Self> {
+        let path = spool.dir.join(name);
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        Ok(Self { file, path, spool: spool.clone(), written: 0 })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.written += bytes.len() as u64;
+        self.spool.spilled.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for SpillFile {
+    fn drop(&mut self) {
+        self.spool.spilled.fetch_sub(self.written, Ordering::Relaxed);
+        // Gone already when the sink renamed it into the Maildir.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// A finished body in a file, after `prefix_len` bytes that are not its own
+/// (the Maildir envelope of its one recipient).
+#[derive(Debug)]
+pub struct SpilledBody {
+    file: SpillFile,
+    prefix: Vec<u8>,
+    len: usize,
+}
+
+impl SpilledBody {
+    /// Where it is now, while the sink has not moved it.
+    pub fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file.file
+    }
+
+    /// The file's start, before the body: the sink's envelope when it can
+    /// deliver the file by renaming it.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    /// Where the body starts in the file.
+    pub fn offset(&self) -> u64 {
+        self.prefix.len() as u64
+    }
+}
+
+/// A received body: in memory, or in a file.
+#[derive(Clone, Debug)]
+pub enum Body {
+    Memory(Bytes),
+    File(Arc<SpilledBody>),
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Self {
+        Body::Memory(bytes)
+    }
+}
+
+impl Body {
+    pub fn len(&self) -> usize {
+        match self {
+            Body::Memory(bytes) => bytes.len(),
+            Body::File(spilled) => spilled.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Read the whole body into `out`, of [`Self::len`] bytes.
+    pub fn read_into(&self, out: &mut [u8]) -> io::Result<()> {
+        match self {
+            Body::Memory(bytes) => {
+                out.copy_from_slice(bytes);
+                Ok(())
+            }
+            Body::File(spilled) => spilled.file().read_exact_at(out, spilled.offset()),
+        }
+    }
+
+    /// The whole body, read from its file if it is there.
+    pub fn to_vec(&self) -> io::Result<Vec<u8>> {
+        let mut out = vec![0; self.len()];
+        self.read_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Append the body to `out`: a write, or a copy in the kernel
+    /// (`copy_file_range`) for a spilled body.
+    pub fn write_to(&self, out: &mut File) -> io::Result<()> {
+        match self {
+            Body::Memory(bytes) => out.write_all(bytes),
+            Body::File(spilled) => copy_range(spilled.file(), spilled.offset(), spilled.len, out),
+        }
+    }
+}
+
+/// Copy `len` bytes of `from` at `offset` to the end of `to`, in the kernel
+/// when the file systems allow it, by reading and writing otherwise.
+fn copy_range(from: &File, mut offset: u64, mut len: usize, to: &mut File) -> io::Result<()> {
+    while len > 0 {
+        let mut off_in = offset as libc::loff_t;
+        // SAFETY: two open descriptors; the kernel writes only `off_in`.
+        let copied = unsafe {
+            libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), std::ptr::null_mut(), len, 0)
+        };
+        match copied {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => {
+                offset += n as u64;
+                len -= n as usize;
+            }
+            _ => {
+                let error = io::Error::last_os_error();
+                let unsupported = [libc::EXDEV, libc::EINVAL, libc::ENOSYS, libc::EOPNOTSUPP];
+                if !unsupported.contains(&error.raw_os_error().unwrap_or(0)) {
+                    return Err(error);
+                }
+                return copy_by_reading(from, offset, len, to);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn copy_by_reading(from: &File, mut offset: u64, mut len: usize, to: &mut File) -> io::Result<()> {
+    let mut buffer = vec![0; len.min(1 << 20)];
+    while len > 0 {
+        let chunk = &mut buffer[..len.min(1 << 20)];
+        from.read_exact_at(chunk, offset)?;
+        to.write_all(chunk)?;
+        offset += chunk.len() as u64;
+        len -= chunk.len();
+    }
+    Ok(())
+}
+
+/// A body being received. Bytes go into [`Self::pending`] (or through
+/// [`Self::append`]); [`Self::settle`] then keeps them in memory, or writes
+/// them out once the body is spilled.
+#[derive(Debug)]
+pub struct BodyBuffer {
+    spool: Arc<Spool>,
+    /// Past this many bytes in memory the body goes to a file.
+    threshold: usize,
+    /// The body so far while in memory; once spilled, bytes not yet written.
+    memory: Vec<u8>,
+    reservation: Reservation,
+    /// Written at the start of the spill file, before the body.
+    prefix: Vec<u8>,
+    name: String,
+    file: Option<SpillFile>,
+    /// The first write to the spill file that failed: the body is lost.
+    failure: Option<io::Error>,
+}
+
+impl BodyBuffer {
+    /// `capacity`: the room first made in memory (kept under `threshold`);
+    /// `name`: the spill file's name; `prefix`: what the spill file starts with.
+    pub fn new(spool: &Arc<Spool>, threshold: usize, capacity: usize, name: String, prefix: Vec<u8>) -> Self {
+        let memory = Vec::with_capacity(capacity.min(threshold));
+        let mut reservation = Reservation { spool: spool.clone(), bytes: 0 };
+        let fits = reservation.grow_to(memory.capacity());
+        let mut buffer =
+            Self { spool: spool.clone(), threshold, memory, reservation, prefix, name, file: None, failure: None };
+        if !fits {
+            buffer.spill();
+        }
+        buffer
+    }
+
+    /// Where to put the next bytes of the body; call [`Self::settle`] after.
+    pub fn pending(&mut self) -> &mut Vec<u8> {
+        &mut self.memory
+    }
+
+    /// Take in what was put into [`Self::pending`]: spill the body if it
+    /// outgrew its threshold or the memory budget, write it out if spilled.
+    /// Errors come once; the body is then lost (see [`Self::finish`]).
+    pub fn settle(&mut self) -> io::Result<()> {
+        if self.failure.is_some() {
+            self.memory.clear();
+            return Ok(());
+        }
+        match &mut self.file {
+            Some(file) => {
+                let written = file.write(&self.memory);
+                self.memory.clear();
+                self.failed(written)
+            }
+            None if self.memory.len() > self.threshold || !self.reservation.grow_to(self.memory.capacity()) => {
+                self.spill();
+                self.failure.as_ref().map_or(Ok(()), |error| Err(io::Error::new(error.kind(), error.to_string())))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Add raw bytes (a BDAT chunk) to the body.
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.memory.extend_from_slice(bytes);
+        self.settle()
+    }
+
+    pub fn is_spilled(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Bytes of the body so far (none once it is lost).
+    pub fn len(&self) -> usize {
+        let in_file = self.file.as_ref().map_or(0, |file| file.written as usize - self.prefix.len());
+        in_file + self.memory.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn failed(&mut self, result: io::Result<()>) -> io::Result<()> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                self.spool.write_failed();
+                self.failure = Some(io::Error::new(error.kind(), error.to_string()));
+                self.file = None;
+                Err(error)
+            }
+        }
+    }
+
+    /// Move the body so far into a new spill file.
+    fn spill(&mut self) {
+        let spilled = SpillFile::create(&self.spool, &self.name).and_then(|mut file| {
+            file.write(&self.prefix)?;
+            file.write(&self.memory)?;
+            Ok(file)
+        });
+        // From now on it holds what one read brings, not the whole body.
+        self.memory = Vec::new();
+        self.spool.in_memory.fetch_sub(std::mem::take(&mut self.reservation.bytes), Ordering::Relaxed);
+        let opened = spilled.map(|file| self.file = Some(file));
+        let _ = self.failed(opened);
+    }
+
+    /// The body, or the error that lost it.
+    pub fn finish(mut self) -> io::Result<Body> {
+        if let Some(error) = self.failure.take() {
+            return Err(error);
+        }
+        let memory = std::mem::take(&mut self.memory);
+        match self.file.take() {
+            None => {
+                let bytes = std::mem::take(&mut self.reservation.bytes);
+                let reservation = Reservation { spool: self.spool.clone(), bytes };
+                Ok(Body::Memory(Bytes::from_owner(ReservedBytes { bytes: memory, _reservation: reservation })))
+            }
+            Some(mut file) => {
+                file.write(&memory).inspect_err(|_| self.spool.write_failed())?;
+                let len = file.written as usize - self.prefix.len();
+                let prefix = std::mem::take(&mut self.prefix);
+                Ok(Body::File(Arc::new(SpilledBody { file, prefix, len })))
+            }
+        }
+    }
+}
