@@ -427,3 +427,108 @@ impl BodyBuffer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kumo-body-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn receive(buffer: &mut BodyBuffer, chunks: &[&[u8]]) {
+        for chunk in chunks {
+            buffer.pending().extend_from_slice(chunk);
+            buffer.settle().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_small_body_stays_in_memory_and_gives_its_reservation_back() {
+        let dir = scratch_dir("small");
+        let spool = Spool::new(dir.clone(), 1 << 20);
+        let mut buffer = BodyBuffer::new(&spool, 1024, 100, "small".into(), b"ENV\r\n".to_vec());
+        receive(&mut buffer, &[b"Subject: x\r\n", b"\r\nhi\r\n"]);
+        let body = buffer.finish().unwrap();
+        assert!(matches!(&body, Body::Memory(bytes) if bytes.as_ref() == b"Subject: x\r\n\r\nhi\r\n"));
+        assert!(spool.in_memory_bytes() >= 100, "a body in memory holds its reservation");
+        let shared = body.clone();
+        drop(body);
+        assert!(spool.in_memory_bytes() >= 100, "held while any clone lives");
+        drop(shared);
+        assert_eq!(spool.in_memory_bytes(), 0);
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_body_past_its_threshold_goes_to_a_file_after_the_prefix() {
+        let dir = scratch_dir("spill");
+        let spool = Spool::new(dir.clone(), 1 << 20);
+        let mut buffer = BodyBuffer::new(&spool, 8, 4, "big".into(), b"ENV\r\n".to_vec());
+        receive(&mut buffer, &[b"0123", b"4567", b"89ab", b"cdef"]);
+        assert!(buffer.is_spilled());
+        assert_eq!(buffer.len(), 16);
+        buffer.append(b"!").unwrap();
+        let body = buffer.finish().unwrap();
+        let Body::File(spilled) = &body else { panic!("not spilled") };
+        assert_eq!(fs::read(spilled.path()).unwrap(), b"ENV\r\n0123456789abcdef!");
+        assert_eq!((body.len(), spilled.offset()), (17, 5));
+        assert_eq!(body.to_vec().unwrap(), b"0123456789abcdef!");
+        assert_eq!((spool.in_memory_bytes(), spool.spilled_bytes()), (0, 22));
+        let path = spilled.path().to_path_buf();
+        drop(body);
+        assert!(!path.exists(), "removed with the last reference");
+        assert_eq!(spool.spilled_bytes(), 0);
+    }
+
+    #[test]
+    fn with_the_budget_used_up_even_a_small_body_is_spilled() {
+        let dir = scratch_dir("budget");
+        let spool = Spool::new(dir, 64);
+        let first = BodyBuffer::new(&spool, 1024, 64, "first".into(), Vec::new());
+        assert!(!first.is_spilled());
+        assert!(spool.memory_exhausted());
+        let mut second = BodyBuffer::new(&spool, 1024, 64, "second".into(), Vec::new());
+        assert!(second.is_spilled());
+        second.append(b"tiny\r\n").unwrap();
+        assert!(matches!(second.finish().unwrap(), Body::File(_)));
+        drop(first);
+        assert!(!spool.memory_exhausted());
+    }
+
+    #[test]
+    fn a_failed_spill_loses_the_body_and_marks_the_spool_full() {
+        let dir = scratch_dir("fails").join("missing");
+        let spool = Spool::new(dir, 1 << 20);
+        assert!(!spool.has_room(1), "no file system behind a missing directory");
+        let mut buffer = BodyBuffer::new(&spool, 4, 4, "lost".into(), Vec::new());
+        assert!(buffer.append(b"more than four").is_err());
+        assert!(buffer.append(b"the rest is taken and dropped").is_ok());
+        assert!(buffer.finish().is_err());
+        assert_eq!(spool.in_memory_bytes(), 0);
+    }
+
+    #[test]
+    fn the_spool_room_is_measured() {
+        let spool = Spool::new(scratch_dir("room"), 1 << 20);
+        assert!(spool.has_room(1));
+        assert!(!Spool::new(scratch_dir("room2"), 1).has_room(u64::MAX));
+    }
+
+    #[test]
+    fn a_spilled_body_is_copied_into_another_file_without_its_prefix() {
+        let dir = scratch_dir("copy");
+        let spool = Spool::new(dir.clone(), 1 << 20);
+        let mut buffer = BodyBuffer::new(&spool, 1, 1, "copied".into(), b"PREFIX".to_vec());
+        let text: Vec<u8> = (0..200_000u32).flat_map(|n| n.to_le_bytes()).collect();
+        buffer.append(&text).unwrap();
+        let body = buffer.finish().unwrap();
+        let mut out = OpenOptions::new().read(true).write(true).create_new(true).open(dir.join("out")).unwrap();
+        out.write_all(b"HEAD").unwrap();
+        body.write_to(&mut out).unwrap();
+        assert_eq!(fs::read(dir.join("out")).unwrap(), [b"HEAD".as_slice(), &text].concat());
+    }
+}

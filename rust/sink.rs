@@ -332,4 +332,59 @@ mod tests {
         );
         fs::remove_dir_all(root).unwrap();
     }
+
+    fn spilled(spool: &Arc<crate::body::Spool>, prefix: Vec<u8>, text: &[u8]) -> Body {
+        let name = format!("{}.body", crate::message::new_message_id());
+        let mut buffer = crate::body::BodyBuffer::new(spool, 1, 1, name, prefix);
+        buffer.append(text).unwrap();
+        buffer.finish().unwrap()
+    }
+
+    #[test]
+    fn a_spilled_body_with_its_envelope_is_delivered_by_renaming_it() {
+        use std::os::unix::fs::MetadataExt;
+        let root = scratch_dir("rename");
+        let sink = Sink::Maildir(Arc::new(Maildir::open(&root).unwrap()));
+        let Sink::Maildir(maildir) = &sink else { unreachable!() };
+        let spool = crate::body::Spool::new(sink.spool_dir(), 1 << 20);
+        let who = Mailbox::new("a", "b.example");
+        let body = spilled(&spool, sink.envelope_for(spool.dir(), &who, &who), b"Subject: big\r\n\r\nbody\r\n");
+        let Body::File(file) = &body else { panic!("not spilled") };
+        let inode = fs::metadata(file.path()).unwrap().ino();
+        maildir.deliver(&[Message::new("id".into(), who.clone(), vec![who], body)]).unwrap();
+        let stored = &entries(&root.join("new"))[0];
+        assert_eq!(fs::metadata(stored).unwrap().ino(), inode, "renamed, not copied");
+        let text = b"Return-Path: <a@b.example>\r\nDelivered-To: a@b.example\r\nSubject: big\r\n\r\nbody\r\n";
+        assert_eq!(fs::read(stored).unwrap(), text);
+        assert!(entries(&root.join("tmp")).is_empty());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_spilled_body_shared_by_parts_is_copied_into_each() {
+        let root = scratch_dir("shared-spill");
+        let maildir = Maildir::open(&root).unwrap();
+        let spool = crate::body::Spool::new(maildir.tmp_dir(), 1 << 20);
+        let body = spilled(&spool, Vec::new(), b"\r\nshared\r\n");
+        let parts: Vec<Arc<Message>> = ["x", "y"]
+            .iter()
+            .map(|user| {
+                let to = Mailbox::new(*user, "d.example");
+                Message::new(crate::message::new_message_id(), Mailbox::default(), vec![to], body.clone())
+            })
+            .collect();
+        maildir.deliver(&parts).unwrap();
+        let mut stored: Vec<Vec<u8>> = entries(&root.join("new")).iter().map(|p| fs::read(p).unwrap()).collect();
+        stored.sort();
+        assert_eq!(
+            stored,
+            vec![
+                b"Return-Path: <>\r\nDelivered-To: x@d.example\r\n\r\nshared\r\n".to_vec(),
+                b"Return-Path: <>\r\nDelivered-To: y@d.example\r\n\r\nshared\r\n".to_vec(),
+            ]
+        );
+        drop((parts, body));
+        assert!(entries(&root.join("tmp")).is_empty(), "the spill file goes with its last part");
+        fs::remove_dir_all(root).unwrap();
+    }
 }

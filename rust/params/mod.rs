@@ -417,7 +417,8 @@ mod tests {
         let valid = json!({
             "hostname": "mx", "banner": "b", "relay_hosts": ["10.0.0.0/8"], "client_timeout": 5,
             "data_processing_timeout": "1m", "max_message_size": 1, "max_recipients_per_message": 1,
-            "max_messages_per_connection": 1, "data_buffer_size": "64 KiB", "line_length_hard_limit": 510,
+            "max_messages_per_connection": 1, "data_buffer_size": "64 KiB", "body_spill_threshold": "1 MiB",
+            "line_length_hard_limit": 510,
             "invalid_line_endings": "Allow", "meta": {"a": 1}, "peer": {"10.0.0.1": {}}, "via": {"::1": {}},
             "batch_handling": "BatchByDomain", "trace_headers": {"received_header": false},
             "tls_certificate": "c.pem", "tls_private_key": "k.pem", "tls_required_client_ca": {"key_data": "PEM"},
@@ -436,9 +437,14 @@ mod tests {
             assert_eq!(row, !["peer", "via"].contains(&key.as_str()), "{key}");
         }
         assert_eq!((params.peer.len(), params.via.len()), (1, 1));
-        let top = json!({"listen": "[::]:25", "max_connections": 1, "implicit_tls": true});
+        let top = json!({
+            "listen": "[::]:25", "max_connections": 1, "implicit_tls": true, "body_memory_limit": "2 GiB",
+            "body_spool_path": "/var/spool/bodies",
+        });
         let config = parse_listener_config(&top).unwrap();
         assert_eq!((config.listen.as_str(), config.max_connections, config.implicit_tls), ("[::]:25", 1, true));
+        assert_eq!(config.body_memory_limit, 2 << 30);
+        assert_eq!(config.body_spool_path, Some(PathBuf::from("/var/spool/bodies")));
         assert_eq!(top.as_object().unwrap().len(), TOP_LEVEL_ONLY.len());
         assert_eq!(errors_of(parse_overrides(&top, "")).len(), TOP_LEVEL_ONLY.len());
     }
