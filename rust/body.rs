@@ -17,6 +17,10 @@ use std::time::Instant;
 /// How long a measure of the spool's free space is trusted.
 const ROOM_TTL_MS: u64 = 1000;
 
+/// The in-memory budget counts as used up once less than this is left: a
+/// new session's body could not even start in memory.
+const BUDGET_MARGIN: usize = 64 * 1024;
+
 /// Where a listener's spilled bodies go, and what its bodies hold now.
 #[derive(Debug)]
 pub struct Spool {
@@ -58,9 +62,9 @@ impl Spool {
         self.spilled.load(Ordering::Relaxed)
     }
 
-    /// The in-memory budget is used up: every new body goes to disk.
+    /// The in-memory budget is (all but [`BUDGET_MARGIN`]) used up.
     pub fn memory_exhausted(&self) -> bool {
-        self.in_memory_bytes() >= self.memory_limit
+        self.in_memory_bytes() + BUDGET_MARGIN >= self.memory_limit
     }
 
     /// Whether the spool's file system has `needed` bytes free, measured at
@@ -487,15 +491,17 @@ mod tests {
     #[test]
     fn with_the_budget_used_up_even_a_small_body_is_spilled() {
         let dir = scratch_dir("budget");
-        let spool = Spool::new(dir, 64);
+        let spool = Spool::new(dir, BUDGET_MARGIN + 64);
+        assert!(!spool.memory_exhausted());
         let first = BodyBuffer::new(&spool, 1024, 64, "first".into(), Vec::new());
         assert!(!first.is_spilled());
         assert!(spool.memory_exhausted());
+        let filler = BodyBuffer::new(&spool, BUDGET_MARGIN, BUDGET_MARGIN, "filler".into(), Vec::new());
         let mut second = BodyBuffer::new(&spool, 1024, 64, "second".into(), Vec::new());
         assert!(second.is_spilled());
         second.append(b"tiny\r\n").unwrap();
         assert!(matches!(second.finish().unwrap(), Body::File(_)));
-        drop(first);
+        drop((first, filler));
         assert!(!spool.memory_exhausted());
     }
 
