@@ -94,9 +94,9 @@ def test_sixty_clients_holding_8_mb_bodies_grow_the_server_by_less_than_128_mib(
     replies = [client.reply() for client in clients]
     assert [code for code, _ in replies] == [250] * CLIENTS, replies
     stored = {path.stat().st_ino: path.read_bytes() for path in (maildir / "new").iterdir()}
-    assert sorted(without_envelope(text).split(b"\r\n", 4)[4] for text in stored.values()) == sorted(
-        bodies
-    ), "every message whole, after its Received header"
+    assert sorted(
+        without_envelope(text).split(b"\r\n", 4)[4] for text in stored.values()
+    ) == sorted(bodies), "every message whole, after its Received header"
     assert set(stored) == inodes, "each spilled file was renamed into new/, not copied"
     assert list((maildir / "tmp").iterdir()) == []
     print(f"\nRSS growth with {CLIENTS} x 8 MB held before the dot: {growth / MiB:.1f} MiB")
@@ -144,7 +144,9 @@ def fill(disk: Path) -> Path:
 
 
 def test_a_full_spool_disk_gets_451_then_452_and_421_never_250(serve, tmp_path, small_disk):
-    params = f'body_spool_path="{small_disk}", max_message_size="4 MiB", body_spill_threshold="64 KiB"'
+    params = (
+        f'body_spool_path="{small_disk}", max_message_size="4 MiB", body_spill_threshold="64 KiB"'
+    )
     served = serve_policy(serve, tmp_path, params)
     client = open_transaction(served.address)
     filler = fill(small_disk)
@@ -177,7 +179,9 @@ def test_a_full_spool_disk_gets_451_then_452_and_421_never_250(serve, tmp_path, 
 def test_a_spool_disk_filling_up_mid_body_gets_451_and_removes_the_part_written(
     serve, tmp_path, small_disk
 ):
-    params = f'body_spool_path="{small_disk}", max_message_size="4 MiB", body_spill_threshold="64 KiB"'
+    params = (
+        f'body_spool_path="{small_disk}", max_message_size="4 MiB", body_spill_threshold="64 KiB"'
+    )
     served = serve_policy(serve, tmp_path, params)
     client = open_transaction(served.address)
     client.send(big_body("half", MiB)[: MiB // 2])
@@ -328,7 +332,9 @@ def test_kill_9_during_delivery_of_spilled_bodies_leaves_only_whole_messages(tmp
         subject = re.search(rb"^Subject: big (\d+-\d+)\r\n", stored, re.MULTILINE)
         assert subject, f"{path.name}: no Subject (partial file?)"
         ident = subject.group(1).decode()
-        assert without_envelope(stored).endswith(b"\r\n" + crash_message(ident)), f"{path.name}: not whole"
+        assert without_envelope(stored).endswith(b"\r\n" + crash_message(ident)), (
+            f"{path.name}: not whole"
+        )
         found_ids.append(ident)
     assert len(found_ids) == len(set(found_ids))
     missing = acked - set(found_ids)
