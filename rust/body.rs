@@ -4,13 +4,14 @@
 //! directory as it arrives (the Maildir's `tmp/`, so that the sink can
 //! deliver it by a rename).
 
+use crate::metrics::ListenerMetrics;
 use bytes::Bytes;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,14 +23,11 @@ const ROOM_TTL_MS: u64 = 1000;
 const BUDGET_MARGIN: usize = 64 * 1024;
 
 /// Where a listener's spilled bodies go, and what its bodies hold now.
-#[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
     memory_limit: usize,
-    /// Bytes reserved by bodies in memory (received or being received).
-    in_memory: AtomicUsize,
-    /// Bytes in spill files now.
-    spilled: AtomicU64,
+    /// Its gauges of the bytes in memory and in spill files are the spool's counts.
+    metrics: Arc<ListenerMetrics>,
     /// Free bytes of the spool's file system, as last measured.
     free: AtomicU64,
     /// When `free` was measured, in ms since `epoch`; `u64::MAX`: never.
@@ -38,12 +36,11 @@ pub struct Spool {
 }
 
 impl Spool {
-    pub fn new(dir: PathBuf, memory_limit: usize) -> Arc<Self> {
+    pub fn new(dir: PathBuf, memory_limit: usize, metrics: Arc<ListenerMetrics>) -> Arc<Self> {
         Arc::new(Self {
             dir,
             memory_limit,
-            in_memory: AtomicUsize::new(0),
-            spilled: AtomicU64::new(0),
+            metrics,
             free: AtomicU64::new(0),
             measured_at: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
@@ -55,11 +52,15 @@ impl Spool {
     }
 
     pub fn in_memory_bytes(&self) -> usize {
-        self.in_memory.load(Ordering::Relaxed)
+        self.metrics.body_memory_bytes.load(Ordering::Relaxed) as usize
     }
 
     pub fn spilled_bytes(&self) -> u64 {
-        self.spilled.load(Ordering::Relaxed)
+        self.metrics.body_spilled_bytes.load(Ordering::Relaxed)
+    }
+
+    fn release(&self, bytes: usize) {
+        self.metrics.body_memory_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
     }
 
     /// The in-memory budget is (all but [`BUDGET_MARGIN`]) used up.
@@ -87,12 +88,18 @@ impl Spool {
 
     /// Reserve `bytes` more of the in-memory budget, or nothing if it has not that much left.
     fn try_reserve(&self, bytes: usize) -> bool {
-        let before = self.in_memory.fetch_add(bytes, Ordering::Relaxed);
+        let before = self.metrics.body_memory_bytes.fetch_add(bytes as u64, Ordering::Relaxed) as usize;
         if before + bytes <= self.memory_limit {
             return true;
         }
-        self.in_memory.fetch_sub(bytes, Ordering::Relaxed);
+        self.release(bytes);
         false
+    }
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool").field("dir", &self.dir).field("memory_limit", &self.memory_limit).finish()
     }
 }
 
@@ -130,7 +137,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.spool.in_memory.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.spool.release(self.bytes);
     }
 }
 
@@ -166,14 +173,14 @@ impl SpillFile {
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.file.write_all(bytes)?;
         self.written += bytes.len() as u64;
-        self.spool.spilled.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.spool.metrics.body_spilled_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
 
 impl Drop for SpillFile {
     fn drop(&mut self) {
-        self.spool.spilled.fetch_sub(self.written, Ordering::Relaxed);
+        self.spool.metrics.body_spilled_bytes.fetch_sub(self.written, Ordering::Relaxed);
         // Gone already when the sink renamed it into the Maildir.
         let _ = fs::remove_file(&self.path);
     }
@@ -405,7 +412,7 @@ impl BodyBuffer {
         });
         // From now on it holds what one read brings, not the whole body.
         self.memory = Vec::new();
-        self.spool.in_memory.fetch_sub(std::mem::take(&mut self.reservation.bytes), Ordering::Relaxed);
+        self.spool.release(std::mem::take(&mut self.reservation.bytes));
         let opened = spilled.map(|file| self.file = Some(file));
         let _ = self.failed(opened);
     }
@@ -453,7 +460,7 @@ mod tests {
     #[test]
     fn a_small_body_stays_in_memory_and_gives_its_reservation_back() {
         let dir = scratch_dir("small");
-        let spool = Spool::new(dir.clone(), 1 << 20);
+        let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
         let mut buffer = BodyBuffer::new(&spool, 1024, 100, "small".into(), b"ENV\r\n".to_vec());
         receive(&mut buffer, &[b"Subject: x\r\n", b"\r\nhi\r\n"]);
         let body = buffer.finish().unwrap();
@@ -470,7 +477,7 @@ mod tests {
     #[test]
     fn a_body_past_its_threshold_goes_to_a_file_after_the_prefix() {
         let dir = scratch_dir("spill");
-        let spool = Spool::new(dir.clone(), 1 << 20);
+        let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
         let mut buffer = BodyBuffer::new(&spool, 8, 4, "big".into(), b"ENV\r\n".to_vec());
         receive(&mut buffer, &[b"0123", b"4567", b"89ab", b"cdef"]);
         assert!(buffer.is_spilled());
@@ -491,7 +498,7 @@ mod tests {
     #[test]
     fn with_the_budget_used_up_even_a_small_body_is_spilled() {
         let dir = scratch_dir("budget");
-        let spool = Spool::new(dir, BUDGET_MARGIN + 64);
+        let spool = Spool::new(dir, BUDGET_MARGIN + 64, Arc::default());
         assert!(!spool.memory_exhausted());
         let first = BodyBuffer::new(&spool, 1024, 64, "first".into(), Vec::new());
         assert!(!first.is_spilled());
@@ -508,7 +515,7 @@ mod tests {
     #[test]
     fn a_failed_spill_loses_the_body_and_marks_the_spool_full() {
         let dir = scratch_dir("fails").join("missing");
-        let spool = Spool::new(dir, 1 << 20);
+        let spool = Spool::new(dir, 1 << 20, Arc::default());
         assert!(!spool.has_room(1), "no file system behind a missing directory");
         let mut buffer = BodyBuffer::new(&spool, 4, 4, "lost".into(), Vec::new());
         assert!(buffer.append(b"more than four").is_err());
@@ -519,15 +526,15 @@ mod tests {
 
     #[test]
     fn the_spool_room_is_measured() {
-        let spool = Spool::new(scratch_dir("room"), 1 << 20);
+        let spool = Spool::new(scratch_dir("room"), 1 << 20, Arc::default());
         assert!(spool.has_room(1));
-        assert!(!Spool::new(scratch_dir("room2"), 1).has_room(u64::MAX));
+        assert!(!Spool::new(scratch_dir("room2"), 1, Arc::default()).has_room(u64::MAX));
     }
 
     #[test]
     fn a_spilled_body_is_copied_into_another_file_without_its_prefix() {
         let dir = scratch_dir("copy");
-        let spool = Spool::new(dir.clone(), 1 << 20);
+        let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
         let mut buffer = BodyBuffer::new(&spool, 1, 1, "copied".into(), b"PREFIX".to_vec());
         let text: Vec<u8> = (0..200_000u32).flat_map(|n| n.to_le_bytes()).collect();
         buffer.append(&text).unwrap();

@@ -115,7 +115,8 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
     })?;
     let socket = bind(address, server.reuse_port)?;
     let bound = socket.local_addr()?;
-    let spool = Spool::new(spool_dir(&config, &server.sink)?, config.body_memory_limit);
+    let metrics: Arc<ListenerMetrics> = Arc::default();
+    let spool = Spool::new(spool_dir(&config, &server.sink)?, config.body_memory_limit, metrics.clone());
     let context = Arc::new(SessionContext {
         listener: Arc::from(config.listen.as_str()),
         config,
@@ -124,7 +125,7 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
         spool,
         tls: server.tls.clone(),
         clients: server.clients.clone(),
-        metrics: Arc::default(),
+        metrics,
         shutdown: server.shutdown_signal(),
     });
     let entry = (context.listener.clone(), context.metrics.clone());

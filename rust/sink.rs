@@ -346,7 +346,7 @@ mod tests {
         let root = scratch_dir("rename");
         let sink = Sink::Maildir(Arc::new(Maildir::open(&root).unwrap()));
         let Sink::Maildir(maildir) = &sink else { unreachable!() };
-        let spool = crate::body::Spool::new(sink.spool_dir(), 1 << 20);
+        let spool = crate::body::Spool::new(sink.spool_dir(), 1 << 20, Arc::default());
         let who = Mailbox::new("a", "b.example");
         let body = spilled(&spool, sink.envelope_for(spool.dir(), &who, &who), b"Subject: big\r\n\r\nbody\r\n");
         let Body::File(file) = &body else { panic!("not spilled") };
@@ -364,7 +364,7 @@ mod tests {
     fn a_spilled_body_shared_by_parts_is_copied_into_each() {
         let root = scratch_dir("shared-spill");
         let maildir = Maildir::open(&root).unwrap();
-        let spool = crate::body::Spool::new(maildir.tmp_dir(), 1 << 20);
+        let spool = crate::body::Spool::new(maildir.tmp_dir(), 1 << 20, Arc::default());
         let body = spilled(&spool, Vec::new(), b"\r\nshared\r\n");
         let parts: Vec<Arc<Message>> = ["x", "y"]
             .iter()

@@ -7,6 +7,7 @@ use crate::body::Spool;
 use crate::bridge::Bridge;
 use crate::clients::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::events::{Event, EventKind, Outcome};
+use crate::metrics::ListenerMetrics;
 use crate::params::{parse_listener_config, ParamErrors};
 use crate::sink::Sink;
 use crate::tls::{self, TlsCache};
@@ -43,7 +44,8 @@ impl Harness {
         let logs = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(answer(bridge.clone(), Arc::new(script), logs.clone()));
         let spool_dir = config.body_spool_path.clone().unwrap_or_else(|| sink.spool_dir());
-        let spool = Spool::new(spool_dir, config.body_memory_limit);
+        let metrics: Arc<ListenerMetrics> = Arc::default();
+        let spool = Spool::new(spool_dir, config.body_memory_limit, metrics.clone());
         let context = Arc::new(SessionContext {
             listener: Arc::from(config.listen.as_str()),
             config,
@@ -52,7 +54,7 @@ impl Harness {
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             clients: ClientTable::new(CLIENT_TABLE_CAPACITY),
-            metrics: Arc::default(),
+            metrics,
             shutdown: Shutdown::new(shutdown.subscribe()),
         });
         Ok(Self { context, shutdown, logs })
