@@ -16,8 +16,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import kumo_listener as kumo
 import pytest
 from conftest import KUMO, RawClient, Served, without_envelope
+from prometheus_client import CollectorRegistry
 
 MiB = 1 << 20
 CLIENTS = 60
@@ -357,3 +359,26 @@ def test_a_spool_path_that_cannot_be_made_is_an_error_at_start(tmp_path):
     )
     assert result.returncode != 0
     assert "body_spool_path" in result.stderr, result.stderr
+
+
+def test_the_gauges_show_bodies_in_memory_and_spilled(tmp_path):
+    registry = CollectorRegistry()
+    with kumo.Server(policy=kumo.Policy(), maildir=tmp_path / "maildir") as server:
+        registry.register(server.metrics_collector())
+        address = server.start_esmtp_listener(listen="127.0.0.1:0").address
+        listener = {"listener": "127.0.0.1:0"}
+
+        def gauge(name: str) -> float:
+            value = registry.get_sample_value(f"kumo_listener_body_{name}_bytes", listener)
+            assert value is not None
+            return value
+
+        small, big = open_transaction(address), open_transaction(address)
+        small.send(b"Subject: small\r\n\r\nhi\r\n")
+        big.send(big_body("gauge", 2 * MiB))
+        wait_for(lambda: gauge("spilled") >= 2 * MiB, "the big body to spill")
+        assert gauge("memory") > 0, "the small body is in memory"
+        for client in (small, big):
+            client.send(b".\r\n")
+            assert client.reply()[0] == 250
+        wait_for(lambda: gauge("memory") == gauge("spilled") == 0, "the bodies to be let go")
