@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// How long a measure of the spool's free space is trusted.
 const ROOM_TTL_MS: u64 = 1000;
@@ -164,8 +164,13 @@ pub struct SpillFile {
 }
 
 impl SpillFile {
-    fn create(spool: &Arc<Spool>, name: &str) -> io::Result<Self> {
-        let path = spool.dir.join(name);
+    /// A new file, named as Maildir's `tmp/` wants: unique to this host
+    /// (several processes may share the directory).
+    fn create(spool: &Arc<Spool>) -> io::Result<Self> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+        let sequence = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = spool.dir.join(format!("{secs}.P{}Q{sequence}.body", std::process::id()));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         Ok(Self { file, path, spool: spool.clone(), written: 0 })
     }
@@ -323,7 +328,6 @@ pub struct BodyBuffer {
     reservation: Reservation,
     /// Written at the start of the spill file, before the body.
     prefix: Vec<u8>,
-    name: String,
     file: Option<SpillFile>,
     /// The first write to the spill file that failed: the body is lost.
     failure: Option<io::Error>,
@@ -331,13 +335,13 @@ pub struct BodyBuffer {
 
 impl BodyBuffer {
     /// `capacity`: the room first made in memory (kept under `threshold`);
-    /// `name`: the spill file's name; `prefix`: what the spill file starts with.
-    pub fn new(spool: &Arc<Spool>, threshold: usize, capacity: usize, name: String, prefix: Vec<u8>) -> Self {
+    /// `prefix`: what the spill file starts with.
+    pub fn new(spool: &Arc<Spool>, threshold: usize, capacity: usize, prefix: Vec<u8>) -> Self {
         let memory = Vec::with_capacity(capacity.min(threshold));
         let mut reservation = Reservation { spool: spool.clone(), bytes: 0 };
         let fits = reservation.grow_to(memory.capacity());
         let mut buffer =
-            Self { spool: spool.clone(), threshold, memory, reservation, prefix, name, file: None, failure: None };
+            Self { spool: spool.clone(), threshold, memory, reservation, prefix, file: None, failure: None };
         if !fits {
             buffer.spill();
         }
@@ -405,7 +409,7 @@ impl BodyBuffer {
 
     /// Move the body so far into a new spill file.
     fn spill(&mut self) {
-        let spilled = SpillFile::create(&self.spool, &self.name).and_then(|mut file| {
+        let spilled = SpillFile::create(&self.spool).and_then(|mut file| {
             file.write(&self.prefix)?;
             file.write(&self.memory)?;
             Ok(file)
@@ -461,7 +465,7 @@ mod tests {
     fn a_small_body_stays_in_memory_and_gives_its_reservation_back() {
         let dir = scratch_dir("small");
         let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
-        let mut buffer = BodyBuffer::new(&spool, 1024, 100, "small".into(), b"ENV\r\n".to_vec());
+        let mut buffer = BodyBuffer::new(&spool, 1024, 100, b"ENV\r\n".to_vec());
         receive(&mut buffer, &[b"Subject: x\r\n", b"\r\nhi\r\n"]);
         let body = buffer.finish().unwrap();
         assert!(matches!(&body, Body::Memory(bytes) if bytes.as_ref() == b"Subject: x\r\n\r\nhi\r\n"));
@@ -478,7 +482,7 @@ mod tests {
     fn a_body_past_its_threshold_goes_to_a_file_after_the_prefix() {
         let dir = scratch_dir("spill");
         let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
-        let mut buffer = BodyBuffer::new(&spool, 8, 4, "big".into(), b"ENV\r\n".to_vec());
+        let mut buffer = BodyBuffer::new(&spool, 8, 4, b"ENV\r\n".to_vec());
         receive(&mut buffer, &[b"0123", b"4567", b"89ab", b"cdef"]);
         assert!(buffer.is_spilled());
         assert_eq!(buffer.len(), 16);
@@ -500,11 +504,11 @@ mod tests {
         let dir = scratch_dir("budget");
         let spool = Spool::new(dir, BUDGET_MARGIN + 64, Arc::default());
         assert!(!spool.memory_exhausted());
-        let first = BodyBuffer::new(&spool, 1024, 64, "first".into(), Vec::new());
+        let first = BodyBuffer::new(&spool, 1024, 64, Vec::new());
         assert!(!first.is_spilled());
         assert!(spool.memory_exhausted());
-        let filler = BodyBuffer::new(&spool, BUDGET_MARGIN, BUDGET_MARGIN, "filler".into(), Vec::new());
-        let mut second = BodyBuffer::new(&spool, 1024, 64, "second".into(), Vec::new());
+        let filler = BodyBuffer::new(&spool, BUDGET_MARGIN, BUDGET_MARGIN, Vec::new());
+        let mut second = BodyBuffer::new(&spool, 1024, 64, Vec::new());
         assert!(second.is_spilled());
         second.append(b"tiny\r\n").unwrap();
         assert!(matches!(second.finish().unwrap(), Body::File(_)));
@@ -517,7 +521,7 @@ mod tests {
         let dir = scratch_dir("fails").join("missing");
         let spool = Spool::new(dir, 1 << 20, Arc::default());
         assert!(!spool.has_room(1), "no file system behind a missing directory");
-        let mut buffer = BodyBuffer::new(&spool, 4, 4, "lost".into(), Vec::new());
+        let mut buffer = BodyBuffer::new(&spool, 4, 4, Vec::new());
         assert!(buffer.append(b"more than four").is_err());
         assert!(buffer.append(b"the rest is taken and dropped").is_ok());
         assert!(buffer.finish().is_err());
@@ -535,7 +539,7 @@ mod tests {
     fn a_spilled_body_is_copied_into_another_file_without_its_prefix() {
         let dir = scratch_dir("copy");
         let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
-        let mut buffer = BodyBuffer::new(&spool, 1, 1, "copied".into(), b"PREFIX".to_vec());
+        let mut buffer = BodyBuffer::new(&spool, 1, 1, b"PREFIX".to_vec());
         let text: Vec<u8> = (0..200_000u32).flat_map(|n| n.to_le_bytes()).collect();
         buffer.append(&text).unwrap();
         let body = buffer.finish().unwrap();

@@ -334,8 +334,7 @@ mod tests {
     }
 
     fn spilled(spool: &Arc<crate::body::Spool>, prefix: Vec<u8>, text: &[u8]) -> Body {
-        let name = format!("{}.body", crate::message::new_message_id());
-        let mut buffer = crate::body::BodyBuffer::new(spool, 1, 1, name, prefix);
+        let mut buffer = crate::body::BodyBuffer::new(spool, 1, 1, prefix);
         buffer.append(text).unwrap();
         buffer.finish().unwrap()
     }

@@ -292,7 +292,7 @@ impl<S: Transport> Session<S> {
         };
         let size_hint = transaction.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX));
         let prefix = self.spill_prefix(&transaction, per_part.is_some());
-        let (verdict, body) = self.read_body(&id, &in_body, size_hint, prefix).await?;
+        let (verdict, body) = self.read_body(&in_body, size_hint, prefix).await?;
         if let Some(refusal) = verdict.refusal() {
             return self.refuse(refusal);
         }
@@ -330,7 +330,6 @@ impl<S: Transport> Session<S> {
     /// starts with it unless the message is refused.
     async fn read_body(
         &mut self,
-        id: &str,
         header: &str,
         size_hint: usize,
         prefix: Vec<u8>,
@@ -345,8 +344,7 @@ impl<S: Transport> Session<S> {
         let expected =
             size_hint.min(MAX_SIZE_HINT).max(self.input.len()).max(MIN_READ).min(self.params.max_message_size);
         let spool = &self.context.spool;
-        let name = format!("{id}.body");
-        let mut body = BodyBuffer::new(spool, self.params.body_spill_threshold, header.len() + expected, name, prefix);
+        let mut body = BodyBuffer::new(spool, self.params.body_spill_threshold, header.len() + expected, prefix);
         body.pending().extend_from_slice(header.as_bytes());
         let started = Instant::now();
         let mut received = 0;
