@@ -12,6 +12,7 @@
 //! that unit tests, benches and fuzz targets need no libpython.
 
 pub mod bdat;
+pub mod body;
 pub mod bridge;
 pub mod cidr;
 pub mod clients;

@@ -4,6 +4,7 @@
 //! process-wide counter, and the `Received:` header's date is local time
 //! (chrono reads the system's time zone for it).
 
+use crate::body::Body;
 use crate::meta::MetaStore;
 use crate::params::BatchHandling;
 use crate::parser::Mailbox;
@@ -31,17 +32,23 @@ pub struct Message {
     /// The message as received (after a `Received:` header when the
     /// transaction had one recipient). Split parts share the transaction's
     /// bytes: no part copies the body.
-    pub data: Bytes,
+    pub data: Body,
     pub meta: MetaStore,
 }
 
 impl Message {
-    pub fn new(id: String, sender: Mailbox, recipients: Vec<Mailbox>, data: Bytes) -> Arc<Self> {
+    pub fn new(id: String, sender: Mailbox, recipients: Vec<Mailbox>, data: impl Into<Body>) -> Arc<Self> {
         Self::with_head(id, sender, recipients, Bytes::new(), data)
     }
 
-    pub fn with_head(id: String, sender: Mailbox, recipients: Vec<Mailbox>, head: Bytes, data: Bytes) -> Arc<Self> {
-        Arc::new(Self { id, sender, recipients, head, data, meta: MetaStore::new() })
+    pub fn with_head(
+        id: String,
+        sender: Mailbox,
+        recipients: Vec<Mailbox>,
+        head: Bytes,
+        data: impl Into<Body>,
+    ) -> Arc<Self> {
+        Arc::new(Self { id, sender, recipients, head, data: data.into(), meta: MetaStore::new() })
     }
 
     /// The whole message, trace headers first, as policy sees it.
@@ -53,11 +60,12 @@ impl Message {
         self.len() == 0
     }
 
-    /// Write `head` then `data` into `out`, of [`Self::len`] bytes.
-    pub fn copy_to(&self, out: &mut [u8]) {
+    /// Write `head` then `data` into `out`, of [`Self::len`] bytes (reading
+    /// `data` from its file if it was spilled).
+    pub fn read_into(&self, out: &mut [u8]) -> std::io::Result<()> {
         let (head, data) = out.split_at_mut(self.head.len());
         head.copy_from_slice(&self.head);
-        data.copy_from_slice(&self.data);
+        self.data.read_into(data)
     }
 }
 
@@ -326,10 +334,14 @@ mod tests {
         assert_eq!(part_of, [0, 1, 0, 0]);
     }
 
+    fn same_bytes(a: &Body, b: &Body) -> bool {
+        matches!((a, b), (Body::Memory(a), Body::Memory(b)) if a.as_ptr() == b.as_ptr())
+    }
+
     /// A part's whole text, as policy sees it.
     fn text_of(part: &Message) -> String {
         let mut whole = vec![0; part.len()];
-        part.copy_to(&mut whole);
+        part.read_into(&mut whole).unwrap();
         String::from_utf8(whole).unwrap()
     }
 
@@ -342,7 +354,7 @@ mod tests {
         let text = text_of(&parts[0]);
         let (header, rest) = text.split_once("\r\n").unwrap();
         assert_eq!(rest, "Subject: t\r\n\r\nbody\r\n");
-        assert!(parts[0].data.as_ptr() == transaction.data.as_ptr(), "the body is shared, not copied");
+        assert!(same_bytes(&parts[0].data, &transaction.data), "the body is shared, not copied");
         let encoded = header.strip_prefix("X-KumoRef: ").unwrap();
         let decoded: Value = serde_json::from_slice(&BASE64.decode(encoded).unwrap()).unwrap();
         assert_eq!(decoded, serde_json::json!({"_@_": "\\_o< DUCK!", "recipient": "1@a.example", "tenant": "acme"}));
@@ -378,7 +390,7 @@ mod tests {
             assert!(text.starts_with("Received: from client.example"), "{text:?}");
             assert!(text.contains(&format!("for <{recipient}>;")), "{text:?}");
             assert!(text.ends_with("\r\nSubject: t\r\n\r\nbody\r\n"));
-            assert!(part.data.as_ptr() == transaction.data.as_ptr());
+            assert!(same_bytes(&part.data, &transaction.data));
         }
         let parts = split(&transaction, BatchHandling::BatchByDomain, None, Some(&received));
         assert!(!text_of(&parts[0]).contains("for <"), "two recipients: no for clause");

@@ -6,6 +6,7 @@
 //! [`crate::driver::Driver`]), so dropping the runtime drops every task and
 //! socket with it.
 
+use crate::body::Spool;
 use crate::bridge::Bridge;
 use crate::clients::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::log::{LOG_ERROR, LOG_INFO};
@@ -135,14 +136,17 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
             (BoundSocket::Tcp(socket), BoundAddress::Inet(bound))
         }
     };
+    let metrics: Arc<ListenerMetrics> = Arc::default();
+    let spool = Spool::new(spool_dir(&config, &server.sink)?, config.body_memory_limit, metrics.clone());
     let context = Arc::new(SessionContext {
         listener: Arc::from(config.listen.as_str()),
         config,
         policy: server.bridge.clone(),
         sink: server.sink.clone(),
+        spool,
         tls: server.tls.clone(),
         clients: server.clients.clone(),
-        metrics: Arc::default(),
+        metrics,
         shutdown: server.shutdown_signal(),
     });
     let entry = (context.listener.clone(), context.metrics.clone());
@@ -153,6 +157,16 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
     listener.server.listening.fetch_add(1, Ordering::AcqRel);
     runtime.spawn(accept_loop(socket, listener));
     Ok(bound)
+}
+
+/// `body_spool_path` (made if missing), or the sink's choice.
+fn spool_dir(config: &ListenerConfig, sink: &Sink) -> io::Result<PathBuf> {
+    let Some(dir) = &config.body_spool_path else {
+        return Ok(sink.spool_dir());
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("body_spool_path {}: {e}", dir.display())))?;
+    Ok(dir.clone())
 }
 
 fn bind(address: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {

@@ -1,6 +1,8 @@
 //! Where accepted messages go: a durable Maildir, or nowhere (benchmarks).
 
+use crate::body::{Body, SpilledBody};
 use crate::message::Message;
+use crate::parser::Mailbox;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -22,6 +24,25 @@ impl Sink {
                 let maildir = maildir.clone();
                 tokio::task::spawn_blocking(move || maildir.deliver(&messages)).await.map_err(io::Error::other)?
             }
+        }
+    }
+
+    /// Where spilled bodies go by default: the Maildir's `tmp/`, whence
+    /// delivering one is a rename.
+    pub fn spool_dir(&self) -> PathBuf {
+        match self {
+            Sink::Discard => std::env::temp_dir(),
+            Sink::Maildir(maildir) => maildir.tmp_dir(),
+        }
+    }
+
+    /// What a body spilled into `dir` should start with so that the sink
+    /// can deliver its file by renaming it: the envelope of its one
+    /// recipient, when `dir` is the Maildir's `tmp/`; nothing otherwise.
+    pub fn envelope_for(&self, dir: &Path, sender: &Mailbox, recipient: &Mailbox) -> Vec<u8> {
+        match self {
+            Sink::Maildir(maildir) if dir == maildir.tmp_dir() => envelope(sender, std::slice::from_ref(recipient), 0),
+            _ => Vec::new(),
         }
     }
 
@@ -120,31 +141,54 @@ impl Maildir {
         Ok(Self { new_dir: GroupSync::new(root.join("new")), root, host })
     }
 
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
     pub fn deliver(&self, messages: &[Arc<Message>]) -> io::Result<()> {
         let names: Vec<String> = messages.iter().map(|m| self.file_name(m)).collect();
         let mut staged = Vec::with_capacity(messages.len());
         for (message, name) in messages.iter().zip(&names) {
-            let path = self.root.join("tmp").join(name);
-            let written = write_durably(&path, message);
+            let (path, written) = match self.ready_as_it_is(message, messages.len()) {
+                Some(spilled) => (spilled.path().to_path_buf(), spilled.file().sync_data()),
+                None => {
+                    let path = self.tmp_dir().join(name);
+                    let written = write_durably(&path, message);
+                    (path, written)
+                }
+            };
             staged.push(path);
             if let Err(err) = written {
                 remove_all(&staged);
                 return Err(err);
             }
         }
-        let published = self.publish(&names);
+        let published = self.publish(&staged, &names);
         remove_all(&staged);
         published
     }
 
-    /// Move staged files into `new/`, all or none.
-    fn publish(&self, names: &[String]) -> io::Result<()> {
+    /// The spilled body of the only message of a delivery, when its file
+    /// in `tmp/` already starts with the envelope and trace headers it
+    /// needs: then syncing and renaming it delivers it.
+    fn ready_as_it_is<'a>(&self, message: &'a Message, messages: usize) -> Option<&'a SpilledBody> {
+        let Body::File(spilled) = &message.data else {
+            return None;
+        };
+        let in_tmp = spilled.path().parent() == Some(self.tmp_dir().as_path());
+        let ready = messages == 1 && in_tmp && spilled.prefix() == envelope_and_head(message).as_slice();
+        ready.then_some(spilled)
+    }
+
+    /// Move staged files into `new/` under `names`, all or none.
+    fn publish(&self, staged: &[PathBuf], names: &[String]) -> io::Result<()> {
         let mut moved = Vec::with_capacity(names.len());
-        let result = names
+        let result = staged
             .iter()
-            .try_for_each(|name| {
+            .zip(names)
+            .try_for_each(|(path, name)| {
                 let target = self.root.join("new").join(name);
-                fs::rename(self.root.join("tmp").join(name), &target)?;
+                fs::rename(path, &target)?;
                 moved.push(target);
                 Ok(())
             })
@@ -166,20 +210,26 @@ impl Maildir {
 /// `Delivered-To:` for each recipient of this file; then the message's own
 /// trace headers.
 fn envelope_and_head(message: &Message) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + 48 * message.recipients.len() + message.head.len());
+    let mut out = envelope(&message.sender, &message.recipients, message.head.len());
+    out.extend_from_slice(&message.head);
+    out
+}
+
+/// `Return-Path:` and the `Delivered-To:` lines, with room for `more` bytes.
+fn envelope(sender: &Mailbox, recipients: &[Mailbox], more: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + 48 * recipients.len() + more);
     // Display writes no CR or LF: the parser refuses control characters.
-    let _ = write!(out, "Return-Path: <{}>\r\n", message.sender);
-    for recipient in &message.recipients {
+    let _ = write!(out, "Return-Path: <{sender}>\r\n");
+    for recipient in recipients {
         let _ = write!(out, "Delivered-To: {recipient}\r\n");
     }
-    out.extend_from_slice(&message.head);
     out
 }
 
 fn write_durably(path: &Path, message: &Message) -> io::Result<()> {
     let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
     file.write_all(&envelope_and_head(message))?;
-    file.write_all(&message.data)?;
+    message.data.write_to(&mut file)?;
     // The data and what reading it needs (its size); the name comes with
     // the sync of `new/` after the rename.
     file.sync_data()
@@ -195,7 +245,6 @@ fn remove_all(paths: &[PathBuf]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parser::Mailbox;
     use bytes::Bytes;
 
     fn message(body: &'static [u8]) -> Arc<Message> {
@@ -281,6 +330,60 @@ mod tests {
             stored,
             b"Return-Path: <>\r\nDelivered-To: x@d.example\r\nDelivered-To: y@d.example\r\nReceived: by test\r\n\r\nhi\r\n"
         );
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    fn spilled(spool: &Arc<crate::body::Spool>, prefix: Vec<u8>, text: &[u8]) -> Body {
+        let mut buffer = crate::body::BodyBuffer::new(spool, 1, 1, prefix);
+        buffer.append(text).unwrap();
+        buffer.finish().unwrap()
+    }
+
+    #[test]
+    fn a_spilled_body_with_its_envelope_is_delivered_by_renaming_it() {
+        use std::os::unix::fs::MetadataExt;
+        let root = scratch_dir("rename");
+        let sink = Sink::Maildir(Arc::new(Maildir::open(&root).unwrap()));
+        let Sink::Maildir(maildir) = &sink else { unreachable!() };
+        let spool = crate::body::Spool::new(sink.spool_dir(), 1 << 20, Arc::default());
+        let who = Mailbox::new("a", "b.example");
+        let body = spilled(&spool, sink.envelope_for(spool.dir(), &who, &who), b"Subject: big\r\n\r\nbody\r\n");
+        let Body::File(file) = &body else { panic!("not spilled") };
+        let inode = fs::metadata(file.path()).unwrap().ino();
+        maildir.deliver(&[Message::new("id".into(), who.clone(), vec![who], body)]).unwrap();
+        let stored = &entries(&root.join("new"))[0];
+        assert_eq!(fs::metadata(stored).unwrap().ino(), inode, "renamed, not copied");
+        let text = b"Return-Path: <a@b.example>\r\nDelivered-To: a@b.example\r\nSubject: big\r\n\r\nbody\r\n";
+        assert_eq!(fs::read(stored).unwrap(), text);
+        assert!(entries(&root.join("tmp")).is_empty());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_spilled_body_shared_by_parts_is_copied_into_each() {
+        let root = scratch_dir("shared-spill");
+        let maildir = Maildir::open(&root).unwrap();
+        let spool = crate::body::Spool::new(maildir.tmp_dir(), 1 << 20, Arc::default());
+        let body = spilled(&spool, Vec::new(), b"\r\nshared\r\n");
+        let parts: Vec<Arc<Message>> = ["x", "y"]
+            .iter()
+            .map(|user| {
+                let to = Mailbox::new(*user, "d.example");
+                Message::new(crate::message::new_message_id(), Mailbox::default(), vec![to], body.clone())
+            })
+            .collect();
+        maildir.deliver(&parts).unwrap();
+        let mut stored: Vec<Vec<u8>> = entries(&root.join("new")).iter().map(|p| fs::read(p).unwrap()).collect();
+        stored.sort();
+        assert_eq!(
+            stored,
+            vec![
+                b"Return-Path: <>\r\nDelivered-To: x@d.example\r\n\r\nshared\r\n".to_vec(),
+                b"Return-Path: <>\r\nDelivered-To: y@d.example\r\n\r\nshared\r\n".to_vec(),
+            ]
+        );
+        drop((parts, body));
+        assert!(entries(&root.join("tmp")).is_empty(), "the spill file goes with its last part");
         fs::remove_dir_all(root).unwrap();
     }
 }

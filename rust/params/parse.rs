@@ -148,6 +148,13 @@ pub(super) fn string(value: &Value) -> Result<String, String> {
     value.as_str().map(str::to_owned).ok_or_else(|| expected("a string", value))
 }
 
+pub(super) fn directory(value: &Value) -> Result<Option<PathBuf>, String> {
+    match value.as_str() {
+        Some(path) if !path.is_empty() => Ok(Some(PathBuf::from(path))),
+        _ => Err(expected("a directory path", value)),
+    }
+}
+
 pub(super) fn boolean(value: &Value) -> Result<bool, String> {
     value.as_bool().ok_or_else(|| expected("true or false", value))
 }

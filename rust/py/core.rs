@@ -215,6 +215,8 @@ fn listener_metrics<'py>(py: Python<'py>, name: &str, metrics: &ListenerMetrics)
         ("tls_failures", &metrics.tls_failures),
         ("client_limit_refusals", &metrics.client_limit_refusals),
         ("shed_connections", &metrics.shed_connections),
+        ("body_memory_bytes", &metrics.body_memory_bytes),
+        ("body_spilled_bytes", &metrics.body_spilled_bytes),
     ] {
         entry.set_item(key, counter.load(Ordering::Relaxed))?;
     }

@@ -5,6 +5,7 @@
 use super::transaction::{size_hint, NEED_MAIL, NEED_RCPT};
 use super::{Session, Step};
 use crate::bdat::ChunkedBody;
+use crate::body::BodyBuffer;
 use crate::framing::DataVerdict;
 use crate::message::{self, ReceivedHeader};
 use crate::parser::Body;
@@ -18,7 +19,8 @@ pub(super) struct Chunks {
     id: String,
     /// The `Received:` header of each part, when it is not in `body`.
     per_part: Option<ReceivedHeader>,
-    body: Vec<u8>,
+    /// None once the message is refused: its bytes are then discarded.
+    body: Option<BodyBuffer>,
     content: ChunkedBody,
 }
 
@@ -38,15 +40,21 @@ impl Chunks {
     /// The body will be refused: free it now rather than at LAST.
     fn free_if_refused(&mut self) {
         if self.content.verdict() != DataVerdict::Accept {
-            self.body = Vec::new();
+            self.body = None;
         }
     }
 }
 
-/// Where a chunk's bytes join the body being received.
-fn append(body: &mut Vec<u8>, bytes: &[u8]) {
-    body.extend_from_slice(bytes);
+/// Where a chunk's bytes join the body being received. A failure to spill
+/// them is kept for [`BodyBuffer::finish`]: the chunks are still read, to stay in step.
+fn append(body: &mut Option<BodyBuffer>, bytes: &[u8]) {
+    if let Some(body) = body {
+        let _ = body.append(bytes);
+    }
 }
+
+/// The body was dropped without a refusal: never expected, answered as a storage failure.
+const MESSAGE_LOST: Reply = Reply::new(451, "4.3.0", "temporary failure storing the message, try again later");
 
 impl<S: Transport> Session<S> {
     pub(super) async fn bdat(&mut self, size: u64, last: bool) -> Step {
@@ -99,7 +107,9 @@ impl<S: Transport> Session<S> {
         let id = message::new_message_id();
         let (in_body, per_part) = self.trace_placement(transaction, &id);
         let binary = transaction.params.body == Some(Body::BinaryMime);
-        let mut body = Vec::with_capacity(in_body.len() + size_hint(transaction));
+        let capacity = in_body.len() + size_hint(transaction);
+        let prefix = self.spill_prefix(transaction, per_part.is_some());
+        let mut body = Some(BodyBuffer::new(&self.context.spool, self.params.body_spill_threshold, capacity, prefix));
         append(&mut body, in_body.as_bytes());
         let content = ChunkedBody::new(self.data_limits(), binary);
         if let Some(transaction) = &mut self.transaction {
@@ -140,9 +150,10 @@ impl<S: Transport> Session<S> {
             return Ok(());
         };
         let body = &mut chunks.body;
-        if let Some(refusal) = chunks.content.finish(|stored| append(body, stored)).refusal() {
-            return self.refuse_message(transaction.recipients.len(), refusal);
+        let verdict = chunks.content.finish(|stored| append(body, stored));
+        match (verdict.refusal(), chunks.body) {
+            (None, Some(body)) => self.accept_body(chunks.id, transaction, body, chunks.per_part).await,
+            (refusal, _) => self.refuse_message(transaction.recipients.len(), refusal.unwrap_or(MESSAGE_LOST)),
         }
-        self.accept_message(chunks.id, transaction, chunks.body, chunks.per_part).await
     }
 }

@@ -19,6 +19,9 @@ use std::time::Instant;
 /// blocks, `relay_hosts` and the `Received:` header see a local client.
 pub const UNIX_CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
+/// Load shedding: new sessions are refused, the ones in progress carry on.
+const BUSY: Reply = Reply::new(421, "4.3.2", "service busy, try again later");
+
 fn canonical(address: SocketAddr) -> SocketAddr {
     SocketAddr::new(crate::cidr::canonical_ip(address.ip()), address.port())
 }
@@ -42,7 +45,13 @@ impl<S: Transport> Session<S> {
             metrics::count(&self.context.metrics.shed_connections);
             let remote = self.remote;
             self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, too many policy calls waiting"));
-            return Err(self.close(Reply::new(421, "4.3.2", "service busy, try again later")));
+            return Err(self.close(BUSY));
+        }
+        if let Some(reason) = self.spool_overloaded() {
+            metrics::count(&self.context.metrics.shed_connections);
+            let remote = self.remote;
+            self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, {reason}"));
+            return Err(self.close(BUSY));
         }
         // Decided by the static parameters only: the dynamic hook is asked
         // once, about the real client.
@@ -67,6 +76,17 @@ impl<S: Transport> Session<S> {
         }
         self.greet();
         Ok(())
+    }
+
+    /// Why the bodies of more sessions would not fit, if they would not.
+    fn spool_overloaded(&self) -> Option<&'static str> {
+        if self.context.spool.memory_exhausted() {
+            Some("body_memory_limit reached")
+        } else if !self.spool_has_room() {
+            Some("the body spool is full")
+        } else {
+            None
+        }
     }
 
     pub(super) async fn connection_accepted(&mut self) -> Step {

@@ -25,6 +25,7 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 
+use crate::body::Spool;
 use crate::bridge::Bridge;
 use crate::clients::{ClientSlot, ClientTable};
 use crate::events::{Event, EventKind, Outcome, Response};
@@ -57,6 +58,8 @@ pub struct SessionContext {
     pub config: ListenerConfig,
     pub policy: Arc<Bridge>,
     pub sink: Sink,
+    /// Where this listener's large bodies go, and its budget for the others.
+    pub spool: Arc<Spool>,
     pub tls: Arc<TlsCache>,
     /// Per-client-address counts, shared by the listeners of a server.
     pub clients: Arc<ClientTable>,

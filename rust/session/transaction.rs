@@ -5,13 +5,14 @@
 use super::chunking::Chunks;
 use super::io::MIN_READ;
 use super::{Session, Step, Stop};
+use crate::body::{Body, BodyBuffer};
 use crate::events::{Event, EventKind, Response};
 use crate::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
 use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
 use crate::message::{self, Message, ReceivedHeader, ReceivedInfo, Supplemental};
 use crate::metrics;
 use crate::params::ListenerDomain;
-use crate::parser::{Body, MailParams, Mailbox, ReversePath};
+use crate::parser::{self, MailParams, Mailbox, ReversePath};
 use crate::reply::Reply;
 use crate::stream::Transport;
 use bytes::{Buf, Bytes};
@@ -37,6 +38,8 @@ const MIN_DATA_RATE: f64 = 500.0;
 
 pub(super) const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "need MAIL command first");
 pub(super) const NEED_RCPT: Reply = Reply::new(503, "5.5.1", "need RCPT command first");
+/// Postfix's reply when its queue file system is short of space.
+const INSUFFICIENT_STORAGE: Reply = Reply::new(452, "4.3.1", "insufficient system storage");
 const NON_ASCII: Reply = Reply::new(553, "5.6.7", "non-ASCII address requires SMTPUTF8");
 
 pub(super) struct Transaction {
@@ -173,6 +176,10 @@ impl<S: Transport> Session<S> {
         if !params.smtputf8 && !sender.is_ascii() {
             return self.refuse(NON_ASCII);
         }
+        if !self.spool_has_room() {
+            self.send(&INSUFFICIENT_STORAGE);
+            return Ok(());
+        }
         if !self.message_rate_allows() {
             metrics::count(&self.context.metrics.client_limit_refusals);
             self.send(&Reply::new(452, "4.7.0", "too many messages from your address, try again later"));
@@ -199,6 +206,10 @@ impl<S: Transport> Session<S> {
         }
         if !transaction.params.smtputf8 && !recipient.is_ascii() {
             return self.refuse(NON_ASCII);
+        }
+        if !self.spool_has_room() {
+            self.send(&INSUFFICIENT_STORAGE);
+            return Ok(());
         }
         let Some(permitted) = self.relay_permitted(&recipient).await? else {
             return Ok(());
@@ -291,7 +302,7 @@ impl<S: Transport> Session<S> {
         // RFC 3030 §2 and §3: DATA neither after BDAT nor for BINARYMIME.
         let refusal = if transaction.chunks.is_some() {
             Some(Reply::new(503, "5.5.1", "DATA after BDAT, send RSET"))
-        } else if transaction.params.body == Some(Body::BinaryMime) {
+        } else if transaction.params.body == Some(parser::Body::BinaryMime) {
             Some(Reply::new(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA"))
         } else if transaction.recipients.is_empty() {
             Some(NEED_RCPT)
@@ -306,10 +317,32 @@ impl<S: Transport> Session<S> {
         self.flush().await?;
         let id = message::new_message_id();
         let (in_body, per_part) = self.trace_placement(&transaction, &id);
-        let (verdict, data) = self.read_body(&in_body, size_hint(&transaction)).await?;
+        let prefix = self.spill_prefix(&transaction, per_part.is_some());
+        let (verdict, body) = self.read_body(&in_body, size_hint(&transaction), prefix).await?;
         match verdict.refusal() {
-            None => self.accept_message(id, transaction, data, per_part).await,
+            None => self.accept_body(id, transaction, body, per_part).await,
             Some(refusal) => self.refuse_message(transaction.recipients.len(), refusal),
+        }
+    }
+
+    /// Accept a message whose body was received whole, unless storing the
+    /// body (spilled to a file) failed.
+    pub(super) async fn accept_body(
+        &mut self,
+        id: String,
+        transaction: Transaction,
+        body: BodyBuffer,
+        per_part: Option<ReceivedHeader>,
+    ) -> Step {
+        match body.finish() {
+            Ok(data) => self.accept_message(id, transaction, data, per_part).await,
+            Err(error) => {
+                let remote = self.remote;
+                let log = || format!("message {id} from {remote}: spooling the body failed: {error}");
+                self.context.policy.log(LOG_WARNING, log);
+                let reply = Reply::new(451, "4.3.0", "temporary failure storing the message, try again later");
+                self.answer_message_alike(transaction.recipients.len(), reply)
+            }
         }
     }
 
@@ -374,17 +407,43 @@ impl<S: Transport> Session<S> {
         }
     }
 
-    /// The message after our trace header `header`: the returned bytes
-    /// start with it unless the message is refused.
-    async fn read_body(&mut self, header: &str, size_hint: usize) -> Result<(DataVerdict, Vec<u8>), Stop> {
+    /// What a spilled body's file starts with: the Maildir envelope when the
+    /// sink can deliver that file as it is (one recipient, no trace header
+    /// of the part's own to come before the body).
+    pub(super) fn spill_prefix(&self, transaction: &Transaction, received_per_part: bool) -> Vec<u8> {
+        let own_head = self.params.trace_headers.supplemental_header || received_per_part;
+        match transaction.recipients.as_slice() {
+            [only] if !own_head => self.context.sink.envelope_for(self.context.spool.dir(), &transaction.sender, only),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Room on the spool's disk for a message as large as allowed, as
+    /// Postfix asks for 1.5 times `message_size_limit`.
+    pub(super) fn spool_has_room(&self) -> bool {
+        let size = self.params.max_message_size as u64;
+        self.context.spool.has_room(size + size / 2)
+    }
+
+    /// The message after our trace header `header`: the returned body
+    /// starts with it unless the message is refused.
+    async fn read_body(
+        &mut self,
+        header: &str,
+        size_hint: usize,
+        prefix: Vec<u8>,
+    ) -> Result<(DataVerdict, BodyBuffer), Stop> {
         let mut framer = DataFramer::new(self.data_limits());
         let expected = size_hint.max(self.input.len()).max(MIN_READ).min(self.params.max_message_size);
-        let mut body = Vec::with_capacity(header.len() + expected);
-        body.extend_from_slice(header.as_bytes());
+        let spool = &self.context.spool;
+        let mut body = BodyBuffer::new(spool, self.params.body_spill_threshold, header.len() + expected, prefix);
+        body.pending().extend_from_slice(header.as_bytes());
         let started = Instant::now();
         let mut received = 0;
         loop {
-            let fed = framer.feed(&self.input, &mut body);
+            let fed = framer.feed(&self.input, body.pending());
+            // A failure is kept for `finish`: the rest of the body is still read, to stay in step.
+            let _ = body.settle();
             self.input.advance(fed.consumed);
             received += fed.consumed;
             if fed.done {
@@ -404,12 +463,12 @@ impl<S: Transport> Session<S> {
         &mut self,
         id: String,
         transaction: Transaction,
-        data: Vec<u8>,
+        data: Body,
         received: Option<ReceivedHeader>,
     ) -> Step {
         let recipients = transaction.recipients.len();
         let head = received.as_ref().map_or_else(Bytes::new, |received| Bytes::from(received.render(&id, None)));
-        let message = Message::with_head(id, transaction.sender, transaction.recipients, head, Bytes::from(data));
+        let message = Message::with_head(id, transaction.sender, transaction.recipients, head, data);
         // As in KumoMTA, a message starts with a copy of its connection's metadata.
         message.meta.copy_from(&self.meta);
         if transaction.params.smtputf8 {
