@@ -555,12 +555,13 @@ impl<S: Transport> Session<S> {
             self.params.hostname,
             tls.as_ref().map(|version| format!(" tls={version}")).unwrap_or_default(),
         );
-        let fields = json!({
-            "event": "stored", "id": message.id, "sender": message.sender.to_string(), "recipients": recipients,
-            "size": bytes, "client": self.remote.to_string(), "via": self.local.to_string(),
-            "hostname": self.params.hostname, "tls_protocol_version": tls,
-        });
-        LogEntry::with_fields(text, super::record::object(fields))
+        self.log_entry(text, || {
+            json!({
+                "event": "stored", "id": message.id, "sender": message.sender.to_string(), "recipients": recipients,
+                "size": bytes, "client": self.remote.to_string(), "via": self.local.to_string(),
+                "hostname": self.params.hostname, "tls_protocol_version": tls,
+            })
+        })
     }
 
     /// The `Received:` header, or none when `trace_headers` turn it off.
