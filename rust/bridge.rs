@@ -9,7 +9,7 @@
 //! reach Python's `logging`. What a call carries is in [`crate::events`].
 
 use crate::events::{Event, EventKind, Outcome};
-use crate::log::{LogEntry, LogLevel, LogRecord, LogRecords, LOG_ERROR};
+use crate::log::{self, LogEntry, LogFormat, LogLevel, LogRecord, LogRecords, LOG_ERROR};
 use crate::metrics::PolicyLatency;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -59,6 +59,8 @@ pub struct Bridge {
     wake_reader: UnixStream,
     registered: AtomicU32,
     log_level: LogLevel,
+    /// Whether records need their fields: not when the core writes them as text.
+    log_fields_wanted: AtomicBool,
     /// Calls queued or running in Python whose sessions still wait.
     waiting: AtomicUsize,
     busy_at: AtomicUsize,
@@ -99,6 +101,7 @@ impl Bridge {
             wake_reader,
             registered: AtomicU32::new(0),
             log_level: LogLevel::default(),
+            log_fields_wanted: AtomicBool::new(true),
             waiting: AtomicUsize::new(0),
             busy_at: AtomicUsize::new(DEFAULT_BUSY_AT),
             latency: PolicyLatency::default(),
@@ -178,6 +181,24 @@ impl Bridge {
         if queue.logs.push(wanted, level, || message().into()) {
             self.notify(&mut queue);
         }
+    }
+
+    /// Write the records Python's logger wants to standard error ourselves,
+    /// in `format`, instead of handing them to Python (see [`crate::log`]).
+    pub fn write_logs_directly(&self, format: LogFormat) {
+        self.log_fields_wanted.store(format == LogFormat::Json, Ordering::Relaxed);
+        self.lock().logs.write_directly(format);
+    }
+
+    /// Whether a record's fields will be read (see [`Bridge::write_logs_directly`]).
+    pub fn log_fields_wanted(&self) -> bool {
+        self.log_fields_wanted.load(Ordering::Relaxed)
+    }
+
+    /// Write out the lines that [`Bridge::write_logs_directly`] has kept.
+    pub fn flush_logs(&self) {
+        let lines = self.lock().logs.take_direct_output();
+        log::write_to_stderr(&lines);
     }
 
     /// Take the effective level of Python's `kumo_listener` logger, and

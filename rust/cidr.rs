@@ -43,39 +43,59 @@ enum Entries<V> {
     /// Most parameter blocks have no `peer` or `via` blocks of their own,
     /// and an empty trie is hundreds of bytes.
     Empty,
-    /// Longest prefix first, so that the first block holding an address is the answer.
-    Small(Vec<Block<V>>),
+    Small(Small<V>),
     Trie(Box<JointPrefixMap<IpNet, V>>),
 }
 
+/// A few blocks, scanned. The masks of each family lie apart from the
+/// values, longest prefix first, so that a lookup reads a few contiguous
+/// words and the first block holding the address is the answer.
 #[derive(Clone)]
-struct Block<V> {
-    net: IpNet,
-    mask: Mask,
-    value: V,
+struct Small<V> {
+    /// `(network bits, netmask)` of the IPv4 blocks.
+    v4: Vec<(u32, u32)>,
+    v6: Vec<(u128, u128)>,
+    /// The blocks in the order of `v4`, then those of `v6`.
+    blocks: Vec<(IpNet, V)>,
 }
 
-/// A block as the bits an address must have under its mask.
-#[derive(Clone, Copy)]
-enum Mask {
-    V4 { bits: u32, mask: u32 },
-    V6 { bits: u128, mask: u128 },
-}
-
-impl Mask {
-    fn of(net: IpNet) -> Self {
-        match net {
-            IpNet::V4(net) => Mask::V4 { bits: net.network().to_bits(), mask: net.netmask().to_bits() },
-            IpNet::V6(net) => Mask::V6 { bits: net.network().to_bits(), mask: net.netmask().to_bits() },
-        }
+impl<V> Small<V> {
+    fn one(net: IpNet, value: V) -> Self {
+        let mut small = Self { v4: Vec::new(), v6: Vec::new(), blocks: Vec::with_capacity(1) };
+        small.insert(net, value);
+        small
     }
 
-    fn holds(self, ip: IpAddr) -> bool {
-        match (self, ip) {
-            (Mask::V4 { bits, mask }, IpAddr::V4(ip)) => ip.to_bits() & mask == bits,
-            (Mask::V6 { bits, mask }, IpAddr::V6(ip)) => ip.to_bits() & mask == bits,
-            _ => false,
-        }
+    /// Insert a block not yet present, after those of longer or equal prefixes of its family.
+    fn insert(&mut self, net: IpNet, value: V) {
+        let longer_first = |other: &(IpNet, V)| other.0.prefix_len() >= net.prefix_len();
+        let at = match net {
+            IpNet::V4(v4) => {
+                let at = self.blocks[..self.v4.len()].partition_point(longer_first);
+                self.v4.insert(at, (v4.network().to_bits(), v4.netmask().to_bits()));
+                at
+            }
+            IpNet::V6(v6) => {
+                let within = self.blocks[self.v4.len()..].partition_point(longer_first);
+                self.v6.insert(within, (v6.network().to_bits(), v6.netmask().to_bits()));
+                self.v4.len() + within
+            }
+        };
+        self.blocks.insert(at, (net, value));
+    }
+
+    fn longest_match(&self, ip: IpAddr) -> Option<&V> {
+        let at = match ip {
+            IpAddr::V4(ip) => {
+                let ip = ip.to_bits();
+                self.v4.iter().position(|&(bits, mask)| ip & mask == bits)?
+            }
+            IpAddr::V6(ip) => {
+                let ip = ip.to_bits();
+                self.v4.len() + self.v6.iter().position(|&(bits, mask)| ip & mask == bits)?
+            }
+        };
+        Some(&self.blocks[at].1)
     }
 }
 
@@ -91,21 +111,20 @@ impl<V> CidrMap<V> {
     pub fn insert(&mut self, net: IpNet, value: V) -> Option<V> {
         match &mut self.entries {
             Entries::Empty => {
-                self.entries = Entries::Small(vec![Block { net, mask: Mask::of(net), value }]);
+                self.entries = Entries::Small(Small::one(net, value));
                 None
             }
-            Entries::Small(blocks) => {
-                if let Some(block) = blocks.iter_mut().find(|block| block.net == net) {
-                    return Some(std::mem::replace(&mut block.value, value));
+            Entries::Small(small) => {
+                if let Some((_, existing)) = small.blocks.iter_mut().find(|(known, _)| *known == net) {
+                    return Some(std::mem::replace(existing, value));
                 }
-                if blocks.len() < SMALL {
-                    let at = blocks.partition_point(|block| block.net.prefix_len() >= net.prefix_len());
-                    blocks.insert(at, Block { net, mask: Mask::of(net), value });
+                if small.blocks.len() < SMALL {
+                    small.insert(net, value);
                     return None;
                 }
                 let mut trie = Box::<JointPrefixMap<IpNet, V>>::default();
-                for block in std::mem::take(blocks) {
-                    trie.insert(block.net, block.value);
+                for (net, value) in std::mem::take(&mut small.blocks) {
+                    trie.insert(net, value);
                 }
                 trie.insert(net, value);
                 self.entries = Entries::Trie(trie);
@@ -120,7 +139,7 @@ impl<V> CidrMap<V> {
         let ip = canonical_ip(ip);
         match &self.entries {
             Entries::Empty => None,
-            Entries::Small(blocks) => blocks.iter().find(|block| block.mask.holds(ip)).map(|block| &block.value),
+            Entries::Small(small) => small.longest_match(ip),
             Entries::Trie(trie) => trie.get_lpm(&IpNet::from(ip)).map(|(_, value)| value),
         }
     }
@@ -132,7 +151,7 @@ impl<V> CidrMap<V> {
     pub fn len(&self) -> usize {
         match &self.entries {
             Entries::Empty => 0,
-            Entries::Small(blocks) => blocks.len(),
+            Entries::Small(small) => small.blocks.len(),
             Entries::Trie(trie) => trie.len(),
         }
     }
@@ -145,7 +164,7 @@ impl<V> CidrMap<V> {
     pub fn iter(&self) -> impl Iterator<Item = (IpNet, &V)> {
         let mut entries: Vec<(IpNet, &V)> = match &self.entries {
             Entries::Empty => Vec::new(),
-            Entries::Small(blocks) => blocks.iter().map(|block| (block.net, &block.value)).collect(),
+            Entries::Small(small) => small.blocks.iter().map(|(net, value)| (*net, value)).collect(),
             Entries::Trie(trie) => trie.iter().collect(),
         };
         entries.sort_by_key(|(net, _)| *net);

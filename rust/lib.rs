@@ -1,7 +1,7 @@
 //! kumo_listener: an ESMTP listener configured the way KumoMTA configures
 //! its listeners, with policy written in Python.
 //!
-//! Pure logic (no I/O, no Python): [`parser`], [`framing`], [`reply`],
+//! Pure logic (no I/O, no Python): [`parser`], [`framing`], [`bdat`], [`reply`],
 //! [`cidr`], [`params`], [`sasl`], [`proxy`], [`xclient`]; [`message`] too,
 //! except that it reads the clock, the local time zone and the process id
 //! for message ids and `Received:` headers. The server: [`server`],
@@ -11,6 +11,8 @@
 //! the binding, built with the `python` feature (maturin turns it on), so
 //! that unit tests, benches and fuzz targets need no libpython.
 
+pub mod bdat;
+pub mod body;
 pub mod bridge;
 pub mod cidr;
 pub mod clients;

@@ -1,8 +1,12 @@
 //! The crate's log records, for Python's `kumo_listener` logger. They travel
 //! with the policy calls (see [`crate::bridge::Bridge::log`]); a record
 //! below the logger's level as last known waits here, unwoken, until Python
-//! next says what the level is.
+//! next says what the level is. When `kumo-listener serve` owns the logging
+//! set-up, the core writes its records itself instead, in the lines the
+//! CLI's formatters would write ([`LogRecords::write_directly`]): handing
+//! each to Python's `logging` cost more than receiving the message did.
 
+use chrono::{DateTime, Local, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -40,8 +44,11 @@ pub const LOG_WARNING: u8 = 30;
 pub const LOG_ERROR: u8 = 40;
 
 /// How many records below the logger's last known level may wait for
-/// Python (see [`LogRecords::push`]).
-pub const MAX_QUIET_RECORDS: usize = 10_000;
+/// Python (see [`LogRecords::push`]) between two refreshes of the level
+/// (once a second). Enough for a level lowered at run time to show what led
+/// up to it; few enough that a busy server at WARNING formats almost none of
+/// the records it drops (formatting them was a tenth of its CPU per message).
+pub const MAX_QUIET_RECORDS: usize = 256;
 
 /// The effective level of Python's logger, as Python last said.
 #[derive(Debug)]
@@ -64,6 +71,67 @@ impl LogLevel {
     }
 }
 
+/// The logger the records are for, and that the lines written directly name.
+pub const LOGGER: &str = "kumo_listener";
+
+/// Past this many bytes, lines written directly go out at once rather than
+/// at the next [`LogRecords::take_direct_output`].
+const DIRECT_OUTPUT_FLUSH_AT: usize = 32 * 1024;
+
+/// The lines of `kumo-listener serve --log-format`: Python's
+/// `%(asctime)s %(levelname)s %(name)s: %(message)s`, or one JSON object
+/// (`time`, `level`, `logger`, `message`, then the record's fields) as
+/// `kumo_listener.logs.JsonFormatter` writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "text" => Some(Self::Text),
+            "json" => Some(Self::Json),
+            _ => None,
+        }
+    }
+
+    /// Append `record`'s line, written at `now`, to `out`.
+    pub fn write(self, record: &LogRecord, now: DateTime<Utc>, out: &mut Vec<u8>) {
+        let level = level_name(record.level);
+        match self {
+            Self::Text => {
+                let time = now.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S,%3f");
+                let line = format!("{time} {level} {LOGGER}: {}\n", record.message);
+                out.extend_from_slice(line.as_bytes());
+            }
+            Self::Json => {
+                let mut entry = Map::new();
+                entry.insert("time".into(), now.to_rfc3339_opts(SecondsFormat::Micros, false).into());
+                entry.insert("level".into(), level.into());
+                entry.insert("logger".into(), LOGGER.into());
+                entry.insert("message".into(), record.message.clone().into());
+                entry.extend(record.fields.iter().flatten().map(|(name, value)| (name.clone(), value.clone())));
+                // Writing a JSON value into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *out, &entry);
+                out.push(b'\n');
+            }
+        }
+    }
+}
+
+/// Python's name of a level.
+fn level_name(level: u8) -> &'static str {
+    match level {
+        LOG_DEBUG => "DEBUG",
+        LOG_INFO => "INFO",
+        LOG_WARNING => "WARNING",
+        LOG_ERROR => "ERROR",
+        _ => "CRITICAL",
+    }
+}
+
 /// Records waiting for Python.
 #[derive(Debug, Default)]
 pub struct LogRecords {
@@ -71,6 +139,8 @@ pub struct LogRecords {
     wanted: Vec<LogRecord>,
     /// Below the logger's level as last known, kept for [`LogRecords::take_quiet`].
     quiet: Vec<LogRecord>,
+    /// Set by [`LogRecords::write_directly`]: wanted records become lines here.
+    direct: Option<(LogFormat, Vec<u8>)>,
 }
 
 impl LogRecords {
@@ -82,12 +152,36 @@ impl LogRecords {
             let LogEntry { message, fields } = entry();
             LogRecord { level, message, fields }
         };
-        if wanted {
-            self.wanted.push(record());
-        } else if self.quiet.len() < MAX_QUIET_RECORDS {
-            self.quiet.push(record());
+        match (&mut self.direct, wanted) {
+            (Some((format, output)), true) => {
+                format.write(&record(), Utc::now(), output);
+                if output.len() >= DIRECT_OUTPUT_FLUSH_AT {
+                    write_to_stderr(&std::mem::take(output));
+                }
+                false
+            }
+            (None, true) => {
+                self.wanted.push(record());
+                true
+            }
+            (_, false) => {
+                if self.quiet.len() < MAX_QUIET_RECORDS {
+                    self.quiet.push(record());
+                }
+                false
+            }
         }
-        wanted
+    }
+
+    /// From now on, write wanted records to standard error in `format`
+    /// rather than hand them to Python. Quiet records still go to Python.
+    pub fn write_directly(&mut self, format: LogFormat) {
+        self.direct = Some((format, Vec::new()));
+    }
+
+    /// The lines written directly since last asked.
+    pub fn take_direct_output(&mut self) -> Vec<u8> {
+        self.direct.as_mut().map(|(_, output)| std::mem::take(output)).unwrap_or_default()
     }
 
     /// The records Python wanted.
@@ -99,6 +193,15 @@ impl LogRecords {
     pub fn take_quiet(&mut self, level: u8) -> Vec<LogRecord> {
         let quiet = std::mem::take(&mut self.quiet);
         quiet.into_iter().filter(|record| record.level >= level).collect()
+    }
+}
+
+/// Best effort, as Python's `StreamHandler` does: a log that can't be
+/// written must not take the server down.
+pub fn write_to_stderr(lines: &[u8]) {
+    use std::io::Write;
+    if !lines.is_empty() {
+        let _ = std::io::stderr().lock().write_all(lines);
     }
 }
 
@@ -128,6 +231,47 @@ mod tests {
         assert_eq!(messages(records.take()), ["loud"]);
         assert_eq!(messages(records.take_quiet(LOG_INFO)), ["quiet"]);
         assert!(records.take_quiet(LOG_DEBUG).is_empty());
+    }
+
+    fn record(level: u8, message: &str, fields: Option<Value>) -> LogRecord {
+        let fields = fields.map(|value| value.as_object().unwrap().clone());
+        LogRecord { level, message: message.into(), fields }
+    }
+
+    #[test]
+    fn text_lines_are_those_of_the_clis_formatter() {
+        let now = DateTime::parse_from_rfc3339("2026-12-02T03:04:05.678901Z").unwrap().to_utc();
+        let mut out = Vec::new();
+        LogFormat::Text.write(&record(LOG_INFO, "stored: x", Some(serde_json::json!({"a": 1}))), now, &mut out);
+        let local = now.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S").to_string();
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{local},678 INFO kumo_listener: stored: x\n"));
+    }
+
+    #[test]
+    fn json_lines_carry_the_fields_after_the_standard_keys() {
+        let now = DateTime::parse_from_rfc3339("2026-12-02T03:04:05.678901Z").unwrap().to_utc();
+        let mut out = Vec::new();
+        let fields = serde_json::json!({"event": "stored", "size": 12});
+        LogFormat::Json.write(&record(LOG_WARNING, "stored: \"x\"", Some(fields)), now, &mut out);
+        let line = String::from_utf8(out).unwrap();
+        assert_eq!(
+            line,
+            "{\"time\":\"2026-12-02T03:04:05.678901+00:00\",\"level\":\"WARNING\",\"logger\":\"kumo_listener\",\
+             \"message\":\"stored: \\\"x\\\"\",\"event\":\"stored\",\"size\":12}\n"
+        );
+    }
+
+    #[test]
+    fn written_directly_wanted_records_become_lines_and_quiet_ones_still_wait() {
+        let mut records = LogRecords::default();
+        records.write_directly(LogFormat::Text);
+        assert!(!records.push(true, LOG_INFO, || String::from("loud").into()), "Python is not woken");
+        records.push(false, LOG_DEBUG, || String::from("quiet").into());
+        assert!(records.take().is_empty());
+        let output = String::from_utf8(records.take_direct_output()).unwrap();
+        assert!(output.ends_with(" INFO kumo_listener: loud\n"), "{output:?}");
+        assert!(records.take_direct_output().is_empty());
+        assert_eq!(messages(records.take_quiet(LOG_DEBUG)), ["quiet"]);
     }
 
     #[test]

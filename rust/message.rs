@@ -4,6 +4,7 @@
 //! process-wide counter, and the `Received:` header's date is local time
 //! (chrono reads the system's time zone for it).
 
+use crate::body::Body;
 use crate::meta::MetaStore;
 use crate::params::BatchHandling;
 use crate::parser::Mailbox;
@@ -11,6 +12,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -30,17 +32,23 @@ pub struct Message {
     /// The message as received (after a `Received:` header when the
     /// transaction had one recipient). Split parts share the transaction's
     /// bytes: no part copies the body.
-    pub data: Bytes,
+    pub data: Body,
     pub meta: MetaStore,
 }
 
 impl Message {
-    pub fn new(id: String, sender: Mailbox, recipients: Vec<Mailbox>, data: Bytes) -> Arc<Self> {
+    pub fn new(id: String, sender: Mailbox, recipients: Vec<Mailbox>, data: impl Into<Body>) -> Arc<Self> {
         Self::with_head(id, sender, recipients, Bytes::new(), data)
     }
 
-    pub fn with_head(id: String, sender: Mailbox, recipients: Vec<Mailbox>, head: Bytes, data: Bytes) -> Arc<Self> {
-        Arc::new(Self { id, sender, recipients, head, data, meta: MetaStore::new() })
+    pub fn with_head(
+        id: String,
+        sender: Mailbox,
+        recipients: Vec<Mailbox>,
+        head: Bytes,
+        data: impl Into<Body>,
+    ) -> Arc<Self> {
+        Arc::new(Self { id, sender, recipients, head, data: data.into(), meta: MetaStore::new() })
     }
 
     /// The whole message, trace headers first, as policy sees it.
@@ -52,11 +60,12 @@ impl Message {
         self.len() == 0
     }
 
-    /// Write `head` then `data` into `out`, of [`Self::len`] bytes.
-    pub fn copy_to(&self, out: &mut [u8]) {
+    /// Write `head` then `data` into `out`, of [`Self::len`] bytes (reading
+    /// `data` from its file if it was spilled).
+    pub fn read_into(&self, out: &mut [u8]) -> std::io::Result<()> {
         let (head, data) = out.split_at_mut(self.head.len());
         head.copy_from_slice(&self.head);
-        data.copy_from_slice(&self.data);
+        self.data.read_into(data)
     }
 }
 
@@ -68,6 +77,21 @@ pub fn new_message_id() -> String {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default();
     let sequence = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{nanos:016x}{:08x}{:08x}", *PROCESS_ID, sequence as u32)
+}
+
+/// Now as an RFC 2822 date in local time, formatted once a second per thread.
+fn rfc2822_now() -> String {
+    thread_local! {
+        static LAST: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let second = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    LAST.with_borrow_mut(|(formatted_at, date)| {
+        if *formatted_at != second {
+            *formatted_at = second;
+            *date = chrono::Local::now().to_rfc2822();
+        }
+        date.clone()
+    })
 }
 
 /// KumoMTA's supplemental trace header, added to each split part so that
@@ -92,10 +116,11 @@ pub fn split(
         BatchHandling::BifurcateAlways => transaction.recipients.iter().map(|r| vec![r.clone()]).collect(),
         BatchHandling::BatchByDomain => group_by_domain(&transaction.recipients),
     };
-    let meta = transaction.meta.snapshot();
     // One part is the transaction itself: its id, the one its `Received:`
-    // header (in the body, for one recipient) and the 250 name.
+    // header (in the body, for one recipient) and the 250 name, and its
+    // metadata store (nobody sees the transaction after the split).
     let single = groups.len() == 1;
+    let meta = if supplemental.is_some() { transaction.meta.snapshot() } else { Map::new() };
     groups
         .into_iter()
         .map(|recipients| {
@@ -111,15 +136,14 @@ pub fn split(
                 };
                 head.push_str(&received.render(&id, only));
             }
-            let part = Message::with_head(
+            Arc::new(Message {
                 id,
-                transaction.sender.clone(),
+                sender: transaction.sender.clone(),
                 recipients,
-                Bytes::from(head),
-                transaction.data.clone(),
-            );
-            part.meta.merge(&meta);
-            part
+                head: Bytes::from(head),
+                data: transaction.data.clone(),
+                meta: if single { transaction.meta.clone() } else { transaction.meta.copy() },
+            })
         })
         .collect()
 }
@@ -140,6 +164,26 @@ fn supplemental_header(supplemental: &Supplemental, recipients: &[Mailbox], meta
     }
     let encoded = BASE64.encode(Value::Object(object).to_string());
     format!("{}: {encoded}\r\n", supplemental.header_name)
+}
+
+/// Which of [`split`]'s parts holds each of the transaction's recipients,
+/// in RCPT order: an LMTP reply per recipient says what became of its part.
+pub fn part_of_each_recipient(recipients: &[Mailbox], handling: BatchHandling) -> Vec<usize> {
+    match handling {
+        BatchHandling::BifurcateAlways => (0..recipients.len()).collect(),
+        BatchHandling::BatchByDomain => {
+            let mut domains: Vec<&str> = Vec::new();
+            let mut parts = Vec::with_capacity(recipients.len());
+            for recipient in recipients {
+                let seen = domains.iter().position(|domain| domain.eq_ignore_ascii_case(&recipient.domain));
+                parts.push(seen.unwrap_or_else(|| {
+                    domains.push(&recipient.domain);
+                    domains.len() - 1
+                }));
+            }
+            parts
+        }
+    }
 }
 
 fn group_by_domain(recipients: &[Mailbox]) -> Vec<Vec<Mailbox>> {
@@ -181,7 +225,7 @@ impl ReceivedHeader {
         let start = format!(
             "Received: from {helo_domain} ({address_literal})\r\n\tby {hostname} (kumo_listener) with {protocol}"
         );
-        Self { start, date: chrono::Local::now().to_rfc2822() }
+        Self { start, date: rfc2822_now() }
     }
 
     /// Folded, ending in CRLF; `for <recipient>` only for a message to one
@@ -239,6 +283,27 @@ mod tests {
     }
 
     #[test]
+    fn parts_copy_the_metadata_and_a_single_part_keeps_the_transactions() {
+        let several = transaction(&["1@a.example", "2@b.example"]);
+        let parts = split(&several, BatchHandling::BifurcateAlways, None, None);
+        parts[0].meta.set("tenant", "other");
+        assert_eq!(parts[1].meta.get_str("tenant").as_deref(), Some("acme"));
+        assert_eq!(several.meta.get_str("tenant").as_deref(), Some("acme"));
+        let one = transaction(&["1@a.example"]);
+        let parts = split(&one, BatchHandling::BifurcateAlways, None, None);
+        assert_eq!(parts[0].id, one.id);
+        parts[0].meta.set("seen", true);
+        assert_eq!(one.meta.get("seen"), Some(Value::Bool(true)), "one part is the transaction itself");
+    }
+
+    #[test]
+    fn the_date_of_trace_headers_is_local_time_of_now() {
+        let before = chrono::Local::now().timestamp();
+        let date = chrono::DateTime::parse_from_rfc2822(&rfc2822_now()).unwrap().timestamp();
+        assert!((before..=before + 2).contains(&date), "{date} is not now ({before})");
+    }
+
+    #[test]
     fn batch_by_domain_groups_case_insensitively_in_first_seen_order() {
         let parts = split(
             &transaction(&["1@a.example", "2@b.example", "3@A.EXAMPLE"]),
@@ -254,10 +319,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn each_recipient_is_in_the_part_named_for_it() {
+        let message = transaction(&["1@a.example", "2@b.example", "3@A.EXAMPLE", "1@a.example"]);
+        for handling in [BatchHandling::BifurcateAlways, BatchHandling::BatchByDomain] {
+            let parts = split(&message, handling, None, None);
+            let part_of = part_of_each_recipient(&message.recipients, handling);
+            assert_eq!(part_of.len(), message.recipients.len());
+            for (recipient, index) in message.recipients.iter().zip(part_of) {
+                assert!(parts[index].recipients.contains(recipient), "{handling:?}: {recipient} not in part {index}");
+            }
+        }
+        let part_of = part_of_each_recipient(&message.recipients, BatchHandling::BatchByDomain);
+        assert_eq!(part_of, [0, 1, 0, 0]);
+    }
+
+    fn same_bytes(a: &Body, b: &Body) -> bool {
+        matches!((a, b), (Body::Memory(a), Body::Memory(b)) if a.as_ptr() == b.as_ptr())
+    }
+
     /// A part's whole text, as policy sees it.
     fn text_of(part: &Message) -> String {
         let mut whole = vec![0; part.len()];
-        part.copy_to(&mut whole);
+        part.read_into(&mut whole).unwrap();
         String::from_utf8(whole).unwrap()
     }
 
@@ -270,7 +354,7 @@ mod tests {
         let text = text_of(&parts[0]);
         let (header, rest) = text.split_once("\r\n").unwrap();
         assert_eq!(rest, "Subject: t\r\n\r\nbody\r\n");
-        assert!(parts[0].data.as_ptr() == transaction.data.as_ptr(), "the body is shared, not copied");
+        assert!(same_bytes(&parts[0].data, &transaction.data), "the body is shared, not copied");
         let encoded = header.strip_prefix("X-KumoRef: ").unwrap();
         let decoded: Value = serde_json::from_slice(&BASE64.decode(encoded).unwrap()).unwrap();
         assert_eq!(decoded, serde_json::json!({"_@_": "\\_o< DUCK!", "recipient": "1@a.example", "tenant": "acme"}));
@@ -306,7 +390,7 @@ mod tests {
             assert!(text.starts_with("Received: from client.example"), "{text:?}");
             assert!(text.contains(&format!("for <{recipient}>;")), "{text:?}");
             assert!(text.ends_with("\r\nSubject: t\r\n\r\nbody\r\n"));
-            assert!(part.data.as_ptr() == transaction.data.as_ptr());
+            assert!(same_bytes(&part.data, &transaction.data));
         }
         let parts = split(&transaction, BatchHandling::BatchByDomain, None, Some(&received));
         assert!(!text_of(&parts[0]).contains("for <"), "two recipients: no for clause");

@@ -4,13 +4,29 @@
 use serde_json::{Map, Value};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+type Entries = Map<String, Value>;
+
 /// A thread-safe name → JSON value map. Cloning shares the same store.
+/// Copies of a store ([`MetaStore::copy_from`]) share its entries until
+/// either side changes them, so that a message, which starts with a copy of
+/// its connection's metadata, costs no copy unless its metadata is changed.
 #[derive(Clone, Debug, Default)]
-pub struct MetaStore(Arc<Mutex<Map<String, Value>>>);
+pub struct MetaStore(Arc<Mutex<Arc<Entries>>>);
 
 impl MetaStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Replace the contents with a copy of `other`'s.
+    pub fn copy_from(&self, other: &MetaStore) {
+        let shared = other.lock().clone();
+        *self.lock() = shared;
+    }
+
+    /// A new store starting with a copy of this one's contents.
+    pub fn copy(&self) -> Self {
+        Self(Arc::new(Mutex::new(self.lock().clone())))
     }
 
     pub fn get(&self, name: &str) -> Option<Value> {
@@ -18,24 +34,25 @@ impl MetaStore {
     }
 
     pub fn set(&self, name: impl Into<String>, value: impl Into<Value>) {
-        self.lock().insert(name.into(), value.into());
+        Arc::make_mut(&mut self.lock()).insert(name.into(), value.into());
     }
 
     pub fn remove(&self, name: &str) {
-        self.lock().remove(name);
+        Arc::make_mut(&mut self.lock()).remove(name);
     }
 
     /// Merge `entries` key by key over what is stored.
-    pub fn merge(&self, entries: &Map<String, Value>) {
-        let mut map = self.lock();
+    pub fn merge(&self, entries: &Entries) {
+        let mut shared = self.lock();
+        let map = Arc::make_mut(&mut shared);
         for (name, value) in entries {
             map.insert(name.clone(), value.clone());
         }
     }
 
     /// An independent copy of the current contents.
-    pub fn snapshot(&self) -> Map<String, Value> {
-        self.lock().clone()
+    pub fn snapshot(&self) -> Entries {
+        Entries::clone(&self.lock())
     }
 
     pub fn get_str(&self, name: &str) -> Option<String> {
@@ -45,7 +62,7 @@ impl MetaStore {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Map<String, Value>> {
+    fn lock(&self) -> MutexGuard<'_, Arc<Entries>> {
         // A panic while holding the lock cannot leave the map half-updated.
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -63,6 +80,19 @@ mod tests {
         other.set("tenant", "acme");
         assert_eq!(meta.get("tenant"), Some(json!("acme")));
         assert_eq!(meta.get_str("tenant").as_deref(), Some("acme"));
+    }
+
+    #[test]
+    fn a_copy_is_independent_of_its_original() {
+        let connection = MetaStore::new();
+        connection.set("tenant", "acme");
+        let message = MetaStore::new();
+        message.copy_from(&connection);
+        message.set("tenant", "other");
+        connection.set("ehlo_domain", "client.example");
+        assert_eq!(connection.get_str("tenant").as_deref(), Some("acme"));
+        assert_eq!(message.get("ehlo_domain"), None);
+        assert_eq!(message.get_str("tenant").as_deref(), Some("other"));
     }
 
     #[test]

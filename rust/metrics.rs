@@ -28,6 +28,10 @@ pub struct ListenerMetrics {
     pub client_limit_refusals: AtomicU64,
     /// Connections refused while too many policy calls waited.
     pub shed_connections: AtomicU64,
+    /// Bytes reserved now by message bodies in memory (a gauge).
+    pub body_memory_bytes: AtomicU64,
+    /// Bytes in spill files now (a gauge).
+    pub body_spilled_bytes: AtomicU64,
     refusals: [AtomicU64; REFUSAL_CODES],
 }
 
@@ -42,6 +46,8 @@ impl Default for ListenerMetrics {
             tls_failures: AtomicU64::new(0),
             client_limit_refusals: AtomicU64::new(0),
             shed_connections: AtomicU64::new(0),
+            body_memory_bytes: AtomicU64::new(0),
+            body_spilled_bytes: AtomicU64::new(0),
             refusals: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }

@@ -84,6 +84,8 @@ pub enum ReversePath {
 pub enum Body {
     SevenBit,
     EightBitMime,
+    /// RFC 3030 §3: only with BDAT.
+    BinaryMime,
 }
 
 /// The ESMTP parameters of one `MAIL FROM` or `RCPT TO`, in the order given:
@@ -132,6 +134,8 @@ pub struct MailParams {
 pub enum Command {
     Ehlo(String),
     Helo(String),
+    /// RFC 2033's EHLO of LMTP.
+    Lhlo(String),
     MailFrom {
         reverse_path: ReversePath,
         params: MailParams,
@@ -140,6 +144,11 @@ pub enum Command {
         forward_path: Mailbox,
     },
     Data,
+    /// RFC 3030 `BDAT chunk-size [LAST]`: `size` octets follow the line.
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -159,7 +168,10 @@ impl Command {
     /// RFC 2920 §3.1: a client may pipeline nothing after these commands
     /// before it has the reply (QUIT aside, which ends the session anyway).
     pub fn ends_pipelining_group(&self) -> bool {
-        matches!(self, Command::Ehlo(_) | Command::Helo(_) | Command::Data | Command::Noop | Command::Vrfy(_))
+        matches!(
+            self,
+            Command::Ehlo(_) | Command::Helo(_) | Command::Lhlo(_) | Command::Data | Command::Noop | Command::Vrfy(_)
+        )
     }
 }
 
@@ -195,7 +207,7 @@ impl ParseError {
         Self::new(501, "5.5.2", "invalid UTF-8 in command")
     }
 
-    fn unrecognized() -> Self {
+    pub fn unrecognized() -> Self {
         Self::new(500, "5.5.2", "command not recognized")
     }
 
@@ -218,6 +230,11 @@ impl ParseError {
     fn not_implemented() -> Self {
         Self::new(502, "5.5.1", "command not implemented")
     }
+
+    /// The session cannot go on after this error (a malformed `BDAT`).
+    pub fn ends_session(&self) -> bool {
+        self.code == 521
+    }
 }
 
 impl fmt::Display for ParseError {
@@ -237,9 +254,11 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     match verb {
         b"EHLO" => parse_hello(args, "syntax: EHLO hostname").map(Command::Ehlo),
         b"HELO" => parse_hello(args, "syntax: HELO hostname").map(Command::Helo),
+        b"LHLO" => parse_hello(args, "syntax: LHLO hostname").map(Command::Lhlo),
         b"MAIL" => parse_mail(args),
         b"RCPT" => parse_rcpt(args),
         b"DATA" => without_arguments(args, Command::Data, "syntax: DATA takes no arguments"),
+        b"BDAT" => parse_bdat(args),
         b"RSET" => without_arguments(args, Command::Rset, "syntax: RSET takes no arguments"),
         b"QUIT" => without_arguments(args, Command::Quit, "syntax: QUIT takes no arguments"),
         b"STARTTLS" => without_arguments(args, Command::StartTls, "syntax: STARTTLS takes no arguments"),
@@ -538,7 +557,11 @@ fn parse_mail_params(text: &str) -> Result<MailParams, ParseError> {
     Ok(MailParams {
         // Validated as digits that fit a u64.
         size: all.get("SIZE").flatten().and_then(|digits| digits.parse().ok()),
-        body: all.get("BODY").flatten().map(|body| if body == "7BIT" { Body::SevenBit } else { Body::EightBitMime }),
+        body: all.get("BODY").flatten().map(|body| match body {
+            "7BIT" => Body::SevenBit,
+            "BINARYMIME" => Body::BinaryMime,
+            _ => Body::EightBitMime,
+        }),
         smtputf8: all.contains("SMTPUTF8"),
         requiretls: all.contains("REQUIRETLS"),
         all,
@@ -712,17 +735,37 @@ fn parse_size(value: Option<&str>) -> Result<&str, ParseError> {
         .ok_or_else(|| ParseError::syntax("syntax: SIZE=<number>"))
 }
 
-/// `7BIT` or `8BITMIME`. `BINARYMIME` (RFC 3030) needs CHUNKING, which is not
-/// offered: a known value this server does not implement, so `555`.
+/// `7BIT`, `8BITMIME` or (RFC 3030) `BINARYMIME`.
 fn parse_body(value: Option<&str>) -> Result<&'static str, ParseError> {
     match value {
         Some(value) if value.eq_ignore_ascii_case("7BIT") => Ok("7BIT"),
         Some(value) if value.eq_ignore_ascii_case("8BITMIME") => Ok("8BITMIME"),
-        Some(value) if value.eq_ignore_ascii_case("BINARYMIME") => {
-            Err(ParseError::new(555, "5.5.4", "BODY=BINARYMIME needs CHUNKING, which is not offered"))
-        }
-        _ => Err(ParseError::syntax("syntax: BODY=7BIT or BODY=8BITMIME")),
+        Some(value) if value.eq_ignore_ascii_case("BINARYMIME") => Ok("BINARYMIME"),
+        _ => Err(ParseError::syntax("syntax: BODY=7BIT, BODY=8BITMIME or BODY=BINARYMIME")),
     }
+}
+
+/// RFC 3030 §2: `chunk-size [SP "LAST"]`, the size `1*DIGIT` (that fits a
+/// u64), `LAST` in any case. Refused with `521` as Postfix does: with its size
+/// unknown, the chunk that follows could only be misread as commands, so the
+/// session ends.
+fn parse_bdat(args: &str) -> Result<Command, ParseError> {
+    let malformed = || ParseError::new(521, "5.5.4", "syntax: BDAT size [LAST]");
+    let mut words = words(args);
+    let size = words
+        .next()
+        .filter(|digits| digits.bytes().all(|byte| byte.is_ascii_digit()))
+        .and_then(|digits| digits.parse().ok())
+        .ok_or_else(malformed)?;
+    let last = match words.next() {
+        None => false,
+        Some(word) if word.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return Err(malformed()),
+    };
+    if words.next().is_some() {
+        return Err(malformed());
+    }
+    Ok(Command::Bdat { size, last })
 }
 
 #[cfg(test)]
@@ -806,9 +849,11 @@ mod tests {
         let cases = [
             ("EHLO", " a.example", Command::Ehlo("a.example".into())),
             ("HELO", " a.example", Command::Helo("a.example".into())),
+            ("LHLO", " a.example", Command::Lhlo("a.example".into())),
             ("MAIL", " FROM:<>", Command::MailFrom { reverse_path: ReversePath::Null, params: MailParams::default() }),
             ("RCPT", " TO:<a@b.example>", Command::RcptTo { forward_path: mailbox("a", "b.example") }),
             ("DATA", "", Command::Data),
+            ("BDAT", " 5 LAST", Command::Bdat { size: 5, last: true }),
             ("RSET", "", Command::Rset),
             ("NOOP", "", Command::Noop),
             ("QUIT", "", Command::Quit),
@@ -1031,15 +1076,26 @@ mod tests {
     }
 
     #[test]
-    fn body_must_be_7bit_or_8bitmime() {
+    fn body_must_be_7bit_8bitmime_or_binarymime() {
         for value in ["BODY", "BODY=", "BODY=8BIT", "BODY=BINARY"] {
             assert_eq!(codes(&format!("MAIL FROM:<a@b.example> {value}")), SYNTAX, "{value}");
         }
-        // Known, but it needs CHUNKING, which is not offered.
-        assert_eq!(
-            reply_to(b"MAIL FROM:<a@b.example> BODY=binarymime"),
-            (555, "5.5.4", "BODY=BINARYMIME needs CHUNKING, which is not offered".into())
-        );
+        let given = params("MAIL FROM:<a@b.example> BODY=binarymime");
+        assert_eq!(given.body, Some(Body::BinaryMime));
+        assert_eq!(listed(&given.all), [("BODY", some("BINARYMIME"))]);
+    }
+
+    #[test]
+    fn bdat_takes_a_size_and_an_optional_last() {
+        assert_eq!(parse("BDAT 0"), Command::Bdat { size: 0, last: false });
+        assert_eq!(parse("bdat 1000 last"), Command::Bdat { size: 1000, last: true });
+        assert_eq!(parse("BDAT  18446744073709551615\tLAST "), Command::Bdat { size: u64::MAX, last: true });
+        let malformed = ["BDAT", "BDAT x", "BDAT 1x", "BDAT +5", "BDAT -1", "BDAT 18446744073709551616", "BDAT LAST"];
+        for line in malformed.into_iter().chain(["BDAT 5 FIRST", "BDAT 5 LAST now", "BDAT 0x10"]) {
+            assert_eq!(reply_to(line.as_bytes()), (521, "5.5.4", "syntax: BDAT size [LAST]".into()), "{line}");
+            assert!(parse_command(line.as_bytes()).unwrap_err().ends_session(), "{line}");
+        }
+        assert!(!parse_command(b"DATA now").unwrap_err().ends_session());
     }
 
     #[test]
@@ -1390,8 +1446,9 @@ mod tests {
 
     #[test]
     fn commands_that_end_a_pipelining_group() {
-        let ending = ["EHLO x", "HELO x", "DATA", "NOOP", "VRFY x"];
-        let not_ending = ["MAIL FROM:<a@b.example>", "RCPT TO:<a@b.example>", "RSET", "QUIT", "STARTTLS"];
+        let ending = ["EHLO x", "HELO x", "LHLO x", "DATA", "NOOP", "VRFY x"];
+        let not_ending =
+            ["MAIL FROM:<a@b.example>", "RCPT TO:<a@b.example>", "RSET", "QUIT", "STARTTLS", "BDAT 5", "BDAT 0 LAST"];
         for line in ending {
             assert!(parse_command(line.as_bytes()).unwrap().ends_pipelining_group(), "{line}");
         }

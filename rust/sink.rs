@@ -1,6 +1,8 @@
 //! Where accepted messages go: a durable Maildir, or nowhere (benchmarks).
 
+use crate::body::{Body, SpilledBody};
 use crate::message::Message;
+use crate::parser::Mailbox;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -21,6 +23,27 @@ impl Sink {
         match self {
             Sink::Discard => Ok(()),
             Sink::Maildir(maildir) => maildir.submit(messages).await.map_err(io::Error::other)?,
+        }
+    }
+
+    /// Where spilled bodies go by default: the Maildir's `tmp/`, whence
+    /// delivering one is a rename.
+    pub fn spool_dir(&self) -> PathBuf {
+        match self {
+            Sink::Discard => std::env::temp_dir(),
+            Sink::Maildir(maildir) => maildir.files.tmp_dir(),
+        }
+    }
+
+    /// What a body spilled into `dir` should start with so that the sink
+    /// can deliver its file by renaming it: the envelope of its one
+    /// recipient, when `dir` is the Maildir's `tmp/`; nothing otherwise.
+    pub fn envelope_for(&self, dir: &Path, sender: &Mailbox, recipient: &Mailbox) -> Vec<u8> {
+        match self {
+            Sink::Maildir(maildir) if dir == maildir.files.tmp_dir() => {
+                envelope(sender, std::slice::from_ref(recipient), 0)
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -82,10 +105,16 @@ struct QueueState {
     closed: bool,
 }
 
-/// A delivery whose files are in `tmp/` or `new/`, by name.
+/// A delivery whose files are staged (in `tmp/`) or in `new/`.
 struct Staged {
+    /// Where each file was staged: in `tmp/` under its name, or a spilled
+    /// body's own file.
+    paths: Vec<PathBuf>,
+    /// Its name in `new/`.
     names: Vec<String>,
     answer: Answer,
+    /// Held until answered: a spilled body's file goes with its message.
+    _messages: Vec<Arc<Message>>,
 }
 
 impl Maildir {
@@ -174,7 +203,7 @@ impl Files {
                     answer(staged.answer, Err(failed()));
                 }
                 for staged in written {
-                    remove_all(&self.paths("tmp", &staged.names));
+                    remove_all(&staged.paths);
                     answer(staged.answer, Err(failed()));
                 }
                 Vec::new()
@@ -182,40 +211,63 @@ impl Files {
         }
     }
 
-    /// Write a delivery's files into `tmp/`, all or none (None: it has been
+    /// Stage a delivery's files in `tmp/`, all or none (None: it has been
     /// answered).
     fn stage(&self, delivery: Delivery) -> Option<Staged> {
+        let count = delivery.messages.len();
         let names: Vec<String> = delivery.messages.iter().map(|m| self.file_name(m)).collect();
-        let mut staged = Vec::with_capacity(names.len());
+        let mut paths = Vec::with_capacity(count);
         for (message, name) in delivery.messages.iter().zip(&names) {
-            let path = self.root.join("tmp").join(name);
-            let written = write_durably(&path, message);
-            staged.push(path);
+            let (path, written) = match self.ready_as_it_is(message, count) {
+                Some(spilled) => (spilled.path().to_path_buf(), Ok(())),
+                None => {
+                    let path = self.tmp_dir().join(name);
+                    let written = write_durably(&path, message);
+                    (path, written)
+                }
+            };
+            paths.push(path);
             if let Err(err) = written {
-                remove_all(&staged);
+                remove_all(&paths);
                 answer(delivery.answer, Err(err));
                 return None;
             }
         }
-        Some(Staged { names, answer: delivery.answer })
+        Some(Staged { paths, names, answer: delivery.answer, _messages: delivery.messages })
+    }
+
+    /// The spilled body of the only message of a delivery, when its file
+    /// in `tmp/` already starts with the envelope and trace headers it
+    /// needs: then syncing and renaming it delivers it.
+    fn ready_as_it_is<'a>(&self, message: &'a Message, messages: usize) -> Option<&'a SpilledBody> {
+        let Body::File(spilled) = &message.data else {
+            return None;
+        };
+        let in_tmp = spilled.path().parent() == Some(self.tmp_dir().as_path());
+        let ready = messages == 1 && in_tmp && spilled.prefix() == envelope_and_head(message).as_slice();
+        ready.then_some(spilled)
     }
 
     /// Move staged files into `new/`, all or none (None: it has been answered).
     fn publish(&self, staged: Staged) -> Option<Staged> {
         let mut moved = Vec::with_capacity(staged.names.len());
-        let result = staged.names.iter().try_for_each(|name| {
+        let result = staged.paths.iter().zip(&staged.names).try_for_each(|(path, name)| {
             let target = self.root.join("new").join(name);
-            fs::rename(self.root.join("tmp").join(name), &target)?;
+            fs::rename(path, &target)?;
             moved.push(target);
             Ok(())
         });
         if let Err(err) = result {
             remove_all(&moved);
-            remove_all(&self.paths("tmp", &staged.names));
+            remove_all(&staged.paths);
             answer(staged.answer, Err(err));
             return None;
         }
         Some(staged)
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
     }
 
     fn paths(&self, sub: &str, names: &[String]) -> Vec<PathBuf> {
@@ -238,20 +290,26 @@ fn answer(to: Answer, result: io::Result<()>) {
 /// `Delivered-To:` for each recipient of this file; then the message's own
 /// trace headers.
 fn envelope_and_head(message: &Message) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + 48 * message.recipients.len() + message.head.len());
+    let mut out = envelope(&message.sender, &message.recipients, message.head.len());
+    out.extend_from_slice(&message.head);
+    out
+}
+
+/// `Return-Path:` and the `Delivered-To:` lines, with room for `more` bytes.
+fn envelope(sender: &Mailbox, recipients: &[Mailbox], more: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + 48 * recipients.len() + more);
     // Display writes no CR or LF: the parser refuses control characters.
-    let _ = write!(out, "Return-Path: <{}>\r\n", message.sender);
-    for recipient in &message.recipients {
+    let _ = write!(out, "Return-Path: <{sender}>\r\n");
+    for recipient in recipients {
         let _ = write!(out, "Delivered-To: {recipient}\r\n");
     }
-    out.extend_from_slice(&message.head);
     out
 }
 
 fn write_durably(path: &Path, message: &Message) -> io::Result<()> {
     let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
     file.write_all(&envelope_and_head(message))?;
-    file.write_all(&message.data)
+    message.data.write_to(&mut file)
 }
 
 /// `syncfs(2)`: every file's data and metadata on the Maildir's file system,
@@ -283,7 +341,6 @@ fn remove_all(paths: &[PathBuf]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parser::Mailbox;
     use bytes::Bytes;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -389,6 +446,60 @@ mod tests {
             stored,
             b"Return-Path: <>\r\nDelivered-To: x@d.example\r\nDelivered-To: y@d.example\r\nReceived: by test\r\n\r\nhi\r\n"
         );
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    fn spilled(spool: &Arc<crate::body::Spool>, prefix: Vec<u8>, text: &[u8]) -> Body {
+        let mut buffer = crate::body::BodyBuffer::new(spool, 1, 1, prefix);
+        buffer.append(text).unwrap();
+        buffer.finish().unwrap()
+    }
+
+    #[test]
+    fn a_spilled_body_with_its_envelope_is_delivered_by_renaming_it() {
+        use std::os::unix::fs::MetadataExt;
+        let root = scratch_dir("rename");
+        let sink = Sink::Maildir(Arc::new(Maildir::open(&root).unwrap()));
+        let Sink::Maildir(maildir) = &sink else { unreachable!() };
+        let spool = crate::body::Spool::new(sink.spool_dir(), 1 << 20, Arc::default());
+        let who = Mailbox::new("a", "b.example");
+        let body = spilled(&spool, sink.envelope_for(spool.dir(), &who, &who), b"Subject: big\r\n\r\nbody\r\n");
+        let Body::File(file) = &body else { panic!("not spilled") };
+        let inode = fs::metadata(file.path()).unwrap().ino();
+        deliver(maildir, &[Message::new("id".into(), who.clone(), vec![who], body)]).unwrap();
+        let stored = &entries(&root.join("new"))[0];
+        assert_eq!(fs::metadata(stored).unwrap().ino(), inode, "renamed, not copied");
+        let text = b"Return-Path: <a@b.example>\r\nDelivered-To: a@b.example\r\nSubject: big\r\n\r\nbody\r\n";
+        assert_eq!(fs::read(stored).unwrap(), text);
+        assert!(entries(&root.join("tmp")).is_empty());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_spilled_body_shared_by_parts_is_copied_into_each() {
+        let root = scratch_dir("shared-spill");
+        let maildir = Maildir::open(&root).unwrap();
+        let spool = crate::body::Spool::new(maildir.files.tmp_dir(), 1 << 20, Arc::default());
+        let body = spilled(&spool, Vec::new(), b"\r\nshared\r\n");
+        let parts: Vec<Arc<Message>> = ["x", "y"]
+            .iter()
+            .map(|user| {
+                let to = Mailbox::new(*user, "d.example");
+                Message::new(crate::message::new_message_id(), Mailbox::default(), vec![to], body.clone())
+            })
+            .collect();
+        deliver(&maildir, &parts).unwrap();
+        let mut stored: Vec<Vec<u8>> = entries(&root.join("new")).iter().map(|p| fs::read(p).unwrap()).collect();
+        stored.sort();
+        assert_eq!(
+            stored,
+            vec![
+                b"Return-Path: <>\r\nDelivered-To: x@d.example\r\n\r\nshared\r\n".to_vec(),
+                b"Return-Path: <>\r\nDelivered-To: y@d.example\r\n\r\nshared\r\n".to_vec(),
+            ]
+        );
+        drop((parts, body));
+        assert!(entries(&root.join("tmp")).is_empty(), "the spill file goes with its last part");
         fs::remove_dir_all(root).unwrap();
     }
 }

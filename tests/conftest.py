@@ -21,10 +21,17 @@ import pytest
 class RawClient:
     """A plain socket speaking SMTP byte by byte, for what smtplib won't send."""
 
-    def __init__(self, address: tuple[str, int], source: str | None = None, timeout: float = 10.0):
-        self.sock = socket.create_connection(
-            address, timeout=timeout, source_address=(source, 0) if source else None
-        )
+    def __init__(
+        self, address: tuple[str, int] | str, source: str | None = None, timeout: float = 10.0
+    ):
+        if isinstance(address, str):  # a Unix socket's path
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(address)
+        else:
+            self.sock = socket.create_connection(
+                address, timeout=timeout, source_address=(source, 0) if source else None
+            )
         self.buffer = b""
 
     def send(self, data: bytes) -> None:
@@ -104,7 +111,7 @@ def server(policy: kumo.Policy, maildir: Path) -> Iterator[kumo.Server]:
 def listen(server: kumo.Server):
     """Start a listener on an ephemeral port with test-friendly defaults."""
 
-    def start(**params) -> tuple[str, int]:
+    def start(**params) -> tuple[str, int] | str:
         params.setdefault("listen", "127.0.0.1:0")
         params.setdefault("hostname", "mx.test.example")
         return server.start_esmtp_listener(**params).address
@@ -117,7 +124,7 @@ def raw():
     clients: list[RawClient] = []
 
     def connect(
-        address: tuple[str, int], source: str | None = None, timeout: float = 10.0
+        address: tuple[str, int] | str, source: str | None = None, timeout: float = 10.0
     ) -> RawClient:
         client = RawClient(address, source, timeout)
         clients.append(client)
@@ -183,9 +190,10 @@ class Served:
         )
         assert self.process.stdout is not None
         self.banner = self.process.stdout.readline()
-        found = re.search(r"listening on ([\d.]+):(\d+)", self.banner)
+        found = re.search(r"listening on (?:([\d.]+):(\d+)|(/[^;,]+))", self.banner)
         assert found, self.banner + self.process.stderr.read()  # type: ignore[union-attr]
-        self.address = (found.group(1), int(found.group(2)))
+        # A Unix socket's path, or (host, port).
+        self.address = found.group(3) or (found.group(1), int(found.group(2)))
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)

@@ -80,7 +80,7 @@ def test_bad_and_unknown_parameters_are_refused(listen, smtp, params_seen):
     assert client.mail("a@b.example", ["RET=ALL"])[0] == 501
     assert client.mail("a@b.example", ["ENVID=" + "e" * 101])[0] == 501
     assert client.mail("a@b.example", ["X-UNKNOWN=1"])[0] == 555
-    assert client.mail("a@b.example", ["BODY=BINARYMIME"])[0] == 555
+    assert client.mail("a@b.example", ["BODY=BINARY"])[0] == 501
     assert client.mail("a@b.example", ["AUTH=<>"])[0] == 250
     assert client.rcpt("x@d.example", ["NOTIFY=NEVER,SUCCESS"])[0] == 501
     assert client.rcpt("x@d.example", ["ORCPT=rfc822"])[0] == 501

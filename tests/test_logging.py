@@ -102,3 +102,35 @@ def test_serve_log_format_json(serve):
     assert disconnect["commands"]["vrfy"] == {"tried": 1, "refused": 1}
     # EHLO, MAIL, 2 RCPT, DATA, EHLO, VRFY, QUIT
     assert disconnect["commands"]["commands"] == {"tried": 8, "refused": 1}
+
+
+TEXT_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) kumo_listener\S*: "
+)
+
+
+def test_serve_writes_text_lines_in_the_formatters_shape_from_the_core_too(serve):
+    served = serve("--listen", "127.0.0.1:0", "--sink", "discard")
+    with smtplib.SMTP(*served.address, timeout=10) as client:
+        client.sendmail("a@b.example", ["c@d.example"], BODY)
+    assert served.stop() == 0
+    assert served.process.stderr is not None
+    lines = served.process.stderr.read().splitlines()
+    assert all(TEXT_LINE.match(line) for line in lines), lines
+    assert any(" INFO kumo_listener: stored: " in line for line in lines), lines
+    assert any(" INFO kumo_listener: disconnect from " in line for line in lines), lines
+
+
+def test_a_policy_with_its_own_log_handler_still_gets_the_cores_records(serve, tmp_path):
+    log_file = tmp_path / "policy.log"
+    policy = tmp_path / "policy.py"
+    policy.write_text(
+        "import logging\n"
+        f"handler = logging.FileHandler({str(log_file)!r})\n"
+        "logging.getLogger('kumo_listener').addHandler(handler)\n"
+    )
+    served = serve("--listen", "127.0.0.1:0", "--sink", "discard", "--policy", str(policy))
+    with smtplib.SMTP(*served.address, timeout=10) as client:
+        client.sendmail("a@b.example", ["c@d.example"], BODY)
+    assert served.stop() == 0
+    assert "stored: " in log_file.read_text()

@@ -37,6 +37,8 @@ def test_greeting_and_ehlo_extensions(address, raw):
         "SMTPUTF8",
         f"SIZE {20 * 1024 * 1024}",
         "DSN",
+        "CHUNKING",
+        "BINARYMIME",
         "STARTTLS",
     ]
 
@@ -90,7 +92,8 @@ def test_every_reply_after_ehlo_has_an_enhanced_code(address, raw):
         ("EXPN staff", 502, "5.5.1"),
         ("ETRN example.com", 502, "5.5.1"),
         ("TURN", 502, "5.5.1"),
-        ("MAIL FROM:<a@b.example> BODY=BINARYMIME", 555, "5.5.4"),
+        ("MAIL FROM:<a@b.example> BODY=BINARY", 501, "5.5.4"),
+        ("BDAT 0", 503, "5.5.1"),
         ("MAIL FROM:<a@b.example> REQUIRETLS", 530, "5.7.10"),
     ],
 )

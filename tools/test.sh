@@ -6,17 +6,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(swaks libnet-ssleay-perl libio-socket-ssl-perl haproxy)
+debian_packages=(swaks libnet-ssleay-perl libio-socket-ssl-perl haproxy postfix)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 if [ ${#missing[@]} -gt 0 ]; then
+  # Postfix's package would configure the system's instance: not at all (tests/test_lmtp.py runs its own).
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 python3 -m pip install --quiet --disable-pip-version-check ".[test]"
+# Exim, the real BDAT client of tests/test_chunking.py, unpacked beside
+# Postfix rather than installed (their packages conflict).
+bash tools/exim.sh
 
 # Without the `python` feature nothing links libpython: the unit tests,
 # benches and fuzz targets run as they are. Clippy checks the crate both

@@ -52,7 +52,12 @@ fn check_command(line: &[u8], command: &Command) {
         Command::Auth { mechanism, .. } => {
             assert!(!mechanism.is_empty() && *mechanism == mechanism.to_ascii_uppercase(), "{command:?}");
         }
-        Command::Ehlo(name) | Command::Helo(name) => {
+        Command::Bdat { size, .. } => {
+            let digits = text.split_whitespace().nth(1).expect("BDAT has a size");
+            assert_eq!(digits.parse::<u64>().ok(), Some(*size), "{command:?}");
+            assert!(digits.bytes().all(|byte| byte.is_ascii_digit()), "{command:?}");
+        }
+        Command::Ehlo(name) | Command::Helo(name) | Command::Lhlo(name) => {
             assert!(!name.is_empty() && !name.contains([' ', '\t']), "{command:?}");
         }
         _ => {}
@@ -98,7 +103,8 @@ fn check_params(params: &EsmtpParams, known: &[&str]) {
 
 fn strings(command: &Command) -> Vec<&str> {
     match command {
-        Command::Ehlo(text) | Command::Helo(text) | Command::Vrfy(text) | Command::XClient(text) => vec![text],
+        Command::Ehlo(text) | Command::Helo(text) | Command::Lhlo(text) => vec![text],
+        Command::Vrfy(text) | Command::XClient(text) => vec![text],
         Command::MailFrom { reverse_path, params } => {
             let mut fields: Vec<&str> = params.all.iter().filter_map(|(_, value)| value).collect();
             if let ReversePath::Mailbox(mailbox) = reverse_path {

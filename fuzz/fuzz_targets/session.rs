@@ -1,5 +1,6 @@
 //! A whole session over an in-memory pipe: arbitrary client bytes, cut into
-//! arbitrary reads, against a scripted policy chosen by the first byte.
+//! arbitrary reads, against a scripted policy chosen by the first byte (its
+//! top two bits both set: an LMTP listener).
 //! Invariants: no panic; every byte the server writes (up to STARTTLS's
 //! `220`, after which it speaks TLS) is a reply line `^\d{3}[ -]` with no
 //! control characters, ending in CRLF; nothing follows a final `221` or
@@ -53,13 +54,21 @@ fuzz_target!(|input: &[u8]| {
 
 fn harness(mode: u8) -> Harness {
     let line_endings = ["Deny", "Allow", "Fix"][usize::from(mode >> 6) % 3];
+    let protocol = if mode >> 6 == 3 { "lmtp" } else { "smtp" };
     let params = json!({
         "hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"], "max_message_size": 2000,
         "max_recipients_per_message": 3, "max_messages_per_connection": 4, "line_length_hard_limit": 600,
         "client_timeout": 5, "allow_xclient": mode & 1 != 0, "require_proxy_protocol": mode & 2 != 0,
-        "invalid_line_endings": line_endings,
+        "invalid_line_endings": line_endings, "protocol": protocol,
     });
-    let registered = [EventKind::Ehlo, EventKind::MailFrom, EventKind::RcptTo, EventKind::Data, EventKind::AuthPlain];
+    let registered = [
+        EventKind::Ehlo,
+        EventKind::MailFrom,
+        EventKind::RcptTo,
+        EventKind::Data,
+        EventKind::MessageReceived,
+        EventKind::AuthPlain,
+    ];
     let script = move |event: &Event| match event {
         Event::MailFrom { sender, .. } if mode & 4 != 0 && sender.local_part.starts_with('r') => {
             Outcome::Reject { code: 550, text: "5.7.1 refused\r\n250 injected".into() }
@@ -68,6 +77,9 @@ fn harness(mode: u8) -> Harness {
             Outcome::Reject { code: 421, text: "bye".into() }
         }
         Event::Data { .. } if mode & 16 != 0 => Outcome::Failed("scripted failure".into()),
+        Event::MessageReceived { message, .. } if message.recipients.iter().any(|r| r.local_part.starts_with('p')) => {
+            Outcome::Reject { code: 550, text: "5.7.1 not this part".into() }
+        }
         Event::Ehlo { .. } if mode & 32 != 0 => Outcome::Done(Response::Extensions(vec!["PIPELINING".into()])),
         Event::AuthPlain { .. } => Outcome::Done(Response::Authenticated(true)),
         _ => Outcome::Done(Response::Nothing),

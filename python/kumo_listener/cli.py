@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", help="a Python policy file")
     serve.add_argument(
         "--listen",
-        help="address to listen on when the policy has no init handler"
+        help="address (or Unix socket path) to listen on when the policy has no init handler"
         f" (default {_core.DEFAULT_LISTEN})",
     )
     serve.add_argument(
@@ -92,12 +92,15 @@ def serve(args: argparse.Namespace) -> int:
     except privileges.PrivilegeError as error:
         print(f"kumo-listener: {error}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level, args.log_format)
+    handler = configure_logging(args.log_level, args.log_format)
     if become is not None and args.sink == "maildir":
         # Created here as root, owned by the user, before the server (or the
         # workers) open it.
         privileges.prepare_maildir(args.maildir, become)
     if args.workers > 1:
+        if args.listen and args.listen.startswith("/"):
+            print("kumo-listener: a Unix socket cannot be shared by --workers", file=sys.stderr)
+            return 2
         return supervise_workers(args, become)
     configure(
         sink=args.sink,
@@ -108,6 +111,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.policy:
         runpy.run_path(args.policy, run_name="kumo_policy")
     server = default_server()
+    if logging_is_the_clis(handler):
+        server.write_logs_directly(args.log_format)
     has_init = server.policy.handler("init") is not None
     if has_init and args.listen:
         print("kumo-listener: --listen conflicts with the policy's init handler", file=sys.stderr)
@@ -123,7 +128,7 @@ def serve(args: argparse.Namespace) -> int:
             privileges.drop_privileges(become)
         elif user is None:
             privileges.warn_if_root()
-        places = ", ".join(f"{host}:{port}" for host, port in (x.address for x in server.listeners))
+        places = ", ".join(describe_address(x.address) for x in server.listeners)
         # One write: workers share the pipe, and print() writes the newline apart.
         sys.stdout.write(
             f"kumo-listener: listening on {places or 'nothing'}; mail goes to {server.sink}\n"
@@ -140,13 +145,24 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def configure_logging(level: str, log_format: str) -> None:
+def configure_logging(level: str, log_format: str) -> logging.Handler:
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    return handler
+
+
+def logging_is_the_clis(handler: logging.Handler) -> bool:
+    """Whether the core's records would only reach ``handler``: then the core
+    writes them itself, in the same format. A policy that adds handlers or
+    filters keeps them going through ``logging``."""
+    ours = logging.getLogger("kumo_listener")
+    root = logging.getLogger()
+    only_ours = root.handlers == [handler] and ours.propagate
+    return only_ours and not (ours.handlers or ours.filters or root.filters)
 
 
 def serve_metrics(server: Server, address: str) -> None:
@@ -182,6 +198,13 @@ def supervise_workers(args: argparse.Namespace, user: pwd.struct_passwd | None) 
         signal.signal(signum, forward)
     statuses = [worker.wait() for worker in workers]
     return next((status for status in statuses if status), 0)
+
+
+def describe_address(address: tuple[str, int] | str) -> str:
+    if isinstance(address, str):
+        return address
+    host, port = address
+    return f"{host}:{port}"
 
 
 def worker_arguments(args: argparse.Namespace, index: int) -> list[str]:

@@ -43,6 +43,29 @@ LISTENER_COUNTERS = (
 )
 
 
+# (name, help, key in a listener's snapshot): gauges labelled by listener.
+LISTENER_GAUGES = (
+    (
+        "kumo_listener_body_memory_bytes",
+        "Bytes of message bodies held in memory now (against body_memory_limit).",
+        "body_memory_bytes",
+    ),
+    (
+        "kumo_listener_body_spilled_bytes",
+        "Bytes of message bodies in spill files now.",
+        "body_spilled_bytes",
+    ),
+)
+
+
+def _listener_gauges(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
+    for name, documentation, key in LISTENER_GAUGES:
+        family = GaugeMetricFamily(name, documentation, labels=["listener"])
+        for listener in listeners:
+            family.add_metric([listener["listener"]], listener[key])
+        yield family
+
+
 class Collector(_Collector):
     """Turns a server core's counters into metric families at each scrape."""
 
@@ -71,6 +94,7 @@ class Collector(_Collector):
                 rejections.add_metric([listener["listener"], str(code)], count)
         yield active
         yield rejections
+        yield from _listener_gauges(listeners)
         latency = HistogramMetricFamily(
             "kumo_listener_policy_call_seconds",
             "How long policy calls took, from queued to answered, by event.",

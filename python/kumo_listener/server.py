@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core
 from .policy import Policy, default_policy
@@ -48,9 +48,11 @@ class Listener:
     """A started listener."""
 
     listen: str
-    """The ``listen`` address as configured, e.g. ``"0.0.0.0:25"``."""
-    address: tuple[str, int]
-    """The bound ``(host, port)``; with port 0 in ``listen``, the real port."""
+    """The ``listen`` address as configured, e.g. ``"0.0.0.0:25"``, or the
+    path of a Unix socket, e.g. ``"/run/kumo/lmtp.sock"``."""
+    address: tuple[str, int] | str
+    """The bound ``(host, port)`` (with port 0 in ``listen``, the real port),
+    or the socket's path, as :mod:`socket` gives addresses."""
 
 
 class _DrivingSelector(selectors.BaseSelector):
@@ -147,18 +149,18 @@ class _Dispatcher:
         self._threads.close()
 
     def _drain_periodically(self) -> None:
-        self._log(self._core.refresh_log_level(logger.getEffectiveLevel()))
+        self.log(self._core.refresh_log_level(logger.getEffectiveLevel()))
         self._drain()
         self._tick = self._loop.call_later(self.QUIET_RECORDS_INTERVAL, self._drain_periodically)
 
     def _drain(self) -> None:
         jobs, logs = self._core.take()
-        self._log(logs)
+        self.log(logs)
         for job in jobs:
             self._run(job)
 
     @staticmethod
-    def _log(records: list[tuple[int, str, dict[str, Any] | None]]) -> None:
+    def log(records: list[tuple[int, str, dict[str, Any] | None]]) -> None:
         for level, message, fields in records:
             # The fields reach a formatter as `record.kumo` (see `logs.JsonFormatter`).
             logger.log(level, "%s", message, extra=None if fields is None else {"kumo": fields})
@@ -305,6 +307,16 @@ class Server:
         listener = Listener(str(params.get("listen", _core.DEFAULT_LISTEN)), bound)
         self._listeners.append(listener)
         return listener
+
+    def write_logs_directly(self, log_format: Literal["text", "json"]) -> None:
+        """From now on the core writes its own records (refusals, stored
+        messages, disconnects…) to standard error itself, in the lines of
+        ``kumo-listener serve --log-format`` (what it does when the logging
+        set-up is its own), rather than hand each to the ``kumo_listener``
+        logger, which costs more than receiving the message. The logger's
+        level still decides which are written; its handlers no longer see them."""
+        self._core.write_logs_directly(log_format)
+        _Dispatcher.log(self._core.refresh_log_level(logger.getEffectiveLevel()))
 
     def metrics_collector(self) -> Collector:
         """A ``prometheus_client`` collector of this server's metrics, for

@@ -117,6 +117,8 @@ class SMTPTestServer:
         self._server.start()
         try:
             listener = self._server.start_esmtp_listener(**{"listen": "127.0.0.1:0", **params})
+            if isinstance(listener.address, str):
+                raise ValueError("listen: the test server listens on TCP, not on a Unix socket")
         except BaseException:
             self._server.stop()
             raise

@@ -18,26 +18,36 @@ use crate::cidr::{parse_cidr, CidrMap, CidrSet};
 use crate::clients::Rate;
 use crate::framing::LineEndings;
 use parse::{
-    batch_handling, boolean, cidr_blocks, cidr_list, hostname, line_endings, line_limit, meta, parse_listen,
-    positive_integer, rate, relay_hosts, size, string, trace_headers, unknown_key, Errors,
+    batch_handling, boolean, cidr_blocks, cidr_list, directory, hostname, line_endings, line_limit, meta, parse_listen,
+    positive_integer, protocol, rate, relay_hosts, size, string, trace_headers, unknown_key, Errors,
 };
 pub use parse::{key_path, parse_duration, parse_key_source, ParamError, ParamErrors};
 use serde_json::{Map, Value};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2025";
 const DEFAULT_MAX_CONNECTIONS: usize = 32768;
+const DEFAULT_BODY_MEMORY_LIMIT: usize = 1 << 30;
 
 listener_params! {
     top_level {
-        /// As configured, e.g. `"0.0.0.0:25"`; known to parse as a socket address.
+        /// As configured, e.g. `"0.0.0.0:25"`: known to parse as a socket
+        /// address, or to be an absolute path (a Unix socket).
         listen: String = DEFAULT_LISTEN.into(), parse_listen;
         max_connections: usize = DEFAULT_MAX_CONNECTIONS, positive_integer;
         /// TLS from the first byte (RFC 8314, port 465) instead of STARTTLS.
         implicit_tls: bool = false, boolean;
+        /// SMTP, or LMTP (RFC 2033).
+        protocol: Protocol = Protocol::Smtp, protocol;
+        /// The most the bodies of this listener's messages hold in memory
+        /// together; past it, every new body goes to a file.
+        body_memory_limit: usize = DEFAULT_BODY_MEMORY_LIMIT, size;
+        /// Where spilled bodies go; None: the Maildir's `tmp/`, or the
+        /// system's temporary directory with the discard sink.
+        body_spool_path: Option<PathBuf> = None, directory;
     }
     anywhere {
         // name: type = default, how parser, merge;
@@ -50,6 +60,8 @@ listener_params! {
         max_recipients_per_message: usize = 1024, value positive_integer, set;
         max_messages_per_connection: usize = 10_000, value positive_integer, set;
         data_buffer_size: usize = 128 * 1024, value size, set;
+        /// A body larger than this goes to a file as it arrives.
+        body_spill_threshold: usize = 256 * 1024, value size, set;
         line_length_hard_limit: usize = 998, value line_limit, set;
         invalid_line_endings: LineEndings = LineEndings::Deny, value line_endings, set;
         meta: Map<String, Value> = Map::new(), value meta, keys;
@@ -64,6 +76,22 @@ listener_params! {
         max_connection_rate_per_client: Rate = None, value rate, option;
         max_message_rate_per_client: Rate = None, value rate, option;
     }
+}
+
+impl ListenerConfig {
+    /// The path of a Unix socket listener (a `listen` starting with `/`).
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.listen.starts_with('/').then(|| Path::new(&self.listen))
+    }
+}
+
+/// What a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    Smtp,
+    /// RFC 2033: LHLO, and one reply per recipient after the data.
+    Lmtp,
 }
 
 /// How a transaction is split into the messages policy and the sink see.
@@ -182,7 +210,7 @@ pub fn parse_overrides_partially(value: &Value, path: &str) -> (GenericParams, V
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Level {
     /// The arguments of `start_esmtp_listener`, where the `TOP_LEVEL_ONLY`
-    /// keys (`listen`, `max_connections`, `implicit_tls`) are read by
+    /// keys (`listen`, `max_connections`, `implicit_tls`, `protocol`) are read by
     /// `ListenerConfig::parse`.
     Top,
     Nested,
@@ -384,6 +412,22 @@ mod tests {
     }
 
     #[test]
+    fn protocol_and_unix_socket_listen() {
+        let config = parse_listener_config(&json!({"listen": "/run/kumo/lmtp.sock", "protocol": "lmtp"})).unwrap();
+        assert_eq!((config.unix_path(), config.protocol), (Some(Path::new("/run/kumo/lmtp.sock")), Protocol::Lmtp));
+        let config = parse_listener_config(&json!({})).unwrap();
+        assert_eq!((config.unix_path(), config.protocol), (None, Protocol::Smtp));
+        assert_eq!(
+            errors_of(parse_listener_config(&json!({"protocol": "LMTP"}))),
+            ["protocol: expected one of \"smtp\", \"lmtp\", got the string \"LMTP\""]
+        );
+        assert_eq!(
+            errors_of(parse_overrides(&json!({"protocol": "lmtp"}), "")),
+            ["protocol: only allowed at the top level of start_esmtp_listener"]
+        );
+    }
+
+    #[test]
     fn the_path_prefix_and_non_tables() {
         assert_eq!(errors_of(parse_overrides(&json!(["x"]), "")), ["expected a table of parameters, got a list"]);
         assert_eq!(
@@ -393,7 +437,8 @@ mod tests {
         assert_eq!(
             errors_of(parse_listener_config(&json!({"listen": "somewhere", "max_connections": 0}))),
             [
-                "listen: \"somewhere\" is not an address like \"0.0.0.0:25\" or \"[::]:25\"",
+                "listen: \"somewhere\" is not an address like \"0.0.0.0:25\" or \"[::]:25\", \
+                 nor a socket path like \"/run/kumo/lmtp.sock\"",
                 "max_connections: expected a positive integer, got the number 0"
             ]
         );
@@ -408,7 +453,8 @@ mod tests {
         let valid = json!({
             "hostname": "mx", "banner": "b", "relay_hosts": ["10.0.0.0/8"], "client_timeout": 5,
             "data_processing_timeout": "1m", "max_message_size": 1, "max_recipients_per_message": 1,
-            "max_messages_per_connection": 1, "data_buffer_size": "64 KiB", "line_length_hard_limit": 510,
+            "max_messages_per_connection": 1, "data_buffer_size": "64 KiB", "body_spill_threshold": "1 MiB",
+            "line_length_hard_limit": 510,
             "invalid_line_endings": "Allow", "meta": {"a": 1}, "peer": {"10.0.0.1": {}}, "via": {"::1": {}},
             "batch_handling": "BatchByDomain", "trace_headers": {"received_header": false},
             "tls_certificate": "c.pem", "tls_private_key": "k.pem", "tls_required_client_ca": {"key_data": "PEM"},
@@ -427,9 +473,15 @@ mod tests {
             assert_eq!(row, !["peer", "via"].contains(&key.as_str()), "{key}");
         }
         assert_eq!((params.peer.len(), params.via.len()), (1, 1));
-        let top = json!({"listen": "[::]:25", "max_connections": 1, "implicit_tls": true});
+        let top = json!({
+            "listen": "[::]:25", "max_connections": 1, "implicit_tls": true, "protocol": "lmtp",
+            "body_memory_limit": "2 GiB", "body_spool_path": "/var/spool/bodies",
+        });
         let config = parse_listener_config(&top).unwrap();
         assert_eq!((config.listen.as_str(), config.max_connections, config.implicit_tls), ("[::]:25", 1, true));
+        assert_eq!(config.protocol, Protocol::Lmtp);
+        assert_eq!(config.body_memory_limit, 2 << 30);
+        assert_eq!(config.body_spool_path, Some(PathBuf::from("/var/spool/bodies")));
         assert_eq!(top.as_object().unwrap().len(), TOP_LEVEL_ONLY.len());
         assert_eq!(errors_of(parse_overrides(&top, "")).len(), TOP_LEVEL_ONLY.len());
     }

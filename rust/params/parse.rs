@@ -1,6 +1,6 @@
 //! Value parsers, and the errors they report under key paths.
 
-use super::{parse_table, GenericParams, KeySource, Level, TraceHeadersOverride};
+use super::{parse_table, GenericParams, KeySource, Level, Protocol, TraceHeadersOverride};
 use crate::cidr::{parse_cidr, CidrMap, CidrSet};
 use crate::clients::Rate;
 use crate::framing::LineEndings;
@@ -148,6 +148,13 @@ pub(super) fn string(value: &Value) -> Result<String, String> {
     value.as_str().map(str::to_owned).ok_or_else(|| expected("a string", value))
 }
 
+pub(super) fn directory(value: &Value) -> Result<Option<PathBuf>, String> {
+    match value.as_str() {
+        Some(path) if !path.is_empty() => Ok(Some(PathBuf::from(path))),
+        _ => Err(expected("a directory path", value)),
+    }
+}
+
 pub(super) fn boolean(value: &Value) -> Result<bool, String> {
     value.as_bool().ok_or_else(|| expected("true or false", value))
 }
@@ -220,10 +227,10 @@ pub(super) fn line_limit(value: &Value) -> Result<usize, String> {
 
 pub(super) fn parse_listen(value: &Value) -> Result<String, String> {
     let listen = string(value)?;
-    listen
-        .parse::<SocketAddr>()
-        .map(|_| listen.clone())
-        .map_err(|_| format!("{listen:?} is not an address like \"0.0.0.0:25\" or \"[::]:25\""))
+    if listen.starts_with('/') || listen.parse::<SocketAddr>().is_ok() {
+        return Ok(listen);
+    }
+    Err(format!("{listen:?} is not an address like \"0.0.0.0:25\" or \"[::]:25\", nor a socket path like \"/run/kumo/lmtp.sock\""))
 }
 
 fn one_of<T: Copy>(value: &Value, choices: &[(&str, T)]) -> Result<T, String> {
@@ -235,6 +242,10 @@ fn one_of<T: Copy>(value: &Value, choices: &[(&str, T)]) -> Result<T, String> {
 
 pub(super) fn line_endings(value: &Value) -> Result<LineEndings, String> {
     one_of(value, &[("Deny", LineEndings::Deny), ("Allow", LineEndings::Allow), ("Fix", LineEndings::Fix)])
+}
+
+pub(super) fn protocol(value: &Value) -> Result<Protocol, String> {
+    one_of(value, &[("smtp", Protocol::Smtp), ("lmtp", Protocol::Lmtp)])
 }
 
 pub(super) fn batch_handling(value: &Value) -> Result<BatchHandling, String> {

@@ -6,10 +6,10 @@ use super::ParamsError;
 use crate::bridge::{Bridge, Call, DEFAULT_BUSY_AT};
 use crate::driver::Driver;
 use crate::events::{self, Event, EventKind, Outcome, Response};
-use crate::log::LogRecord;
+use crate::log::{LogFormat, LogRecord};
 use crate::metrics::{ListenerMetrics, LATENCY_BUCKETS};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
-use crate::server::{self, ServerState};
+use crate::server::{self, BoundAddress, ServerState};
 use crate::sink::{Maildir, Sink};
 use crate::tls;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
@@ -62,8 +62,8 @@ impl PyCore {
     }
 
     /// Validate `params`, bind the listener and start serving it.
-    /// Returns the bound `(host, port)`.
-    fn start_listener(&self, py: Python<'_>, params: &Bound<'_, PyDict>) -> PyResult<(String, u16)> {
+    /// Returns the bound `(host, port)`, or the path of a Unix socket.
+    fn start_listener<'py>(&self, py: Python<'py>, params: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
         let value = to_json(params.as_any(), "")?;
         let config = parse_listener_config(&value).map_err(|e| params_error(&e))?;
         let tls_errors = tls::check_static(&config.params, "");
@@ -72,7 +72,10 @@ impl PyCore {
         }
         let state = self.state.clone();
         let bound = py.detach(|| server::start_listener(state, self.driver.handle(), config)).map_err(os_error)?;
-        Ok((bound.ip().to_string(), bound.port()))
+        Ok(match bound {
+            BoundAddress::Inet(address) => (address.ip().to_string(), address.port()).into_pyobject(py)?.into_any(),
+            BoundAddress::Unix(path) => PyString::new(py, &path.to_string_lossy()).into_any(),
+        })
     }
 
     /// Tell the core which events have handlers, so it skips the others.
@@ -105,7 +108,22 @@ impl PyCore {
     fn drive(&self, py: Python<'_>, watched: i32, timeout: Option<f64>) -> PyResult<bool> {
         // Too large to represent (or NaN): no limit.
         let timeout = timeout.and_then(|seconds| Duration::try_from_secs_f64(seconds.max(0.0)).ok());
-        py.detach(|| self.driver.drive(&self.state.bridge, watched, timeout)).map_err(os_error)
+        py.detach(|| {
+            let readable = self.driver.drive(&self.state.bridge, watched, timeout);
+            self.state.bridge.flush_logs();
+            readable
+        })
+        .map_err(os_error)
+    }
+
+    /// Write the core's records to standard error in `format` (`"text"` or
+    /// `"json"`, as `kumo-listener serve --log-format`), rather than hand
+    /// them to the `kumo_listener` logger; its level still decides which.
+    fn write_logs_directly(&self, format: &str) -> PyResult<()> {
+        let format = LogFormat::from_name(format)
+            .ok_or_else(|| PyValueError::new_err(format!("log format {format:?}: expected \"text\" or \"json\"")))?;
+        self.state.bridge.write_logs_directly(format);
+        Ok(())
     }
 
     /// Stop watching the descriptor `drive` watched; call before closing it.
@@ -127,8 +145,9 @@ impl PyCore {
 
     /// Queued policy calls and log records `(level, message)`.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<(Vec<PyJob>, Vec<LogTuple<'py>>)> {
-        let (calls, logs) = self.state.bridge.take();
         let bridge = &self.state.bridge;
+        let (calls, logs) = bridge.take();
+        bridge.flush_logs();
         let jobs = calls.into_iter().map(|call| PyJob::new(call, bridge.clone())).collect();
         Ok((jobs, logs.into_iter().map(|record| log_tuple(py, record)).collect::<PyResult<_>>()?))
     }
@@ -196,6 +215,8 @@ fn listener_metrics<'py>(py: Python<'py>, name: &str, metrics: &ListenerMetrics)
         ("tls_failures", &metrics.tls_failures),
         ("client_limit_refusals", &metrics.client_limit_refusals),
         ("shed_connections", &metrics.shed_connections),
+        ("body_memory_bytes", &metrics.body_memory_bytes),
+        ("body_spilled_bytes", &metrics.body_spilled_bytes),
     ] {
         entry.set_item(key, counter.load(Ordering::Relaxed))?;
     }

@@ -3,12 +3,14 @@
 
 use super::convert::{to_json, to_python};
 use super::core::params_error;
+use crate::body::Body;
 use crate::message::Message;
 use crate::meta::MetaStore;
 use crate::params::{parse_overrides, GenericParams};
 use crate::parser::Mailbox;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
 fn get_meta<'py>(py: Python<'py>, store: &MetaStore, name: &str) -> PyResult<Bound<'py, PyAny>> {
@@ -128,17 +130,33 @@ impl PyMessage {
     }
 
     /// The message as received, trace headers included (not the Maildir's
-    /// `Return-Path:`/`Delivered-To:`, which the sink adds as it writes).
+    /// `Return-Path:`/`Delivered-To:`, which the sink adds as it writes),
+    /// read from its file if the body was spilled.
     #[getter]
     fn data<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let message = &self.message;
-        if message.head.is_empty() {
-            return Ok(PyBytes::new(py, &message.data));
+        if let (true, Body::Memory(bytes)) = (message.head.is_empty(), &message.data) {
+            return Ok(PyBytes::new(py, bytes));
         }
-        PyBytes::new_with(py, message.len(), |out| {
-            message.copy_to(out);
-            Ok(())
-        })
+        PyBytes::new_with(py, message.len(), |out| message.read_into(out).map_err(PyErr::from))
+    }
+
+    /// The same bytes as `data`, as a binary file object, without loading
+    /// a spilled body.
+    fn open<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let message = &self.message;
+        let Body::File(spilled) = &message.data else {
+            return py.import("io")?.call_method1("BytesIO", (self.data(py)?,));
+        };
+        let fd = spilled.file().try_clone()?.into_raw_fd();
+        let head = PyBytes::new(py, &message.head);
+        let args = (head, fd, spilled.offset(), message.data.len());
+        let opened = py.import("kumo_listener.body").and_then(|module| module.call_method1("open_spilled", args));
+        if opened.is_err() {
+            // SAFETY: our own duplicate, which nothing took over.
+            drop(unsafe { std::fs::File::from_raw_fd(fd) });
+        }
+        opened
     }
 
     fn get_meta<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {

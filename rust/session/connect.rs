@@ -14,6 +14,14 @@ use bytes::Buf;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+/// The addresses a Unix socket client and our end of it have, as Postfix's
+/// smtpd gives such a client (`localhost[127.0.0.1]`, port 0): peer and via
+/// blocks, `relay_hosts` and the `Received:` header see a local client.
+pub const UNIX_CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// Load shedding: new sessions are refused, the ones in progress carry on.
+const BUSY: Reply = Reply::new(421, "4.3.2", "service busy, try again later");
+
 fn canonical(address: SocketAddr) -> SocketAddr {
     SocketAddr::new(crate::cidr::canonical_ip(address.ip()), address.port())
 }
@@ -37,7 +45,13 @@ impl<S: Transport> Session<S> {
             metrics::count(&self.context.metrics.shed_connections);
             let remote = self.remote;
             self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, too many policy calls waiting"));
-            return Err(self.close(Reply::new(421, "4.3.2", "service busy, try again later")));
+            return Err(self.close(BUSY));
+        }
+        if let Some(reason) = self.spool_overloaded() {
+            metrics::count(&self.context.metrics.shed_connections);
+            let remote = self.remote;
+            self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, {reason}"));
+            return Err(self.close(BUSY));
         }
         // Decided by the static parameters only: the dynamic hook is asked
         // once, about the real client.
@@ -64,6 +78,17 @@ impl<S: Transport> Session<S> {
         Ok(())
     }
 
+    /// Why the bodies of more sessions would not fit, if they would not.
+    fn spool_overloaded(&self) -> Option<&'static str> {
+        if self.context.spool.memory_exhausted() {
+            Some("body_memory_limit reached")
+        } else if !self.spool_has_room() {
+            Some("the body spool is full")
+        } else {
+            None
+        }
+    }
+
     pub(super) async fn connection_accepted(&mut self) -> Step {
         let make = |session: &Self| Event::ConnectionAccepted { meta: session.meta.clone() };
         self.consult_at_connect(EventKind::ConnectionAccepted, make).await.map(drop)
@@ -71,8 +96,10 @@ impl<S: Transport> Session<S> {
 
     pub(super) fn greet(&mut self) {
         // As Postfix's `$myhostname ESMTP $mail_name`: RFC 5321 §4.2 leaves the
-        // text free, and scanners (testssl.sh) look for the word ESMTP.
-        let greeting = format!("{} ESMTP {}", self.params.hostname, self.params.banner);
+        // text free, and scanners (testssl.sh) look for the word ESMTP. LMTP
+        // says LMTP, as in RFC 2033's examples.
+        let protocol = if self.lmtp() { "LMTP" } else { "ESMTP" };
+        let greeting = format!("{} {protocol} {}", self.params.hostname, self.params.banner);
         self.send(&Reply::bare(220, greeting));
     }
 
@@ -99,7 +126,7 @@ impl<S: Transport> Session<S> {
     fn admit_client(&mut self) -> Step {
         self.client = None;
         let ip = self.remote.ip();
-        if self.params.relay_hosts.contains(ip) {
+        if self.params.relay_hosts.contains(ip) || self.on_unix_socket() {
             return Ok(());
         }
         let limits = ClientLimits {
@@ -118,6 +145,13 @@ impl<S: Transport> Session<S> {
         let remote = self.remote;
         self.context.policy.log(LOG_INFO, || format!("{remote}: refused, {refusal}"));
         Err(self.close(Reply::new(421, "4.7.0", refusal)))
+    }
+
+    /// A client of a Unix socket listener, with no address given by a PROXY
+    /// header or XCLIENT: it has [`UNIX_CLIENT`]'s stand-in address, which
+    /// is no client's own to count.
+    fn on_unix_socket(&self) -> bool {
+        self.context.config.unix_path().is_some() && self.meta.get("orig_received_from").is_none()
     }
 
     async fn apply_dynamic_parameters(&mut self) -> Step {

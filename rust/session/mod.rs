@@ -9,9 +9,10 @@
 //! A session sees only its [`SessionContext`]; it is split by phase:
 //! [`connect`](self) (parameters, PROXY header, greeting), `io` (reading,
 //! writing, the two reply verbs), `transaction` (EHLO to the end of DATA),
-//! `starttls`, `auth` and `xclient`.
+//! `chunking` (BDAT), `starttls`, `auth` and `xclient`.
 
 mod auth;
+mod chunking;
 mod connect;
 mod io;
 mod record;
@@ -24,19 +25,21 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 
+use crate::body::Spool;
 use crate::bridge::Bridge;
 use crate::clients::{ClientSlot, ClientTable};
 use crate::events::{Event, EventKind, Outcome, Response};
 use crate::framing::LineFramer;
 use crate::meta::MetaStore;
 use crate::metrics::ListenerMetrics;
-use crate::params::{ListenerConfig, Params};
+use crate::params::{ListenerConfig, Params, Protocol};
 use crate::parser::{is_http_request, parse_command, Command, ParseError};
 use crate::reply::Reply;
 use crate::sink::Sink;
 use crate::stream::{Stream, Transport};
 use crate::tls::TlsCache;
 use bytes::{Buf, BytesMut};
+pub use connect::UNIX_CLIENT;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -55,6 +58,8 @@ pub struct SessionContext {
     pub config: ListenerConfig,
     pub policy: Arc<Bridge>,
     pub sink: Sink,
+    /// Where this listener's large bodies go, and its budget for the others.
+    pub spool: Arc<Spool>,
     pub tls: Arc<TlsCache>,
     /// Per-client-address counts, shared by the listeners of a server.
     pub clients: Arc<ClientTable>,
@@ -190,14 +195,20 @@ impl<S: Transport> Session<S> {
     async fn dispatch(&mut self, parsed: Result<Command, ParseError>) -> Step {
         let command = match parsed {
             Ok(command) => command,
+            Err(error) if error.ends_session() => return Err(self.close(error.reply())),
             Err(error) => return self.refuse(error.reply()),
         };
         match command {
-            Command::Ehlo(domain) => self.hello(domain, true).await,
+            Command::Ehlo(_) | Command::Helo(_) if self.lmtp() => {
+                self.refuse(Reply::new(500, "5.5.1", "this is LMTP: say LHLO, not EHLO or HELO"))
+            }
+            Command::Lhlo(_) if !self.lmtp() => self.refuse(ParseError::unrecognized().reply()),
+            Command::Ehlo(domain) | Command::Lhlo(domain) => self.hello(domain, true).await,
             Command::Helo(domain) => self.hello(domain, false).await,
             Command::MailFrom { reverse_path, params } => self.mail_from(reverse_path, params).await,
             Command::RcptTo { forward_path } => self.rcpt_to(forward_path).await,
             Command::Data => self.data().await,
+            Command::Bdat { size, last } => self.bdat(size, last).await,
             Command::Rset => {
                 self.transaction = None;
                 self.send(&OK);
@@ -225,7 +236,8 @@ impl<S: Transport> Session<S> {
     /// The commands available now: STARTTLS before TLS, AUTH when offered,
     /// XCLIENT when this client may use it.
     fn help(&self) -> Reply {
-        let mut text = String::from("commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP");
+        let hello = if self.lmtp() { "LHLO" } else { "EHLO HELO" };
+        let mut text = format!("commands: {hello} MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
         if !self.stream.is_tls() {
             text.push_str(" STARTTLS");
         }
@@ -236,6 +248,11 @@ impl<S: Transport> Session<S> {
             text.push_str(" XCLIENT");
         }
         Reply::with_text(214, "2.0.0", text)
+    }
+
+    /// The listener speaks LMTP (RFC 2033) rather than SMTP.
+    fn lmtp(&self) -> bool {
+        self.context.config.protocol == Protocol::Lmtp
     }
 
     /// Send a refusal of the client's command; too many of them end the session.
@@ -265,21 +282,26 @@ impl<S: Transport> Session<S> {
     /// Consult policy about a command. `Some` means go on (`Nothing` when no
     /// handler is registered); `None` means a refusal was sent.
     async fn consult(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Result<Option<Response>, Stop> {
-        match self.ask(kind, make).await {
-            None => Ok(Some(Response::Nothing)),
-            Some(Outcome::Done(response)) => Ok(Some(response)),
-            Some(Outcome::Reject { code, text }) => {
-                let reply = Reply::from_policy(code, &text);
+        match self.judge(kind, make).await {
+            Ok(response) => Ok(Some(response)),
+            Err(reply) => {
                 self.send(&reply);
                 if reply.closes() {
                     return Err(Stop::Closing);
                 }
                 Ok(None)
             }
-            Some(Outcome::Failed(_)) => {
-                self.send(&Reply::new(451, "4.3.0", "temporary policy failure, try again later"));
-                Ok(None)
-            }
+        }
+    }
+
+    /// What policy says of a command: go on (`Nothing` when no handler is
+    /// registered), or the refusal to send.
+    async fn judge(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Result<Response, Reply> {
+        match self.ask(kind, make).await {
+            None => Ok(Response::Nothing),
+            Some(Outcome::Done(response)) => Ok(response),
+            Some(Outcome::Reject { code, text }) => Err(Reply::from_policy(code, &text)),
+            Some(Outcome::Failed(_)) => Err(Reply::new(451, "4.3.0", "temporary policy failure, try again later")),
         }
     }
 

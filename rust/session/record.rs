@@ -10,11 +10,11 @@ use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
 use std::time::Instant;
 
-/// Command names in the order Postfix lists them; `unknown` counts lines
-/// that did not parse.
-const VERBS: [&str; 14] = [
-    "helo", "ehlo", "starttls", "auth", "xclient", "mail", "rcpt", "data", "rset", "noop", "vrfy", "help", "quit",
-    "unknown",
+/// Command names in the order Postfix lists them (and LMTP's `lhlo`);
+/// `unknown` counts lines that did not parse.
+const VERBS: [&str; 16] = [
+    "helo", "ehlo", "starttls", "auth", "xclient", "mail", "rcpt", "data", "bdat", "rset", "noop", "vrfy", "help",
+    "quit", "lhlo", "unknown",
 ];
 const UNKNOWN: usize = VERBS.len() - 1;
 
@@ -49,11 +49,13 @@ fn slot<E>(line: &[u8], parsed: &Result<Command, E>) -> usize {
         Command::MailFrom { .. } => 5,
         Command::RcptTo { .. } => 6,
         Command::Data => 7,
-        Command::Rset => 8,
-        Command::Noop => 9,
-        Command::Vrfy(_) => 10,
-        Command::Help => 11,
-        Command::Quit => 12,
+        Command::Bdat { .. } => 8,
+        Command::Rset => 9,
+        Command::Noop => 10,
+        Command::Vrfy(_) => 11,
+        Command::Help => 12,
+        Command::Quit => 13,
+        Command::Lhlo(_) => 14,
     }
 }
 
@@ -117,11 +119,17 @@ impl Tally {
     }
 }
 
-/// A `json!` object's map.
-pub(super) fn object(value: Value) -> Map<String, Value> {
-    match value {
-        Value::Object(map) => map,
-        _ => Map::new(),
+impl<S: Transport> Session<S> {
+    /// A record: its text, and the same as fields (a `json!` object) when
+    /// something will read them (not the lines the core writes as text).
+    pub(super) fn log_entry(&self, message: String, fields: impl FnOnce() -> Value) -> LogEntry {
+        if !self.context.policy.log_fields_wanted() {
+            return message.into();
+        }
+        match fields() {
+            Value::Object(fields) => LogEntry::with_fields(message, fields),
+            _ => message.into(),
+        }
     }
 }
 
@@ -145,12 +153,13 @@ impl<S: Transport> Session<S> {
         let entry = || {
             let message =
                 format!("reject: {verb} from {remote}: {} {enhanced} {}; helo={helo}", reply.code, reply.text);
-            let fields = json!({
-                "event": "reject", "command": verb, "client": remote.to_string(), "via": self.local.to_string(),
-                "hostname": self.params.hostname, "code": reply.code, "enhanced": enhanced, "text": reply.text,
-                "helo": helo,
-            });
-            LogEntry::with_fields(message, object(fields))
+            self.log_entry(message, || {
+                json!({
+                    "event": "reject", "command": verb, "client": remote.to_string(), "via": self.local.to_string(),
+                    "hostname": self.params.hostname, "code": reply.code, "enhanced": enhanced, "text": reply.text,
+                    "helo": helo,
+                })
+            })
         };
         self.context.policy.log(level, entry);
     }
@@ -167,12 +176,13 @@ impl<S: Transport> Session<S> {
         let (counts, commands) = self.tally.counts();
         let entry = || {
             let message = format!("disconnect from {remote} to {local} ({hostname}){tls} time={seconds:.3}s {counts}");
-            let fields = json!({
-                "event": "disconnect", "client": remote.to_string(), "via": local.to_string(), "hostname": hostname,
-                "tls_protocol_version": self.meta.get_str("tls_protocol_version"),
-                "tls_cipher": self.meta.get_str("tls_cipher"), "seconds": seconds, "commands": commands,
-            });
-            LogEntry::with_fields(message, object(fields))
+            self.log_entry(message, || {
+                json!({
+                    "event": "disconnect", "client": remote.to_string(), "via": local.to_string(), "hostname": hostname,
+                    "tls_protocol_version": self.meta.get_str("tls_protocol_version"),
+                    "tls_cipher": self.meta.get_str("tls_cipher"), "seconds": seconds, "commands": commands,
+                })
+            })
         };
         self.context.policy.log(LOG_INFO, entry);
     }

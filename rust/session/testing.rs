@@ -3,9 +3,11 @@
 //! fuzz target.
 
 use super::{run, SessionContext, Shutdown};
+use crate::body::Spool;
 use crate::bridge::Bridge;
 use crate::clients::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::events::{Event, EventKind, Outcome};
+use crate::metrics::ListenerMetrics;
 use crate::params::{parse_listener_config, ParamErrors};
 use crate::sink::Sink;
 use crate::tls::{self, TlsCache};
@@ -41,14 +43,18 @@ impl Harness {
         let shutdown = watch::Sender::new(false);
         let logs = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(answer(bridge.clone(), Arc::new(script), logs.clone()));
+        let spool_dir = config.body_spool_path.clone().unwrap_or_else(|| sink.spool_dir());
+        let metrics: Arc<ListenerMetrics> = Arc::default();
+        let spool = Spool::new(spool_dir, config.body_memory_limit, metrics.clone());
         let context = Arc::new(SessionContext {
             listener: Arc::from(config.listen.as_str()),
             config,
             policy: bridge,
+            spool,
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             clients: ClientTable::new(CLIENT_TABLE_CAPACITY),
-            metrics: Arc::default(),
+            metrics,
             shutdown: Shutdown::new(shutdown.subscribe()),
         });
         Ok(Self { context, shutdown, logs })

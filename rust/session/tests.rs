@@ -139,12 +139,12 @@ async fn ehlo_lists_extensions_and_helo_does_not() {
     let (code, lines) = client.command("EHLO client.test").await;
     assert_eq!(code, 250);
     assert_eq!(lines[0], "mx.test Hello client.test");
-    for extension in ["PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "SIZE 1000", "DSN", "STARTTLS"] {
+    let offered =
+        ["PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "SIZE 1000", "DSN", "CHUNKING", "BINARYMIME"];
+    for extension in offered.into_iter().chain(["STARTTLS"]) {
         assert!(lines.contains(&extension.to_string()), "{extension} not in {lines:?}");
     }
-    for absent in ["REQUIRETLS", "CHUNKING", "BINARYMIME"] {
-        assert!(!lines.iter().any(|line| line.starts_with(absent)), "{absent} in {lines:?}");
-    }
+    assert!(!lines.iter().any(|line| line.starts_with("REQUIRETLS")), "REQUIRETLS in {lines:?}");
     assert!(!lines.iter().any(|line| line.starts_with("AUTH")), "no AUTH before TLS: {lines:?}");
     assert_eq!(client.command("HELO client.test").await, (250, vec!["mx.test Hello client.test".into()]));
     // After HELO, replies carry no enhanced status codes.
@@ -173,9 +173,10 @@ async fn a_pipelined_transaction_is_answered_in_order_and_handed_to_policy() {
     let recorder = seen.clone();
     let script = move |event: &Event| {
         if let Event::MessageReceived { message, .. } = event {
-            let body = String::from_utf8_lossy(&message.data).into_owned();
+            let body = String::from_utf8_lossy(&message.data.to_vec().unwrap()).into_owned();
             // The Received: header, in the head or at the start of the data, names this message's id.
-            let whole = String::from_utf8_lossy(&[message.head.as_ref(), &message.data].concat()).into_owned();
+            let whole = String::from_utf8_lossy(&[message.head.as_ref(), &message.data.to_vec().unwrap()].concat())
+                .into_owned();
             assert!(whole.contains(&format!(" id {}\r\n", message.id)), "{whole:?}");
             recorder.push(format!("{} {}", message.recipients[0], body.rsplit("\r\n\r\n").next().unwrap_or_default()));
             recorder.push(message.id.clone());
@@ -448,8 +449,16 @@ fn harness_with_auth() -> Harness {
 /// STARTTLS with commands pipelined after it: they are discarded unread, so
 /// the handshake that follows works and the client starts over with EHLO.
 async fn starttls(harness: &Harness) -> Client<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
+    starttls_after(harness, "EHLO").await
+}
+
+/// [`starttls`] after `hello` (EHLO, or LMTP's LHLO).
+async fn starttls_after(
+    harness: &Harness,
+    hello: &str,
+) -> Client<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
     let mut client = greeted(harness, CLIENT).await;
-    client.command("EHLO client.test").await;
+    client.command(&format!("{hello} client.test")).await;
     client.send(b"STARTTLS\r\nMAIL FROM:<smuggled@x.test>\r\n").await;
     assert_eq!(client.reply().await, (220, vec!["2.0.0 Ready to start TLS".into()]));
     assert!(client.buffer.is_empty());
@@ -538,7 +547,7 @@ async fn esmtp_parameters_reach_every_event_and_message() {
         ]
     );
     assert_eq!(client.code("MAIL FROM:<a@b.test> NOTIFY=NEVER").await.0, 555);
-    assert_eq!(client.code("MAIL FROM:<a@b.test> BODY=BINARYMIME").await.0, 555);
+    assert_eq!(client.code("MAIL FROM:<a@b.test> BODY=BINARY").await.0, 501);
     assert_eq!(client.code("MAIL FROM:<a@b.test> RET=ALL").await.0, 501);
     assert_eq!(client.code("MAIL FROM:<a@b.test>").await.0, 250);
     assert_eq!(client.code("RCPT TO:<x@d.test> NOTIFY=NEVER,DELAY").await.0, 501);
@@ -703,7 +712,8 @@ async fn one_recipient_keeps_the_received_header_in_the_body() {
     let recorder = seen.clone();
     let script = move |event: &Event| {
         if let Event::MessageReceived { message, .. } = event {
-            let data = String::from_utf8_lossy(&message.data);
+            let data = message.data.to_vec().unwrap();
+            let data = String::from_utf8_lossy(&data);
             recorder.push(format!("{} {}", message.head.len(), data.contains("for <x@d.test>;")));
         }
         nothing(event)
@@ -818,4 +828,454 @@ async fn the_message_rate_per_client_address_is_limited() {
     let mut other = greeted(&harness, "192.0.2.11:1").await;
     other.command("EHLO client.test").await;
     assert_eq!(other.code("MAIL FROM:<a@b.test>").await.0, 250);
+}
+
+/// A harness that records what each stored message holds after our
+/// `Received:` header (at the start of its data, with one recipient).
+fn recording_bodies(params: Value) -> (Harness, Seen) {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| {
+        if let Event::MessageReceived { message, .. } = event {
+            let data = message.data.to_vec().unwrap();
+            // The header's last line is the one not followed by a folded one.
+            let after_trace =
+                data.windows(3).position(|three| three[..2] == *b"\r\n" && three[2] != b'\t').map_or(0, |end| end + 2);
+            assert!(data.starts_with(b"Received: "), "{data:?}");
+            recorder.push(String::from_utf8_lossy(&data[after_trace..]).into_owned());
+        }
+        nothing(event)
+    };
+    (harness(params, &[EventKind::MessageReceived], script), seen)
+}
+
+async fn codes_of<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>, count: usize) -> Vec<(u16, String)> {
+    let mut codes = Vec::new();
+    for _ in 0..count {
+        let (code, texts) = client.reply().await;
+        codes.push((code, texts.into_iter().next().unwrap_or_default()));
+    }
+    codes
+}
+
+#[tokio::test]
+async fn bdat_chunks_are_read_exactly_even_when_pipelined_with_commands() {
+    let (harness, seen) = recording_bodies(json!({"relay_hosts": ["192.0.2.0/24"], "hostname": "mx.test"}));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    // The chunks hold what would be commands, a DATA terminator and a dot line.
+    let first = b"Subject: x\r\n\r\n.\r\nRSET\r\n";
+    let second = b"QUIT\r\n..\r\n";
+    let mut pipelined = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\n".to_vec();
+    pipelined.extend_from_slice(format!("BDAT {}\r\n", first.len()).as_bytes());
+    pipelined.extend_from_slice(first);
+    pipelined.extend_from_slice(format!("BDAT {} LAST\r\n", second.len()).as_bytes());
+    pipelined.extend_from_slice(second);
+    pipelined.extend_from_slice(b"NOOP\r\n");
+    client.send(&pipelined).await;
+    let replies = codes_of(&mut client, 5).await;
+    assert_eq!(
+        replies[..3],
+        [(250, "2.1.0 OK".into()), (250, "2.1.5 OK".into()), (250, "2.0.0 23 octets received".into())]
+    );
+    assert!(replies[3].0 == 250 && replies[3].1.starts_with("2.0.0 OK ids="), "{replies:?}");
+    assert_eq!(replies[4], (250, "2.0.0 OK".into()));
+    assert_eq!(seen.take(), ["Subject: x\r\n\r\n.\r\nRSET\r\nQUIT\r\n..\r\n"]);
+    // BDAT 0 LAST ends a message; a later transaction may use DATA.
+    client.send(b"MAIL FROM:<>\r\nRCPT TO:<x@d.test>\r\nBDAT 3\r\nabcBDAT 0 LAST\r\n").await;
+    let replies = codes_of(&mut client, 4).await;
+    assert_eq!(replies[2], (250, "2.0.0 3 octets received".into()));
+    assert_eq!(replies[3].0, 250);
+    assert_eq!(seen.take(), ["abc"]);
+    assert_eq!(client.code("QUIT").await.0, 221);
+}
+
+#[tokio::test]
+async fn bdat_out_of_sequence_is_refused_and_its_chunk_discarded() {
+    let (harness, seen) = recording_bodies(json!({"relay_hosts": ["192.0.2.0/24"]}));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.send(b"BDAT 6 LAST\r\nNOOP\r\nRSET\r\n").await;
+    assert_eq!(client.reply().await, (503, vec!["5.5.1 need MAIL command first".into()]));
+    assert_eq!(client.reply().await, (250, vec!["2.0.0 OK".into()]), "only RSET was a command");
+    client.send(b"MAIL FROM:<a@b.test>\r\nBDAT 4\r\nNOOPRCPT TO:<x@d.test>\r\nBDAT 2\r\nabDATA\r\n").await;
+    let replies = codes_of(&mut client, 5).await;
+    assert_eq!(replies[1], (503, "5.5.1 need RCPT command first".into()));
+    assert_eq!(replies[3], (250, "2.0.0 2 octets received".into()));
+    // RFC 3030 §2: no DATA after BDAT in a transaction.
+    assert_eq!(replies[4], (503, "5.5.1 DATA after BDAT, send RSET".into()));
+    assert_eq!(client.code("RSET").await.0, 250);
+    // RFC 3030 §3: BINARYMIME only with BDAT.
+    client.send(b"MAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@d.test>\r\nDATA\r\n").await;
+    let replies = codes_of(&mut client, 3).await;
+    assert_eq!(replies[2], (503, "5.5.1 BODY=BINARYMIME needs BDAT, not DATA".into()));
+    let binary = b"\0\x80\xff\r\r\n\n.\r\n";
+    client.send(format!("BDAT {} LAST\r\n", binary.len()).as_bytes()).await;
+    client.send(binary).await;
+    assert_eq!(client.reply().await.0, 250);
+    assert_eq!(seen.take(), [String::from_utf8_lossy(binary)]);
+    // A BDAT after LAST has no transaction.
+    assert_eq!(client.code("BDAT 0 LAST").await.0, 503);
+}
+
+#[tokio::test]
+async fn a_message_too_big_is_refused_at_its_chunk_and_discarded_until_last() {
+    let (harness, seen) = recording_bodies(json!({"relay_hosts": ["192.0.2.0/24"], "max_message_size": 10}));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nBDAT 6\r\n123456BDAT 5\r\n12345BDAT 2\r\n12").await;
+    client.send(b"BDAT 1 LAST\r\n1MAIL FROM:<a@b.test>\r\n").await;
+    let too_big = (552, "5.3.4 message size exceeds fixed maximum message size".into());
+    let replies = codes_of(&mut client, 7).await;
+    assert_eq!(replies[2], (250, "2.0.0 6 octets received".into()));
+    assert_eq!(replies[3..6], [too_big.clone(), too_big.clone(), too_big]);
+    assert_eq!(replies[6], (250, "2.1.0 OK".into()), "LAST ended the refused transaction");
+    // SIZE= over the limit is refused up front; the limit counts every chunk.
+    assert_eq!(client.code("RSET").await.0, 250);
+    assert_eq!(client.code("MAIL FROM:<a@b.test> SIZE=11").await.0, 552);
+    client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nBDAT 5\r\n12345BDAT 5 LAST\r\n12345").await;
+    assert_eq!(codes_of(&mut client, 4).await[3].0, 250);
+    assert_eq!(seen.take(), ["1234512345"]);
+}
+
+#[tokio::test]
+async fn text_chunks_follow_invalid_line_endings_binarymime_does_not() {
+    for (mode, expected) in [("Deny", None), ("Allow", Some("a\nb")), ("Fix", Some("a\r\nb"))] {
+        let (harness, seen) = recording_bodies(json!({"relay_hosts": ["192.0.2.0/24"], "invalid_line_endings": mode}));
+        let mut client = greeted(&harness, CLIENT).await;
+        client.command("EHLO client.test").await;
+        client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nBDAT 3 LAST\r\na\nb").await;
+        let reply = codes_of(&mut client, 3).await.remove(2);
+        match expected {
+            None => assert_eq!(reply, (550, "5.6.0 message contains a bare CR or LF; lines must end in CRLF".into())),
+            Some(body) => assert_eq!((reply.0, seen.take()), (250, vec![body.to_string()]), "{mode}"),
+        }
+        client.send(b"MAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@d.test>\r\nBDAT 3 LAST\r\na\nb").await;
+        assert_eq!(codes_of(&mut client, 3).await[2].0, 250, "{mode}");
+        assert_eq!(seen.take(), ["a\nb"], "{mode}");
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_bdat_ends_the_session() {
+    let harness = plain(json!({"hostname": "mx.test"}));
+    for line in ["BDAT", "BDAT 12x", "BDAT 5 FIRST", "BDAT -1 LAST"] {
+        let mut client = greeted(&harness, CLIENT).await;
+        client.command("EHLO client.test").await;
+        assert_eq!(client.command(line).await, (521, vec!["5.5.4 mx.test syntax: BDAT size [LAST]".into()]), "{line}");
+        client.expect_closed().await;
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_cut_short_by_the_client_stores_nothing() {
+    let (harness, seen) = recording_bodies(json!({"relay_hosts": ["192.0.2.0/24"]}));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nBDAT 100 LAST\r\nonly a part").await;
+    assert_eq!(codes_of(&mut client, 2).await.len(), 2);
+    client.stream.shutdown().await.unwrap();
+    client.expect_closed().await;
+    let disconnected = || harness.logs().iter().any(|line| line.contains("disconnect from") && line.contains("bdat=1"));
+    for _ in 0..100 {
+        if disconnected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(disconnected(), "{:?}", harness.logs());
+    assert!(seen.take().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chunk_must_arrive_at_data_speed() {
+    let harness = plain(json!({"hostname": "mx.test", "client_timeout": 5, "relay_hosts": ["192.0.2.0/24"]}));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nBDAT 10\r\nabc").await;
+    assert_eq!(codes_of(&mut client, 2).await.len(), 2);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(client.reply().await, (421, vec!["4.3.2 mx.test idle too long, closing connection".into()]));
+    client.expect_closed().await;
+}
+
+// --- LMTP (RFC 2033) ---------------------------------------------------------------------
+
+fn lmtp(params: Value) -> Value {
+    let mut params = params;
+    params["protocol"] = json!("lmtp");
+    params
+}
+
+/// A Maildir under the temporary directory, empty, and its files in `new/`.
+struct TestMaildir(std::path::PathBuf);
+
+impl TestMaildir {
+    fn new(name: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("kumo-session-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        Self(root)
+    }
+
+    fn sink(&self) -> Sink {
+        Sink::Maildir(Arc::new(crate::sink::Maildir::open(&self.0).unwrap()))
+    }
+
+    /// The recipient of each stored file (its `Delivered-To:`), sorted.
+    fn recipients(&self) -> Vec<String> {
+        let mut found: Vec<String> = std::fs::read_dir(self.0.join("new"))
+            .unwrap()
+            .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+            .flat_map(|file| {
+                file.lines().filter_map(|l| l.strip_prefix("Delivered-To: ").map(String::from)).collect::<Vec<_>>()
+            })
+            .collect();
+        found.sort();
+        found
+    }
+}
+
+impl Drop for TestMaildir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// MAIL, the RCPTs and DATA pipelined, then the body: the replies to the RCPTs and to the data.
+async fn send_message(client: &mut Client<tokio::io::DuplexStream>, recipients: &[&str]) -> (Vec<u16>, Vec<String>) {
+    let mut commands = String::from("MAIL FROM:<a@b.test>\r\n");
+    for recipient in recipients {
+        commands.push_str(&format!("RCPT TO:<{recipient}>\r\n"));
+    }
+    commands.push_str("DATA\r\n");
+    client.send(commands.as_bytes()).await;
+    assert_eq!(client.reply().await.0, 250);
+    let mut rcpt = Vec::new();
+    for _ in recipients {
+        rcpt.push(client.reply().await.0);
+    }
+    assert_eq!(client.reply().await.0, 354);
+    client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n").await;
+    let accepted = rcpt.iter().filter(|&&code| code == 250).count();
+    let mut replies = Vec::new();
+    for _ in 0..accepted {
+        let (code, texts) = client.reply().await;
+        replies.push(format!("{code} {}", texts[0]));
+    }
+    // Nothing more: the next reply is NOOP's.
+    assert_eq!(client.code("NOOP").await.0, 250);
+    (rcpt, replies)
+}
+
+#[tokio::test]
+async fn lmtp_takes_lhlo_instead_of_ehlo_and_helo() {
+    let harness = plain(lmtp(json!({"hostname": "mx.test"})));
+    let mut client = Client::new(harness.connect(CLIENT, LOCAL));
+    assert_eq!(client.reply().await, (220, vec!["mx.test LMTP kumo_listener".to_string()]));
+    // No enhanced code before LHLO, as before EHLO in SMTP (RFC 2034).
+    let refused = (500, "this is LMTP: say LHLO, not EHLO or HELO".to_string());
+    assert_eq!(client.code("EHLO client.test").await, refused);
+    assert_eq!(client.code("HELO client.test").await, refused);
+    let (code, lines) = client.command("LHLO client.test").await;
+    assert_eq!((code, lines[0].as_str()), (250, "mx.test Hello client.test"));
+    assert!(lines.contains(&"PIPELINING".to_string()) && lines.contains(&"STARTTLS".to_string()), "{lines:?}");
+    assert!(client.code("HELP").await.1.starts_with("2.0.0 commands: LHLO MAIL"));
+    assert_eq!(client.code("EHLO client.test").await.0, 500, "not after LHLO either");
+    let smtp = plain(json!({}));
+    let mut client = greeted(&smtp, CLIENT).await;
+    assert_eq!(client.code("LHLO client.test").await, (500, "command not recognized".into()));
+}
+
+fn refuse_recipient(refused: &'static str, code: u16) -> impl Fn(&Event) -> Outcome + Send + Sync + 'static {
+    move |event: &Event| match event {
+        Event::RcptTo { recipient, .. } if recipient.local_part == "unknown" => {
+            Outcome::Reject { code: 550, text: "5.1.1 no such user".into() }
+        }
+        Event::MessageReceived { message, .. } if message.recipients.iter().any(|r| r.local_part == refused) => {
+            Outcome::Reject { code, text: format!("{}.7.1 not for {refused}", code / 100) }
+        }
+        _ => nothing(event),
+    }
+}
+
+#[tokio::test]
+async fn lmtp_answers_each_recipient_with_its_parts_outcome() {
+    let maildir = TestMaildir::new("lmtp-each");
+    let registered = [EventKind::RcptTo, EventKind::MessageReceived];
+    let params = lmtp(json!({"relay_hosts": ["192.0.2.0/24"]}));
+    let harness = Harness::new(params, &registered, refuse_recipient("y", 550), maildir.sink()).unwrap();
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("LHLO client.test").await;
+    let (rcpt, replies) = send_message(&mut client, &["x@d.test", "unknown@d.test", "y@d.test", "z@e.test"]).await;
+    assert_eq!(rcpt, [250, 550, 250, 250]);
+    assert_eq!(replies.len(), 3, "one reply per accepted recipient: {replies:?}");
+    assert!(replies[0].starts_with("250 2.0.0 OK id="), "{replies:?}");
+    assert_eq!(replies[1], "550 5.7.1 not for y");
+    assert!(replies[2].starts_with("250 2.0.0 OK id=") && replies[2] != replies[0], "{replies:?}");
+    assert_eq!(maildir.recipients(), ["x@d.test", "z@e.test"], "the refused part is not stored");
+}
+
+#[tokio::test]
+async fn lmtp_batch_by_domain_answers_a_domains_recipients_alike() {
+    let maildir = TestMaildir::new("lmtp-domain");
+    let params = lmtp(json!({"relay_hosts": ["192.0.2.0/24"], "batch_handling": "BatchByDomain"}));
+    let harness = Harness::new(params, &[EventKind::MessageReceived], refuse_recipient("y", 450), maildir.sink());
+    let harness = harness.unwrap();
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("LHLO client.test").await;
+    let (_, replies) = send_message(&mut client, &["x@d.test", "w@e.test", "y@D.TEST"]).await;
+    let refused = "450 4.7.1 not for y";
+    assert_eq!([replies[0].as_str(), &replies[2]], [refused, refused]);
+    assert!(replies[1].starts_with("250 2.0.0 OK id="), "{replies:?}");
+    assert_eq!(maildir.recipients(), ["w@e.test"]);
+}
+
+#[tokio::test]
+async fn smtp_still_refuses_the_whole_message_for_one_refused_part() {
+    let maildir = TestMaildir::new("smtp-whole");
+    let params = json!({"relay_hosts": ["192.0.2.0/24"]});
+    let harness = Harness::new(params, &[EventKind::MessageReceived], refuse_recipient("y", 550), maildir.sink());
+    let harness = harness.unwrap();
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    let (_, replies) = send_message_smtp(&mut client, &["x@d.test", "y@d.test", "z@e.test"]).await;
+    assert_eq!(replies, "550 5.7.1 not for y");
+    assert_eq!(maildir.recipients(), Vec::<String>::new());
+}
+
+/// Like [`send_message`], for SMTP's single reply to the data.
+async fn send_message_smtp(client: &mut Client<tokio::io::DuplexStream>, recipients: &[&str]) -> (usize, String) {
+    let mut commands = String::from("MAIL FROM:<a@b.test>\r\n");
+    for recipient in recipients {
+        commands.push_str(&format!("RCPT TO:<{recipient}>\r\n"));
+    }
+    commands.push_str("DATA\r\n");
+    client.send(commands.as_bytes()).await;
+    for _ in 0..=recipients.len() {
+        assert_eq!(client.reply().await.0, 250);
+    }
+    assert_eq!(client.reply().await.0, 354);
+    client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n").await;
+    let (code, texts) = client.reply().await;
+    assert_eq!(client.code("NOOP").await.0, 250);
+    (recipients.len(), format!("{code} {}", texts[0]))
+}
+
+#[tokio::test]
+async fn lmtp_a_refusal_before_the_split_answers_every_recipient() {
+    let script = |event: &Event| match event {
+        Event::Data { .. } => Outcome::Reject { code: 554, text: "5.7.1 spam".into() },
+        _ => nothing(event),
+    };
+    let harness = harness(lmtp(json!({"relay_hosts": ["192.0.2.0/24"]})), &[EventKind::Data], script);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("LHLO client.test").await;
+    let (_, replies) = send_message(&mut client, &["x@d.test", "y@d.test"]).await;
+    assert_eq!(replies, ["554 5.7.1 spam", "554 5.7.1 spam"]);
+}
+
+#[tokio::test]
+async fn lmtp_a_message_too_big_is_refused_for_every_recipient() {
+    let harness = plain(lmtp(json!({"relay_hosts": ["192.0.2.0/24"], "max_message_size": 10})));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("LHLO client.test").await;
+    let (_, replies) = send_message(&mut client, &["x@d.test", "y@d.test"]).await;
+    assert_eq!(replies.len(), 2);
+    assert!(replies.iter().all(|reply| reply.starts_with("552 5.3.4")), "{replies:?}");
+}
+
+#[tokio::test]
+async fn lmtp_a_sink_failure_answers_each_stored_recipient_451() {
+    let maildir = TestMaildir::new("lmtp-sink");
+    // Bodies are spooled apart from the Maildir that is about to go.
+    let params = lmtp(json!({"relay_hosts": ["192.0.2.0/24"], "body_spool_path": std::env::temp_dir()}));
+    let harness = Harness::new(params, &[EventKind::MessageReceived], refuse_recipient("y", 550), maildir.sink());
+    std::fs::remove_dir_all(&maildir.0).unwrap();
+    let harness = harness.unwrap();
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("LHLO client.test").await;
+    let (_, replies) = send_message(&mut client, &["x@d.test", "y@d.test", "z@e.test"]).await;
+    let failed = "451 4.3.0 temporary failure storing the message, try again later";
+    assert_eq!(replies, [failed, "550 5.7.1 not for y", failed]);
+}
+
+#[tokio::test]
+async fn lmtp_is_the_reception_protocol_and_in_the_received_header() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| {
+        if let Event::MessageReceived { message, .. } = event {
+            let whole = String::from_utf8_lossy(&[message.head.as_ref(), &message.data.to_vec().unwrap()].concat())
+                .into_owned();
+            let with = whole.split(" with ").nth(1).and_then(|rest| rest.split(' ').next()).unwrap_or_default();
+            let meta = message.meta.get_str("reception_protocol").unwrap_or_default();
+            recorder.push(format!("{meta} {with}"));
+        }
+        nothing(event)
+    };
+    let harness = harness(lmtp(json!({"relay_hosts": ["192.0.2.0/24"]})), &[EventKind::MessageReceived], script);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("LHLO client.test").await;
+    send_message(&mut client, &["x@d.test"]).await;
+    client.send(b"MAIL FROM:<a@b.test> SMTPUTF8\r\nRCPT TO:<x@d.test>\r\nDATA\r\n").await;
+    for code in [250, 250, 354] {
+        assert_eq!(client.reply().await.0, code);
+    }
+    client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n").await;
+    assert_eq!(client.reply().await.0, 250);
+    assert_eq!(seen.take(), ["LMTP LMTP", "UTF8LMTP UTF8LMTP"]);
+}
+
+#[tokio::test]
+async fn lmtp_with_starttls_and_auth_is_lmtpsa() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| match event {
+        Event::AuthPlain { .. } => Outcome::Done(Response::Authenticated(true)),
+        Event::MessageReceived { message, .. } => {
+            recorder.push(message.meta.get_str("reception_protocol").unwrap_or_default());
+            nothing(event)
+        }
+        _ => nothing(event),
+    };
+    let registered = [EventKind::AuthPlain, EventKind::MessageReceived];
+    let harness = harness(lmtp(json!({"hostname": "mx.test"})), &registered, script);
+    let mut client = starttls_after(&harness, "LHLO").await;
+    assert_eq!(client.code("EHLO client.test").await.0, 500);
+    let (_, extensions) = client.command("LHLO client.test").await;
+    assert!(extensions.contains(&"AUTH PLAIN LOGIN".to_string()), "{extensions:?}");
+    assert_eq!(client.code("AUTH PLAIN AHVzZXIAc2VjcmV0").await.0, 235);
+    client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@anywhere.test>\r\nRCPT TO:<y@anywhere.test>\r\nDATA\r\n").await;
+    for code in [250, 250, 250, 354] {
+        assert_eq!(client.reply().await.0, code);
+    }
+    client.send(b"\r\nbody\r\n.\r\n").await;
+    assert_eq!([client.reply().await.0, client.reply().await.0], [250, 250]);
+    assert_eq!(seen.take(), ["LMTPSA", "LMTPSA"]);
+}
+
+#[tokio::test]
+async fn lmtp_behind_a_proxy_header_and_with_xclient() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| {
+        if let Event::ConnectionAccepted { meta } = event {
+            recorder.push(meta.get_str("received_from").unwrap_or_default());
+        }
+        nothing(event)
+    };
+    let params = lmtp(
+        json!({"hostname": "mx.test", "require_proxy_protocol": true, "peer": {"10.9.8.7": {"allow_xclient": true}}}),
+    );
+    let harness = harness(params, &[EventKind::ConnectionAccepted], script);
+    let mut client = Client::new(harness.connect(CLIENT, LOCAL));
+    client.send(b"PROXY TCP4 10.9.8.7 203.0.113.5 1234 25\r\n").await;
+    assert_eq!(client.reply().await.1[0], "mx.test LMTP kumo_listener");
+    let (_, extensions) = client.command("LHLO proxy.test").await;
+    assert!(extensions.iter().any(|e| e.starts_with("XCLIENT ")), "{extensions:?}");
+    let (code, text) = client.command("XCLIENT ADDR=10.1.1.1 PORT=5555").await;
+    assert_eq!((code, text[0].as_str()), (220, "mx.test LMTP kumo_listener"));
+    assert_eq!(client.code("EHLO real-client.test").await.0, 500);
+    assert_eq!(client.command("LHLO real-client.test").await.0, 250);
+    assert_eq!(seen.take(), ["10.9.8.7:1234", "10.1.1.1:5555"]);
 }

@@ -1,38 +1,53 @@
-//! EHLO/HELO and the mail transaction: MAIL, RCPT (with the relaying
-//! decision), DATA, and the hand-over to policy and the sink.
+//! EHLO/HELO (LHLO in LMTP) and the mail transaction: MAIL, RCPT (with the
+//! relaying decision), DATA, the hand-over to policy and the sink, and the
+//! reply to the data (one per recipient in LMTP).
 
+use super::chunking::Chunks;
 use super::io::MIN_READ;
 use super::{Session, Step, Stop};
+use crate::body::{Body, BodyBuffer};
 use crate::events::{Event, EventKind, Response};
 use crate::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
 use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
 use crate::message::{self, Message, ReceivedHeader, ReceivedInfo, Supplemental};
 use crate::metrics;
 use crate::params::ListenerDomain;
-use crate::parser::{MailParams, Mailbox, ReversePath};
+use crate::parser::{self, MailParams, Mailbox, ReversePath};
 use crate::reply::Reply;
 use crate::stream::Transport;
 use bytes::{Buf, Bytes};
 use serde_json::json;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// The most a body buffer is sized up front from `MAIL FROM ... SIZE=`.
 const MAX_SIZE_HINT: usize = 1 << 20;
 
+/// What `MAIL FROM ... SIZE=` announced, trusted up to [`MAX_SIZE_HINT`]
+/// only: a client could announce 20 MB and send nothing.
+pub(super) fn size_hint(transaction: &Transaction) -> usize {
+    transaction.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX)).min(MAX_SIZE_HINT)
+}
+
 /// The slowest DATA transfer tolerated, in bytes per second (Postfix's
 /// `smtpd_min_data_rate`): each byte received extends the DATA deadline by
 /// this much, so trickling keeps no connection alive for long.
 const MIN_DATA_RATE: f64 = 500.0;
 
-const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "need MAIL command first");
+pub(super) const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "need MAIL command first");
+pub(super) const NEED_RCPT: Reply = Reply::new(503, "5.5.1", "need RCPT command first");
+/// Postfix's reply when its queue file system is short of space.
+const INSUFFICIENT_STORAGE: Reply = Reply::new(452, "4.3.1", "insufficient system storage");
 const NON_ASCII: Reply = Reply::new(553, "5.6.7", "non-ASCII address requires SMTPUTF8");
 
 pub(super) struct Transaction {
     sender: Mailbox,
-    params: MailParams,
-    recipients: Vec<Mailbox>,
+    pub(super) params: MailParams,
+    pub(super) recipients: Vec<Mailbox>,
+    /// The message being received with BDAT, from its first chunk on.
+    pub(super) chunks: Option<Chunks>,
     /// Whether `get_listener_domain` lets this peer relay mail from the
     /// sender's domain; asked at the first RCPT that needs it.
     relay_from_sender_domain: Option<bool>,
@@ -47,6 +62,8 @@ impl<S: Transport> Session<S> {
             "SMTPUTF8".into(),
             format!("SIZE {}", self.params.max_message_size),
             "DSN".into(),
+            "CHUNKING".into(),
+            "BINARYMIME".into(),
         ];
         if self.params.allow_xclient {
             extensions.push("XCLIENT ADDR PORT DESTADDR DESTPORT HELO NAME LOGIN PROTO".into());
@@ -65,18 +82,29 @@ impl<S: Transport> Session<S> {
 
     /// The protocol of a transaction: the connection's `reception_protocol`,
     /// with RFC 6531's `UTF8SMTP` for `ESMTP` (so `UTF8SMTPS`, `UTF8SMTPA`,
-    /// `UTF8SMTPSA`) when it used SMTPUTF8.
+    /// `UTF8SMTPSA`), and its `UTF8LMTP` for `LMTP`, when it used SMTPUTF8.
     pub(super) fn protocol_of(&self, smtputf8: bool) -> String {
         let protocol = self.meta.get_str("reception_protocol").unwrap_or_else(|| self.protocol());
-        match protocol.strip_prefix("ESMTP") {
-            Some(rest) if smtputf8 => format!("UTF8SMTP{rest}"),
-            _ => protocol,
+        if !smtputf8 {
+            return protocol;
         }
+        for (plain, utf8) in [("ESMTP", "UTF8SMTP"), ("LMTP", "UTF8LMTP")] {
+            if let Some(rest) = protocol.strip_prefix(plain) {
+                return format!("{utf8}{rest}");
+            }
+        }
+        protocol
     }
 
-    /// RFC 3848: ESMTP, plus S under TLS and A once authenticated.
+    /// RFC 3848: ESMTP (LMTP on an LMTP listener), plus S under TLS and A
+    /// once authenticated.
     pub(super) fn protocol(&self) -> String {
-        let mut protocol = String::from(if self.esmtp { "ESMTP" } else { "SMTP" });
+        let base = match (self.lmtp(), self.esmtp) {
+            (true, _) => "LMTP",
+            (false, true) => "ESMTP",
+            (false, false) => "SMTP",
+        };
+        let mut protocol = String::from(base);
         if self.stream.is_tls() {
             protocol.push('S');
         }
@@ -148,6 +176,10 @@ impl<S: Transport> Session<S> {
         if !params.smtputf8 && !sender.is_ascii() {
             return self.refuse(NON_ASCII);
         }
+        if !self.spool_has_room() {
+            self.send(&INSUFFICIENT_STORAGE);
+            return Ok(());
+        }
         if !self.message_rate_allows() {
             metrics::count(&self.context.metrics.client_limit_refusals);
             self.send(&Reply::new(452, "4.7.0", "too many messages from your address, try again later"));
@@ -158,7 +190,8 @@ impl<S: Transport> Session<S> {
             return Ok(());
         }
         self.transactions_started += 1;
-        self.transaction = Some(Transaction { sender, params, recipients: Vec::new(), relay_from_sender_domain: None });
+        self.transaction =
+            Some(Transaction { sender, params, recipients: Vec::new(), chunks: None, relay_from_sender_domain: None });
         self.send(&Reply::new(250, "2.1.0", "OK"));
         Ok(())
     }
@@ -173,6 +206,10 @@ impl<S: Transport> Session<S> {
         }
         if !transaction.params.smtputf8 && !recipient.is_ascii() {
             return self.refuse(NON_ASCII);
+        }
+        if !self.spool_has_room() {
+            self.send(&INSUFFICIENT_STORAGE);
+            return Ok(());
         }
         let Some(permitted) = self.relay_permitted(&recipient).await? else {
             return Ok(());
@@ -262,75 +299,178 @@ impl<S: Transport> Session<S> {
         let Some(transaction) = self.transaction.take() else {
             return self.refuse(NEED_MAIL);
         };
-        if transaction.recipients.is_empty() {
+        // RFC 3030 §2 and §3: DATA neither after BDAT nor for BINARYMIME.
+        let refusal = if transaction.chunks.is_some() {
+            Some(Reply::new(503, "5.5.1", "DATA after BDAT, send RSET"))
+        } else if transaction.params.body == Some(parser::Body::BinaryMime) {
+            Some(Reply::new(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA"))
+        } else if transaction.recipients.is_empty() {
+            Some(NEED_RCPT)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
             self.transaction = Some(transaction);
-            return self.refuse(Reply::new(503, "5.5.1", "need RCPT command first"));
+            return self.refuse(refusal);
         }
         self.send(&Reply::bare(354, "end data with <CR><LF>.<CR><LF>"));
         self.flush().await?;
-        // With one recipient, the trace header (naming it) goes first into
-        // the buffer the body is read into, so that prepending it costs no
-        // copy. With several, each split part gets its own, naming its
-        // recipient when it has only one, kept apart from the shared body.
-        // Its time is DATA's, as in Postfix.
         let id = message::new_message_id();
-        let received = self.trace_header(&transaction);
-        let (in_body, per_part) = match (received, transaction.recipients.as_slice()) {
-            (Some(received), [only]) => (received.render(&id, Some(only)), None),
-            (received, _) => (String::new(), received),
-        };
-        let size_hint = transaction.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX));
-        let (verdict, data) = self.read_body(&in_body, size_hint).await?;
+        let (in_body, per_part) = self.trace_placement(&transaction, &id);
+        let prefix = self.spill_prefix(&transaction, per_part.is_some());
+        let (verdict, body) = self.read_body(&in_body, size_hint(&transaction), prefix).await?;
         match verdict.refusal() {
-            None => self.accept_message(id, transaction, data, per_part).await,
-            Some(refusal) => self.refuse(refusal),
+            None => self.accept_body(id, transaction, body, per_part).await,
+            Some(refusal) => self.refuse_message(transaction.recipients.len(), refusal),
         }
     }
 
-    /// The message after our trace header `header`: the returned bytes
-    /// start with it unless the message is refused.
-    async fn read_body(&mut self, header: &str, size_hint: usize) -> Result<(DataVerdict, Vec<u8>), Stop> {
-        let limits = DataLimits {
+    /// Accept a message whose body was received whole, unless storing the
+    /// body (spilled to a file) failed.
+    pub(super) async fn accept_body(
+        &mut self,
+        id: String,
+        transaction: Transaction,
+        body: BodyBuffer,
+        per_part: Option<ReceivedHeader>,
+    ) -> Step {
+        match body.finish() {
+            Ok(data) => self.accept_message(id, transaction, data, per_part).await,
+            Err(error) => {
+                let remote = self.remote;
+                let log = || format!("message {id} from {remote}: spooling the body failed: {error}");
+                self.context.policy.log(LOG_WARNING, log);
+                let reply = Reply::new(451, "4.3.0", "temporary failure storing the message, try again later");
+                self.answer_message_alike(transaction.recipients.len(), reply)
+            }
+        }
+    }
+
+    /// Refuse a message's data: once in SMTP, once per recipient in LMTP
+    /// (RFC 2033 §4.2), counted as one error.
+    pub(super) fn refuse_message(&mut self, recipients: usize, refusal: Reply) -> Step {
+        if self.lmtp() {
+            for _ in 1..recipients {
+                self.send(&refusal);
+            }
+        }
+        self.refuse(refusal)
+    }
+
+    /// Send the replies to the end of a message's data; a 421 among them
+    /// closes the connection after them all.
+    fn answer_message(&mut self, replies: impl IntoIterator<Item = Reply>) -> Step {
+        let mut closes = false;
+        for reply in replies {
+            self.send(&reply);
+            closes |= reply.closes();
+        }
+        if closes {
+            return Err(Stop::Closing);
+        }
+        Ok(())
+    }
+
+    /// The same answer for the whole message: once in SMTP, once per recipient in LMTP.
+    fn answer_message_alike(&mut self, recipients: usize, reply: Reply) -> Step {
+        let count = if self.lmtp() { recipients } else { 1 };
+        self.answer_message(std::iter::repeat_n(reply, count))
+    }
+
+    /// Where the trace header goes: with one recipient, the header (naming
+    /// it) is returned to go first into the buffer the body is read into,
+    /// so that prepending it costs no copy. With several, each split part
+    /// gets its own, naming its recipient when it has only one, kept apart
+    /// from the shared body. Its time is DATA's (or the first BDAT's), as in Postfix.
+    pub(super) fn trace_placement(&self, transaction: &Transaction, id: &str) -> (String, Option<ReceivedHeader>) {
+        let received = self.trace_header(transaction);
+        match (received, transaction.recipients.as_slice()) {
+            (Some(received), [only]) => (received.render(id, Some(only)), None),
+            (received, _) => (String::new(), received),
+        }
+    }
+
+    /// The deadline of the next read of a message's bytes, `received` of them
+    /// in since `started`: idle for `client_timeout`, or slower than
+    /// MIN_DATA_RATE overall.
+    pub(super) fn data_deadline(&self, started: Instant, received: usize) -> Instant {
+        let earned = Duration::from_secs_f64(received as f64 / MIN_DATA_RATE);
+        (Instant::now() + self.params.client_timeout).min(started + self.params.client_timeout + earned)
+    }
+
+    /// The limits on a message's content, whichever verb carries it.
+    pub(super) fn data_limits(&self) -> DataLimits {
+        DataLimits {
             max_message_size: self.params.max_message_size,
             max_line_length: self.params.line_length_hard_limit,
             line_endings: self.params.invalid_line_endings,
-        };
-        let mut framer = DataFramer::new(limits);
-        // Trust SIZE= only so far: a client could announce 20 MB and send nothing.
-        let expected =
-            size_hint.min(MAX_SIZE_HINT).max(self.input.len()).max(MIN_READ).min(self.params.max_message_size);
-        let mut body = Vec::with_capacity(header.len() + expected);
-        body.extend_from_slice(header.as_bytes());
+        }
+    }
+
+    /// What a spilled body's file starts with: the Maildir envelope when the
+    /// sink can deliver that file as it is (one recipient, no trace header
+    /// of the part's own to come before the body).
+    pub(super) fn spill_prefix(&self, transaction: &Transaction, received_per_part: bool) -> Vec<u8> {
+        let own_head = self.params.trace_headers.supplemental_header || received_per_part;
+        match transaction.recipients.as_slice() {
+            [only] if !own_head => self.context.sink.envelope_for(self.context.spool.dir(), &transaction.sender, only),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Room on the spool's disk for a message as large as allowed, as
+    /// Postfix asks for 1.5 times `message_size_limit`.
+    pub(super) fn spool_has_room(&self) -> bool {
+        let size = self.params.max_message_size as u64;
+        self.context.spool.has_room(size + size / 2)
+    }
+
+    /// The message after our trace header `header`: the returned body
+    /// starts with it unless the message is refused.
+    async fn read_body(
+        &mut self,
+        header: &str,
+        size_hint: usize,
+        prefix: Vec<u8>,
+    ) -> Result<(DataVerdict, BodyBuffer), Stop> {
+        let mut framer = DataFramer::new(self.data_limits());
+        let expected = size_hint.max(self.input.len()).max(MIN_READ).min(self.params.max_message_size);
+        let spool = &self.context.spool;
+        let mut body = BodyBuffer::new(spool, self.params.body_spill_threshold, header.len() + expected, prefix);
+        body.pending().extend_from_slice(header.as_bytes());
         let started = Instant::now();
         let mut received = 0;
         loop {
-            let fed = framer.feed(&self.input, &mut body);
+            let fed = framer.feed(&self.input, body.pending());
+            // A failure is kept for `finish`: the rest of the body is still read, to stay in step.
+            let _ = body.settle();
             self.input.advance(fed.consumed);
             received += fed.consumed;
             if fed.done {
                 return Ok((framer.verdict(), body));
             }
-            // Idle for `client_timeout`, or slower than MIN_DATA_RATE overall.
-            let earned = Duration::from_secs_f64(received as f64 / MIN_DATA_RATE);
-            let deadline =
-                (Instant::now() + self.params.client_timeout).min(started + self.params.client_timeout + earned);
+            let deadline = self.data_deadline(started, received);
             let filled = self.fill(deadline, self.params.data_buffer_size).await;
             filled.map_err(|error| self.read_failed(error))?;
         }
     }
 
-    /// `received`: the `Received:` header of each part, when it is not in `data`.
-    async fn accept_message(
+    /// `received`: the `Received:` header of each part, when it is not in
+    /// `data`. Policy, the split, the sink, and the reply: in SMTP one, which
+    /// refuses the whole message when any part is refused; in LMTP one per
+    /// recipient, in RCPT order, each saying what became of its part.
+    pub(super) async fn accept_message(
         &mut self,
         id: String,
         transaction: Transaction,
-        data: Vec<u8>,
+        data: Body,
         received: Option<ReceivedHeader>,
     ) -> Step {
+        let recipients = transaction.recipients.len();
         let head = received.as_ref().map_or_else(Bytes::new, |received| Bytes::from(received.render(&id, None)));
-        let message = Message::with_head(id, transaction.sender, transaction.recipients, head, Bytes::from(data));
+        let message = Message::with_head(id, transaction.sender, transaction.recipients, head, data);
         // As in KumoMTA, a message starts with a copy of its connection's metadata.
-        message.meta.merge(&self.meta.snapshot());
+        message.meta.copy_from(&self.meta);
         if transaction.params.smtputf8 {
             message.meta.set("reception_protocol", self.protocol_of(true));
         }
@@ -338,35 +478,66 @@ impl<S: Transport> Session<S> {
             message.meta.set("requiretls", true);
         }
         let make = |session: &Self| Event::Data { message: message.clone(), meta: session.meta.clone() };
-        if self.consult(EventKind::Data, make).await?.is_none() {
-            return Ok(());
+        if let Err(refusal) = self.judge(EventKind::Data, make).await {
+            return self.answer_message_alike(recipients, refusal);
         }
         let trace = &self.params.trace_headers;
         let supplemental = trace
             .supplemental_header
             .then(|| Supplemental { header_name: &trace.header_name, include_meta_names: &trace.include_meta_names });
         let parts = message::split(&message, self.params.batch_handling, supplemental.as_ref(), received.as_ref());
-        for part in &parts {
+        let verdicts = self.deliver_parts(&message.id, &parts).await;
+        if !self.lmtp() {
+            let reply = verdicts.into_iter().find_map(Result::err).unwrap_or_else(|| {
+                let ids: Vec<&str> = parts.iter().map(|part| part.id.as_str()).collect();
+                Reply::with_text(250, "2.0.0", format!("OK ids={}", ids.join(",")))
+            });
+            return self.answer_message([reply]);
+        }
+        let part_of = message::part_of_each_recipient(&message.recipients, self.params.batch_handling);
+        let replies = part_of.into_iter().map(|index| match &verdicts[index] {
+            Ok(()) => Reply::with_text(250, "2.0.0", format!("OK id={}", parts[index].id)),
+            Err(refusal) => refusal.clone(),
+        });
+        let replies: Vec<Reply> = replies.collect();
+        self.answer_message(replies)
+    }
+
+    /// Ask `smtp_server_message_received` about each part and store those it
+    /// accepts, all at once: one verdict per part, `Err` holding the reply
+    /// its recipients get. In SMTP the first refusal refuses the whole
+    /// message (its only verdict), and nothing is stored.
+    async fn deliver_parts(&mut self, id: &str, parts: &[Arc<Message>]) -> Vec<Result<(), Reply>> {
+        let mut verdicts = Vec::with_capacity(parts.len());
+        for part in parts {
             let make = |session: &Self| Event::MessageReceived { message: part.clone(), meta: session.meta.clone() };
-            if self.consult(EventKind::MessageReceived, make).await?.is_none() {
-                return Ok(());
+            let verdict = self.judge(EventKind::MessageReceived, make).await.map(drop);
+            if verdict.is_err() && !self.lmtp() {
+                return vec![verdict];
             }
+            verdicts.push(verdict);
+        }
+        let accepted: Vec<Arc<Message>> =
+            parts.iter().zip(&verdicts).filter(|(_, verdict)| verdict.is_ok()).map(|(part, _)| part.clone()).collect();
+        if accepted.is_empty() {
+            return verdicts;
         }
         let policy = self.context.policy.clone();
-        if let Err(error) = self.context.sink.deliver(parts.clone()).await {
-            policy.log(LOG_WARNING, || format!("message {} from {}: sink failed: {error}", message.id, self.remote));
-            self.send(&Reply::new(451, "4.3.0", "temporary failure storing the message, try again later"));
-            return Ok(());
+        if let Err(error) = self.context.sink.deliver(accepted.clone()).await {
+            policy.log(LOG_WARNING, || format!("message {id} from {}: sink failed: {error}", self.remote));
+            let failed = Reply::new(451, "4.3.0", "temporary failure storing the message, try again later");
+            for verdict in verdicts.iter_mut().filter(|verdict| verdict.is_ok()) {
+                *verdict = Err(failed.clone());
+            }
+            return verdicts;
         }
         let metrics = &self.context.metrics;
-        for part in &parts {
+        for part in &accepted {
             metrics::count(&metrics.messages);
             metrics.message_bytes.fetch_add(part.len() as u64, Ordering::Relaxed);
             policy.log(LOG_INFO, || self.stored_entry(part));
         }
-        let ids: Vec<&str> = parts.iter().map(|part| part.id.as_str()).collect();
-        self.send(&Reply::with_text(250, "2.0.0", format!("OK ids={}", ids.join(","))));
-        Ok(())
+        verdicts
     }
 
     /// The log record of a stored message, under the id its file name carries.
@@ -384,12 +555,13 @@ impl<S: Transport> Session<S> {
             self.params.hostname,
             tls.as_ref().map(|version| format!(" tls={version}")).unwrap_or_default(),
         );
-        let fields = json!({
-            "event": "stored", "id": message.id, "sender": message.sender.to_string(), "recipients": recipients,
-            "size": bytes, "client": self.remote.to_string(), "via": self.local.to_string(),
-            "hostname": self.params.hostname, "tls_protocol_version": tls,
-        });
-        LogEntry::with_fields(text, super::record::object(fields))
+        self.log_entry(text, || {
+            json!({
+                "event": "stored", "id": message.id, "sender": message.sender.to_string(), "recipients": recipients,
+                "size": bytes, "client": self.remote.to_string(), "via": self.local.to_string(),
+                "hostname": self.params.hostname, "tls_protocol_version": tls,
+            })
+        })
     }
 
     /// The `Received:` header, or none when `trace_headers` turn it off.

@@ -1,0 +1,384 @@
+"""The body memory budget: large bodies spill to files as they arrive, the
+server's memory stays flat, a full spool disk gets 452/451 (never a 250),
+load is shed with 421, and a kill -9 leaves only whole messages in new/."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import kumo_listener as kumo
+import pytest
+from conftest import KUMO, RawClient, Served, without_envelope
+from prometheus_client import CollectorRegistry
+
+MiB = 1 << 20
+CLIENTS = 60
+BODY_LINE = b"x" * 998 + b"\r\n"
+
+
+def big_body(ident: str, size: int) -> bytes:
+    """About `size` bytes of message naming `ident` first and last."""
+    lines = BODY_LINE * (size // len(BODY_LINE))
+    return f"Subject: big {ident}\r\n\r\n".encode() + lines + f"END-{ident}\r\n".encode()
+
+
+def rss(pid: int) -> int:
+    """The resident set of process `pid`, in bytes, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
+    assert found, status
+    return int(found.group(1)) * 1024
+
+
+def wait_for(condition, what: str, within: float = 120.0) -> None:
+    """Poll `condition` until true; fail after `within` seconds (a hang, not a slow machine)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"still waiting for {what} after {within}s")
+        time.sleep(0.05)
+
+
+def open_transaction(address: tuple[str, int], recipient: str = "c@d.example") -> RawClient:
+    client = RawClient(address, timeout=60)
+    assert client.reply()[0] == 220
+    assert client.command("EHLO client.example")[0] == 250
+    assert client.command("MAIL FROM:<a@b.example>")[0] == 250
+    assert client.command(f"RCPT TO:<{recipient}>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    return client
+
+
+def spilled_bytes(tmp: Path) -> int:
+    total = 0
+    for path in tmp.glob("*.body"):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
+
+
+def test_sixty_clients_holding_8_mb_bodies_grow_the_server_by_less_than_128_mib(serve, tmp_path):
+    maildir = tmp_path / "maildir"
+    served = serve("--listen", "127.0.0.1:0", "--maildir", str(maildir))
+    # Warm up: the first message's allocations are not the bodies'.
+    with smtplib.SMTP(*served.address, timeout=30) as client:
+        client.sendmail("a@b.example", ["c@d.example"], big_body("warm", 300_000))
+    (next((maildir / "new").iterdir())).unlink()
+    before = rss(served.process.pid)
+    bodies = [big_body(str(n), 8_000_000) for n in range(CLIENTS)]
+    clients = [open_transaction(served.address) for _ in range(CLIENTS)]
+    senders = [
+        threading.Thread(target=client.send, args=(body,))
+        for client, body in zip(clients, bodies, strict=True)
+    ]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    # Every byte sent is in a spill file before the dot (the server read it all).
+    expected = sum(len(body) for body in bodies)
+    wait_for(lambda: spilled_bytes(maildir / "tmp") >= expected, "the bodies to reach tmp/")
+    growth = rss(served.process.pid) - before
+    inodes = {path.stat().st_ino for path in (maildir / "tmp").glob("*.body")}
+    assert len(inodes) == CLIENTS
+    for client in clients:
+        client.send(b".\r\n")
+    replies = [client.reply() for client in clients]
+    assert [code for code, _ in replies] == [250] * CLIENTS, replies
+    stored = {path.stat().st_ino: path.read_bytes() for path in (maildir / "new").iterdir()}
+    assert sorted(
+        without_envelope(text).split(b"\r\n", 4)[4] for text in stored.values()
+    ) == sorted(bodies), "every message whole, after its Received header"
+    assert set(stored) == inodes, "each spilled file was renamed into new/, not copied"
+    assert list((maildir / "tmp").iterdir()) == []
+    print(f"\nRSS growth with {CLIENTS} x 8 MB held before the dot: {growth / MiB:.1f} MiB")
+    assert growth < 128 * MiB
+
+
+POLICY = """
+import kumo_listener as kumo
+
+@kumo.on("init")
+def init():
+    kumo.start_esmtp_listener(listen="127.0.0.1:0", hostname="mx.test.example", {params})
+"""
+
+
+def serve_policy(serve, tmp_path: Path, params: str) -> Served:
+    policy = tmp_path / "policy.py"
+    policy.write_text(POLICY.format(params=params))
+    return serve("--policy", str(policy), "--maildir", str(tmp_path / "maildir"))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs for the spool, mounted for the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "spool"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the file system is full."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as out:
+        for chunk in (MiB, 4096):
+            with contextlib.suppress(OSError):
+                while True:
+                    out.write(b"\0" * chunk)
+    return filler
+
+
+def test_a_full_spool_disk_gets_451_then_452_and_421_never_250(serve, tmp_path, small_disk):
+    params = (
+        f'body_spool_path="{small_disk}", max_message_size="4 MiB", body_spill_threshold="64 KiB"'
+    )
+    served = serve_policy(serve, tmp_path, params)
+    client = open_transaction(served.address)
+    filler = fill(small_disk)
+    client.send(big_body("lost", 2 * MiB) + b".\r\n")
+    code, texts = client.reply()
+    assert (code, texts[0][:5]) == (451, "4.3.0"), texts
+    assert list(small_disk.glob("*.body")) == [], "the partial body is removed"
+    # Known at MAIL now: the session carries on, its mail is refused for now.
+    assert client.command("RSET")[0] == 250
+    code, texts = client.command("MAIL FROM:<a@b.example>")
+    assert (code, texts) == (452, ["4.3.1 insufficient system storage"])
+    # New sessions are shed.
+    shed = RawClient(served.address)
+    assert shed.reply() == (421, ["4.3.2 mx.test.example service busy, try again later"])
+    assert shed.closed()
+    assert list((tmp_path / "maildir" / "new").iterdir()) == []
+    # With room again (measured at most a second later), mail flows.
+    filler.unlink()
+    wait_for(lambda: client.command("MAIL FROM:<a@b.example>")[0] == 250, "room on the spool")
+    assert client.command("RCPT TO:<c@d.example>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    body = big_body("kept", 2 * MiB)
+    client.send(body + b".\r\n")
+    assert client.reply()[0] == 250
+    (stored,) = (tmp_path / "maildir" / "new").iterdir()
+    assert without_envelope(stored.read_bytes()).endswith(b"\r\n" + body)
+    assert served.process.poll() is None
+
+
+def test_a_spool_disk_filling_up_mid_body_gets_451_and_removes_the_part_written(
+    serve, tmp_path, small_disk
+):
+    params = (
+        f'body_spool_path="{small_disk}", max_message_size="4 MiB", body_spill_threshold="64 KiB"'
+    )
+    served = serve_policy(serve, tmp_path, params)
+    client = open_transaction(served.address)
+    client.send(big_body("half", MiB)[: MiB // 2])
+    wait_for(lambda: spilled_bytes(small_disk) > 64 * 1024, "the body to spill")
+    filler = fill(small_disk)
+    client.send(big_body("half", MiB)[MiB // 2 :] + b".\r\n")
+    code, texts = client.reply()
+    assert (code, texts[0][:5]) == (451, "4.3.0"), texts
+    assert list(small_disk.glob("*.body")) == []
+    filler.unlink()
+    assert list((tmp_path / "maildir" / "new").iterdir()) == []
+
+
+def test_sessions_past_the_body_memory_budget_are_shed_and_the_others_finish(serve, tmp_path):
+    served = serve_policy(serve, tmp_path, 'body_memory_limit="512 KiB"')
+    held = []
+    shed = None
+    for _ in range(200):
+        client = RawClient(served.address, timeout=60)
+        code, texts = client.reply()
+        if code == 421:
+            shed = texts
+            break
+        assert client.command("EHLO client.example")[0] == 250
+        assert client.command("MAIL FROM:<a@b.example>")[0] == 250
+        assert client.command("RCPT TO:<c@d.example>")[0] == 250
+        assert client.command("DATA")[0] == 354
+        client.send(b"Subject: held\r\n\r\n" + (b"y" * 78 + b"\r\n") * 25)
+        held.append(client)
+    assert shed == ["4.3.2 mx.test.example service busy, try again later"], len(held)
+    assert held, "the first session was shed"
+    for client in held:
+        client.send(b".\r\n")
+    assert [client.reply()[0] for client in held] == [250] * len(held)
+    assert len(list((tmp_path / "maildir" / "new").iterdir())) == len(held)
+
+    def accepted() -> bool:
+        client = RawClient(served.address)
+        try:
+            return client.reply()[0] == 220
+        finally:
+            client.close()
+
+    wait_for(accepted, "the budget to be given back")
+
+
+HANDLERS = """
+import hashlib
+import kumo_listener as kumo
+
+@kumo.on("init")
+def init():
+    kumo.start_esmtp_listener(listen="127.0.0.1:0", body_spill_threshold="64 KiB")
+
+@kumo.on("smtp_server_message_received")
+def received(message, conn_meta):
+    data = message.data
+    with message.open() as body:
+        head = body.read(9)
+        rest = body.read()
+        body.seek(0)
+        again = body.read()
+    if not head + rest == data == again:
+        raise kumo.Reject(550, "data and open() differ")
+    with open("digests", "a") as out:
+        out.write(hashlib.sha256(data).hexdigest() + "\\n")
+"""
+
+
+@pytest.mark.parametrize("recipients", [1, 3])
+@pytest.mark.parametrize("size", [1000, 3 * MiB])
+def test_handlers_read_the_body_as_bytes_or_a_file_alike(serve, tmp_path, recipients, size):
+    """`Message.data` and `Message.open()` give the same bytes, trace headers
+    first, for a body in memory or spilled, shared by split parts or not."""
+    (tmp_path / "policy.py").write_text(HANDLERS)
+    served = serve("--policy", str(tmp_path / "policy.py"), "--maildir", str(tmp_path / "maildir"))
+    text = big_body("api", size)
+    with smtplib.SMTP(*served.address, timeout=60) as client:
+        client.sendmail("a@b.example", [f"r{n}@d.example" for n in range(recipients)], text)
+    stored = [path.read_bytes() for path in (tmp_path / "maildir" / "new").iterdir()]
+    assert len(stored) == recipients
+    assert all(file.endswith(text) for file in stored)
+    seen = sorted((tmp_path / "digests").read_text().split())
+    assert seen == sorted(hashlib.sha256(without_envelope(file)).hexdigest() for file in stored)
+
+
+MESSAGES_SENDERS = 6
+
+
+def crash_message(ident: str) -> bytes:
+    """300 KB to 1.3 MB (spilled with the default threshold), its last line naming it."""
+    number = sum(int(part) for part in ident.split("-"))
+    return big_body(ident, 300_000 + (number * 97_003) % 1_000_000)
+
+
+def test_kill_9_during_delivery_of_spilled_bodies_leaves_only_whole_messages(tmp_path):
+    maildir = tmp_path / "maildir"
+    with (tmp_path / "server.log").open("w") as log:
+        process = subprocess.Popen(
+            [*KUMO, "serve", "--listen", "127.0.0.1:0", "--maildir", str(maildir)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+    assert process.stdout is not None
+    found = re.search(r"listening on ([\d.]+):(\d+)", process.stdout.readline())
+    assert found
+    address = (found.group(1), int(found.group(2)))
+    acked: set[str] = set()
+    errors: list[str] = []
+    stop = threading.Event()
+    killed = threading.Event()
+    lock = threading.Lock()
+
+    def sender(number: int) -> None:
+        try:
+            with smtplib.SMTP(*address, timeout=30) as client:
+                for sequence in range(10_000):
+                    if stop.is_set():
+                        return
+                    ident = f"{number}-{sequence}"
+                    client.sendmail("a@b.example", ["c@d.example"], crash_message(ident))
+                    with lock:
+                        acked.add(ident)
+        except (smtplib.SMTPException, OSError) as error:
+            if not killed.is_set():
+                errors.append(repr(error))
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(MESSAGES_SENDERS)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(acked) >= 3 * MESSAGES_SENDERS, "some messages to be stored")
+        killed.set()
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        if process.poll() is None:
+            process.kill()
+    assert not errors, errors
+    found_ids = []
+    for path in (maildir / "new").iterdir():
+        stored = path.read_bytes()
+        subject = re.search(rb"^Subject: big (\d+-\d+)\r\n", stored, re.MULTILINE)
+        assert subject, f"{path.name}: no Subject (partial file?)"
+        ident = subject.group(1).decode()
+        assert without_envelope(stored).endswith(b"\r\n" + crash_message(ident)), (
+            f"{path.name}: not whole"
+        )
+        found_ids.append(ident)
+    assert len(found_ids) == len(set(found_ids))
+    missing = acked - set(found_ids)
+    assert not missing, f"acknowledged with 250 but not in new/: {sorted(missing)}"
+    # Only bodies being received or delivered can be left, in tmp/.
+    assert all(path.suffix == ".body" for path in (maildir / "tmp").iterdir())
+
+
+def test_a_spool_path_that_cannot_be_made_is_an_error_at_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    policy = tmp_path / "policy.py"
+    policy.write_text(POLICY.format(params=f'body_spool_path="{blocker}/spool"'))
+    result = subprocess.run(
+        [*KUMO, "serve", "--policy", str(policy), "--maildir", str(tmp_path / "maildir")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "body_spool_path" in result.stderr, result.stderr
+
+
+def test_the_gauges_show_bodies_in_memory_and_spilled(tmp_path):
+    registry = CollectorRegistry()
+    with kumo.Server(policy=kumo.Policy(), maildir=tmp_path / "maildir") as server:
+        registry.register(server.metrics_collector())
+        address = server.start_esmtp_listener(listen="127.0.0.1:0").address
+        listener = {"listener": "127.0.0.1:0"}
+
+        def gauge(name: str) -> float:
+            value = registry.get_sample_value(f"kumo_listener_body_{name}_bytes", listener)
+            assert value is not None
+            return value
+
+        small, big = open_transaction(address), open_transaction(address)
+        small.send(b"Subject: small\r\n\r\nhi\r\n")
+        big.send(big_body("gauge", 2 * MiB))
+        wait_for(lambda: gauge("spilled") >= 2 * MiB, "the big body to spill")
+        assert gauge("memory") > 0, "the small body is in memory"
+        for client in (small, big):
+            client.send(b".\r\n")
+            assert client.reply()[0] == 250
+        wait_for(lambda: gauge("memory") == gauge("spilled") == 0, "the bodies to be let go")
