@@ -222,7 +222,7 @@ impl Files {
                 Some(spilled) => (spilled.path().to_path_buf(), Ok(())),
                 None => {
                     let path = self.tmp_dir().join(name);
-                    let written = write_durably(&path, message);
+                    let written = write_with_envelope(&path, message);
                     (path, written)
                 }
             };
@@ -306,7 +306,7 @@ fn envelope(sender: &Mailbox, recipients: &[Mailbox], more: usize) -> Vec<u8> {
     out
 }
 
-fn write_durably(path: &Path, message: &Message) -> io::Result<()> {
+fn write_with_envelope(path: &Path, message: &Message) -> io::Result<()> {
     let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
     file.write_all(&envelope_and_head(message))?;
     message.data.write_to(&mut file)
