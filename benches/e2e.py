@@ -150,12 +150,15 @@ class ServerKind:
 
 
 KUMO_DISCARD = ServerKind("kumo_discard", "kumo_listener (discard)")
+# The defaults an operator runs with: INFO logging (a line per message and per
+# connection) and the Prometheus endpoint, so that their cost is visible.
+KUMO_OBSERVED = ServerKind("kumo_observed", "kumo_listener (discard, INFO logs, metrics)")
 KUMO_MAILDIR = ServerKind("kumo_maildir", "kumo_listener (maildir)")
 AIOSMTPD = ServerKind("aiosmtpd", "aiosmtpd")
 SMTP_SINK = ServerKind("smtp_sink", "smtp-sink")
 POSTFIX_QUEUE = ServerKind("postfix_queue", "Postfix (queue, discard transport)")
-SERVERS = (KUMO_DISCARD, KUMO_MAILDIR, AIOSMTPD, SMTP_SINK)
-COUNTED = (KUMO_DISCARD, KUMO_MAILDIR, AIOSMTPD)
+SERVERS = (KUMO_DISCARD, KUMO_OBSERVED, KUMO_MAILDIR, AIOSMTPD, SMTP_SINK)
+COUNTED = (KUMO_DISCARD, KUMO_OBSERVED, KUMO_MAILDIR, AIOSMTPD)
 # Durable delivery side by side: what a durable 250 costs, against discarding.
 DURABLE_SERVERS = (KUMO_DISCARD, KUMO_MAILDIR, POSTFIX_QUEUE)
 DURABLE_SHAPES = (
@@ -444,9 +447,12 @@ class RunningServer:
 def server_command(
     kind: ServerKind, tools: Tools, settings: Settings, port: int, count_file: Path, maildir: Path
 ) -> list[str]:
-    if kind in (KUMO_DISCARD, KUMO_MAILDIR):
+    if kind in (KUMO_DISCARD, KUMO_OBSERVED, KUMO_MAILDIR):
         command = [sys.executable, "-m", "kumo_listener", "serve", "--policy", str(POLICY)]
-        command += ["--log-level", settings.kumo_log_level]
+        if kind is KUMO_OBSERVED:
+            command += ["--log-level", "INFO", "--metrics", f"{LOOPBACK}:{free_port()}"]
+        else:
+            command += ["--log-level", settings.kumo_log_level]
         if kind is KUMO_MAILDIR:
             return [*command, "--sink", "maildir", "--maildir", str(maildir)]
         return [*command, "--sink", "discard"]
@@ -1337,6 +1343,27 @@ def cpu_cell(item: Measured | None) -> str:
     return "n/a" if cpu is None else f"{cpu[0]:,.0f} / {cpu[1]:,.0f}"
 
 
+def cpu_ratio_table(results: dict[str, dict[str, Throughput]]) -> list[str]:
+    """The issue's measure: server CPU per message against smtp-sink's, which does nothing."""
+    kinds = (KUMO_DISCARD, KUMO_OBSERVED)
+    lines = [
+        "| server CPU per message over smtp-sink's (median) | "
+        + " | ".join(kind.title for kind in kinds)
+        + " |",
+        "|---" + "|---:" * len(kinds) + "|",
+    ]
+    for shape in SHAPES:
+        row = results[shape.key]
+        sink = row[SMTP_SINK.key].cpu_us()
+        cells = []
+        for kind in kinds:
+            kumo = row[kind.key].cpu_us()
+            server_ratio = None if kumo is None or sink is None else ratio(kumo[0], sink[0])
+            cells.append(ratio_cell(server_ratio))
+        lines.append(f"| {shape.title} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def cpu_table(results: Results) -> list[str]:
     """Where the time goes: when the load generator's CPU per message nears a
     core's worth at the measured rate, it, not the server, sets the pace."""
@@ -1463,6 +1490,8 @@ def report(machine: dict[str, Any], settings: Settings, results: Results) -> str
         "",
         *cpu_table(results),
         "",
+        *cpu_ratio_table(results.throughput),
+        "",
         *memory_table(results.memory, settings.idle),
         "",
         *durable_table(results.durable, settings.durable_sessions),
@@ -1578,7 +1607,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny counts, 1 run")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--sessions", type=int, default=16, help="parallel smtp-source sessions")
+    parser.add_argument("--sessions", type=int, default=50, help="parallel smtp-source sessions")
     parser.add_argument("--repeat", type=int, help="timed runs per cell (default 3, quick 1)")
     parser.add_argument("--seconds", type=float, default=3.0, help="target length of a run")
     parser.add_argument("--idle", type=int, help="idle connections (default 5000, quick 200)")
