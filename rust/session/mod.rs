@@ -207,8 +207,8 @@ impl<S: Transport> Session<S> {
             Command::Helo(domain) => self.hello(domain, false).await,
             Command::MailFrom { reverse_path, params } => self.mail_from(reverse_path, params).await,
             Command::RcptTo { forward_path } => self.rcpt_to(forward_path).await,
-            Command::Data => self.data().await,
-            Command::Bdat { size, last } => self.bdat(size, last).await,
+            Command::Data => Box::pin(self.data()).await,
+            Command::Bdat { size, last } => Box::pin(self.bdat(size, last)).await,
             Command::Rset => {
                 self.transaction = None;
                 self.send(&OK);
@@ -227,9 +227,9 @@ impl<S: Transport> Session<S> {
                 self.send(&self.help());
                 Ok(())
             }
-            Command::StartTls => self.starttls().await,
-            Command::Auth { mechanism, initial_response } => self.auth(mechanism, initial_response).await,
-            Command::XClient(arguments) => self.xclient(&arguments).await,
+            Command::StartTls => Box::pin(self.starttls()).await,
+            Command::Auth { mechanism, initial_response } => Box::pin(self.auth(mechanism, initial_response)).await,
+            Command::XClient(arguments) => Box::pin(self.xclient(&arguments)).await,
         }
     }
 

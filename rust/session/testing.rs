@@ -22,7 +22,7 @@ pub type Script = dyn Fn(&Event) -> Outcome + Send + Sync;
 /// A listener without a socket: each [`Harness::connect`] runs a session
 /// on the current tokio runtime and returns the client's end of its pipe.
 pub struct Harness {
-    context: Arc<SessionContext>,
+    pub(super) context: Arc<SessionContext>,
     shutdown: watch::Sender<bool>,
     logs: Arc<Mutex<Vec<String>>>,
 }
