@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long a measure of the spool's free space is trusted.
 const ROOM_TTL_MS: u64 = 1000;
@@ -21,6 +21,9 @@ const ROOM_TTL_MS: u64 = 1000;
 /// The in-memory budget counts as used up once less than this is left: a
 /// new session's body could not even start in memory.
 const BUDGET_MARGIN: usize = 64 * 1024;
+
+/// Maildir's rule for `tmp/`: a file this old is left over from a crash.
+const STALE_AFTER: Duration = Duration::from_secs(36 * 3600);
 
 /// Where a listener's spilled bodies go, and what its bodies hold now.
 pub struct Spool {
@@ -36,7 +39,10 @@ pub struct Spool {
 }
 
 impl Spool {
+    /// Spill files left over from a crash (older than Maildir's 36 hours,
+    /// so never another live process's) are removed first.
     pub fn new(dir: PathBuf, memory_limit: usize, metrics: Arc<ListenerMetrics>) -> Arc<Self> {
+        remove_stale_spill_files(&dir, SystemTime::now());
         Arc::new(Self {
             dir,
             memory_limit,
@@ -150,6 +156,31 @@ struct ReservedBytes {
 impl AsRef<[u8]> for ReservedBytes {
     fn as_ref(&self) -> &[u8] {
         &self.bytes
+    }
+}
+
+/// Whether `name` is one [`SpillFile::create`] gives: `{secs}.P{pid}Q{n}.body`.
+fn is_spill_file_name(name: &str) -> bool {
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|byte| byte.is_ascii_digit());
+    let Some((secs, rest)) = name.strip_suffix(".body").and_then(|stem| stem.split_once(".P")) else {
+        return false;
+    };
+    rest.split_once('Q').is_some_and(|(pid, sequence)| digits(secs) && digits(pid) && digits(sequence))
+}
+
+/// Best effort: what can't be read or removed stays.
+fn remove_stale_spill_files(dir: &Path, now: SystemTime) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry
+            .metadata()
+            .and_then(|meta| meta.modified())
+            .is_ok_and(|modified| now.duration_since(modified).is_ok_and(|age| age > STALE_AFTER));
+        if stale && entry.file_name().to_str().is_some_and(is_spill_file_name) {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -459,6 +490,29 @@ mod tests {
             buffer.pending().extend_from_slice(chunk);
             buffer.settle().unwrap();
         }
+    }
+
+    #[test]
+    fn spill_files_left_from_a_crash_are_removed_and_nothing_else() {
+        let dir = scratch_dir("stale");
+        let old = SystemTime::now() - STALE_AFTER - Duration::from_secs(60);
+        for name in ["1700000000.P12Q3.body", "1700000000.P12Q4.body", "other.body", "1700000000.P12Q5.txt"] {
+            fs::write(dir.join(name), b"x").unwrap();
+        }
+        for name in ["1700000000.P12Q3.body", "other.body", "1700000000.P12Q5.txt"] {
+            File::options().write(true).open(dir.join(name)).unwrap().set_modified(old).unwrap();
+        }
+        let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
+        let mut buffer = BodyBuffer::new(&spool, 1, 1, Vec::new());
+        buffer.append(b"spilled").unwrap();
+        let Body::File(spilled) = buffer.finish().unwrap() else { panic!("not spilled") };
+        assert!(is_spill_file_name(spilled.path().file_name().unwrap().to_str().unwrap()), "{spilled:?}");
+        drop(spilled);
+        let mut left: Vec<String> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["1700000000.P12Q4.body", "1700000000.P12Q5.txt", "other.body"]);
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
