@@ -1446,29 +1446,26 @@ def failures(results: Results) -> list[str]:
 
 
 def run_details(results: Results) -> list[str]:
+    def rates_of(item: Measured) -> str:
+        return ", ".join(f"{rate:,.0f}" for rate in item.rates)
+
     lines = []
-    for shape in SHAPES:
-        for kind in SERVERS:
-            item = results.throughput[shape.key][kind.key]
-            if item.rates:
-                rates = ", ".join(f"{rate:,.0f}" for rate in item.rates)
-                lines.append(
-                    f"- {kind.title}, {shape.title}: {item.messages_per_run} msgs/run; {rates}"
-                )
-    for shape in DURABLE_SHAPES:
-        for kind in DURABLE_SERVERS:
-            item = results.durable[shape.key][kind.key]
-            if item.rates:
-                rates = ", ".join(f"{rate:,.0f}" for rate in item.rates)
-                lines.append(
-                    f"- durable, {kind.title}, {shape.title}: {item.messages_per_run} msgs/run; "
-                    + rates
-                )
+    for prefix, shapes, kinds, table in (
+        ("", SHAPES, SERVERS, results.throughput),
+        ("durable, ", DURABLE_SHAPES, DURABLE_SERVERS, results.durable),
+    ):
+        for shape in shapes:
+            for kind in kinds:
+                item = table[shape.key][kind.key]
+                if item.rates:
+                    lines.append(
+                        f"- {prefix}{kind.title}, {shape.title}: "
+                        f"{item.messages_per_run} msgs/run; {rates_of(item)}"
+                    )
     for kind in STARTTLS_SERVERS:
         handshakes = results.starttls[kind.key]
         if handshakes.rates:
-            rates = ", ".join(f"{rate:,.0f}" for rate in handshakes.rates)
-            lines.append(f"- {kind.title}, STARTTLS sessions/s: {rates}")
+            lines.append(f"- {kind.title}, STARTTLS sessions/s: {rates_of(handshakes)}")
     return lines
 
 

@@ -197,8 +197,12 @@ impl Bridge {
 
     /// Write out the lines that [`Bridge::write_logs_directly`] has kept.
     pub fn flush_logs(&self) {
-        let lines = self.lock().logs.take_direct_output();
-        log::write_to_stderr(&lines);
+        log::write_to_stderr(&self.take_log_output());
+    }
+
+    /// The lines that [`Bridge::write_logs_directly`] has kept, for the caller to write.
+    pub fn take_log_output(&self) -> Vec<u8> {
+        self.lock().logs.take_direct_output()
     }
 
     /// Take the effective level of Python's `kumo_listener` logger, and

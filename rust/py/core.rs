@@ -6,7 +6,7 @@ use super::ParamsError;
 use crate::bridge::{Bridge, Call, DEFAULT_BUSY_AT};
 use crate::driver::Driver;
 use crate::events::{self, Event, EventKind, Outcome, Response};
-use crate::log::{LogFormat, LogRecord};
+use crate::log::{self, LogFormat, LogRecord};
 use crate::metrics::{ListenerMetrics, LATENCY_BUCKETS};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
 use crate::server::{self, BoundAddress, ServerState};
@@ -147,7 +147,11 @@ impl PyCore {
     fn take<'py>(&self, py: Python<'py>) -> PyResult<(Vec<PyJob>, Vec<LogTuple<'py>>)> {
         let bridge = &self.state.bridge;
         let (calls, logs) = bridge.take();
-        bridge.flush_logs();
+        let lines = bridge.take_log_output();
+        if !lines.is_empty() {
+            // Standard error may block: not while holding the GIL.
+            py.detach(|| log::write_to_stderr(&lines));
+        }
         let jobs = calls.into_iter().map(|call| PyJob::new(call, bridge.clone())).collect();
         Ok((jobs, logs.into_iter().map(|record| log_tuple(py, record)).collect::<PyResult<_>>()?))
     }

@@ -396,8 +396,9 @@ async fn a_proxy_header_sets_the_real_addresses_before_the_banner() {
     assert!(logged(), "{:?}", harness.logs());
 }
 
-#[tokio::test]
-async fn xclient_starts_the_session_over_for_the_real_client() {
+/// A harness that records the client address each connection's
+/// `ConnectionAccepted` sees (again after XCLIENT or a PROXY header).
+fn recording_clients(params: Value) -> (Harness, Seen) {
     let seen = Seen::default();
     let recorder = seen.clone();
     let script = move |event: &Event| {
@@ -406,8 +407,13 @@ async fn xclient_starts_the_session_over_for_the_real_client() {
         }
         nothing(event)
     };
+    (harness(params, &[EventKind::ConnectionAccepted], script), seen)
+}
+
+#[tokio::test]
+async fn xclient_starts_the_session_over_for_the_real_client() {
     let params = json!({"peer": {"192.0.2.10": {"allow_xclient": true}, "10.1.1.1": {"hostname": "real.test"}}});
-    let harness = harness(params, &[EventKind::ConnectionAccepted], script);
+    let (harness, seen) = recording_clients(params);
     let mut client = greeted(&harness, CLIENT).await;
     let (_, extensions) = client.command("EHLO proxy.test").await;
     assert!(extensions.iter().any(|e| e.starts_with("XCLIENT ")), "{extensions:?}");
@@ -1256,18 +1262,10 @@ async fn lmtp_with_starttls_and_auth_is_lmtpsa() {
 
 #[tokio::test]
 async fn lmtp_behind_a_proxy_header_and_with_xclient() {
-    let seen = Seen::default();
-    let recorder = seen.clone();
-    let script = move |event: &Event| {
-        if let Event::ConnectionAccepted { meta } = event {
-            recorder.push(meta.get_str("received_from").unwrap_or_default());
-        }
-        nothing(event)
-    };
     let params = lmtp(
         json!({"hostname": "mx.test", "require_proxy_protocol": true, "peer": {"10.9.8.7": {"allow_xclient": true}}}),
     );
-    let harness = harness(params, &[EventKind::ConnectionAccepted], script);
+    let (harness, seen) = recording_clients(params);
     let mut client = Client::new(harness.connect(CLIENT, LOCAL));
     client.send(b"PROXY TCP4 10.9.8.7 203.0.113.5 1234 25\r\n").await;
     assert_eq!(client.reply().await.1[0], "mx.test LMTP kumo_listener");
