@@ -4,9 +4,9 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kumo_listener::cidr::{parse_cidr, CidrMap};
-use kumo_listener::framing::{DataFramer, DataLimits, LineEndings};
 use kumo_listener::params::{parse_listener_config, parse_overrides, Params};
-use kumo_listener::parser::parse_command;
+use kumo_listener::protocol::framing::{DataFramer, DataLimits, LineEndings};
+use kumo_listener::protocol::parser::parse_command;
 use serde_json::json;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};

@@ -26,7 +26,7 @@ const BUDGET_MARGIN: usize = 64 * 1024;
 const STALE_AFTER: Duration = Duration::from_secs(36 * 3600);
 
 /// Where a listener's spilled bodies go, and what its bodies hold now.
-pub struct Spool {
+pub struct BodyStore {
     dir: PathBuf,
     memory_limit: usize,
     /// Its gauges of the bytes in memory and in spill files are the spool's counts.
@@ -38,7 +38,7 @@ pub struct Spool {
     epoch: Instant,
 }
 
-impl Spool {
+impl BodyStore {
     /// Spill files left over from a crash (older than Maildir's 36 hours,
     /// so never another live process's) are removed first.
     pub fn new(dir: PathBuf, memory_limit: usize, metrics: Arc<ListenerMetrics>) -> Arc<Self> {
@@ -103,9 +103,9 @@ impl Spool {
     }
 }
 
-impl std::fmt::Debug for Spool {
+impl std::fmt::Debug for BodyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spool").field("dir", &self.dir).field("memory_limit", &self.memory_limit).finish()
+        f.debug_struct("BodyStore").field("dir", &self.dir).field("memory_limit", &self.memory_limit).finish()
     }
 }
 
@@ -124,7 +124,7 @@ fn free_space(dir: &Path) -> io::Result<u64> {
 /// Bytes of a spool's in-memory budget, given back when dropped.
 #[derive(Debug)]
 struct Reservation {
-    spool: Arc<Spool>,
+    spool: Arc<BodyStore>,
     bytes: usize,
 }
 
@@ -189,7 +189,7 @@ fn remove_stale_spill_files(dir: &Path, now: SystemTime) {
 pub struct SpillFile {
     file: File,
     path: PathBuf,
-    spool: Arc<Spool>,
+    spool: Arc<BodyStore>,
     /// Bytes written so far.
     written: u64,
 }
@@ -197,7 +197,7 @@ pub struct SpillFile {
 impl SpillFile {
     /// A new file, named as Maildir's `tmp/` wants: unique to this host
     /// (several processes may share the directory).
-    fn create(spool: &Arc<Spool>) -> io::Result<Self> {
+    fn create(spool: &Arc<BodyStore>) -> io::Result<Self> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
         let sequence = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -351,7 +351,7 @@ fn copy_by_reading(from: &File, mut offset: u64, mut len: usize, to: &mut File) 
 /// them out once the body is spilled.
 #[derive(Debug)]
 pub struct BodyBuffer {
-    spool: Arc<Spool>,
+    spool: Arc<BodyStore>,
     /// Past this many bytes in memory the body goes to a file.
     threshold: usize,
     /// The body so far while in memory; once spilled, bytes not yet written.
@@ -367,7 +367,7 @@ pub struct BodyBuffer {
 impl BodyBuffer {
     /// `capacity`: the room first made in memory (kept under `threshold`);
     /// `prefix`: what the spill file starts with.
-    pub fn new(spool: &Arc<Spool>, threshold: usize, capacity: usize, prefix: Vec<u8>) -> Self {
+    pub fn new(spool: &Arc<BodyStore>, threshold: usize, capacity: usize, prefix: Vec<u8>) -> Self {
         let memory = Vec::with_capacity(capacity.min(threshold));
         let mut reservation = Reservation { spool: spool.clone(), bytes: 0 };
         let fits = reservation.grow_to(memory.capacity());
@@ -502,7 +502,7 @@ mod tests {
         for name in ["1700000000.P12Q3.body", "other.body", "1700000000.P12Q5.txt"] {
             File::options().write(true).open(dir.join(name)).unwrap().set_modified(old).unwrap();
         }
-        let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
+        let spool = BodyStore::new(dir.clone(), 1 << 20, Arc::default());
         let mut buffer = BodyBuffer::new(&spool, 1, 1, Vec::new());
         buffer.append(b"spilled").unwrap();
         let Body::File(spilled) = buffer.finish().unwrap() else { panic!("not spilled") };
@@ -518,7 +518,7 @@ mod tests {
     #[test]
     fn a_small_body_stays_in_memory_and_gives_its_reservation_back() {
         let dir = scratch_dir("small");
-        let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
+        let spool = BodyStore::new(dir.clone(), 1 << 20, Arc::default());
         let mut buffer = BodyBuffer::new(&spool, 1024, 100, b"ENV\r\n".to_vec());
         receive(&mut buffer, &[b"Subject: x\r\n", b"\r\nhi\r\n"]);
         let body = buffer.finish().unwrap();
@@ -535,7 +535,7 @@ mod tests {
     #[test]
     fn a_body_past_its_threshold_goes_to_a_file_after_the_prefix() {
         let dir = scratch_dir("spill");
-        let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
+        let spool = BodyStore::new(dir.clone(), 1 << 20, Arc::default());
         let mut buffer = BodyBuffer::new(&spool, 8, 4, b"ENV\r\n".to_vec());
         receive(&mut buffer, &[b"0123", b"4567", b"89ab", b"cdef"]);
         assert!(buffer.is_spilled());
@@ -556,7 +556,7 @@ mod tests {
     #[test]
     fn with_the_budget_used_up_even_a_small_body_is_spilled() {
         let dir = scratch_dir("budget");
-        let spool = Spool::new(dir, BUDGET_MARGIN + 64, Arc::default());
+        let spool = BodyStore::new(dir, BUDGET_MARGIN + 64, Arc::default());
         assert!(!spool.memory_exhausted());
         let first = BodyBuffer::new(&spool, 1024, 64, Vec::new());
         assert!(!first.is_spilled());
@@ -573,7 +573,7 @@ mod tests {
     #[test]
     fn a_failed_spill_loses_the_body_and_marks_the_spool_full() {
         let dir = scratch_dir("fails").join("missing");
-        let spool = Spool::new(dir, 1 << 20, Arc::default());
+        let spool = BodyStore::new(dir, 1 << 20, Arc::default());
         assert!(!spool.has_room(1), "no file system behind a missing directory");
         let mut buffer = BodyBuffer::new(&spool, 4, 4, Vec::new());
         assert!(buffer.append(b"more than four").is_err());
@@ -584,15 +584,15 @@ mod tests {
 
     #[test]
     fn the_spool_room_is_measured() {
-        let spool = Spool::new(scratch_dir("room"), 1 << 20, Arc::default());
+        let spool = BodyStore::new(scratch_dir("room"), 1 << 20, Arc::default());
         assert!(spool.has_room(1));
-        assert!(!Spool::new(scratch_dir("room2"), 1, Arc::default()).has_room(u64::MAX));
+        assert!(!BodyStore::new(scratch_dir("room2"), 1, Arc::default()).has_room(u64::MAX));
     }
 
     #[test]
     fn a_spilled_body_is_copied_into_another_file_without_its_prefix() {
         let dir = scratch_dir("copy");
-        let spool = Spool::new(dir.clone(), 1 << 20, Arc::default());
+        let spool = BodyStore::new(dir.clone(), 1 << 20, Arc::default());
         let mut buffer = BodyBuffer::new(&spool, 1, 1, b"PREFIX".to_vec());
         let text: Vec<u8> = (0..200_000u32).flat_map(|n| n.to_le_bytes()).collect();
         buffer.append(&text).unwrap();

@@ -10,7 +10,7 @@
 
 use crate::events::{Event, EventKind, Outcome};
 use crate::log::{self, LogEntry, LogFormat, LogLevel, LogRecord, LogRecords, LOG_ERROR};
-use crate::metrics::PolicyLatency;
+use crate::policy_latency::PolicyLatency;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;

@@ -1,14 +1,14 @@
 //! The policy event contract: the events a session raises ([`EventKind`],
-//! declared once here with their registration names, which Python gets as
-//! `_core.EVENTS`), their arguments ([`Event`]) and how a call ends
+//! declared once here in [`with_events`] with their registration names and
+//! arguments, which Python gets as `_core.EVENTS`), their arguments ([`Event`]) and how a call ends
 //! ([`Outcome`], [`Response`]; what `get_listener_domain` says is a
 //! [`ListenerDomain`], parsed in [`crate::params`]).
 
 use crate::message::Message;
 use crate::meta::MetaStore;
 use crate::params::{GenericParams, ListenerDomain};
-use crate::parser::Mailbox;
-use crate::sasl::PlainCredentials;
+use crate::protocol::parser::Mailbox;
+use crate::protocol::sasl::PlainCredentials;
 use std::sync::Arc;
 
 /// The event Python runs once at start-up. Sessions never raise it, so it
@@ -16,13 +16,41 @@ use std::sync::Arc;
 /// policy may register is in this file.
 pub const INIT: &str = "init";
 
-/// Declares [`EventKind`], `ALL`, `name()` and `from_name()` from one list.
-macro_rules! event_kinds {
-    ($($(#[$doc:meta])* $kind:ident => $name:literal,)*) => {
+/// Every policy event a session raises, declared once: its variant, its
+/// registration name, the names of the handler's arguments, and the fields
+/// the event carries to make them. Calls `$then!` with the list, so that
+/// the declarations here ([`declare_events`]) and the binding's
+/// marshalling of the arguments (`rust/py`) follow the one list.
+#[macro_export]
+macro_rules! with_events {
+    ($then:ident) => {
+        $then! {
+            GetDynamicParameters => "smtp_server_get_dynamic_parameters" (listener, conn_meta)
+                { listener: Arc<str>, meta: MetaStore },
+            ConnectionAccepted => "smtp_server_connection_accepted" (conn_meta) { meta: MetaStore },
+            Ehlo => "smtp_server_ehlo" (domain, conn_meta, extensions)
+                { domain: String, meta: MetaStore, extensions: Vec<String> },
+            MailFrom => "smtp_server_mail_from" (sender, conn_meta) { sender: Mailbox, meta: MetaStore },
+            RcptTo => "smtp_server_rcpt_to" (recipient, conn_meta) { recipient: Mailbox, meta: MetaStore },
+            GetListenerDomain => "get_listener_domain" (domain, listener, conn_meta)
+                { domain: String, listener: Arc<str>, meta: MetaStore },
+            Data => "smtp_server_data" (message, conn_meta) { message: Arc<Message>, meta: MetaStore },
+            MessageReceived => "smtp_server_message_received" (message, conn_meta)
+                { message: Arc<Message>, meta: MetaStore },
+            AuthPlain => "smtp_server_auth_plain" (authz, authc, password, conn_meta)
+                { credentials: PlainCredentials, meta: MetaStore },
+        }
+    };
+}
+
+/// Declares [`EventKind`] (with `ALL`, `name()`, `from_name()`,
+/// `arguments()`) and [`Event`] (with `kind()`) from [`with_events`].
+macro_rules! declare_events {
+    ($($kind:ident => $name:literal ($($argument:ident),*) { $($field:ident: $ty:ty),* },)*) => {
         /// The policy events a session can raise, by their registration names.
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum EventKind {
-            $($(#[$doc])* $kind,)*
+            $($kind,)*
         }
 
         impl EventKind {
@@ -40,21 +68,32 @@ macro_rules! event_kinds {
                     _ => None,
                 }
             }
+
+            /// The names of its handler's arguments, in order.
+            pub fn arguments(self) -> &'static [&'static str] {
+                match self {
+                    $(EventKind::$kind => &[$(stringify!($argument)),*],)*
+                }
+            }
+        }
+
+        /// An event with its arguments.
+        #[derive(Debug)]
+        pub enum Event {
+            $($kind { $($field: $ty),* },)*
+        }
+
+        impl Event {
+            pub fn kind(&self) -> EventKind {
+                match self {
+                    $(Event::$kind { .. } => EventKind::$kind,)*
+                }
+            }
         }
     };
 }
 
-event_kinds! {
-    GetDynamicParameters => "smtp_server_get_dynamic_parameters",
-    ConnectionAccepted => "smtp_server_connection_accepted",
-    Ehlo => "smtp_server_ehlo",
-    MailFrom => "smtp_server_mail_from",
-    RcptTo => "smtp_server_rcpt_to",
-    GetListenerDomain => "get_listener_domain",
-    Data => "smtp_server_data",
-    MessageReceived => "smtp_server_message_received",
-    AuthPlain => "smtp_server_auth_plain",
-}
+with_events!(declare_events);
 
 impl EventKind {
     /// Its bit in a set of kinds kept as a `u32`.
@@ -83,36 +122,6 @@ pub fn unknown(name: &str) -> String {
             let mut known: Vec<&str> = names().collect();
             known.sort_unstable();
             format!("unknown event '{name}'; known events: {}", known.join(", "))
-        }
-    }
-}
-
-/// An event with its arguments.
-#[derive(Debug)]
-pub enum Event {
-    GetDynamicParameters { listener: Arc<str>, meta: MetaStore },
-    ConnectionAccepted { meta: MetaStore },
-    Ehlo { domain: String, meta: MetaStore, extensions: Vec<String> },
-    MailFrom { sender: Mailbox, meta: MetaStore },
-    RcptTo { recipient: Mailbox, meta: MetaStore },
-    GetListenerDomain { domain: String, listener: Arc<str>, meta: MetaStore },
-    Data { message: Arc<Message>, meta: MetaStore },
-    MessageReceived { message: Arc<Message>, meta: MetaStore },
-    AuthPlain { credentials: PlainCredentials, meta: MetaStore },
-}
-
-impl Event {
-    pub fn kind(&self) -> EventKind {
-        match self {
-            Event::GetDynamicParameters { .. } => EventKind::GetDynamicParameters,
-            Event::ConnectionAccepted { .. } => EventKind::ConnectionAccepted,
-            Event::Ehlo { .. } => EventKind::Ehlo,
-            Event::MailFrom { .. } => EventKind::MailFrom,
-            Event::RcptTo { .. } => EventKind::RcptTo,
-            Event::GetListenerDomain { .. } => EventKind::GetListenerDomain,
-            Event::Data { .. } => EventKind::Data,
-            Event::MessageReceived { .. } => EventKind::MessageReceived,
-            Event::AuthPlain { .. } => EventKind::AuthPlain,
         }
     }
 }
@@ -153,6 +162,13 @@ mod tests {
         }
         assert_eq!(EventKind::from_name(INIT), None);
         assert_eq!(names().count(), EventKind::ALL.len() + 1);
+    }
+
+    #[test]
+    fn every_handler_gets_the_connection_metadata() {
+        for kind in EventKind::ALL {
+            assert!(kind.arguments().contains(&"conn_meta"), "{kind:?}");
+        }
     }
 
     #[test]

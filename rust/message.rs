@@ -7,7 +7,7 @@
 use crate::body::Body;
 use crate::meta::MetaStore;
 use crate::params::BatchHandling;
-use crate::parser::Mailbox;
+use crate::protocol::parser::Mailbox;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use bytes::Bytes;

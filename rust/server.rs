@@ -6,13 +6,13 @@
 //! [`crate::driver::Driver`]), so dropping the runtime drops every task and
 //! socket with it.
 
-use crate::body::Spool;
+use crate::body::BodyStore;
 use crate::bridge::Bridge;
-use crate::clients::{ClientTable, CLIENT_TABLE_CAPACITY};
+use crate::client_limits::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::log::{LOG_ERROR, LOG_INFO};
 use crate::metrics::{self, ListenerMetrics};
 use crate::params::{ListenerConfig, Params};
-use crate::reply::Reply;
+use crate::protocol::reply::Reply;
 use crate::session::{self, SessionContext, Shutdown, UNIX_CLIENT};
 use crate::sink::Sink;
 use crate::stream::Transport;
@@ -137,7 +137,7 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
         }
     };
     let metrics: Arc<ListenerMetrics> = Arc::default();
-    let spool = Spool::new(spool_dir(&config, &server.sink)?, config.body_memory_limit, metrics.clone());
+    let spool = BodyStore::new(spool_dir(&config, &server.sink)?, config.body_memory_limit, metrics.clone());
     let context = Arc::new(SessionContext {
         listener: Arc::from(config.listen.as_str()),
         config,

@@ -2,7 +2,7 @@
 
 use crate::body::{Body, SpilledBody};
 use crate::message::Message;
-use crate::parser::Mailbox;
+use crate::protocol::parser::Mailbox;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -449,7 +449,7 @@ mod tests {
         fs::remove_dir_all(root).unwrap();
     }
 
-    fn spilled(spool: &Arc<crate::body::Spool>, prefix: Vec<u8>, text: &[u8]) -> Body {
+    fn spilled(spool: &Arc<crate::body::BodyStore>, prefix: Vec<u8>, text: &[u8]) -> Body {
         let mut buffer = crate::body::BodyBuffer::new(spool, 1, 1, prefix);
         buffer.append(text).unwrap();
         buffer.finish().unwrap()
@@ -461,7 +461,7 @@ mod tests {
         let root = scratch_dir("rename");
         let sink = Sink::Maildir(Arc::new(Maildir::open(&root).unwrap()));
         let Sink::Maildir(maildir) = &sink else { unreachable!() };
-        let spool = crate::body::Spool::new(sink.spool_dir(), 1 << 20, Arc::default());
+        let spool = crate::body::BodyStore::new(sink.spool_dir(), 1 << 20, Arc::default());
         let who = Mailbox::new("a", "b.example");
         let body = spilled(&spool, sink.envelope_for(spool.dir(), &who, &who), b"Subject: big\r\n\r\nbody\r\n");
         let Body::File(file) = &body else { panic!("not spilled") };
@@ -479,7 +479,7 @@ mod tests {
     fn a_spilled_body_shared_by_parts_is_copied_into_each() {
         let root = scratch_dir("shared-spill");
         let maildir = Maildir::open(&root).unwrap();
-        let spool = crate::body::Spool::new(maildir.files.tmp_dir(), 1 << 20, Arc::default());
+        let spool = crate::body::BodyStore::new(maildir.files.tmp_dir(), 1 << 20, Arc::default());
         let body = spilled(&spool, Vec::new(), b"\r\nshared\r\n");
         let parts: Vec<Arc<Message>> = ["x", "y"]
             .iter()
@@ -499,6 +499,11 @@ mod tests {
             ]
         );
         drop((parts, body));
+        // A committer thread may still be dropping its copy of the last part.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !entries(&root.join("tmp")).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert!(entries(&root.join("tmp")).is_empty(), "the spill file goes with its last part");
         fs::remove_dir_all(root).unwrap();
     }

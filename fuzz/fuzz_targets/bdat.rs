@@ -14,8 +14,8 @@
 #[path = "common/chunks.rs"]
 mod chunks;
 
-use kumo_listener::bdat::ChunkedBody;
-use kumo_listener::framing::{DataLimits, DataVerdict, LineEndings};
+use kumo_listener::protocol::bdat::ChunkedBody;
+use kumo_listener::protocol::framing::{DataLimits, DataVerdict, LineEndings};
 use libfuzzer_sys::fuzz_target;
 
 const MODES: [LineEndings; 3] = [LineEndings::Deny, LineEndings::Allow, LineEndings::Fix];

@@ -23,7 +23,7 @@
 #[path = "common/chunks.rs"]
 mod chunks;
 
-use kumo_listener::framing::{DataFramer, DataLimits, DataVerdict, LineEndings};
+use kumo_listener::protocol::framing::{DataFramer, DataLimits, DataVerdict, LineEndings};
 use libfuzzer_sys::fuzz_target;
 use memchr::memmem;
 

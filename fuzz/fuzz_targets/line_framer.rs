@@ -12,7 +12,7 @@
 #[path = "common/chunks.rs"]
 mod chunks;
 
-use kumo_listener::framing::{LineEvent, LineFramer};
+use kumo_listener::protocol::framing::{LineEvent, LineFramer};
 use libfuzzer_sys::fuzz_target;
 use memchr::memmem;
 

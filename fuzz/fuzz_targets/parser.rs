@@ -7,7 +7,7 @@
 
 #![no_main]
 
-use kumo_listener::parser::{parse_command, Command, EsmtpParams, Mailbox, ReversePath};
+use kumo_listener::protocol::parser::{parse_command, Command, EsmtpParams, Mailbox, ReversePath};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|line: &[u8]| {

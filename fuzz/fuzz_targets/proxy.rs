@@ -7,7 +7,7 @@
 
 #![no_main]
 
-use kumo_listener::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
+use kumo_listener::protocol::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

@@ -9,7 +9,7 @@
 
 #![no_main]
 
-use kumo_listener::reply::{generic_enhanced, split_enhanced, write_reply};
+use kumo_listener::protocol::reply::{generic_enhanced, split_enhanced, write_reply};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

@@ -14,7 +14,7 @@
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
-use kumo_listener::sasl::{decode_login_password, decode_login_username, decode_plain, PlainCredentials, PlainError};
+use kumo_listener::protocol::sasl::{decode_login_password, decode_login_username, decode_plain, PlainCredentials, PlainError};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
@@ -26,7 +26,7 @@ fuzz_target!(|text: &str| {
             assert_eq!(decode_plain(&encode(authz, authc, password)), Ok(credentials.clone()));
         }
         Err(error) => {
-            let kumo_listener::reply::Reply { code, enhanced, text: reply } = error.reply();
+            let kumo_listener::protocol::reply::Reply { code, enhanced, text: reply } = error.reply();
             let enhanced = enhanced.unwrap_or_default();
             assert_eq!(code, 501);
             assert!(enhanced.starts_with("5.") && !reply.is_empty());

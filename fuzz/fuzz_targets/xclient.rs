@@ -8,7 +8,8 @@
 
 #![no_main]
 
-use kumo_listener::xclient::{decode_xtext, parse_xclient, XClientError, XClientRequest};
+use kumo_listener::protocol::xclient::{parse_xclient, XClientError, XClientRequest};
+use kumo_listener::protocol::xtext::decode_xtext;
 use libfuzzer_sys::fuzz_target;
 
 const MAX_VALUE_LEN: usize = 255;
@@ -23,7 +24,7 @@ fuzz_target!(|text: &str| {
             assert!(text.bytes().all(|byte| (b'!'..=b'~').contains(&byte) && byte != b'='), "accepted {text:?}");
             assert_eq!(decode_xtext(&encode(&decoded)).as_deref(), Ok(decoded.as_str()));
         }
-        Err(error) => check_error(&error),
+        Err(reason) => check_error_text(reason),
     }
 
     let encoded = encode(text);
@@ -76,5 +77,9 @@ fn check_request(request: &XClientRequest) {
 }
 
 fn check_error(XClientError(text): &XClientError) {
+    check_error_text(text);
+}
+
+fn check_error_text(text: &str) {
     assert!(!text.is_empty() && !text.chars().any(char::is_control), "error text {text:?}");
 }

@@ -7,6 +7,8 @@ from typing import Any, BinaryIO, final
 __all__ = [
     "DEFAULT_LISTEN",
     "EVENTS",
+    "METRICS",
+    "PARAMETERS",
     "ConnectionMeta",
     "Core",
     "EnvelopeAddress",
@@ -23,6 +25,12 @@ __all__ = [
 EVENTS: frozenset[str]
 #: ``listen`` when none is given: ``start_esmtp_listener``, ``kumo-listener serve``.
 DEFAULT_LISTEN: str
+#: ``(name, kind, help, labels)`` of every Prometheus metric; ``kind`` is
+#: ``"counter"``, ``"gauge"`` or ``"histogram"``.
+METRICS: list[tuple[str, str, str, list[str]]]
+#: ``(name, scope)`` of every listener parameter, in the table's order;
+#: ``scope`` is ``"top_level"`` (``start_esmtp_listener`` only) or ``"anywhere"``.
+PARAMETERS: list[tuple[str, str]]
 
 class ParamsError(ValueError):
     """Invalid listener parameters; the message lists every error with its key path."""
@@ -94,7 +102,7 @@ class Core:
     def active_sessions(self) -> int: ...
     def open_listeners(self) -> int: ...
     def describe_sink(self) -> str: ...
-    def metrics(self) -> dict[str, Any]: ...
+    def metrics(self) -> dict[str, list[tuple[tuple[str, ...], Any]]]: ...
 
 def validate_overrides(value: Any) -> list[str]: ...
 def duration_seconds(value: float | str) -> float: ...

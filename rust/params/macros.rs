@@ -24,9 +24,9 @@ macro_rules! listener_params {
         }
     ) => {
         /// Keys read by `parse_listener_config` only, refused in blocks and overrides.
-        const TOP_LEVEL_ONLY: &[&str] = &[$(stringify!($top)),*];
+        pub const TOP_LEVEL_ONLY: &[&str] = &[$(stringify!($top)),*];
         /// Keys allowed at every level.
-        const ANYWHERE: &[&str] = &[$(stringify!($name),)* "peer", "via"];
+        pub const ANYWHERE: &[&str] = &[$(stringify!($name),)* "peer", "via"];
 
         /// What `start_esmtp_listener` was given.
         #[derive(Clone, Debug)]

@@ -15,8 +15,8 @@ mod macros;
 mod parse;
 
 use crate::cidr::{parse_cidr, CidrMap, CidrSet};
-use crate::clients::Rate;
-use crate::framing::LineEndings;
+use crate::client_limits::Rate;
+use crate::protocol::framing::LineEndings;
 use parse::{
     batch_handling, boolean, cidr_blocks, cidr_list, directory, hostname, line_endings, line_limit, meta, parse_listen,
     positive_integer, protocol, rate, relay_hosts, size, string, trace_headers, unknown_key, Errors,

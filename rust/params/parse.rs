@@ -2,8 +2,8 @@
 
 use super::{parse_table, GenericParams, KeySource, Level, Protocol, TraceHeadersOverride};
 use crate::cidr::{parse_cidr, CidrMap, CidrSet};
-use crate::clients::Rate;
-use crate::framing::LineEndings;
+use crate::client_limits::Rate;
+use crate::protocol::framing::LineEndings;
 use serde_json::{Map, Value};
 use std::fmt;
 use std::net::SocketAddr;

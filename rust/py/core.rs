@@ -1,14 +1,19 @@
 //! The server handle Python drives, and the jobs it hands to Python.
 
 use super::convert::{to_json, to_python};
+use super::errors::{os_error, params_error};
 use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyListenerParams, PyMessage};
-use super::ParamsError;
 use crate::bridge::{Bridge, Call, DEFAULT_BUSY_AT};
 use crate::driver::Driver;
 use crate::events::{self, Event, EventKind, Outcome, Response};
 use crate::log::{self, LogFormat, LogRecord};
-use crate::metrics::{ListenerMetrics, LATENCY_BUCKETS};
+use crate::message::Message;
+use crate::meta::MetaStore;
+use crate::metrics::{LISTENER_METRICS, REJECTIONS};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
+use crate::policy_latency::{LATENCY_BUCKETS, POLICY_CALL_SECONDS};
+use crate::protocol::parser::Mailbox;
+use crate::protocol::sasl::PlainCredentials;
 use crate::server::{self, BoundAddress, ServerState};
 use crate::sink::{Maildir, Sink};
 use crate::tls;
@@ -17,17 +22,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use serde_json::Value;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-pub fn params_error(errors: &ParamErrors) -> PyErr {
-    ParamsError::new_err(errors.to_string())
-}
-
-fn os_error(error: std::io::Error) -> PyErr {
-    PyOSError::new_err(error.to_string())
-}
 
 /// One server: its listeners, its sink, and the queue to Python policy.
 #[pyclass(frozen, module = "kumo_listener._core", name = "Core")]
@@ -174,27 +170,36 @@ impl PyCore {
         self.state.sink.describe()
     }
 
-    /// The counters: `{"listeners": [{"listener": name, "connections": n,
-    /// …, "rejections": {code: n}}], "policy_latency": [{"event": name,
-    /// "buckets": [(upper bound, cumulative count), …, (inf, count)], "sum": seconds}]}`.
+    /// Every sample of every metric in `_core.METRICS`, by name:
+    /// `[(label values, value)]`, a histogram's value being
+    /// `([(upper bound, cumulative count), …, (inf, count)], sum)`.
     fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let listeners = PyList::empty(py);
-        for (name, metrics) in self.state.listener_metrics() {
-            listeners.append(listener_metrics(py, &name, &metrics)?)?;
-        }
-        let latency = PyList::empty(py);
-        for histogram in self.state.bridge.latency().snapshot() {
-            let bounds = LATENCY_BUCKETS.iter().copied().chain([f64::INFINITY]);
-            let buckets: Vec<(f64, u64)> = bounds.zip(histogram.cumulative).collect();
-            let entry = PyDict::new(py);
-            entry.set_item("event", histogram.event)?;
-            entry.set_item("buckets", buckets)?;
-            entry.set_item("sum", histogram.sum_seconds)?;
-            latency.append(entry)?;
-        }
         let all = PyDict::new(py);
-        all.set_item("listeners", listeners)?;
-        all.set_item("policy_latency", latency)?;
+        let listeners = self.state.listener_metrics();
+        for (index, info) in LISTENER_METRICS.iter().enumerate() {
+            let samples: Vec<((&str,), u64)> = listeners
+                .iter()
+                .map(|(name, metrics)| ((&**name,), metrics.values().nth(index).unwrap_or(0)))
+                .collect();
+            all.set_item(info.name, samples)?;
+        }
+        let mut rejections = Vec::new();
+        for (name, metrics) in &listeners {
+            rejections.extend(metrics.refusals().into_iter().map(|(code, count)| ((&**name, code.to_string()), count)));
+        }
+        all.set_item(REJECTIONS.name, rejections)?;
+        let latency: Vec<((&str,), (Vec<(f64, u64)>, f64))> = self
+            .state
+            .bridge
+            .latency()
+            .snapshot()
+            .into_iter()
+            .map(|histogram| {
+                let bounds = LATENCY_BUCKETS.iter().copied().chain([f64::INFINITY]);
+                ((histogram.event,), (bounds.zip(histogram.cumulative).collect(), histogram.sum_seconds))
+            })
+            .collect();
+        all.set_item(POLICY_CALL_SECONDS.name, latency)?;
         Ok(all)
     }
 }
@@ -205,31 +210,6 @@ type LogTuple<'py> = (u8, String, Option<Bound<'py, PyAny>>);
 fn log_tuple(py: Python<'_>, record: LogRecord) -> PyResult<LogTuple<'_>> {
     let fields = record.fields.map(|fields| to_python(py, &Value::Object(fields))).transpose()?;
     Ok((record.level, record.message, fields))
-}
-
-fn listener_metrics<'py>(py: Python<'py>, name: &str, metrics: &ListenerMetrics) -> PyResult<Bound<'py, PyDict>> {
-    let entry = PyDict::new(py);
-    entry.set_item("listener", name)?;
-    for (key, counter) in [
-        ("connections", &metrics.connections),
-        ("active", &metrics.active),
-        ("messages", &metrics.messages),
-        ("message_bytes", &metrics.message_bytes),
-        ("tls_handshakes", &metrics.tls_handshakes),
-        ("tls_failures", &metrics.tls_failures),
-        ("client_limit_refusals", &metrics.client_limit_refusals),
-        ("shed_connections", &metrics.shed_connections),
-        ("body_memory_bytes", &metrics.body_memory_bytes),
-        ("body_spilled_bytes", &metrics.body_spilled_bytes),
-    ] {
-        entry.set_item(key, counter.load(Ordering::Relaxed))?;
-    }
-    let rejections = PyDict::new(py);
-    for (code, count) in metrics.refusals() {
-        rejections.set_item(code, count)?;
-    }
-    entry.set_item("rejections", rejections)?;
-    Ok(entry)
 }
 
 /// A policy call waiting for its handler's result.
@@ -259,13 +239,85 @@ impl PyJob {
     }
 }
 
-fn meta_object(py: Python<'_>, meta: &crate::meta::MetaStore) -> PyResult<Py<PyConnectionMeta>> {
+fn meta_object(py: Python<'_>, meta: &MetaStore) -> PyResult<Py<PyConnectionMeta>> {
     Py::new(py, PyConnectionMeta { store: meta.clone() })
 }
 
-fn message_object(py: Python<'_>, message: &Arc<crate::message::Message>) -> PyResult<Py<PyMessage>> {
+fn message_object(py: Python<'_>, message: &Arc<Message>) -> PyResult<Py<PyMessage>> {
     Py::new(py, PyMessage { message: message.clone() })
 }
+
+/// How an event's field becomes the handler's argument(s).
+trait PushArgs {
+    fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()>;
+}
+
+impl PushArgs for Arc<str> {
+    fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+        args.push(PyString::new(py, self).into_any());
+        Ok(())
+    }
+}
+
+impl PushArgs for String {
+    fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+        args.push(PyString::new(py, self).into_any());
+        Ok(())
+    }
+}
+
+impl PushArgs for Vec<String> {
+    fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+        args.push(PyList::new(py, self)?.into_any());
+        Ok(())
+    }
+}
+
+impl PushArgs for MetaStore {
+    fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+        args.push(meta_object(py, self)?.into_bound(py).into_any());
+        Ok(())
+    }
+}
+
+impl PushArgs for Mailbox {
+    fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+        args.push(Py::new(py, PyEnvelopeAddress::new(self.clone()))?.into_bound(py).into_any());
+        Ok(())
+    }
+}
+
+impl PushArgs for Arc<Message> {
+    fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+        args.push(message_object(py, self)?.into_bound(py).into_any());
+        Ok(())
+    }
+}
+
+/// `authz, authc, password`.
+impl PushArgs for PlainCredentials {
+    fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+        for text in [&self.authz, &self.authc, &self.password] {
+            text.push_args(py, args)?;
+        }
+        Ok(())
+    }
+}
+
+/// Generates `push_event_args` from the one list of events.
+macro_rules! event_args {
+    ($($kind:ident => $name:literal ($($argument:ident),*) { $($field:ident: $ty:ty),* },)*) => {
+        /// The handler's positional arguments for `event`, in order.
+        fn push_event_args<'py>(py: Python<'py>, event: &Event, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+            match event {
+                $(Event::$kind { $($field),* } => { $($field.push_args(py, args)?;)* })*
+            }
+            Ok(())
+        }
+    };
+}
+
+crate::with_events!(event_args);
 
 #[pymethods]
 impl PyJob {
@@ -287,36 +339,9 @@ impl PyJob {
     #[getter]
     fn args<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         self.with_event(|event| {
-            let args: Vec<Bound<'py, PyAny>> = match event {
-                Event::GetDynamicParameters { listener, meta } => {
-                    vec![PyString::new(py, listener).into_any(), meta_object(py, meta)?.into_bound(py).into_any()]
-                }
-                Event::ConnectionAccepted { meta } => vec![meta_object(py, meta)?.into_bound(py).into_any()],
-                Event::Ehlo { domain, meta, extensions } => vec![
-                    PyString::new(py, domain).into_any(),
-                    meta_object(py, meta)?.into_bound(py).into_any(),
-                    PyList::new(py, extensions)?.into_any(),
-                ],
-                Event::MailFrom { sender: address, meta } | Event::RcptTo { recipient: address, meta } => vec![
-                    Py::new(py, PyEnvelopeAddress::new(address.clone()))?.into_bound(py).into_any(),
-                    meta_object(py, meta)?.into_bound(py).into_any(),
-                ],
-                Event::GetListenerDomain { domain, listener, meta } => vec![
-                    PyString::new(py, domain).into_any(),
-                    PyString::new(py, listener).into_any(),
-                    meta_object(py, meta)?.into_bound(py).into_any(),
-                ],
-                Event::AuthPlain { credentials, meta } => vec![
-                    PyString::new(py, &credentials.authz).into_any(),
-                    PyString::new(py, &credentials.authc).into_any(),
-                    PyString::new(py, &credentials.password).into_any(),
-                    meta_object(py, meta)?.into_bound(py).into_any(),
-                ],
-                Event::Data { message, meta } | Event::MessageReceived { message, meta } => vec![
-                    message_object(py, message)?.into_bound(py).into_any(),
-                    meta_object(py, meta)?.into_bound(py).into_any(),
-                ],
-            };
+            let mut args = Vec::with_capacity(4);
+            push_event_args(py, event, &mut args)?;
+            debug_assert_eq!(args.len(), event.kind().arguments().len());
             PyTuple::new(py, args)
         })
     }

@@ -2,21 +2,23 @@
 
 mod convert;
 mod core;
+mod errors;
 mod objects;
 
 use crate::events;
-use crate::params::{parse_duration, parse_overrides_partially, DEFAULT_LISTEN};
-use pyo3::create_exception;
+use crate::metrics::{MetricInfo, LISTENER_METRICS, REJECTIONS};
+use crate::params::{parse_duration, parse_overrides_partially, ANYWHERE, DEFAULT_LISTEN, TOP_LEVEL_ONLY};
+use crate::policy_latency::POLICY_CALL_SECONDS;
+use errors::ParamsError;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyFrozenSet;
 
-create_exception!(
-    _core,
-    ParamsError,
-    PyValueError,
-    "Invalid listener parameters; the message lists every error with its key path."
-);
+/// `(name, kind, help, labels)` of every metric, as `_core.METRICS`.
+fn metrics_table() -> Vec<(&'static str, &'static str, &'static str, Vec<&'static str>)> {
+    let all: Vec<&MetricInfo> = LISTENER_METRICS.iter().chain([&REJECTIONS, &POLICY_CALL_SECONDS]).collect();
+    all.into_iter().map(|info| (info.name, info.kind.name(), info.help, info.labels.to_vec())).collect()
+}
 
 /// Check an overrides table (a dynamic result or a TOML/JSON file's contents).
 /// Returns every error as `"key.path: message"`; empty when valid.
@@ -60,5 +62,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_event, m)?)?;
     m.add("EVENTS", PyFrozenSet::new(m.py(), events::names())?)?;
     m.add("DEFAULT_LISTEN", DEFAULT_LISTEN)?;
+    m.add("METRICS", metrics_table())?;
+    let scopes = TOP_LEVEL_ONLY.iter().map(|name| (*name, "top_level"));
+    m.add("PARAMETERS", scopes.chain(ANYWHERE.iter().map(|name| (*name, "anywhere"))).collect::<Vec<_>>())?;
     Ok(())
 }

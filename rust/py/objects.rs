@@ -2,12 +2,12 @@
 //! envelope addresses. Each is a thin view on state the Rust side shares.
 
 use super::convert::{to_json, to_python};
-use super::core::params_error;
+use super::errors::params_error;
 use crate::body::Body;
 use crate::message::Message;
 use crate::meta::MetaStore;
 use crate::params::{parse_overrides, GenericParams};
-use crate::parser::Mailbox;
+use crate::protocol::parser::Mailbox;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use std::os::fd::{FromRawFd, IntoRawFd};

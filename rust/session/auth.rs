@@ -4,8 +4,8 @@
 use super::io::Framed;
 use super::{Session, Step, Stop};
 use crate::events::{Event, EventKind, Response};
-use crate::reply::Reply;
-use crate::sasl::{
+use crate::protocol::reply::Reply;
+use crate::protocol::sasl::{
     decode_login_password, decode_login_username, decode_plain, PlainCredentials, PlainError, LOGIN_PASSWORD_PROMPT,
     LOGIN_USERNAME_PROMPT,
 };

@@ -2,14 +2,14 @@
 //! (they are never commands, pipelined or not), the message handed over at
 //! `LAST` as DATA hands it over.
 
-use super::transaction::{size_hint, NEED_MAIL, NEED_RCPT};
+use super::replies::{NEED_MAIL, NEED_RCPT, STORAGE_FAILED};
 use super::{Session, Step};
-use crate::bdat::ChunkedBody;
 use crate::body::BodyBuffer;
-use crate::framing::DataVerdict;
 use crate::message::{self, ReceivedHeader};
-use crate::parser::Body;
-use crate::reply::Reply;
+use crate::protocol::bdat::ChunkedBody;
+use crate::protocol::framing::DataVerdict;
+use crate::protocol::parser::BodyType;
+use crate::protocol::reply::Reply;
 use crate::stream::Transport;
 use bytes::Buf;
 use tokio::time::Instant;
@@ -52,9 +52,6 @@ fn append(body: &mut Option<BodyBuffer>, bytes: &[u8]) {
         let _ = body.append(bytes);
     }
 }
-
-/// The body was dropped without a refusal: never expected, answered as a storage failure.
-const MESSAGE_LOST: Reply = Reply::new(451, "4.3.0", "temporary failure storing the message, try again later");
 
 impl<S: Transport> Session<S> {
     pub(super) async fn bdat(&mut self, size: u64, last: bool) -> Step {
@@ -106,8 +103,8 @@ impl<S: Transport> Session<S> {
         }
         let id = message::new_message_id();
         let (in_body, per_part) = self.trace_placement(transaction, &id);
-        let binary = transaction.params.body == Some(Body::BinaryMime);
-        let capacity = in_body.len() + size_hint(transaction);
+        let binary = transaction.params.body == Some(BodyType::BinaryMime);
+        let capacity = in_body.len() + transaction.size_hint();
         let prefix = self.spill_prefix(transaction, per_part.is_some());
         let mut body = Some(BodyBuffer::new(&self.context.spool, self.params.body_spill_threshold, capacity, prefix));
         append(&mut body, in_body.as_bytes());
@@ -153,7 +150,7 @@ impl<S: Transport> Session<S> {
         let verdict = chunks.content.finish(|stored| append(body, stored));
         match (verdict.refusal(), chunks.body) {
             (None, Some(body)) => self.accept_body(chunks.id, transaction, body, chunks.per_part).await,
-            (refusal, _) => self.refuse_message(transaction.recipients.len(), refusal.unwrap_or(MESSAGE_LOST)),
+            (refusal, _) => self.refuse_message(transaction.recipients.len(), refusal.unwrap_or(STORAGE_FAILED)),
         }
     }
 }

@@ -2,13 +2,13 @@
 //! parameters, the PROXY header, `connection_accepted`, the greeting.
 
 use super::{Session, Step, Stop};
-use crate::clients::{ClientLimits, Refusal};
+use crate::client_limits::{ClientLimits, Refusal};
 use crate::events::{Event, EventKind, Response};
 use crate::log::{LOG_INFO, LOG_WARNING};
 use crate::metrics;
 use crate::params::{ListenerConfig, Params};
-use crate::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
-use crate::reply::Reply;
+use crate::protocol::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
+use crate::protocol::reply::Reply;
 use crate::stream::Transport;
 use bytes::Buf;
 use std::net::SocketAddr;

@@ -2,8 +2,8 @@
 //! the two reply verbs, [`Session::send`] and [`Session::close`].
 
 use super::{Session, Step, Stop};
-use crate::framing::LineEvent;
-use crate::reply::Reply;
+use crate::protocol::framing::LineEvent;
+use crate::protocol::reply::Reply;
 use crate::stream::{Stream, Transport};
 use std::future::Future;
 use std::task::{Context, Poll, Waker};

@@ -1,7 +1,7 @@
 //! One SMTP session: the RFC 5321 state machine over any byte stream.
 //!
-//! Bytes are framed by [`crate::framing`], commands parsed by
-//! [`crate::parser`]; this module decides what each command means in the
+//! Bytes are framed by [`crate::protocol::framing`], commands parsed by
+//! [`crate::protocol::parser`]; this module decides what each command means in the
 //! current state, consults Python policy through the [`Bridge`], and writes
 //! replies. Replies to pipelined commands are collected and written in one
 //! go just before the session waits for more input.
@@ -16,6 +16,7 @@ mod chunking;
 mod connect;
 mod io;
 mod record;
+mod replies;
 mod starttls;
 mod transaction;
 mod xclient;
@@ -25,21 +26,22 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 
-use crate::body::Spool;
+use crate::body::BodyStore;
 use crate::bridge::Bridge;
-use crate::clients::{ClientSlot, ClientTable};
+use crate::client_limits::{ClientSlot, ClientTable};
 use crate::events::{Event, EventKind, Outcome, Response};
-use crate::framing::LineFramer;
 use crate::meta::MetaStore;
 use crate::metrics::ListenerMetrics;
 use crate::params::{ListenerConfig, Params, Protocol};
-use crate::parser::{is_http_request, parse_command, Command, ParseError};
-use crate::reply::Reply;
+use crate::protocol::framing::LineFramer;
+use crate::protocol::parser::{is_http_request, parse_command, Command, ParseError};
+use crate::protocol::reply::Reply;
 use crate::sink::Sink;
 use crate::stream::{Stream, Transport};
 use crate::tls::TlsCache;
 use bytes::{Buf, BytesMut};
 pub use connect::UNIX_CLIENT;
+use replies::OK;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -49,8 +51,6 @@ use transaction::Transaction;
 /// client (Postfix's `smtpd_hard_error_limit`).
 const MAX_ERRORS: usize = 20;
 
-const OK: Reply = Reply::new(250, "2.0.0", "OK");
-
 /// Everything a session uses of the server, built once per listener.
 pub struct SessionContext {
     /// The `listen` address as configured, passed to policy hooks.
@@ -59,7 +59,7 @@ pub struct SessionContext {
     pub policy: Arc<Bridge>,
     pub sink: Sink,
     /// Where this listener's large bodies go, and its budget for the others.
-    pub spool: Arc<Spool>,
+    pub spool: Arc<BodyStore>,
     pub tls: Arc<TlsCache>,
     /// Per-client-address counts, shared by the listeners of a server.
     pub clients: Arc<ClientTable>,

@@ -3,8 +3,8 @@
 
 use super::Session;
 use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
-use crate::parser::Command;
-use crate::reply::Reply;
+use crate::protocol::parser::Command;
+use crate::protocol::reply::Reply;
 use crate::stream::Transport;
 use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
@@ -191,7 +191,7 @@ impl<S: Transport> Session<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parser::parse_command;
+    use crate::protocol::parser::parse_command;
 
     #[test]
     fn counts_name_the_commands_tried_and_how_many_were_refused() {

@@ -1,11 +1,11 @@
 //! STARTTLS (RFC 3207) and the TLS handshake, also used by implicit TLS.
 
 use super::{Session, Step, Stop};
-use crate::framing::LineFramer;
 use crate::log::{LOG_ERROR, LOG_INFO};
 use crate::metrics;
 use crate::params::KeySource;
-use crate::reply::Reply;
+use crate::protocol::framing::LineFramer;
+use crate::protocol::reply::Reply;
 use crate::stream::{Stream, Transport};
 use crate::tls::{ServerIdentity, TlsIdentity};
 use tokio::time::timeout;

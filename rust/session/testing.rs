@@ -3,9 +3,9 @@
 //! fuzz target.
 
 use super::{run, SessionContext, Shutdown};
-use crate::body::Spool;
+use crate::body::BodyStore;
 use crate::bridge::Bridge;
-use crate::clients::{ClientTable, CLIENT_TABLE_CAPACITY};
+use crate::client_limits::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::events::{Event, EventKind, Outcome};
 use crate::metrics::ListenerMetrics;
 use crate::params::{parse_listener_config, ParamErrors};
@@ -45,7 +45,7 @@ impl Harness {
         tokio::spawn(answer(bridge.clone(), Arc::new(script), logs.clone()));
         let spool_dir = config.body_spool_path.clone().unwrap_or_else(|| sink.spool_dir());
         let metrics: Arc<ListenerMetrics> = Arc::default();
-        let spool = Spool::new(spool_dir, config.body_memory_limit, metrics.clone());
+        let spool = BodyStore::new(spool_dir, config.body_memory_limit, metrics.clone());
         let context = Arc::new(SessionContext {
             listener: Arc::from(config.listen.as_str()),
             config,

@@ -493,7 +493,7 @@ async fn starttls_discards_pipelined_commands_then_auth_plain_works() {
 }
 
 /// Each parameter as `KEY=value` or `KEY`, in order.
-fn shown(params: &crate::parser::EsmtpParams) -> String {
+fn shown(params: &crate::protocol::parser::EsmtpParams) -> String {
     let shown: Vec<String> = params
         .iter()
         .map(|(keyword, value)| match value {

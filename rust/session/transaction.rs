@@ -4,16 +4,17 @@
 
 use super::chunking::Chunks;
 use super::io::MIN_READ;
+use super::replies::{INSUFFICIENT_STORAGE, NEED_MAIL, NEED_RCPT, STORAGE_FAILED};
 use super::{Session, Step, Stop};
 use crate::body::{Body, BodyBuffer};
 use crate::events::{Event, EventKind, Response};
-use crate::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
 use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
 use crate::message::{self, Message, ReceivedHeader, ReceivedInfo, Supplemental};
 use crate::metrics;
 use crate::params::ListenerDomain;
-use crate::parser::{self, MailParams, Mailbox, ReversePath};
-use crate::reply::Reply;
+use crate::protocol::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
+use crate::protocol::parser::{self, MailParams, Mailbox, ReversePath};
+use crate::protocol::reply::Reply;
 use crate::stream::Transport;
 use bytes::{Buf, Bytes};
 use serde_json::json;
@@ -25,21 +26,11 @@ use tokio::time::Instant;
 /// The most a body buffer is sized up front from `MAIL FROM ... SIZE=`.
 const MAX_SIZE_HINT: usize = 1 << 20;
 
-/// What `MAIL FROM ... SIZE=` announced, trusted up to [`MAX_SIZE_HINT`]
-/// only: a client could announce 20 MB and send nothing.
-pub(super) fn size_hint(transaction: &Transaction) -> usize {
-    transaction.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX)).min(MAX_SIZE_HINT)
-}
-
 /// The slowest DATA transfer tolerated, in bytes per second (Postfix's
 /// `smtpd_min_data_rate`): each byte received extends the DATA deadline by
 /// this much, so trickling keeps no connection alive for long.
 const MIN_DATA_RATE: f64 = 500.0;
 
-pub(super) const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "need MAIL command first");
-pub(super) const NEED_RCPT: Reply = Reply::new(503, "5.5.1", "need RCPT command first");
-/// Postfix's reply when its queue file system is short of space.
-const INSUFFICIENT_STORAGE: Reply = Reply::new(452, "4.3.1", "insufficient system storage");
 const NON_ASCII: Reply = Reply::new(553, "5.6.7", "non-ASCII address requires SMTPUTF8");
 
 pub(super) struct Transaction {
@@ -51,6 +42,14 @@ pub(super) struct Transaction {
     /// Whether `get_listener_domain` lets this peer relay mail from the
     /// sender's domain; asked at the first RCPT that needs it.
     relay_from_sender_domain: Option<bool>,
+}
+
+impl Transaction {
+    /// What `MAIL FROM ... SIZE=` announced, trusted up to [`MAX_SIZE_HINT`]
+    /// only: a client could announce 20 MB and send nothing.
+    pub(super) fn size_hint(&self) -> usize {
+        self.params.size.map_or(0, |size| usize::try_from(size).unwrap_or(usize::MAX)).min(MAX_SIZE_HINT)
+    }
 }
 
 impl<S: Transport> Session<S> {
@@ -302,7 +301,7 @@ impl<S: Transport> Session<S> {
         // RFC 3030 §2 and §3: DATA neither after BDAT nor for BINARYMIME.
         let refusal = if transaction.chunks.is_some() {
             Some(Reply::new(503, "5.5.1", "DATA after BDAT, send RSET"))
-        } else if transaction.params.body == Some(parser::Body::BinaryMime) {
+        } else if transaction.params.body == Some(parser::BodyType::BinaryMime) {
             Some(Reply::new(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA"))
         } else if transaction.recipients.is_empty() {
             Some(NEED_RCPT)
@@ -318,7 +317,7 @@ impl<S: Transport> Session<S> {
         let id = message::new_message_id();
         let (in_body, per_part) = self.trace_placement(&transaction, &id);
         let prefix = self.spill_prefix(&transaction, per_part.is_some());
-        let (verdict, body) = self.read_body(&in_body, size_hint(&transaction), prefix).await?;
+        let (verdict, body) = self.read_body(&in_body, transaction.size_hint(), prefix).await?;
         match verdict.refusal() {
             None => self.accept_body(id, transaction, body, per_part).await,
             Some(refusal) => self.refuse_message(transaction.recipients.len(), refusal),
@@ -340,7 +339,7 @@ impl<S: Transport> Session<S> {
                 let remote = self.remote;
                 let log = || format!("message {id} from {remote}: spooling the body failed: {error}");
                 self.context.policy.log(LOG_WARNING, log);
-                let reply = Reply::new(451, "4.3.0", "temporary failure storing the message, try again later");
+                let reply = STORAGE_FAILED;
                 self.answer_message_alike(transaction.recipients.len(), reply)
             }
         }
@@ -525,7 +524,7 @@ impl<S: Transport> Session<S> {
         let policy = self.context.policy.clone();
         if let Err(error) = self.context.sink.deliver(accepted.clone()).await {
             policy.log(LOG_WARNING, || format!("message {id} from {}: sink failed: {error}", self.remote));
-            let failed = Reply::new(451, "4.3.0", "temporary failure storing the message, try again later");
+            let failed = STORAGE_FAILED;
             for verdict in verdicts.iter_mut().filter(|verdict| verdict.is_ok()) {
                 *verdict = Err(failed.clone());
             }

@@ -2,9 +2,9 @@
 //! client is, and the session starts over as if that client had connected.
 
 use super::{Session, Step};
-use crate::reply::Reply;
+use crate::protocol::reply::Reply;
+use crate::protocol::xclient::parse_xclient;
 use crate::stream::Transport;
-use crate::xclient::parse_xclient;
 use std::net::SocketAddr;
 
 impl<S: Transport> Session<S> {

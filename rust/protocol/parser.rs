@@ -5,7 +5,7 @@
 //! whether a command is allowed right now (SMTPUTF8 negotiated, XCLIENT
 //! authorised, ...) is for the session to decide.
 
-use crate::reply::Reply;
+use super::reply::Reply;
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -80,8 +80,9 @@ pub enum ReversePath {
     Mailbox(Mailbox),
 }
 
+/// The `BODY=` parameter of MAIL FROM (RFC 6152, RFC 3030).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Body {
+pub enum BodyType {
     SevenBit,
     EightBitMime,
     /// RFC 3030 §3: only with BDAT.
@@ -122,7 +123,7 @@ impl EsmtpParams {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MailParams {
     pub size: Option<u64>,
-    pub body: Option<Body>,
+    pub body: Option<BodyType>,
     pub smtputf8: bool,
     /// RFC 8689 `REQUIRETLS`.
     pub requiretls: bool,
@@ -558,9 +559,9 @@ fn parse_mail_params(text: &str) -> Result<MailParams, ParseError> {
         // Validated as digits that fit a u64.
         size: all.get("SIZE").flatten().and_then(|digits| digits.parse().ok()),
         body: all.get("BODY").flatten().map(|body| match body {
-            "7BIT" => Body::SevenBit,
-            "BINARYMIME" => Body::BinaryMime,
-            _ => Body::EightBitMime,
+            "7BIT" => BodyType::SevenBit,
+            "BINARYMIME" => BodyType::BinaryMime,
+            _ => BodyType::EightBitMime,
         }),
         smtputf8: all.contains("SMTPUTF8"),
         requiretls: all.contains("REQUIRETLS"),
@@ -675,7 +676,7 @@ fn xtext(text: &str) -> Option<String> {
     if text.is_empty() {
         return None;
     }
-    let decoded = crate::xclient::decode_xtext(text).ok()?;
+    let decoded = super::xtext::decode_xtext(text).ok()?;
     (!decoded.chars().any(char::is_control)).then_some(decoded)
 }
 
@@ -1006,14 +1007,14 @@ mod tests {
     fn mail_from_with_size_and_body() {
         let (reverse_path, params) = mail_from("MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME");
         assert_eq!(reverse_path, ReversePath::Mailbox(mailbox("a", "b.example")));
-        assert_eq!((params.size, params.body, params.smtputf8), (Some(1000), Some(Body::EightBitMime), false));
+        assert_eq!((params.size, params.body, params.smtputf8), (Some(1000), Some(BodyType::EightBitMime), false));
         assert_eq!(listed(&params.all), [("SIZE", some("1000")), ("BODY", some("8BITMIME"))]);
     }
 
     #[test]
     fn mail_from_null_sender() {
         assert_eq!(mail_from("MAIL FROM:<>"), (ReversePath::Null, MailParams::default()));
-        assert_eq!(mail_from("MAIL FROM:<> BODY=7BIT").1.body, Some(Body::SevenBit));
+        assert_eq!(mail_from("MAIL FROM:<> BODY=7BIT").1.body, Some(BodyType::SevenBit));
         assert_eq!(codes("MAIL FROM:<>x"), BAD_SENDER);
     }
 
@@ -1061,9 +1062,9 @@ mod tests {
     #[test]
     fn mail_params_are_case_insensitive_and_tolerate_extra_spaces() {
         let given = params("MAIL FROM:<a@b.example>   size=42  body=7bit\tsmtputf8");
-        assert_eq!((given.size, given.body, given.smtputf8), (Some(42), Some(Body::SevenBit), true));
+        assert_eq!((given.size, given.body, given.smtputf8), (Some(42), Some(BodyType::SevenBit), true));
         assert_eq!(listed(&given.all), [("SIZE", some("42")), ("BODY", some("7BIT")), ("SMTPUTF8", None)]);
-        assert_eq!(params("MAIL FROM:<a@b.example> Body=8bitMime").body, Some(Body::EightBitMime));
+        assert_eq!(params("MAIL FROM:<a@b.example> Body=8bitMime").body, Some(BodyType::EightBitMime));
     }
 
     #[test]
@@ -1081,7 +1082,7 @@ mod tests {
             assert_eq!(codes(&format!("MAIL FROM:<a@b.example> {value}")), SYNTAX, "{value}");
         }
         let given = params("MAIL FROM:<a@b.example> BODY=binarymime");
-        assert_eq!(given.body, Some(Body::BinaryMime));
+        assert_eq!(given.body, Some(BodyType::BinaryMime));
         assert_eq!(listed(&given.all), [("BODY", some("BINARYMIME"))]);
     }
 

@@ -1,7 +1,7 @@
 //! SASL PLAIN (RFC 4616) and LOGIN (draft-murchison-sasl-login) as carried
 //! by SMTP AUTH (RFC 4954). Pure logic.
 
-use crate::reply::Reply;
+use super::reply::Reply;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 

@@ -1,7 +1,7 @@
 //! Byte framing for the SMTP stream: command lines and the DATA body.
 //! Pure logic: no I/O, no Python.
 
-use crate::reply::Reply;
+use super::reply::Reply;
 use memchr::{memchr2, memmem};
 
 /// What to do with a bare CR or bare LF inside message data.

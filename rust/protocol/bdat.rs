@@ -6,7 +6,7 @@
 //! (and a bare LF cannot reach a later hop that speaks DATA).
 //! Pure logic: no I/O, no Python.
 
-use crate::framing::{DataLimits, DataVerdict, LineEndings};
+use super::framing::{DataLimits, DataVerdict, LineEndings};
 use memchr::memchr2;
 
 /// Follows one message across its chunks, saying what to store of each.

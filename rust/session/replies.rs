@@ -1,0 +1,12 @@
+//! Replies more than one phase of the session gives.
+
+use crate::protocol::reply::Reply;
+
+pub(super) const OK: Reply = Reply::new(250, "2.0.0", "OK");
+pub(super) const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "need MAIL command first");
+pub(super) const NEED_RCPT: Reply = Reply::new(503, "5.5.1", "need RCPT command first");
+/// The message could not be made durable (or, never expected, its body was lost).
+pub(super) const STORAGE_FAILED: Reply =
+    Reply::new(451, "4.3.0", "temporary failure storing the message, try again later");
+/// Postfix's reply when its queue file system is short of space.
+pub(super) const INSUFFICIENT_STORAGE: Reply = Reply::new(452, "4.3.1", "insufficient system storage");
