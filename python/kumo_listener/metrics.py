@@ -48,7 +48,8 @@ class Collector(_Collector):
             for label_values, value in snapshot[name]:
                 if kind == "histogram":
                     buckets, total = value
-                    family.add_metric(list(label_values), [(_bound(b), n) for b, n in buckets], total)
+                    bounded = [(_bound(bound), count) for bound, count in buckets]
+                    family.add_metric(list(label_values), bounded, total)
                 else:
                     family.add_metric(list(label_values), value)
             yield family
