@@ -4,6 +4,23 @@
 use serde_json::{Map, Value};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// The names of the metadata the session sets, as policy reads them.
+pub mod keys {
+    pub const RECEIVED_FROM: &str = "received_from";
+    pub const RECEIVED_VIA: &str = "received_via";
+    pub const ORIG_RECEIVED_FROM: &str = "orig_received_from";
+    pub const ORIG_RECEIVED_VIA: &str = "orig_received_via";
+    pub const HOSTNAME: &str = "hostname";
+    pub const AUTHN_ID: &str = "authn_id";
+    pub const AUTHZ_ID: &str = "authz_id";
+    pub const RECEPTION_PROTOCOL: &str = "reception_protocol";
+    pub const EHLO_DOMAIN: &str = "ehlo_domain";
+    pub const REQUIRETLS: &str = "requiretls";
+    pub const TLS_CIPHER: &str = "tls_cipher";
+    pub const TLS_PROTOCOL_VERSION: &str = "tls_protocol_version";
+    pub const TLS_PEER_SUBJECT_NAME: &str = "tls_peer_subject_name";
+}
+
 type Entries = Map<String, Value>;
 
 /// A thread-safe name → JSON value map. Cloning shares the same store.

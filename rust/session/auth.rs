@@ -4,6 +4,7 @@
 use super::io::Framed;
 use super::{Session, Step, Stop};
 use crate::events::{Event, EventKind, Response};
+use crate::meta::keys;
 use crate::protocol::reply::Reply;
 use crate::protocol::sasl::{
     decode_login_password, decode_login_username, decode_plain, PlainCredentials, PlainError, LOGIN_PASSWORD_PROMPT,
@@ -51,10 +52,10 @@ impl<S: Transport> Session<S> {
         match self.consult(EventKind::AuthPlain, make).await? {
             None => Ok(()),
             Some(Response::Authenticated(true)) => {
-                self.meta.set("authn_id", authc.clone());
-                self.meta.set("authz_id", authz);
+                self.meta.set(keys::AUTHN_ID, authc.clone());
+                self.meta.set(keys::AUTHZ_ID, authz);
                 self.authenticated = Some(authc);
-                self.meta.set("reception_protocol", self.protocol());
+                self.meta.set(keys::RECEPTION_PROTOCOL, self.protocol());
                 self.send(&Reply::new(235, "2.7.0", "authentication successful"));
                 Ok(())
             }

@@ -5,6 +5,7 @@ use super::{Session, Step, Stop};
 use crate::client_limits::{ClientLimits, Refusal};
 use crate::events::{Event, EventKind, Response};
 use crate::log::{LOG_INFO, LOG_WARNING};
+use crate::meta::keys;
 use crate::metrics;
 use crate::params::{ListenerConfig, Params};
 use crate::protocol::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
@@ -106,8 +107,8 @@ impl<S: Transport> Session<S> {
     pub(super) fn set_addresses(&mut self, remote: SocketAddr, local: SocketAddr) {
         self.remote = canonical(remote);
         self.local = canonical(local);
-        self.meta.set("received_from", self.remote.to_string());
-        self.meta.set("received_via", self.local.to_string());
+        self.meta.set(keys::RECEIVED_FROM, self.remote.to_string());
+        self.meta.set(keys::RECEIVED_VIA, self.local.to_string());
     }
 
     /// The static parameters for the current addresses, the per-client
@@ -151,7 +152,7 @@ impl<S: Transport> Session<S> {
     /// header or XCLIENT: it has [`UNIX_CLIENT`]'s stand-in address, which
     /// is no client's own to count.
     fn on_unix_socket(&self) -> bool {
-        self.context.config.unix_path().is_some() && self.meta.get("orig_received_from").is_none()
+        self.context.config.unix_path().is_some() && self.meta.get(keys::ORIG_RECEIVED_FROM).is_none()
     }
 
     async fn apply_dynamic_parameters(&mut self) -> Step {
@@ -170,7 +171,7 @@ impl<S: Transport> Session<S> {
 
     fn adopt(&mut self, params: Params) {
         self.lines.set_limit(params.line_length_hard_limit);
-        self.meta.set("hostname", params.hostname.clone());
+        self.meta.set(keys::HOSTNAME, params.hostname.clone());
         self.params = params;
     }
 
@@ -205,9 +206,9 @@ impl<S: Transport> Session<S> {
     /// The socket's own addresses, kept once as `orig_received_from`/`_via`
     /// before a PROXY header or XCLIENT replaces them.
     pub(super) fn keep_original_addresses(&mut self) {
-        if self.meta.get("orig_received_from").is_none() {
-            self.meta.set("orig_received_from", self.remote.to_string());
-            self.meta.set("orig_received_via", self.local.to_string());
+        if self.meta.get(keys::ORIG_RECEIVED_FROM).is_none() {
+            self.meta.set(keys::ORIG_RECEIVED_FROM, self.remote.to_string());
+            self.meta.set(keys::ORIG_RECEIVED_VIA, self.local.to_string());
         }
     }
 

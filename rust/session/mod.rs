@@ -30,6 +30,7 @@ use crate::body::BodyStore;
 use crate::bridge::Bridge;
 use crate::client_limits::{ClientSlot, ClientTable};
 use crate::events::{Event, EventKind, Outcome, Response};
+use crate::meta::keys;
 use crate::meta::MetaStore;
 use crate::metrics::ListenerMetrics;
 use crate::params::{ListenerConfig, Params, Protocol};
@@ -159,7 +160,7 @@ impl<S: Transport> Session<S> {
             tally: record::Tally::new(),
         };
         session.set_addresses(remote, local);
-        session.meta.set("hostname", session.params.hostname.clone());
+        session.meta.set(keys::HOSTNAME, session.params.hostname.clone());
         session
     }
 

@@ -2,6 +2,7 @@
 
 use super::{Session, Step, Stop};
 use crate::log::{LOG_ERROR, LOG_INFO};
+use crate::meta::keys;
 use crate::metrics;
 use crate::params::KeySource;
 use crate::protocol::framing::LineFramer;
@@ -80,13 +81,13 @@ impl<S: Transport> Session<S> {
         metrics::count(&self.context.metrics.tls_handshakes);
         let (_, connection) = tls.get_ref();
         if let Some(suite) = connection.negotiated_cipher_suite() {
-            self.meta.set("tls_cipher", format!("{:?}", suite.suite()));
+            self.meta.set(keys::TLS_CIPHER, format!("{:?}", suite.suite()));
         }
         if let Some(version) = connection.protocol_version() {
-            self.meta.set("tls_protocol_version", format!("{version:?}"));
+            self.meta.set(keys::TLS_PROTOCOL_VERSION, format!("{version:?}"));
         }
         if let Some(subject) = connection.peer_certificates().and_then(|chain| identity.trusted_peer_subject(chain)) {
-            self.meta.set("tls_peer_subject_name", subject);
+            self.meta.set(keys::TLS_PEER_SUBJECT_NAME, subject);
         }
         self.stream = Stream::Tls(Box::new(tls));
         Ok(())
@@ -104,7 +105,7 @@ impl<S: Transport> Session<S> {
         self.esmtp = false;
         self.transaction = None;
         self.authenticated = None;
-        for name in ["ehlo_domain", "authn_id", "authz_id"] {
+        for name in [keys::EHLO_DOMAIN, keys::AUTHN_ID, keys::AUTHZ_ID] {
             self.meta.remove(name);
         }
     }

@@ -10,6 +10,7 @@ use crate::body::{Body, BodyBuffer};
 use crate::events::{Event, EventKind, Response};
 use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
 use crate::message::{self, Message, ReceivedHeader, ReceivedInfo, Supplemental};
+use crate::meta::keys;
 use crate::metrics;
 use crate::params::ListenerDomain;
 use crate::protocol::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
@@ -120,8 +121,8 @@ impl<S: Transport> Session<S> {
         self.transaction = None;
         self.helo = None;
         self.esmtp = extended;
-        self.meta.set("ehlo_domain", domain.clone());
-        self.meta.set("reception_protocol", self.protocol());
+        self.meta.set(keys::EHLO_DOMAIN, domain.clone());
+        self.meta.set(keys::RECEPTION_PROTOCOL, self.protocol());
         let mut extensions = if extended { self.extensions() } else { Vec::new() };
         let make = |session: &Self| Event::Ehlo {
             domain: domain.clone(),
@@ -471,10 +472,10 @@ impl<S: Transport> Session<S> {
         // As in KumoMTA, a message starts with a copy of its connection's metadata.
         message.meta.copy_from(&self.meta);
         if transaction.params.smtputf8 {
-            message.meta.set("reception_protocol", self.protocol_of(true));
+            message.meta.set(keys::RECEPTION_PROTOCOL, self.protocol_of(true));
         }
         if transaction.params.requiretls {
-            message.meta.set("requiretls", true);
+            message.meta.set(keys::REQUIRETLS, true);
         }
         let make = |session: &Self| Event::Data { message: message.clone(), meta: session.meta.clone() };
         if let Err(refusal) = self.judge(EventKind::Data, make).await {

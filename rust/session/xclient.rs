@@ -2,6 +2,7 @@
 //! client is, and the session starts over as if that client had connected.
 
 use super::{Session, Step};
+use crate::meta::keys;
 use crate::protocol::reply::Reply;
 use crate::protocol::xclient::parse_xclient;
 use crate::stream::Transport;
@@ -30,8 +31,8 @@ impl<S: Transport> Session<S> {
         self.set_addresses(remote, local);
         self.forget_client();
         if let Some(login) = request.login {
-            self.meta.set("authn_id", login.clone());
-            self.meta.set("authz_id", login.clone());
+            self.meta.set(keys::AUTHN_ID, login.clone());
+            self.meta.set(keys::AUTHZ_ID, login.clone());
             self.authenticated = Some(login);
         }
         self.apply_parameters().await?;
