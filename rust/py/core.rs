@@ -188,7 +188,7 @@ impl PyCore {
             rejections.extend(metrics.refusals().into_iter().map(|(code, count)| ((&**name, code.to_string()), count)));
         }
         all.set_item(REJECTIONS.name, rejections)?;
-        let latency: Vec<((&str,), (Vec<(f64, u64)>, f64))> = self
+        let latency: Vec<((&str,), Histogram)> = self
             .state
             .bridge
             .latency()
@@ -203,6 +203,9 @@ impl PyCore {
         Ok(all)
     }
 }
+
+/// A histogram's value: `[(upper bound, cumulative count)]` and the sum.
+type Histogram = (Vec<(f64, u64)>, f64);
 
 /// A log record for Python: `(level, message, fields or None)`.
 type LogTuple<'py> = (u8, String, Option<Bound<'py, PyAny>>);

@@ -1,0 +1,336 @@
+//! EHLO, MAIL, RCPT, DATA and the policy events of a transaction.
+
+use super::*;
+
+#[tokio::test]
+async fn ehlo_lists_extensions_and_helo_does_not() {
+    let harness = plain(json!({"hostname": "mx.test", "max_message_size": 1000}));
+    let mut client = greeted(&harness, CLIENT).await;
+    let (code, lines) = client.command("EHLO client.test").await;
+    assert_eq!(code, 250);
+    assert_eq!(lines[0], "mx.test Hello client.test");
+    let offered =
+        ["PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "SIZE 1000", "DSN", "CHUNKING", "BINARYMIME"];
+    for extension in offered.into_iter().chain(["STARTTLS"]) {
+        assert!(lines.contains(&extension.to_string()), "{extension} not in {lines:?}");
+    }
+    assert!(!lines.iter().any(|line| line.starts_with("REQUIRETLS")), "REQUIRETLS in {lines:?}");
+    assert!(!lines.iter().any(|line| line.starts_with("AUTH")), "no AUTH before TLS: {lines:?}");
+    assert_eq!(client.command("HELO client.test").await, (250, vec!["mx.test Hello client.test".into()]));
+    // After HELO, replies carry no enhanced status codes.
+    assert_eq!(client.code("NOOP").await, (250, "OK".into()));
+}
+
+#[tokio::test]
+async fn the_ehlo_handler_replaces_extensions_or_refuses() {
+    let script = |event: &Event| match event {
+        Event::Ehlo { domain, .. } if domain == "bad.test" => {
+            Outcome::Reject { code: 550, text: "5.7.1 go away".into() }
+        }
+        Event::Ehlo { .. } => Outcome::Done(Response::Extensions(vec!["PIPELINING".into()])),
+        _ => nothing(event),
+    };
+    let harness = harness(json!({"hostname": "mx.test"}), &[EventKind::Ehlo], script);
+    let mut client = greeted(&harness, CLIENT).await;
+    assert_eq!(client.command("EHLO good.test").await.1, ["mx.test Hello good.test", "PIPELINING"]);
+    assert_eq!(client.code("EHLO bad.test").await, (550, "5.7.1 go away".into()));
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await.0, 503, "no HELO is in force after a refused one");
+}
+
+#[tokio::test]
+async fn a_pipelined_transaction_is_answered_in_order_and_handed_to_policy() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| {
+        if let Event::MessageReceived { message, .. } = event {
+            let body = String::from_utf8_lossy(&message.data.to_vec().unwrap()).into_owned();
+            // The Received: header, in the head or at the start of the data, names this message's id.
+            let whole = String::from_utf8_lossy(&[message.head.as_ref(), &message.data.to_vec().unwrap()].concat())
+                .into_owned();
+            assert!(whole.contains(&format!(" id {}\r\n", message.id)), "{whole:?}");
+            recorder.push(format!("{} {}", message.recipients[0], body.rsplit("\r\n\r\n").next().unwrap_or_default()));
+            recorder.push(message.id.clone());
+        }
+        nothing(event)
+    };
+    let harness = harness(json!({"relay_hosts": ["192.0.2.0/24"]}), &[EventKind::MessageReceived], script);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\nDATA\r\n").await;
+    for expected in [250, 250, 250, 354] {
+        assert_eq!(client.reply().await.0, expected);
+    }
+    client.send(b"Subject: hi\r\n\r\n..dot\r\n.\r\n").await;
+    let (code, text) = client.reply().await;
+    assert_eq!(code, 250, "{text:?}");
+    let seen = seen.take();
+    assert_eq!([seen[0].as_str(), &seen[2]], ["x@d.test .dot\r\n", "y@d.test .dot\r\n"]);
+    // One id per stored message, as its Received: header says.
+    assert_eq!(text[0], format!("2.0.0 OK ids={},{}", seen[1], seen[3]));
+    // A second transaction on the same connection.
+    client.send(b"MAIL FROM:<>\r\nRCPT TO:<x@d.test>\r\nDATA\r\n").await;
+    for expected in [250, 250, 354] {
+        assert_eq!(client.reply().await.0, expected);
+    }
+    client.send(b"\r\nbody\r\n.\r\n").await;
+    assert_eq!(client.reply().await.0, 250);
+}
+
+#[tokio::test]
+async fn commands_out_of_sequence() {
+    let harness = plain(json!({}));
+    let mut client = greeted(&harness, CLIENT).await;
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await, (503, "send EHLO or HELO first".into()));
+    client.command("EHLO client.test").await;
+    assert_eq!(client.code("RCPT TO:<x@d.test>").await, (503, "5.5.1 need MAIL command first".into()));
+    assert_eq!(client.code("DATA").await, (503, "5.5.1 need MAIL command first".into()));
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await.0, 250);
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await, (503, "5.5.1 nested MAIL command".into()));
+    assert_eq!(client.code("DATA").await, (503, "5.5.1 need RCPT command first".into()));
+    assert_eq!(client.code("RSET").await, (250, "2.0.0 OK".into()));
+    assert_eq!(client.code("FOO").await, (500, "5.5.2 command not recognized".into()));
+}
+
+#[tokio::test]
+async fn relaying_is_refused_outside_relay_hosts() {
+    let harness = plain(json!({}));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.command("MAIL FROM:<a@b.test>").await;
+    assert_eq!(client.code("RCPT TO:<x@d.test>").await, (550, "5.7.1 relaying not permitted".into()));
+}
+
+#[tokio::test]
+async fn get_listener_domain_opens_a_domain() {
+    let script = |event: &Event| match event {
+        Event::GetListenerDomain { domain, .. } if domain == "open.test" => {
+            Outcome::Done(Response::ListenerDomain(crate::params::ListenerDomain {
+                relay_to: true,
+                ..Default::default()
+            }))
+        }
+        _ => nothing(event),
+    };
+    let harness = harness(json!({}), &[EventKind::GetListenerDomain], script);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.command("MAIL FROM:<a@b.test>").await;
+    assert_eq!(client.code("RCPT TO:<x@open.test>").await.0, 250);
+    assert_eq!(client.code("RCPT TO:<x@closed.test>").await.0, 550);
+}
+
+#[tokio::test]
+async fn limits_on_recipients_size_lines_and_errors() {
+    let harness = plain(json!({
+        "hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"], "max_recipients_per_message": 1,
+        "max_message_size": 100, "line_length_hard_limit": 600,
+    }));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    assert_eq!(client.code("MAIL FROM:<a@b.test> SIZE=101").await.0, 552);
+    client.command("MAIL FROM:<a@b.test>").await;
+    assert_eq!(client.code("RCPT TO:<x@d.test>").await.0, 250);
+    assert_eq!(client.code("RCPT TO:<y@d.test>").await, (452, "4.5.3 too many recipients".into()));
+    assert_eq!(client.code("DATA").await.0, 354);
+    client.send(&[b"x".repeat(200).as_slice(), b"\r\n.\r\n"].concat()).await;
+    assert_eq!(client.reply().await, (552, vec!["5.3.4 message size exceeds fixed maximum message size".into()]));
+    assert_eq!(client.code(&"N".repeat(700)).await, (500, "5.2.3 line too long".into()));
+    for _ in 0..17 {
+        assert_eq!(client.code("BOGUS").await.0, 500);
+    }
+    assert_eq!(client.reply().await, (421, vec!["4.7.0 mx.test too many errors".into()]));
+    client.expect_closed().await;
+}
+
+#[tokio::test]
+async fn bare_line_endings_in_data_are_refused_after_the_terminator() {
+    let harness = plain(json!({"relay_hosts": ["192.0.2.0/24"]}));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nDATA\r\n").await;
+    for expected in [250, 250, 354] {
+        assert_eq!(client.reply().await.0, expected);
+    }
+    client.send(b"smuggled\n.\nMAIL FROM:<evil@x>\r\n.\r\n").await;
+    assert_eq!(client.reply().await.0, 550);
+    assert_eq!(client.code("NOOP").await.0, 250, "the smuggled command was part of the message");
+}
+
+#[tokio::test]
+async fn policy_refusals_and_failures_at_each_stage() {
+    let script = |event: &Event| match event {
+        Event::MailFrom { sender, .. } if sender.local_part == "fail" => Outcome::Failed("broken".into()),
+        Event::MailFrom { sender, .. } if sender.local_part == "bye" => {
+            Outcome::Reject { code: 421, text: "later".into() }
+        }
+        Event::MailFrom { .. } => Outcome::Reject { code: 550, text: "no senders".into() },
+        _ => nothing(event),
+    };
+    let harness = harness(json!({"hostname": "mx.test"}), &[EventKind::MailFrom], script);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await, (550, "5.0.0 no senders".into()));
+    assert_eq!(
+        client.code("MAIL FROM:<fail@b.test>").await,
+        (451, "4.3.0 temporary policy failure, try again later".into())
+    );
+    assert_eq!(client.code("MAIL FROM:<bye@b.test>").await, (421, "4.0.0 later".into()));
+    client.expect_closed().await;
+}
+
+/// Each parameter as `KEY=value` or `KEY`, in order.
+fn shown(params: &crate::protocol::parser::EsmtpParams) -> String {
+    let shown: Vec<String> = params
+        .iter()
+        .map(|(keyword, value)| match value {
+            Some(value) => format!("{keyword}={value}"),
+            None => keyword.to_string(),
+        })
+        .collect();
+    shown.join(" ")
+}
+
+#[tokio::test]
+async fn esmtp_parameters_reach_every_event_and_message() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| {
+        match event {
+            Event::MailFrom { sender, .. } => recorder.push(format!("mail <{sender}> {}", shown(&sender.params))),
+            Event::RcptTo { recipient, .. } => {
+                recorder.push(format!("rcpt <{recipient}> {}", shown(&recipient.params)))
+            }
+            Event::Data { message, .. } | Event::MessageReceived { message, .. } => {
+                let recipients: Vec<String> =
+                    message.recipients.iter().map(|r| format!("<{r}> {}", shown(&r.params))).collect();
+                recorder.push(format!("{} {}", shown(&message.sender.params), recipients.join(", ")));
+            }
+            _ => {}
+        }
+        nothing(event)
+    };
+    let registered = [EventKind::MailFrom, EventKind::RcptTo, EventKind::Data, EventKind::MessageReceived];
+    let harness = harness(json!({"relay_hosts": ["192.0.2.0/24"]}), &registered, script);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client
+        .send(
+            b"MAIL FROM:<> RET=HDRS ENVID=QQ+2B1 SIZE=10\r\n\
+              RCPT TO:<x@d.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x+2By@d.test\r\n\
+              RCPT TO:<y@d.test>\r\nDATA\r\n",
+        )
+        .await;
+    for expected in [250, 250, 250, 354] {
+        assert_eq!(client.reply().await.0, expected);
+    }
+    client.send(b"\r\nbody\r\n.\r\n").await;
+    assert_eq!(client.reply().await.0, 250);
+    let mail = "RET=HDRS ENVID=QQ+1 SIZE=10";
+    let x = "<x@d.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x+y@d.test";
+    assert_eq!(
+        seen.take(),
+        [
+            format!("mail <> {mail}"),
+            "rcpt <x@d.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x+y@d.test".into(),
+            "rcpt <y@d.test> ".into(),
+            format!("{mail} {x}, <y@d.test> "),
+            format!("{mail} {x}"),
+            format!("{mail} <y@d.test> "),
+        ]
+    );
+    assert_eq!(client.code("MAIL FROM:<a@b.test> NOTIFY=NEVER").await.0, 555);
+    assert_eq!(client.code("MAIL FROM:<a@b.test> BODY=BINARY").await.0, 501);
+    assert_eq!(client.code("MAIL FROM:<a@b.test> RET=ALL").await.0, 501);
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await.0, 250);
+    assert_eq!(client.code("RCPT TO:<x@d.test> NOTIFY=NEVER,DELAY").await.0, 501);
+    assert_eq!(client.code("RCPT TO:<x@d.test> RET=FULL").await.0, 555);
+}
+
+#[tokio::test]
+async fn help_lists_what_is_available_and_expn_is_not_implemented() {
+    let harness = harness(json!({"hostname": "mx.test", "allow_xclient": true}), &[EventKind::AuthPlain], nothing);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    let (code, help) = client.code("HELP").await;
+    assert_eq!(code, 214);
+    assert!(help.ends_with("VRFY HELP STARTTLS XCLIENT"), "{help}");
+    for command in ["EXPN staff", "ETRN d.test", "TURN"] {
+        assert_eq!(client.code(command).await, (502, "5.5.1 command not implemented".into()));
+    }
+    let mut client = starttls(&harness).await;
+    client.command("EHLO client.test").await;
+    assert!(client.code("HELP").await.1.ends_with("VRFY HELP AUTH XCLIENT"));
+    let plain_harness = plain(json!({}));
+    let mut client = greeted(&plain_harness, CLIENT).await;
+    assert!(client.code("HELP").await.1.ends_with("VRFY HELP STARTTLS"));
+}
+
+#[tokio::test]
+async fn the_maildir_keeps_the_envelope_and_each_part_its_for_clause() {
+    let root = std::env::temp_dir().join(format!("kumo-session-envelope-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for (handling, files) in [("BifurcateAlways", 3), ("BatchByDomain", 2)] {
+        let params = json!({"hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"], "batch_handling": handling});
+        let harness =
+            Harness::new(params, &[], nothing, Sink::Maildir(Arc::new(crate::sink::Maildir::open(&root).unwrap())))
+                .unwrap();
+        let mut client = greeted(&harness, CLIENT).await;
+        client.command("EHLO client.test").await;
+        client
+            .send(b"MAIL FROM:<>\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\nRCPT TO:<z@e.test>\r\nDATA\r\n")
+            .await;
+        for code in [250, 250, 250, 250, 354] {
+            assert_eq!(client.reply().await.0, code);
+        }
+        client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n").await;
+        assert_eq!(client.reply().await.0, 250);
+        let new = root.join("new");
+        let mut stored: Vec<String> = std::fs::read_dir(&new)
+            .unwrap()
+            .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+            .collect();
+        stored.sort();
+        assert_eq!(stored.len(), files, "{handling}");
+        for file in &stored {
+            assert!(file.starts_with("Return-Path: <>\r\nDelivered-To: "), "{file:?}");
+            assert!(file.ends_with("\r\nSubject: s\r\n\r\nbody\r\n"), "{file:?}");
+            let delivered: Vec<&str> = file.lines().filter_map(|line| line.strip_prefix("Delivered-To: ")).collect();
+            let received = &file[file.find("Received: ").unwrap()..];
+            match delivered.as_slice() {
+                [only] => assert!(received.contains(&format!("\tfor <{only}>;")), "{file:?}"),
+                _ => assert!(!received.contains("for <"), "{file:?}"),
+            }
+        }
+        if handling == "BatchByDomain" {
+            assert!(stored.iter().any(|file| file.contains("Delivered-To: x@d.test\r\nDelivered-To: y@d.test\r\n")));
+        }
+        for entry in std::fs::read_dir(&new).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[tokio::test]
+async fn one_recipient_keeps_the_received_header_in_the_body() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| {
+        if let Event::MessageReceived { message, .. } = event {
+            let data = message.data.to_vec().unwrap();
+            let data = String::from_utf8_lossy(&data);
+            recorder.push(format!("{} {}", message.head.len(), data.contains("for <x@d.test>;")));
+        }
+        nothing(event)
+    };
+    let harness = harness(json!({"relay_hosts": ["192.0.2.0/24"]}), &[EventKind::MessageReceived], script);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nDATA\r\n").await;
+    for code in [250, 250, 354] {
+        assert_eq!(client.reply().await.0, code);
+    }
+    client.send(b"\r\nbody\r\n.\r\n").await;
+    assert_eq!(client.reply().await.0, 250);
+    assert_eq!(seen.take(), ["0 true"], "no separate head: the header was read into the body's buffer");
+}
