@@ -18,7 +18,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install --quiet --disable-pip-version-check ".[test]"
+python3 -m pip install --quiet --disable-pip-version-check ".[test,docs]"
 # Exim, the real BDAT client of tests/test_chunking.py, unpacked beside
 # Postfix rather than installed (their packages conflict).
 bash tools/exim.sh
@@ -31,6 +31,7 @@ cargo clippy --release --all-targets --quiet -- -D warnings
 cargo clippy --release --all-targets --all-features --quiet -- -D warnings
 python3 -m ruff check python tests benches
 python3 -m ruff format --check python tests benches
+python3 -m mkdocs build --strict --site-dir "$(mktemp -d)"
 # The stubs of the compiled core against the installed module.
 python3 -m mypy.stubtest kumo_listener._core
 python3 -m pytest "$@"
