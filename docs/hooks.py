@@ -1,4 +1,8 @@
-"""MkDocs hook: the performance page's tables come from the harness's JSON.
+"""MkDocs hook: tables made from what the code declares, never copied by hand.
+
+- ``<!-- metrics-table -->``: every metric of ``kumo_listener._core.METRICS``
+  (the table in ``rust/metrics.rs``), with its type, labels and help.
+- ``<!-- e2e-results -->``: the performance page's tables, from the harness's JSON.
 
 ``docs/performance.md`` holds the marker line ``<!-- e2e-results -->``; at
 build time it is replaced by the markdown that ``benches/e2e/report.py``
@@ -17,14 +21,28 @@ from typing import Any
 from mkdocs.exceptions import PluginError
 
 MARKER = "<!-- e2e-results -->"
+METRICS_MARKER = "<!-- metrics-table -->"
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "performance" / "e2e.json"
 
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
-    if MARKER not in markdown:
-        return markdown
-    return markdown.replace(MARKER, _e2e_results(page.file.src_path))
+    if METRICS_MARKER in markdown:
+        markdown = markdown.replace(METRICS_MARKER, _metrics_table())
+    if MARKER in markdown:
+        markdown = markdown.replace(MARKER, _e2e_results(page.file.src_path))
+    return markdown
+
+
+def _metrics_table() -> str:
+    from kumo_listener._core import METRICS
+
+    rows = ["| metric | type | labels | help |", "|---|---|---|---|"]
+    for name, kind, help_text, labels in METRICS:
+        shown = f"{name}_total" if kind == "counter" else name
+        label_list = ", ".join(f"`{label}`" for label in labels)
+        rows.append(f"| `{shown}` | {kind} | {label_list} | {help_text} |")
+    return "\n".join(rows)
 
 
 def _e2e_results(page: str) -> str:

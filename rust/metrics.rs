@@ -76,12 +76,12 @@ listener_metrics! {
     Gauge active: "kumo_listener_connections_active", "Sessions open now.";
     Counter messages: "kumo_listener_messages_received", "Messages stored (one per split message).";
     Counter message_bytes: "kumo_listener_received_bytes", "Bytes of the messages stored, trace headers included.";
-    Counter tls_handshakes: "kumo_listener_tls_handshakes", "TLS handshakes completed.";
+    Counter tls_handshakes: "kumo_listener_tls_handshakes", "TLS handshakes completed (STARTTLS and implicit TLS).";
     Counter tls_failures: "kumo_listener_tls_handshake_failures", "TLS handshakes failed.";
     Counter client_limit_refusals: "kumo_listener_client_limit_refusals",
         "Connections refused by max_connections_per_client or the connection rate.";
     Counter shed_connections: "kumo_listener_shed_connections",
-        "Connections refused while too many policy calls waited (load shedding).";
+        "Connections refused by load shedding: busy_at policy calls waiting, body_memory_limit used up, or a full spool.";
     Gauge body_memory_bytes: "kumo_listener_body_memory_bytes",
         "Bytes of message bodies held in memory now (against body_memory_limit).";
     Gauge body_spilled_bytes: "kumo_listener_body_spilled_bytes", "Bytes of message bodies in spill files now.";

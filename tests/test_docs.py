@@ -1,6 +1,7 @@
 """The reference pages of the docs site against the code: every listener
-parameter in the table of rust/params/mod.rs is documented once, where it is
-allowed; every metric the collector exports is documented."""
+parameter of the core's table (`_core.PARAMETERS`) is documented once, where
+it is allowed; the metrics page is made from `_core.METRICS` (docs/hooks.py),
+and the collector exports just those."""
 
 from __future__ import annotations
 
@@ -8,14 +9,11 @@ import re
 from pathlib import Path
 
 import kumo_listener as kumo
+from kumo_listener import _core
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMETERS_PAGE = ROOT / "docs" / "reference" / "parameters.md"
 METRICS_PAGE = ROOT / "docs" / "reference" / "metrics.md"
-PARAMS_TABLE = ROOT / "rust" / "params" / "mod.rs"
-
-# Blocks handled by the merge itself rather than rows of the table.
-BLOCKS = {"peer", "via"}
 
 
 def table_rows(page: Path) -> list[list[str]]:
@@ -38,22 +36,14 @@ def documented_parameters() -> dict[str, str]:
 
 
 def declared_parameters() -> dict[str, str]:
-    """Name → `top_level` or `anywhere`, from `listener_params!`."""
-    source = PARAMS_TABLE.read_text(encoding="utf-8")
-    table = source[source.index("listener_params! {") :]
-    top_level = table[table.index("top_level {") : table.index("anywhere {")]
-    anywhere = table[table.index("anywhere {") :]
-    anywhere = anywhere[: anywhere.index("\n    }\n")]
-    row = re.compile(r"^\s+([a-z_]+):", re.MULTILINE)
-    declared = {name: "top_level" for name in row.findall(top_level)}
-    declared.update({name: "anywhere" for name in row.findall(anywhere)})
-    return declared
+    """Name → `top_level` or `anywhere`, from the core's table."""
+    return dict(_core.PARAMETERS)
 
 
 def test_every_parameter_is_documented_where_it_is_allowed():
     documented = documented_parameters()
     declared = declared_parameters()
-    assert set(documented) == set(declared) | BLOCKS
+    assert set(documented) == set(declared)
     for name, where in declared.items():
         expected = "top level" if where == "top_level" else "anywhere"
         assert documented[name].startswith(expected), (name, documented[name])
@@ -67,13 +57,13 @@ def test_documented_places_match_the_validation():
         assert top_level_only == (where == "top level"), (name, errors)
 
 
-def test_every_metric_is_documented():
-    documented = {row[0].strip("`"): row[1] for row in table_rows(METRICS_PAGE)}
+def test_the_collector_exports_every_declared_metric_and_no_other():
     with kumo.Server(sink="discard") as server:
         server.start_esmtp_listener(listen="127.0.0.1:0")
         families = list(server.metrics_collector().collect())
-    exported = {}
-    for family in families:
-        name = f"{family.name}_total" if family.type == "counter" else family.name
-        exported[name] = family.type
-    assert exported == documented
+    exported = {(family.name, family.type, family.documentation) for family in families}
+    assert exported == {(name, kind, help_text) for name, kind, help_text, _ in _core.METRICS}
+
+
+def test_the_metrics_page_is_made_from_the_declared_table():
+    assert "<!-- metrics-table -->" in METRICS_PAGE.read_text(encoding="utf-8")
