@@ -11,7 +11,7 @@ The public API mirrors KumoMTA's Lua API (``kumo.on``,
         kumo.start_esmtp_listener(listen="0.0.0.0:25", hostname="mx.example.net")
 """
 
-from . import serde
+from . import serde, types
 from ._core import (
     ConnectionMeta,
     EnvelopeAddress,
@@ -45,6 +45,7 @@ __all__ = [
     "on",
     "serde",
     "serve",
+    "types",
     "start_esmtp_listener",
     "validate_overrides",
 ]

@@ -244,8 +244,8 @@ def check(path: Path) -> int:
         print(f"{path}: {error}", file=sys.stderr)
         return 1
     errors = _core.validate_overrides(data)
-    for error in errors:
-        print(f"{path}: {error}", file=sys.stderr)
+    for problem in errors:
+        print(f"{path}: {problem}", file=sys.stderr)
     if not errors:
         print(f"{path}: OK")
     return 1 if errors else 0

@@ -28,7 +28,7 @@ from ._core import METRICS
 # under the same name.
 Snapshot = Callable[[], dict[str, list[tuple[tuple[str, ...], Any]]]]
 
-_FAMILIES: dict[str, Callable[..., Metric]] = {
+_FAMILIES: dict[str, type[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]] = {
     "counter": CounterMetricFamily,
     "gauge": GaugeMetricFamily,
     "histogram": HistogramMetricFamily,
@@ -46,7 +46,7 @@ class Collector(_Collector):
         for name, kind, documentation, labels in METRICS:
             family = _FAMILIES[kind](name, documentation, labels=labels)
             for label_values, value in snapshot[name]:
-                if kind == "histogram":
+                if isinstance(family, HistogramMetricFamily):
                     buckets, total = value
                     bounded = [(_bound(bound), count) for bound, count in buckets]
                     family.add_metric(list(label_values), bounded, total)

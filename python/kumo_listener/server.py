@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from . import _core
 from .policy import Policy, default_policy
@@ -36,6 +36,7 @@ from .threads import DEFAULT_HANDLER_THREADS, HandlerThreads, runs_on_loop
 
 if TYPE_CHECKING:
     from .metrics import Collector
+    from .types import ListenerParameters
 
 logger = logging.getLogger("kumo_listener")
 
@@ -301,9 +302,9 @@ class Server:
         """What the sink is, e.g. ``"Maildir ./maildir"``."""
         return self._core.describe_sink()
 
-    def start_esmtp_listener(self, **params: Any) -> Listener:
-        """Validate ``params`` and start a listener (see the contract's list)."""
-        bound = self._core.start_listener(params)
+    def start_esmtp_listener(self, **params: Unpack[ListenerParameters]) -> Listener:
+        """Validate ``params`` and start a listener (docs/reference/parameters.md)."""
+        bound = self._core.start_listener(dict(params))
         listener = Listener(str(params.get("listen", _core.DEFAULT_LISTEN)), bound)
         self._listeners.append(listener)
         return listener
@@ -495,7 +496,7 @@ def default_server() -> Server:
     return _default
 
 
-def start_esmtp_listener(**params: Any) -> Listener:
+def start_esmtp_listener(**params: Unpack[ListenerParameters]) -> Listener:
     """Start a listener (``kumo.start_esmtp_listener``), normally from ``init``."""
     return (_current or default_server()).start_esmtp_listener(**params)
 
