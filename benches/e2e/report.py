@@ -111,18 +111,20 @@ def throughput_table(data: dict[str, Any]) -> list[str]:
     shapes = data["results"]["throughput"]
     titles = server_titles(shapes)
     header = ["shape (msgs/s, median)", *titles.values(), "kumo/smtp-sink", "kumo/aiosmtpd"]
+    return table(header, rate_rows(shapes, titles, "kumo_discard", ("smtp_sink", "aiosmtpd")))
+
+
+def rate_rows(
+    shapes: Section, titles: dict[str, str], over: str, unders: tuple[str, ...]
+) -> list[list[str]]:
+    """Per shape: each server's median rate, then that of ``over`` against each of ``unders``."""
     rows = []
     for shape in shapes.values():
-        kumo = median(shape, "kumo_discard")
-        rows.append(
-            [
-                shape["title"],
-                *(rate_cell(median(shape, key)) for key in titles),
-                ratio_cell(ratio(kumo, median(shape, "smtp_sink"))),
-                ratio_cell(ratio(kumo, median(shape, "aiosmtpd"))),
-            ]
-        )
-    return table(header, rows)
+        top = median(shape, over)
+        rates = [rate_cell(median(shape, key)) for key in titles]
+        ratios = [ratio_cell(ratio(top, median(shape, key))) for key in unders]
+        rows.append([shape["title"], *rates, *ratios])
+    return rows
 
 
 def starttls_table(data: dict[str, Any]) -> list[str]:
@@ -194,17 +196,7 @@ def durable_table(data: dict[str, Any]) -> list[str]:
     sessions = data["conditions"]["settings"]["durable_sessions"]
     header = [f"durable, {sessions} sessions (msgs/s, median)", *titles.values()]
     header += ["maildir/discard", "maildir/Postfix queue"]
-    rows = []
-    for shape in shapes.values():
-        maildir = median(shape, "kumo_maildir")
-        rows.append(
-            [
-                shape["title"],
-                *(rate_cell(median(shape, key)) for key in titles),
-                ratio_cell(ratio(maildir, median(shape, "kumo_discard"))),
-                ratio_cell(ratio(maildir, median(shape, "postfix_queue"))),
-            ]
-        )
+    rows = rate_rows(shapes, titles, "kumo_maildir", ("kumo_discard", "postfix_queue"))
     for shape in shapes.values():
         label = f"CPU µs per message, server / load generator: {shape['title']}"
         rows.append([label, *(cpu_cell(shape["servers"][key]) for key in titles), "", ""])
