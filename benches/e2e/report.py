@@ -103,7 +103,7 @@ def median(section: Section, server: str) -> float | None:
 
 def server_titles(shapes: Section) -> dict[str, str]:
     """Server key → title, in the order of the first shape's columns."""
-    first = next(iter(shapes.values()), {"servers": {}})
+    first: Section = next(iter(shapes.values()), {"servers": {}})
     return {key: item["title"] for key, item in first["servers"].items()}
 
 
