@@ -1,4 +1,4 @@
-"""The aiosmtpd server of the end-to-end benchmark (``benches/e2e.py``).
+"""The aiosmtpd server of the end-to-end benchmark (``python3 -m benches.e2e``).
 
 Usage: ``python3 benches/aiosmtpd_server.py PORT [COUNT_FILE] [--tls CERT KEY]``
 

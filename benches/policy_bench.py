@@ -1,4 +1,4 @@
-"""Policy of the end-to-end benchmark (``benches/e2e.py``).
+"""Policy of the end-to-end benchmark (``python3 -m benches.e2e``).
 
 Run as ``python3 -m kumo_listener serve --policy benches/policy_bench.py``. Settings
 come from the environment:

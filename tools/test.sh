@@ -43,4 +43,5 @@ bash tools/fuzz.sh "${FUZZ_SECONDS:-15}"
 cargo bench --no-run --quiet
 cargo clippy --release --all-targets --quiet --manifest-path benches/starttls-load/Cargo.toml -- -D warnings
 python3 benches/python_params.py --quick
-python3 benches/e2e.py --quick
+bash tools/install-bench-deps.sh
+python3 -m benches.e2e --quick

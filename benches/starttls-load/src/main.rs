@@ -1,4 +1,4 @@
-//! STARTTLS load client of kumo_listener's end-to-end benchmark (`benches/e2e.py`).
+//! STARTTLS load client of kumo_listener's end-to-end benchmark (`benches/e2e`).
 //!
 //! Each of `--concurrency` tasks loops over SMTP sessions: TCP connect, read the
 //! 220 banner, `EHLO bench`, `STARTTLS`, a full TLS handshake (no resumption),

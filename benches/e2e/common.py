@@ -1,0 +1,178 @@
+"""What every part of the harness shares: the shapes of load, the servers
+compared, the settings of a run, and a measurement's timed runs."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCHES = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+SENDER = "sender@client.example"
+RECIPIENT = "rcpt@dest.example"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One way of sending mail with smtp-source."""
+
+    key: str
+    title: str
+    size: int
+    reuse: bool
+    quick_count: int
+    warmup_per_session: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"title": self.title, "message_bytes": self.size, "reused_connections": self.reuse}
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    key: str
+    title: str
+
+
+KUMO_DISCARD = ServerKind("kumo_discard", "kumo_listener (discard)")
+# The defaults an operator runs with: INFO logging (a line per message and per
+# connection) and the Prometheus endpoint, so that their cost is visible.
+KUMO_OBSERVED = ServerKind("kumo_observed", "kumo_listener (discard, INFO logs, metrics)")
+KUMO_MAILDIR = ServerKind("kumo_maildir", "kumo_listener (maildir)")
+AIOSMTPD = ServerKind("aiosmtpd", "aiosmtpd")
+SMTP_SINK = ServerKind("smtp_sink", "smtp-sink")
+POSTFIX_QUEUE = ServerKind("postfix_queue", "Postfix (queue, discard transport)")
+KUMO_SERVERS = (KUMO_DISCARD, KUMO_OBSERVED, KUMO_MAILDIR)
+COUNTED = (*KUMO_SERVERS, AIOSMTPD)
+"""The servers that count the messages they receive (asked with SIGUSR1)."""
+
+MEASUREMENTS = ("throughput", "starttls", "idle_memory", "durable", "body_memory")
+
+
+class BenchError(Exception):
+    """A measurement that failed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    sessions: int
+    repeat: int
+    seconds: float
+    idle: int
+    kumo_log_level: str
+    run_timeout: float
+    workdir: Path
+    durable_sessions: int
+    memory_sessions: int
+    memory_megabytes: int
+    memory_seconds: float
+    skip: tuple[str, ...] = ()
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.workdir / "tls"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "quick": self.quick,
+            "sessions": self.sessions,
+            "repeat": self.repeat,
+            "seconds": self.seconds,
+            "idle_connections": self.idle,
+            "kumo_log_level": self.kumo_log_level,
+            "run_timeout": self.run_timeout,
+            "durable_sessions": self.durable_sessions,
+            "memory_sessions": self.memory_sessions,
+            "memory_megabytes": self.memory_megabytes,
+            "memory_seconds": self.memory_seconds,
+            "skipped": list(self.skip),
+        }
+
+
+@dataclass(frozen=True)
+class Tools:
+    smtp_source: str
+    smtp_sink: str
+    starttls_load: Path | None
+    """None when the STARTTLS measurement is skipped."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed run: how many messages (or sessions) in how long, and the
+    CPU time (user and system) the server and the load generator spent."""
+
+    count: int
+    seconds: float
+    server_cpu: float
+    client_cpu: float
+
+
+@dataclass
+class Measured:
+    """The timed runs of one measurement, or why it failed."""
+
+    runs: list[Run] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def rates(self) -> list[float]:
+        return [run.count / run.seconds for run in self.runs]
+
+    @property
+    def median(self) -> float | None:
+        return None if self.error or not self.runs else statistics.median(self.rates)
+
+    def cpu_us(self) -> list[float] | None:
+        """Median CPU microseconds per message (or session): [server, load generator]."""
+        if self.error or not self.runs:
+            return None
+        server = statistics.median(1e6 * run.server_cpu / run.count for run in self.runs)
+        client = statistics.median(1e6 * run.client_cpu / run.count for run in self.runs)
+        return [server, client]
+
+    def rates_text(self) -> str:
+        return ", ".join(f"{rate:,.0f}" for rate in self.rates)
+
+
+@dataclass
+class Throughput(Measured):
+    """The runs of one (shape, server) pair."""
+
+    messages_per_run: int = 0
+
+    def as_json(self, kind: ServerKind) -> dict[str, Any]:
+        return {
+            "title": kind.title,
+            "msgs_per_s_median": self.median,
+            "msgs_per_s_runs": self.rates,
+            "cpu_us_per_msg_server_client": self.cpu_us(),
+            "messages_per_run": self.messages_per_run,
+            "error": self.error,
+        }
+
+
+def shapes_json(
+    shapes: tuple[Shape, ...],
+    kinds: tuple[ServerKind, ...],
+    results: dict[str, dict[str, Throughput]],
+    sessions: int,
+) -> dict[str, Any]:
+    """A throughput section of the JSON: shape key → the shape and, by server
+    key, its runs (``results``: shape key → server key → runs)."""
+    return {
+        shape.key: {
+            **shape.as_json(),
+            "sessions": sessions,
+            "servers": {kind.key: results[shape.key][kind.key].as_json(kind) for kind in kinds},
+        }
+        for shape in shapes
+    }
+
+
+def log(text: str) -> None:
+    """Progress goes to stderr; the results go to stdout."""
+    print(text, file=sys.stderr, flush=True)

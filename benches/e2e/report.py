@@ -1,0 +1,280 @@
+"""The report of a run, made from its JSON document alone (as written by
+``--json`` and loaded back): the harness prints it, and the docs' performance
+page renders ``docs/performance/e2e.json`` with it. Pure: standard library
+only, nothing runs at import.
+
+    from benches.e2e.report import render_markdown
+    markdown = render_markdown(json.loads(Path("docs/performance/e2e.json").read_text()))
+"""
+
+from __future__ import annotations
+
+import shlex
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+Section = dict[str, Any]
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    """The conditions of the run, its tables, every run's rates and the failures."""
+    results = data["results"]
+    lines = conditions_lines(data["conditions"])
+    for name, table in (
+        ("throughput", throughput_table),
+        ("starttls", starttls_table),
+        ("throughput", cpu_table),
+        ("throughput", cpu_ratio_table),
+        ("idle_memory", idle_memory_table),
+        ("durable", durable_table),
+        ("body_memory", body_memory_table),
+    ):
+        if name in results:
+            lines += ["", *table(data)]
+    lines += ["", "Runs:", "", *run_details(results)]
+    problems = failures(results)
+    if problems:
+        lines += ["", "Failures:", "", *problems]
+    return "\n".join(lines) + "\n"
+
+
+def conditions_lines(conditions: Section) -> list[str]:
+    machine, versions, settings = (conditions[key] for key in ("machine", "versions", "settings"))
+    load = ", ".join(f"{value:.2f}" for value in machine["load_average_before"])
+    runs = f"{settings['repeat']} timed run(s) per cell"
+    if not settings["quick"]:
+        runs += f" of about {settings['seconds']:g} s after a warm-up"
+    skipped = ", ".join(settings["skipped"]) or "none"
+    return [
+        f"- Date: {conditions['date']}",
+        f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), Linux {machine['kernel']}; "
+        f"load average {load} and CPUs {machine['cpu_busy_before_percent']:.0f}% busy "
+        "before the run; Maildir on " + machine["maildir_filesystem"],
+        f"- Versions: kumo_listener {versions['kumo_listener']}, aiosmtpd {versions['aiosmtpd']}, "
+        f"Postfix {versions['postfix']}, Python {versions['python']}",
+        f"- Command: `{shlex.join(conditions['command'])}`",
+        f"- Load: smtp-source, {settings['sessions']} parallel sessions, {runs}"
+        + ("; quick (smoke) mode, the numbers mean little" if settings["quick"] else ""),
+        f"- Measurements skipped: {skipped}",
+    ]
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, the first column left-aligned and the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def rate_cell(value: float | None) -> str:
+    return "FAILED" if value is None else f"{value:,.0f}"
+
+
+def ratio_cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def mib_cell(kib: float | None) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:,.1f}"
+
+
+def cpu_of(item: Section | None) -> list[float] | None:
+    """[server, load generator] CPU µs per message or per session."""
+    if item is None:
+        return None
+    return item.get("cpu_us_per_msg_server_client") or item.get("cpu_us_per_session_server_client")
+
+
+def cpu_cell(item: Section | None) -> str:
+    cpu = cpu_of(item)
+    return "n/a" if cpu is None else f"{cpu[0]:,.0f} / {cpu[1]:,.0f}"
+
+
+def median(section: Section, server: str) -> float | None:
+    item = section["servers"].get(server)
+    return None if item is None else item["msgs_per_s_median"]
+
+
+def server_titles(shapes: Section) -> dict[str, str]:
+    """Server key → title, in the order of the first shape's columns."""
+    first: Section = next(iter(shapes.values()), {"servers": {}})
+    return {key: item["title"] for key, item in first["servers"].items()}
+
+
+def throughput_table(data: dict[str, Any]) -> list[str]:
+    shapes = data["results"]["throughput"]
+    titles = server_titles(shapes)
+    header = ["shape (msgs/s, median)", *titles.values(), "kumo/smtp-sink", "kumo/aiosmtpd"]
+    return table(header, rate_rows(shapes, titles, "kumo_discard", ("smtp_sink", "aiosmtpd")))
+
+
+def rate_rows(
+    shapes: Section, titles: dict[str, str], over: str, unders: tuple[str, ...]
+) -> list[list[str]]:
+    """Per shape: each server's median rate, then that of ``over`` against each of ``unders``."""
+    rows = []
+    for shape in shapes.values():
+        top = median(shape, over)
+        rates = [rate_cell(median(shape, key)) for key in titles]
+        ratios = [ratio_cell(ratio(top, median(shape, key))) for key in unders]
+        rows.append([shape["title"], *rates, *ratios])
+    return rows
+
+
+def starttls_table(data: dict[str, Any]) -> list[str]:
+    servers = data["results"]["starttls"]
+    medians = [item["sessions_per_s_median"] for item in servers.values()]
+    protocols = sorted({name for item in servers.values() for name in item["protocols"]})
+    header = ["STARTTLS sessions/s (median)", *(item["title"] for item in servers.values())]
+    cells = [rate_cell(value) for value in medians]
+    if len(medians) == 2:
+        header.append("kumo/aiosmtpd")
+        cells.append(ratio_cell(ratio(*medians)))
+    label = f"full handshake, EHLO, QUIT ({', '.join(protocols) or 'n/a'})"
+    return table(header, [[label, *cells]])
+
+
+def cpu_table(data: dict[str, Any]) -> list[str]:
+    """Where the time goes: when the load generator's CPU per message nears a
+    core's worth at the measured rate, it, not the server, sets the pace."""
+    shapes = data["results"]["throughput"]
+    titles = server_titles(shapes)
+    header = ["CPU µs per message (median): server / load generator", *titles.values()]
+    rows = [
+        [shape["title"], *(cpu_cell(shape["servers"].get(key)) for key in titles)]
+        for shape in shapes.values()
+    ]
+    starttls = data["results"].get("starttls")
+    if starttls is not None:
+        rows.append(
+            ["STARTTLS session (per session)", *(cpu_cell(starttls.get(key)) for key in titles)]
+        )
+    return table(header, rows)
+
+
+def cpu_ratio_table(data: dict[str, Any]) -> list[str]:
+    """Server CPU per message against smtp-sink's, which does nothing."""
+    shapes = data["results"]["throughput"]
+    titles = server_titles(shapes)
+    kumo = [key for key in ("kumo_discard", "kumo_observed") if key in titles]
+    header = ["server CPU per message over smtp-sink's (median)", *(titles[key] for key in kumo)]
+    rows = []
+    for shape in shapes.values():
+        sink = cpu_of(shape["servers"].get("smtp_sink"))
+        cells = []
+        for key in kumo:
+            cpu = cpu_of(shape["servers"][key])
+            cells.append(
+                ratio_cell(None if cpu is None or sink is None else ratio(cpu[0], sink[0]))
+            )
+        rows.append([shape["title"], *cells])
+    return table(header, rows)
+
+
+def idle_memory_table(data: dict[str, Any]) -> list[str]:
+    idle = data["conditions"]["settings"]["idle_connections"]
+    header = ["server", "RSS before (MiB)", f"RSS, {idle} idle connections (MiB)"]
+    rows = []
+    for item in data["results"]["idle_memory"].values():
+        if item["error"]:
+            rows.append([item["title"], "FAILED", "FAILED", "FAILED"])
+            continue
+        rss = [mib_cell(item["rss_before_kib"]), mib_cell(item["rss_after_kib"])]
+        rows.append([item["title"], *rss, f"{item['kib_per_connection']:.1f}"])
+    return table([*header, "KiB/connection"], rows)
+
+
+def durable_table(data: dict[str, Any]) -> list[str]:
+    shapes = data["results"]["durable"]
+    titles = server_titles(shapes)
+    sessions = data["conditions"]["settings"]["durable_sessions"]
+    header = [f"durable, {sessions} sessions (msgs/s, median)", *titles.values()]
+    header += ["maildir/discard", "maildir/Postfix queue"]
+    rows = rate_rows(shapes, titles, "kumo_maildir", ("kumo_discard", "postfix_queue"))
+    for shape in shapes.values():
+        label = f"CPU µs per message, server / load generator: {shape['title']}"
+        rows.append([label, *(cpu_cell(shape["servers"][key]) for key in titles), "", ""])
+    return table(header, rows)
+
+
+def body_memory_table(data: dict[str, Any]) -> list[str]:
+    settings = data["conditions"]["settings"]
+    header = [
+        f"{settings['memory_sessions']} sessions, {settings['memory_megabytes']} MB each over "
+        f"{settings['memory_seconds']:g} s (MiB)",
+        "before",
+        "more, before the final dots",
+        "more, peak (sampled)",
+        "more, VmHWM",
+    ]
+    rows = []
+    for item in data["results"]["body_memory"].values():
+        if item["error"]:
+            rows.append([item["title"], "FAILED", "FAILED", "FAILED", "FAILED"])
+            continue
+        baseline = item["baseline_kib"]
+        rows.append(
+            [
+                item["title"],
+                mib_cell(baseline),
+                mib_cell(item["at_pause_kib"] - baseline),
+                mib_cell(item["peak_kib"] - baseline),
+                mib_cell(item["hwm_growth_kib"]),
+            ]
+        )
+    note = (
+        "Memory: the sum of the Pss of the server's processes (Postfix: master and every "
+        "child, smtpd and cleanup included); VmHWM for single processes."
+    )
+    return [note, "", *table(header, rows)]
+
+
+def measurements(results: dict[str, Any]) -> Iterator[tuple[str, Section]]:
+    """Every measured item with a label naming it: (label, its JSON)."""
+    for name, prefix in (("throughput", ""), ("durable", "durable, ")):
+        for shape in results.get(name, {}).values():
+            for item in shape["servers"].values():
+                yield f"{prefix}{item['title']}, {shape['title']}", item
+    for name, suffix in (
+        ("starttls", "STARTTLS"),
+        ("idle_memory", "idle connections"),
+        ("body_memory", "slow sessions with big messages"),
+    ):
+        for item in results.get(name, {}).values():
+            yield f"{item['title']}, {suffix}", item
+
+
+def run_details(results: dict[str, Any]) -> list[str]:
+    """The rate of every timed run, and the messages sent in each."""
+    lines = []
+    for label, item in measurements(results):
+        rates = item.get("msgs_per_s_runs") or item.get("sessions_per_s_runs")
+        if rates:
+            per_run = item.get("messages_per_run")
+            count = f"{per_run} msgs/run; " if per_run else ""
+            unit = "msgs/s" if per_run else "sessions/s"
+            runs = ", ".join(f"{rate:,.0f}" for rate in rates)
+            lines.append(f"- {label}: {count}{runs} {unit}")
+    return lines
+
+
+def failures(results: dict[str, Any]) -> list[str]:
+    """One Markdown list item per failure; an error seen before is named, not repeated."""
+    found: list[str] = []
+    first_seen: dict[str, str] = {}
+    for label, item in measurements(results):
+        error = item["error"]
+        if not error:
+            continue
+        if error in first_seen:
+            found.append(f"- {label}: the same failure as {first_seen[error]}")
+            continue
+        first_seen[error] = label
+        found.append(f"- {label}:\n\n" + textwrap.indent(error, "      ") + "\n")
+    return found

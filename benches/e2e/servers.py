@@ -1,0 +1,107 @@
+"""The servers compared, each started as its own process on a free port:
+kumo_listener (``kumo-listener serve`` with the benchmark policy), aiosmtpd
+(``benches/aiosmtpd_server.py``), Postfix's smtp-sink, and the private Postfix."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .common import (
+    AIOSMTPD,
+    BENCHES,
+    COUNTED,
+    KUMO_MAILDIR,
+    KUMO_OBSERVED,
+    KUMO_SERVERS,
+    LOOPBACK,
+    POSTFIX_QUEUE,
+    ServerKind,
+    Settings,
+    Tools,
+    log,
+)
+from .postfix import running_postfix_queue
+from .processes import RunningServer, free_port, stop_process, wait_until_ready
+
+POLICY = BENCHES / "policy_bench.py"
+AIOSMTPD_SERVER = BENCHES / "aiosmtpd_server.py"
+# The policy's `via` table: the certificate each local address must present.
+KUMO_TLS_IDENTITIES = {"127.0.0.1": "mx.example-customer.com", "127.0.0.2": "mx.other-customer.com"}
+AIOSMTPD_TLS_HOSTNAME = "bench.example"
+TLS_HOSTNAMES = (AIOSMTPD_TLS_HOSTNAME, *KUMO_TLS_IDENTITIES.values())
+
+
+def server_command(
+    kind: ServerKind, tools: Tools, settings: Settings, port: int, count_file: Path, maildir: Path
+) -> list[str]:
+    if kind in KUMO_SERVERS:
+        command = [sys.executable, "-m", "kumo_listener", "serve", "--policy", str(POLICY)]
+        if kind is KUMO_OBSERVED:
+            command += ["--log-level", "INFO", "--metrics", f"{LOOPBACK}:{free_port()}"]
+        else:
+            command += ["--log-level", settings.kumo_log_level]
+        if kind is KUMO_MAILDIR:
+            return [*command, "--sink", "maildir", "--maildir", str(maildir)]
+        return [*command, "--sink", "discard"]
+    if kind is AIOSMTPD:
+        tls = [settings.tls_dir / f"{AIOSMTPD_TLS_HOSTNAME}.{suffix}" for suffix in ("crt", "key")]
+        command = [sys.executable, str(AIOSMTPD_SERVER), str(port), str(count_file)]
+        return [*command, "--tls", *map(str, tls)]
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []  # smtp-sink refuses to run as root
+    return [tools.smtp_sink, *user, "-m", "4096", f"{LOOPBACK}:{port}", "4096"]
+
+
+@contextlib.contextmanager
+def running_server(
+    kind: ServerKind, tools: Tools, settings: Settings, max_connections: int = 32768
+) -> Iterator[RunningServer]:
+    if kind is POSTFIX_QUEUE:
+        with running_postfix_queue() as server:
+            yield server
+        return
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix=f"{kind.key}-", dir=settings.workdir))
+    count_file, maildir = workdir / "received", workdir / "maildir"
+    env = {
+        **os.environ,
+        "KUMO_BENCH_PORT": str(port),
+        "KUMO_BENCH_MAX_CONNECTIONS": str(max_connections),
+        "KUMO_BENCH_COUNT_FILE": str(count_file),
+        "KUMO_BENCH_TLS_DIR": str(settings.tls_dir),
+    }
+    command = server_command(kind, tools, settings, port, count_file, maildir)
+    log(f"e2e: starting {kind.title}: {shlex.join(command)}")
+    stdout_path, stderr_path = workdir / "stdout", workdir / "stderr"
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            cwd=workdir,
+            process_group=0,
+        )
+    try:
+        server = RunningServer(
+            kind=kind,
+            process=process,
+            pid=process.pid,
+            port=port,
+            stderr_path=stderr_path,
+            count_file=count_file if kind in COUNTED else None,
+            maildir=maildir if kind is KUMO_MAILDIR else None,
+        )
+        wait_until_ready(server, stdout_path)
+        yield server
+    finally:
+        stop_process(process)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,173 @@
+"""Messages per second: Postfix's smtp-source against each server, one server
+after the other, in three shapes (a new connection per 1 KB message, reused
+connections with 1 KB and with 100 KB messages)."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .common import (
+    AIOSMTPD,
+    KUMO_DISCARD,
+    KUMO_MAILDIR,
+    KUMO_OBSERVED,
+    LOOPBACK,
+    RECIPIENT,
+    SENDER,
+    SMTP_SINK,
+    BenchError,
+    Measured,
+    Run,
+    ServerKind,
+    Settings,
+    Shape,
+    Throughput,
+    Tools,
+    log,
+    shapes_json,
+)
+from .processes import RunningServer, children_cpu_seconds
+from .servers import running_server
+
+SHAPES = (
+    Shape("new_connection_1k", "new connection per message, 1 KB", 1024, False, 160, 20),
+    Shape("reused_connection_1k", "reused connections, 1 KB", 1024, True, 320, 20),
+    Shape("reused_connection_100k", "reused connections, 100 KB", 102400, True, 64, 5),
+)
+SERVERS = (KUMO_DISCARD, KUMO_OBSERVED, KUMO_MAILDIR, AIOSMTPD, SMTP_SINK)
+MIN_CALIBRATION_SECONDS = 0.5
+MESSAGE_OVERHEAD_BYTES = 4096  # headers smtp-source and the server add, file system slack
+MESSAGES_PER_CONNECTION_CAP = 5000  # kumo_listener's max_messages_per_connection is 10000
+
+
+def smtp_source_command(
+    tools: Tools, port: int, shape: Shape, count: int, sessions: int
+) -> list[str]:
+    command = [tools.smtp_source, "-s", str(sessions), "-l", str(shape.size), "-m", str(count)]
+    command += ["-f", SENDER, "-t", RECIPIENT]
+    if shape.reuse:
+        command.append("-d")  # "don't disconnect after sending a message"
+    return [*command, f"{LOOPBACK}:{port}"]
+
+
+def timed_run(
+    server: RunningServer, tools: Tools, settings: Settings, shape: Shape, count: int
+) -> Run:
+    """Send ``count`` messages and time it, or raise BenchError."""
+    server.check_alive()
+    server.new_log_output()
+    server.make_room(count * (shape.size + MESSAGE_OVERHEAD_BYTES))
+    counter_before, files_before = server.received(), server.delivered_files()
+    command = smtp_source_command(tools, server.port, shape, count, settings.sessions)
+    result, run = run_load(server, command, settings.run_timeout)
+    if result.stderr.strip():
+        raise BenchError(f"{shlex.join(command)} wrote to stderr:\n{result.stderr}")
+    check_delivery(server, counter_before, files_before, count)
+    return Run(count, run.seconds, run.server_cpu, run.client_cpu)
+
+
+def run_load(
+    server: RunningServer, command: list[str], timeout: float
+) -> tuple[subprocess.CompletedProcess[str], Run]:
+    """Run a load generator against ``server``: its output, and the run (count 1)."""
+    server_cpu, client_cpu = server.cpu_seconds(), children_cpu_seconds()
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        raise BenchError(f"{shlex.join(command)} timed out after {error.timeout} s") from None
+    elapsed = time.perf_counter() - started
+    server_cpu = server.cpu_seconds() - server_cpu
+    client_cpu = children_cpu_seconds() - client_cpu
+    if result.returncode != 0:
+        raise BenchError(f"{shlex.join(command)} exited with {result.returncode}:\n{result.stderr}")
+    return result, Run(1, elapsed, server_cpu, client_cpu)
+
+
+def check_delivery(
+    server: RunningServer, counter_before: int | None, files_before: int | None, sent: int
+) -> None:
+    server.check_log()
+    if counter_before is not None:
+        counted = server.received(at_least=counter_before + sent)
+        assert counted is not None
+        if counted - counter_before != sent:
+            raise BenchError(
+                f"{server.kind.title} counted {counted - counter_before} messages, sent {sent}"
+            )
+    files_after = server.delivered_files()
+    if files_after is not None and files_before is not None and files_after - files_before != sent:
+        delivered = files_after - files_before
+        raise BenchError(f"{server.kind.title}: {delivered} new files in new/, sent {sent}")
+
+
+def message_cap(shape: Shape, settings: Settings) -> int:
+    return settings.sessions * MESSAGES_PER_CONNECTION_CAP if shape.reuse else 1_000_000
+
+
+def calibrate(server: RunningServer, tools: Tools, settings: Settings, shape: Shape) -> int:
+    """Warm up, growing the count until a run lasts long enough to give a rate,
+    and return the count for a run of about ``settings.seconds``."""
+    cap = message_cap(shape, settings)
+    count = min(cap, settings.sessions * shape.warmup_per_session)
+    while True:
+        elapsed = timed_run(server, tools, settings, shape, count).seconds
+        if elapsed >= MIN_CALIBRATION_SECONDS or count >= cap:
+            break
+        count = min(cap, count * 4)
+    wanted = int(count / elapsed * settings.seconds)
+    return max(settings.sessions, min(cap, wanted))
+
+
+def measure_count(
+    server: RunningServer, tools: Tools, settings: Settings, shape: Shape, into: Measured
+) -> int:
+    """The message count of a timed run (0 when the warm-up failed, in ``into.error``)."""
+    with record_error(into):
+        return shape.quick_count if settings.quick else calibrate(server, tools, settings, shape)
+    return 0
+
+
+@contextlib.contextmanager
+def record_error(into: Measured) -> Iterator[None]:
+    try:
+        yield
+    except BenchError as error:
+        into.error = str(error)
+
+
+def measure_shape(
+    server: RunningServer, tools: Tools, settings: Settings, shape: Shape
+) -> Throughput:
+    result = Throughput()
+    result.messages_per_run = measure_count(server, tools, settings, shape, result)
+    with record_error(result):
+        for _ in range(settings.repeat if result.error is None else 0):
+            result.runs.append(timed_run(server, tools, settings, shape, result.messages_per_run))
+    status = result.error or result.rates_text() + " msgs/s"
+    log(f"e2e: {server.kind.title}, {shape.title}, {result.messages_per_run} msgs: {status}")
+    return result
+
+
+def measure_server(kind: ServerKind, tools: Tools, settings: Settings) -> dict[str, Throughput]:
+    """All shapes against one server process."""
+    try:
+        with running_server(kind, tools, settings) as server:
+            return {shape.key: measure_shape(server, tools, settings, shape) for shape in SHAPES}
+    except BenchError as error:
+        log(f"e2e: {kind.title}: {error}")
+        return {shape.key: Throughput(error=str(error)) for shape in SHAPES}
+
+
+def measure(tools: Tools, settings: Settings) -> dict[str, Any]:
+    """The JSON section: shape key → the shape and, by server key, its runs."""
+    results: dict[str, dict[str, Throughput]] = {shape.key: {} for shape in SHAPES}
+    for kind in SERVERS:
+        for shape_key, runs in measure_server(kind, tools, settings).items():
+            results[shape_key][kind.key] = runs
+    return shapes_json(SHAPES, SERVERS, results, settings.sessions)
