@@ -6,10 +6,9 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from mypy import api as mypy_api
-
 from kumo_listener import _core
 from kumo_listener.types import ListenerParameters, OverrideParameters
+from mypy import api as mypy_api
 
 
 def test_the_typed_dicts_have_every_parameter_of_the_core_in_its_place():
@@ -26,7 +25,9 @@ POLICY = """
 
     @kumo.on("init")
     def init() -> None:
-        kumo.start_esmtp_listener(listen="127.0.0.1:0", {param}, via={{"127.0.0.2": {{"banner": "x"}}}})
+        kumo.start_esmtp_listener(
+            listen="127.0.0.1:0", {param}, via={{"127.0.0.2": {{"banner": "x"}}}}
+        )
 
     def dynamic(listener: str, conn_meta: kumo.ConnectionMeta) -> OverrideParameters:
         return {{"hostname": "mx.example", {override}}}

@@ -45,7 +45,7 @@ __all__ = [
     "on",
     "serde",
     "serve",
-    "types",
     "start_esmtp_listener",
+    "types",
     "validate_overrides",
 ]
