@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Fail if the Rust modules under rust/ import each other in a circle.
+"""Fail if the Rust modules under rust/ import each other in a circle, or
+if a module of rust/protocol/ imports anything outside it.
 
 A module is a file (`rust/session/auth.rs` is `session::auth`; a folder's
 `mod.rs` is the folder). Its imports are the `crate::a::b` and `super::x`
@@ -16,10 +17,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "rust"
+# The wire formats: they import nothing from the rest of the crate.
+PURE = ("protocol",)
 PATH = re.compile(r"\b(crate|super)((?:::[a-z_][a-z0-9_]*)+)")
 
 
-def module_of(path: Path) -> tuple[str, ...]:
+Module = tuple[str, ...]
+
+
+def module_of(path: Path) -> Module:
     parts = path.relative_to(ROOT).with_suffix("").parts
     if parts[-1] in ("mod", "lib"):
         parts = parts[:-1]
@@ -33,34 +39,33 @@ def production_text(path: Path) -> str:
     return re.sub(r"//.*", "", code)
 
 
-def imports(module: tuple[str, ...], text: str, modules: set[tuple[str, ...]]) -> set[tuple[str, ...]]:
+def imports(path: Path, modules: set[Module]) -> set[Module]:
+    module = module_of(path)
     found = set()
-    is_folder = module + ("mod",) != module and any(m[: len(module)] == module and m != module for m in modules)
-    for anchor, rest in PATH.findall(text):
+    for anchor, rest in PATH.findall(production_text(path)):
         names = tuple(rest.strip(":").split("::"))
-        if anchor == "crate":
-            base: tuple[str, ...] = ()
-        else:
-            base = module if is_folder else module[:-1]
+        base: Module = ()
+        if anchor == "super":
+            base = module[:-1]
             while names and names[0] == "super":
                 names, base = names[1:], base[:-1]
         full = base + names
-        target = max((full[:n] for n in range(len(full), 0, -1) if full[:n] in modules), key=len, default=None)
-        if target is not None and target != module and target[: len(module)] != module:
-            found.add(target)
+        named = [full[:n] for n in range(len(full), 0, -1) if full[:n] in modules]
+        if named and named[0][: len(module)] != module:
+            found.add(named[0])
     return found
 
 
-def find_cycle(graph: dict[tuple[str, ...], set[tuple[str, ...]]]) -> list[tuple[str, ...]] | None:
-    state: dict[tuple[str, ...], int] = {}
-    stack: list[tuple[str, ...]] = []
+def find_cycle(graph: dict[Module, set[Module]]) -> list[Module] | None:
+    state: dict[Module, int] = {}
+    stack: list[Module] = []
 
-    def visit(node: tuple[str, ...]) -> list[tuple[str, ...]] | None:
+    def visit(node: Module) -> list[Module] | None:
         state[node] = 1
         stack.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == 1:
-                return stack[stack.index(target) :] + [target]
+                return [*stack[stack.index(target) :], target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         stack.pop()
@@ -76,7 +81,12 @@ def find_cycle(graph: dict[tuple[str, ...], set[tuple[str, ...]]]) -> list[tuple
 def main() -> int:
     files = {module_of(path): path for path in sorted(ROOT.rglob("*.rs"))}
     modules = set(files)
-    graph = {module: imports(module, production_text(path), modules) for module, path in files.items()}
+    graph = {module: imports(path, modules) for module, path in files.items()}
+    for module, targets in graph.items():
+        outside = sorted(t for t in targets if t[:1] != PURE[:1]) if module[:1] == PURE else []
+        if outside:
+            print(f"{'::'.join(module)} is pure wire format, yet imports {outside}")
+            return 1
     cycle = find_cycle(graph)
     if cycle:
         print("import circle in rust/: " + " -> ".join("::".join(m) or "crate" for m in cycle))
