@@ -36,6 +36,17 @@ def test_check_lists_every_error_with_its_key_path(tmp_path: Path):
     assert "did you mean 192.168.1.0/24?" in result.stderr
 
 
+def test_check_reports_the_errors_inside_a_block_whose_cidr_is_bad(tmp_path: Path):
+    path = tmp_path / "params.toml"
+    path.write_text('[peer."10.0.0.0/33"]\nbannr = "x"\nhostname = 7\n')
+    result = run("check", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert f"{path}: peer.'10.0.0.0/33': \"10.0.0.0/33\" is neither an IP address" in lines[0]
+    assert f"{path}: peer.'10.0.0.0/33'.bannr: unknown parameter; did you mean banner?" in lines
+    assert any(line.startswith(f"{path}: peer.'10.0.0.0/33'.hostname: expected") for line in lines)
+
+
 def test_check_json_and_unreadable_files(tmp_path: Path):
     good = tmp_path / "params.json"
     good.write_text('{"via": {"10.0.0.2": {"banner": "two"}}}')
@@ -125,6 +136,25 @@ def test_serve_refuses_a_bad_policy_listener_with_the_key_path(tmp_path: Path):
         "kumo-listener: via.'10.0.0.1'.listen: "
         "only allowed at the top level of start_esmtp_listener"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [
+        ("missing.py", None, "policy {path}: No such file or directory"),
+        ("policy.py", "def f(:\n", "policy {path}:1: invalid syntax"),
+        ("folder", "", "policy {path}: a directory, not a Python file"),
+    ],
+)
+def test_serve_names_a_policy_it_cannot_load_in_one_line(tmp_path: Path, name, content, said):
+    path = tmp_path / name
+    if name == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    result = run("serve", "--policy", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "kumo-listener: " + said.format(path=path)
 
 
 def test_serve_says_when_the_address_is_taken(tmp_path: Path):

@@ -108,8 +108,8 @@ def serve(args: argparse.Namespace) -> int:
         reuse_port=args.reuse_port,
         handler_threads=args.handler_threads,
     )
-    if args.policy:
-        runpy.run_path(args.policy, run_name="kumo_policy")
+    if args.policy and not load_policy(args.policy):
+        return 2
     server = default_server()
     if logging_is_the_clis(handler):
         server.write_logs_directly(args.log_format)
@@ -235,6 +235,24 @@ def load_overrides(path: Path) -> Any:
     if path.suffix.lower() == ".json":
         return json.loads(path.read_text(encoding="utf-8"))
     return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def load_policy(path: str) -> bool:
+    """Run the policy file; a file that cannot be read or parsed is one line
+    on standard error (an exception its code raises keeps its traceback)."""
+    if Path(path).is_dir():
+        print(f"kumo-listener: policy {path}: a directory, not a Python file", file=sys.stderr)
+        return False
+    try:
+        runpy.run_path(path, run_name="kumo_policy")
+    except OSError as error:
+        print(f"kumo-listener: policy {path}: {error.strerror or error}", file=sys.stderr)
+        return False
+    except SyntaxError as error:
+        where = f"{error.filename}:{error.lineno}" if error.lineno else path
+        print(f"kumo-listener: policy {where}: {error.msg}", file=sys.stderr)
+        return False
+    return True
 
 
 def check(path: Path) -> int:

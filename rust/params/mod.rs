@@ -384,7 +384,7 @@ mod tests {
         let errors = errors_of(parse_overrides(
             &json!({
                 "hostname": 5, "hostnme": "x", "client_timeout": "soon", "relay_hosts": ["127.0.0.1", "10.0.0.1/33"],
-                "peer": {"192.168.1.1/24": {}, "10.0.0.0/8": {"via": {"127.0.0.2": {"banner": 1}}}},
+                "peer": {"192.168.1.1/24": {"bannr": "x"}, "10.0.0.0/8": {"via": {"127.0.0.2": {"banner": 1}}}},
                 "via": {"10.0.0.1": {"max_connections": 5}}, "listen": "0.0.0.0:25",
                 "invalid_line_endings": "deny", "trace_headers": {"header_name": "X Bad"},
                 "max_message_size": -1, "line_length_hard_limit": 100,
@@ -397,6 +397,8 @@ mod tests {
             "client_timeout: \"soon\" is not a duration",
             "relay_hosts[1]: ",
             "peer.'192.168.1.1/24': 192.168.1.1/24 has host bits set; did you mean 192.168.1.0/24?",
+            // The block of a bad key is still checked.
+            "peer.'192.168.1.1/24'.bannr: unknown parameter; did you mean banner?",
             "peer.'10.0.0.0/8'.via.'127.0.0.2'.banner: expected a string",
             "via.'10.0.0.1'.max_connections: only allowed at the top level of start_esmtp_listener",
             "listen: only allowed at the top level",

@@ -303,13 +303,15 @@ pub(super) fn cidr_blocks(value: &Value, path: &str, errors: &mut Errors) -> Cid
     };
     for (key, block) in table {
         let here = format!("{path}.'{key}'");
-        let Some(net) = errors.take(&here, parse_cidr(key)) else {
-            continue;
-        };
+        let net = errors.take(&here, parse_cidr(key));
         let Some(block) = errors.table(block, &here) else {
             continue;
         };
+        // A bad key still has its block checked: every error in one report.
         let params = parse_table(block, &here, Level::Nested, errors);
+        let Some(net) = net else {
+            continue;
+        };
         if blocks.insert(net, params).is_some() {
             errors.push(&here, format!("{net} is given twice"));
         }
