@@ -5,6 +5,7 @@ from typing import Any, BinaryIO, final
 # PyO3 sets the module's __all__ to everything it adds; stubtest checks this
 # list against it.
 __all__ = [
+    "DEFAULT_BUSY_AT",
     "DEFAULT_LISTEN",
     "EVENTS",
     "METRICS",
@@ -25,6 +26,8 @@ __all__ = [
 EVENTS: frozenset[str]
 #: ``listen`` when none is given: ``start_esmtp_listener``, ``kumo-listener serve``.
 DEFAULT_LISTEN: str
+#: ``busy_at`` when none is given: policy calls waiting before new connections get ``421``.
+DEFAULT_BUSY_AT: int
 #: ``(name, kind, help, labels)`` of every Prometheus metric; ``kind`` is
 #: ``"counter"``, ``"gauge"`` or ``"histogram"``.
 METRICS: list[tuple[str, str, str, list[str]]]

@@ -276,7 +276,7 @@ class Server:
         shutdown_grace: float = 30.0,
         reuse_port: bool = False,
         handler_threads: int = DEFAULT_HANDLER_THREADS,
-        busy_at: int = 1000,
+        busy_at: int = _core.DEFAULT_BUSY_AT,
     ) -> None:
         self.policy = policy if policy is not None else default_policy
         maildir_path = os.fspath(maildir) if sink == "maildir" else None
@@ -453,7 +453,8 @@ class Server:
 
 _current: Server | None = None
 _default: Server | None = None
-_default_settings: dict[str, Any] = {"sink": "maildir", "maildir": "maildir", "reuse_port": False}
+# configure()'s settings of the default server; the rest are Server's defaults.
+_default_settings: dict[str, Any] = {}
 
 
 @contextmanager
