@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import KUMO, RawClient, delivered, free_port
+from support import KUMO, RawClient, delivered, free_port
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import delivered, without_envelope
+from support import delivered, without_envelope
 
 
 def send(client: smtplib.SMTP, recipients: list[str], subject: str = "test") -> dict:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import delivered, without_envelope
+from support import delivered, without_envelope
 
 if shutil.which("haproxy") is None:
     pytest.skip("haproxy is not installed", allow_module_level=True)

@@ -7,7 +7,7 @@ import time
 
 import kumo_listener as kumo
 import pytest
-from conftest import RawClient
+from support import RawClient
 
 TOO_MANY = (421, ["4.7.0 mx.test.example too many connections from your address"])
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import RawClient, delivered, without_envelope
+from support import RawClient, delivered, without_envelope
 
 RECIPIENTS = ["x@d.example", "y@d.example", "z@e.example"]
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import delivered
+from support import delivered
 
 KUMO = [sys.executable, "-m", "kumo_listener"]
 CONNECTIONS = 5000

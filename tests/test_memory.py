@@ -18,7 +18,7 @@ from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import KUMO, RawClient, Served, without_envelope
+from support import KUMO, RawClient, Served, without_envelope
 from prometheus_client import CollectorRegistry
 
 MiB = 1 << 20

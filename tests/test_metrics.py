@@ -10,7 +10,7 @@ import urllib.request
 
 import kumo_listener as kumo
 import pytest
-from conftest import RawClient, free_port
+from support import RawClient, free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -11,7 +11,7 @@ import time
 
 import kumo_listener as kumo
 import pytest
-from conftest import delivered
+from support import delivered
 from kumo_listener import _core
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KUMO, RawClient, Served, delivered
+from support import KUMO, RawClient, Served, delivered
 from test_cli import port_free, run
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
