@@ -250,7 +250,9 @@ class Served:
         assert self.process.stdout is not None
         self.banner = self.process.stdout.readline()
         found = re.search(r"listening on (?:([\d.]+):(\d+)|(/[^;,]+))", self.banner)
-        assert found, self.banner + self.errors()
+        if not found:
+            self.process.kill()
+            raise AssertionError(self.banner + self.errors())
         # A Unix socket's path, or (host, port).
         self.address = found.group(3) or (found.group(1), int(found.group(2)))
 
