@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
 import smtplib
 import subprocess
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from support import delivered, without_envelope
+from support import delivered, require_tool, without_envelope
 
 
 def send(client: smtplib.SMTP, recipients: list[str], subject: str = "test") -> dict:
@@ -25,12 +24,12 @@ def send(client: smtplib.SMTP, recipients: list[str], subject: str = "test") -> 
     return client.send_message(message, "a@b.example", recipients)
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is installed by tools/test.sh")
 def test_swaks_end_to_end(listen, maildir):
+    swaks = require_tool("swaks")
     host, port = listen()
     result = subprocess.run(
         [
-            "swaks",
+            swaks,
             "--server",
             host,
             "--port",

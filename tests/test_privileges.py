@@ -9,7 +9,6 @@ import signal
 import smtplib
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from support import (
     proc_status,
     run_kumo,
     start_workers,
+    wait_until,
 )
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -122,10 +122,12 @@ def test_init_runs_as_root_and_nothing_is_accepted_before_the_drop(shared_dir, n
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not bound.exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
+
+        def bound_or_exited() -> bool:
+            assert process.poll() is None, "the server exited"
+            return bound.exists()
+
+        wait_until(bound_or_exited, within=30, what="init to bind", interval=0.01)
         client = RawClient(("127.0.0.1", port))  # bound, init still awaiting as root
         # No connection_accepted handler: a session running now would greet at once.
         assert client.reply() == (220, ["mx.test ESMTP init-euid=0"])
