@@ -57,6 +57,18 @@ def require_tool(name: str, package: str | None = None) -> str:
     return path
 
 
+def swaks(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """``swaks ARGS`` to the end, its output captured. Fails the test if swaks
+    is missing, or, when ARGS ask for TLS, if its TLS support is: swaks does
+    TLS only with Net::SSLeay and IO::Socket::SSL, which it only recommends."""
+    path = require_tool("swaks")
+    if any(arg.startswith("--tls") for arg in args):
+        support = subprocess.run([path, "--support"], capture_output=True, text=True, timeout=30)
+        if "=== TLS supported" not in support.stdout + support.stderr:
+            missing_tool("TLS in swaks", "libnet-ssleay-perl and libio-socket-ssl-perl")
+    return subprocess.run([path, *args], capture_output=True, text=True, timeout=timeout)
+
+
 # --- waiting ------------------------------------------------------------------------
 
 

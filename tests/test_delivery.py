@@ -7,14 +7,13 @@ import asyncio
 import base64
 import json
 import smtplib
-import subprocess
 import threading
 from email.message import EmailMessage
 from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from support import delivered, require_tool, without_envelope
+from support import delivered, swaks, without_envelope
 
 
 def send(client: smtplib.SMTP, recipients: list[str], subject: str = "test") -> dict:
@@ -25,29 +24,11 @@ def send(client: smtplib.SMTP, recipients: list[str], subject: str = "test") -> 
 
 
 def test_swaks_end_to_end(listen, maildir):
-    swaks = require_tool("swaks")
     host, port = listen()
-    result = subprocess.run(
-        [
-            swaks,
-            "--server",
-            host,
-            "--port",
-            str(port),
-            "--helo",
-            "swaks.example",
-            "--from",
-            "sender@b.example",
-            "--to",
-            "rcpt@d.example",
-            "--header",
-            "Subject: via swaks",
-            "--body",
-            "sent by swaks",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = swaks(
+        *("--server", host, "--port", str(port), "--helo", "swaks.example"),
+        *("--from", "sender@b.example", "--to", "rcpt@d.example"),
+        *("--header", "Subject: via swaks", "--body", "sent by swaks"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     [stored] = delivered(maildir)

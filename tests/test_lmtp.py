@@ -16,7 +16,7 @@ from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from support import RawClient, delivered, require_tool, wait_until, without_envelope
+from support import RawClient, delivered, require_tool, swaks, wait_until, without_envelope
 
 RECIPIENTS = ["x@d.example", "y@d.example", "z@e.example"]
 
@@ -195,10 +195,10 @@ def test_serve_listens_on_a_unix_socket(serve, socket_dir):
 # --- swaks ---------------------------------------------------------------------------------
 
 
-def swaks(*where: str) -> subprocess.CompletedProcess[str]:
-    command = [require_tool("swaks"), "--protocol", "LMTP", *where, "--helo", "swaks.example"]
+def swaks_lmtp(*where: str) -> subprocess.CompletedProcess[str]:
+    command = ["--protocol", "LMTP", *where, "--helo", "swaks.example"]
     command += ["--from", "sender@b.example", "--to", ",".join(RECIPIENTS), "--body", "via swaks"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return swaks(*command, timeout=60)
 
 
 def assert_swaks_answered_each(result: subprocess.CompletedProcess[str], maildir: Path) -> None:
@@ -215,13 +215,13 @@ def assert_swaks_answered_each(result: subprocess.CompletedProcess[str], maildir
 def test_swaks_lmtp_over_tcp(policy, listen, maildir):
     refuse_y(policy)
     host, port = listen(protocol="lmtp")
-    assert_swaks_answered_each(swaks("--server", host, "--port", str(port)), maildir)
+    assert_swaks_answered_each(swaks_lmtp("--server", host, "--port", str(port)), maildir)
 
 
 def test_swaks_lmtp_over_a_unix_socket(policy, listen, maildir, socket_dir):
     refuse_y(policy)
     path = listen(listen=str(socket_dir / "swaks.sock"), protocol="lmtp")
-    assert_swaks_answered_each(swaks("--socket", path), maildir)
+    assert_swaks_answered_each(swaks_lmtp("--socket", path), maildir)
 
 
 # --- Postfix's lmtp client -----------------------------------------------------------------

@@ -35,8 +35,8 @@ from support import (
     common_name,
     delivered,
     logged,
-    missing_tool,
     require_tool,
+    swaks,
     tls_session,
     upgrade,
 )
@@ -135,6 +135,18 @@ def auth_calls(policy: kumo.Policy) -> list[tuple[str, str, str]]:
         return authc == "user" and password == "secret"
 
     return calls
+
+
+def log_in_and_relay(client: smtplib.SMTP, maildir: Path, subject: str) -> None:
+    """Over TLS, after EHLO: AUTH PLAIN offered (STARTTLS no longer), the login
+    accepted, and a message to an outside recipient relayed and stored."""
+    assert not client.has_extn("starttls")
+    assert "PLAIN" in client.esmtp_features["auth"].split()
+    assert client.login("user", "secret")[0] == 235
+    message = f"Subject: {subject}\r\n\r\nhi\r\n".encode()
+    client.sendmail("a@b.example", ["c@outside.example"], message)
+    [stored] = delivered(maildir)
+    assert f"Subject: {subject}\r\n".encode() in stored
 
 
 def plain(authz: str, authc: str, password: str) -> str:
@@ -807,12 +819,7 @@ def test_implicit_tls_with_smtplib(listen, auth_calls, maildir):
     host, port = listen(implicit_tls=True, relay_hosts=[])
     with smtplib.SMTP_SSL(host, port, timeout=10, context=client_context()) as client:
         client.ehlo("client.example")
-        assert not client.has_extn("starttls")
-        assert "PLAIN" in client.esmtp_features["auth"].split()
-        assert client.login("user", "secret")[0] == 235
-        client.sendmail("a@b.example", ["c@outside.example"], b"Subject: 465\r\n\r\nhi\r\n")
-    [stored] = delivered(maildir)
-    assert b"Subject: 465\r\n" in stored
+        log_in_and_relay(client, maildir, "465")
 
 
 # --- AUTH PLAIN -------------------------------------------------------------------------
@@ -986,41 +993,12 @@ def test_auth_login_before_tls_is_refused_with_538(listen, raw, auth_calls):
     assert auth_calls == []
 
 
-def swaks_with_tls() -> str:
-    """swaks does TLS only with Net::SSLeay and IO::Socket::SSL (Debian's
-    libnet-ssleay-perl and libio-socket-ssl-perl, which it only recommends)."""
-    swaks = require_tool("swaks")
-    support = subprocess.run([swaks, "--support"], capture_output=True, text=True, timeout=30)
-    if "=== TLS supported" not in support.stdout + support.stderr:
-        missing_tool("TLS in swaks", "libnet-ssleay-perl and libio-socket-ssl-perl")
-    return swaks
-
-
 def test_swaks_auth_login(listen, auth_calls, maildir):
-    swaks = swaks_with_tls()
     host, port = listen()
-    result = subprocess.run(
-        [
-            swaks,
-            "--server",
-            host,
-            "--port",
-            str(port),
-            "--tls",
-            "--auth",
-            "LOGIN",
-            "--auth-user",
-            "user",
-            "--auth-password",
-            "secret",
-            "--from",
-            "a@b.example",
-            "--to",
-            "c@outside.example",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = swaks(
+        *("--server", host, "--port", str(port), "--tls"),
+        *("--auth", "LOGIN", "--auth-user", "user", "--auth-password", "secret"),
+        *("--from", "a@b.example", "--to", "c@outside.example"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert auth_calls == [("", "user", "secret")]
@@ -1069,12 +1047,7 @@ def test_smtplib_starttls_login_and_send(listen, smtp, pki, auth_calls, maildir)
     assert client.has_extn("starttls") and not client.has_extn("auth")
     assert client.starttls(context=client_context(ca))[0] == 220
     client.ehlo("client.example")
-    assert not client.has_extn("starttls")
-    assert "PLAIN" in client.esmtp_features["auth"].split()
-    assert client.login("user", "secret")[0] == 235
-    client.sendmail("a@b.example", ["c@outside.example"], b"Subject: relayed\r\n\r\nhi\r\n")
-    [stored] = delivered(maildir)
-    assert b"Subject: relayed\r\n" in stored
+    log_in_and_relay(client, maildir, "relayed")
 
 
 def test_smtplib_login_with_a_wrong_password(listen, smtp, auth_calls):
