@@ -675,64 +675,36 @@ def test_plaintext_session_has_no_tls_metadata(listen, raw, mail_meta):
 # --- openssl s_client ---------------------------------------------------------------
 
 
+def s_client_starttls(address: tuple[str, int], *options: str) -> str:
+    """``openssl s_client -starttls smtp`` to `address` naming mx.test.example,
+    QUIT at once: what it printed, after checking it exited 0 and negotiated TLS."""
+    host, port = address
+    command = [require_tool("openssl"), "s_client", "-starttls", "smtp"]
+    command += ["-connect", f"{host}:{port}", "-servername", "mx.test.example", "-crlf"]
+    result = subprocess.run([*command, *options], input=b"QUIT\n", capture_output=True, timeout=15)
+    out = result.stdout.decode("utf-8", "replace")
+    assert result.returncode == 0, out + result.stderr.decode("utf-8", "replace")
+    assert ("New, TLS" in out or "Protocol" in out) and "Cipher" in out, out
+    return out
+
+
 @pytest.mark.parametrize(
     "protocol", [None, "-tls1_2", "-tls1_3"], ids=["default", "tls-1.2", "tls-1.3"]
 )
 def test_openssl_s_client_starttls_smtp(listen, pki, protocol):
-    openssl = require_tool("openssl")
     ca = pki.ca()
     leaf = pki.leaf("mx.test.example", ca=ca)
-    host, port = listen(**files(leaf))
-    command = [
-        openssl,
-        "s_client",
-        "-starttls",
-        "smtp",
-        "-connect",
-        f"{host}:{port}",
-        "-servername",
-        "mx.test.example",
-        "-crlf",
-        "-CAfile",
-        str(ca.cert_path),
-        "-verify_return_error",
-        "-verify_hostname",
-        "mx.test.example",
-    ]
-    if protocol:
-        command.append(protocol)
-    result = subprocess.run(command, input=b"QUIT\n", capture_output=True, timeout=15)
-    out = result.stdout.decode("utf-8", "replace")
-    assert result.returncode == 0, out + result.stderr.decode("utf-8", "replace")
-    assert "New, TLS" in out or "Protocol" in out, out
-    assert "Cipher" in out, out
+    address = listen(**files(leaf))
+    options = ["-CAfile", str(ca.cert_path), "-verify_return_error"]
+    options += ["-verify_hostname", "mx.test.example"]
+    out = s_client_starttls(address, *options, *([protocol] if protocol else []))
     assert "Verify return code: 0 (ok)" in out, out
     if protocol:
         assert "TLSv1." + protocol[-1] in out, out
 
 
 def test_openssl_s_client_starttls_smtp_with_self_signed_default(listen):
-    openssl = require_tool("openssl")
-    host, port = listen()
-    result = subprocess.run(
-        [
-            openssl,
-            "s_client",
-            "-starttls",
-            "smtp",
-            "-connect",
-            f"{host}:{port}",
-            "-servername",
-            "mx.test.example",
-            "-crlf",
-        ],
-        input=b"QUIT\n",
-        capture_output=True,
-        timeout=15,
-    )
-    out = result.stdout.decode("utf-8", "replace")
-    assert result.returncode == 0, out + result.stderr.decode("utf-8", "replace")
-    assert ("New, TLS" in out or "Protocol" in out) and "Cipher" in out, out
+    out = s_client_starttls(listen())
     assert "mx.test.example" in out
 
 
