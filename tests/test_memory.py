@@ -18,7 +18,7 @@ from pathlib import Path
 import kumo_listener as kumo
 import pytest
 from prometheus_client import CollectorRegistry
-from support import KUMO, RawClient, Served, rss_kib, wait_until, without_envelope
+from support import RawClient, Served, rss_kib, run_kumo, wait_until, without_envelope
 
 MiB = 1 << 20
 CLIENTS = 60
@@ -336,13 +336,8 @@ def test_a_spool_path_that_cannot_be_made_is_an_error_at_start(tmp_path):
     blocker.write_text("")
     policy = tmp_path / "policy.py"
     policy.write_text(POLICY.format(params=f'body_spool_path="{blocker}/spool"'))
-    result = subprocess.run(
-        [*KUMO, "serve", "--policy", str(policy), "--maildir", str(tmp_path / "maildir")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    maildir = tmp_path / "maildir"
+    result = run_kumo("serve", "--policy", str(policy), "--maildir", str(maildir), cwd=tmp_path)
     assert result.returncode != 0
     assert "body_spool_path" in result.stderr, result.stderr
 
