@@ -9,36 +9,19 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import RawClient, delivered, without_envelope
-from test_hostile import RssWatch
+from support import RssWatch, delivered, logged, wait_until, without_envelope
 
 EXIM = Path("/usr/sbin/exim4")
 INSTALL_EXIM = Path(__file__).resolve().parent.parent / "tools" / "exim.sh"
 
 
-def ehlo(client: RawClient) -> list[str]:
-    assert client.reply()[0] == 220
-    code, lines = client.command("EHLO client.example")
-    assert code == 250
-    return lines
-
-
 def bdat(data: bytes, last: bool = False) -> bytes:
     return f"BDAT {len(data)}{' LAST' if last else ''}\r\n".encode() + data
-
-
-def replies(client: RawClient, count: int) -> list[tuple[int, str]]:
-    got = []
-    for _ in range(count):
-        code, lines = client.reply()
-        got.append((code, lines[-1]))
-    return got
 
 
 def stored_bodies(maildir: Path) -> list[bytes]:
@@ -52,28 +35,19 @@ def stored_bodies(maildir: Path) -> list[bytes]:
     return bodies
 
 
-def wait_for(condition, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 @pytest.fixture
 def address(listen) -> tuple[str, int]:
     return listen(relay_hosts=["127.0.0.1"], max_message_size=1000)
 
 
 def test_ehlo_offers_chunking_and_binarymime(address, raw):
-    lines = ehlo(raw(address))
+    lines = raw(address).hello()
     assert "CHUNKING" in lines and "BINARYMIME" in lines
 
 
 def test_pipelined_chunks_are_data_not_commands(address, raw, maildir):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     first = b"Subject: pipelined\r\n\r\nRSET\r\n.\r\nMAIL FROM:<evil@x.example>\r\n"
     second = b"..\r\nQUIT\r\n"
     client.send(
@@ -82,7 +56,7 @@ def test_pipelined_chunks_are_data_not_commands(address, raw, maildir):
         + bdat(second, last=True)
         + b"NOOP\r\n"
     )
-    got = replies(client, 5)
+    got = client.replies(5)
     assert got[:3] == [
         (250, "2.1.0 OK"),
         (250, "2.1.5 OK"),
@@ -95,41 +69,35 @@ def test_pipelined_chunks_are_data_not_commands(address, raw, maildir):
 
 def test_binarymime_is_stored_byte_exact(address, raw, maildir):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     body = bytes(range(256)) + b"\r\r\n\n.\r\n"
     client.send(b"MAIL FROM:<a@b.example> BODY=BINARYMIME\r\nRCPT TO:<x@d.example>\r\nDATA\r\n")
-    assert replies(client, 3)[2] == (503, "5.5.1 BODY=BINARYMIME needs BDAT, not DATA")
+    assert client.replies(3)[2] == (503, "5.5.1 BODY=BINARYMIME needs BDAT, not DATA")
     client.send(bdat(body[:100]) + bdat(body[100:], last=True))
-    assert [code for code, _ in replies(client, 2)] == [250, 250]
+    assert [code for code, _ in client.replies(2)] == [250, 250]
     assert stored_bodies(maildir) == [body]
 
 
 def test_a_chunk_cut_short_by_a_closed_socket_stores_nothing(address, raw, maildir, kumo_log):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@d.example>\r\nBDAT 500 LAST\r\nonly part")
-    assert [code for code, _ in replies(client, 2)] == [250, 250]
+    assert [code for code, _ in client.replies(2)] == [250, 250]
     client.close()
 
-    def disconnect_logged() -> bool:
-        return any(
-            "disconnect from" in r.getMessage() and "bdat=1" in r.getMessage()
-            for r in kumo_log.records
-        )
-
-    assert wait_for(disconnect_logged), [r.getMessage() for r in kumo_log.records]
+    logged(kumo_log, r"disconnect from .* bdat=1", within=10)
     assert not (maildir / "new").exists() or delivered(maildir) == []
     # The server goes on serving.
     again = raw(address)
-    ehlo(again)
+    again.hello()
     again.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@d.example>\r\n" + bdat(b"whole", last=True))
-    assert replies(again, 3)[2][0] == 250
+    assert again.replies(3)[2][0] == 250
     assert stored_bodies(maildir) == [b"whole"]
 
 
 def test_a_message_over_max_message_size_is_refused_chunk_by_chunk(address, raw, maildir):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     assert client.command("MAIL FROM:<a@b.example> SIZE=1001")[1] == [
         "5.3.4 message size exceeds fixed maximum message size"
     ]
@@ -141,7 +109,7 @@ def test_a_message_over_max_message_size_is_refused_chunk_by_chunk(address, raw,
         + b"MAIL FROM:<a@b.example>\r\n"
     )
     too_big = (552, "5.3.4 message size exceeds fixed maximum message size")
-    assert replies(client, 6) == [
+    assert client.replies(6) == [
         (250, "2.1.0 OK"),
         (250, "2.1.5 OK"),
         (250, "2.0.0 600 octets received"),
@@ -154,17 +122,17 @@ def test_a_message_over_max_message_size_is_refused_chunk_by_chunk(address, raw,
 
 def test_a_chunk_too_big_is_discarded_in_bounded_memory(address, raw, maildir):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     size = 100 * 1024 * 1024
     client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@d.example>\r\n")
-    assert [code for code, _ in replies(client, 2)] == [250, 250]
+    assert [code for code, _ in client.replies(2)] == [250, 250]
     watch = RssWatch()
     client.send(f"BDAT {size} LAST\r\n".encode())
     piece = b"x" * (1024 * 1024)
     for _ in range(size // len(piece)):
         client.send(piece)
         watch.sample()
-    assert replies(client, 1) == [(552, "5.3.4 message size exceeds fixed maximum message size")]
+    assert client.replies(1) == [(552, "5.3.4 message size exceeds fixed maximum message size")]
     assert watch.growth_mib() < 30, f"{watch.growth_mib():.1f} MiB for a {size >> 20} MiB chunk"
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250, "LAST ended the transaction"
     assert not (maildir / "new").exists() or delivered(maildir) == []
@@ -172,21 +140,21 @@ def test_a_chunk_too_big_is_discarded_in_bounded_memory(address, raw, maildir):
 
 def test_a_bdat_without_a_number_ends_the_session(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@d.example>\r\nBDAT ten LAST\r\nQUIT\r\n")
-    assert replies(client, 3)[2] == (521, "5.5.4 mx.test.example syntax: BDAT size [LAST]")
+    assert client.replies(3)[2] == (521, "5.5.4 mx.test.example syntax: BDAT size [LAST]")
     assert client.until_closed() == b""
 
 
 def test_data_after_bdat_and_bdat_without_a_transaction(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     client.send(bdat(b"MAIL FROM:<a@b.example>\r\n", last=True) + b"RSET\r\n")
-    assert replies(client, 2) == [(503, "5.5.1 need MAIL command first"), (250, "2.0.0 OK")]
+    assert client.replies(2) == [(503, "5.5.1 need MAIL command first"), (250, "2.0.0 OK")]
     client.send(
         b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@d.example>\r\n" + bdat(b"abc") + b"DATA\r\n"
     )
-    assert replies(client, 4)[3] == (503, "5.5.1 DATA after BDAT, send RSET")
+    assert client.replies(4)[3] == (503, "5.5.1 DATA after BDAT, send RSET")
 
 
 # --- Exim, a real client that sends BDAT whenever CHUNKING is offered -------
@@ -313,7 +281,11 @@ def test_exim_sends_by_bdat_and_every_message_is_stored_byte_exact(exim_client, 
             line for line in exim_client.mainlog().splitlines() if " => x@local.example" in line
         ]
 
-    assert wait_for(lambda: len(deliveries()) == len(sent), within=60), exim_client.mainlog()
+    wait_until(
+        lambda: len(deliveries()) == len(sent),
+        within=60,
+        what=lambda: f"every delivery in the mainlog:\n{exim_client.mainlog()}",
+    )
     log = exim_client.mainlog()
     assert all(" K " in line for line in deliveries()), "every delivery used CHUNKING:\n" + log
     stored = {}
@@ -348,7 +320,7 @@ def test_exim_passes_dsn_parameters_over_bdat(exim_client, policy):
     )
     output = exim_client.run("-odf", "-bs", stdin=session)
     assert b"250 OK id=" in output, output
-    assert wait_for(lambda: seen), exim_client.mainlog()
+    wait_until(lambda: seen, what=lambda: f"the message, mainlog:\n{exim_client.mainlog()}")
     (sender, recipients) = seen[0]
     assert {key: sender[key] for key in ("RET", "ENVID")} == {"RET": "HDRS", "ENVID": "env+1"}
     assert recipients == [{"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;x@local.example"}]

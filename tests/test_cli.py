@@ -9,17 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import KUMO, RawClient, delivered, free_port
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*KUMO, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+from support import RawClient, delivered, free_port, port_free, run_kumo, start_workers
 
 
 def test_check_accepts_a_valid_file(tmp_path: Path):
     path = tmp_path / "params.toml"
     path.write_text('[via."10.0.0.1"]\nhostname = "mx.example-customer.com"\n')
-    result = run("check", str(path))
+    result = run_kumo("check", str(path))
     assert (result.returncode, result.stdout.strip()) == (0, f"{path}: OK")
 
 
@@ -29,7 +25,7 @@ def test_check_lists_every_error_with_its_key_path(tmp_path: Path):
         '[via."10.0.0.1"]\nmax_connections = 5\nhostname = 7\n\n'
         '[peer."192.168.1.1/24"]\nbanner = "x"\n'
     )
-    result = run("check", str(path))
+    result = run_kumo("check", str(path))
     assert result.returncode == 1
     assert f"{path}: via.'10.0.0.1'.max_connections: only allowed at the top level" in result.stderr
     assert f"{path}: via.'10.0.0.1'.hostname: expected a string" in result.stderr
@@ -50,12 +46,12 @@ def test_check_reports_the_errors_inside_a_block_whose_cidr_is_bad(tmp_path: Pat
 def test_check_json_and_unreadable_files(tmp_path: Path):
     good = tmp_path / "params.json"
     good.write_text('{"via": {"10.0.0.2": {"banner": "two"}}}')
-    assert run("check", str(good)).returncode == 0
+    assert run_kumo("check", str(good)).returncode == 0
     broken = tmp_path / "broken.toml"
     broken.write_text("[via\n")
-    result = run("check", str(broken))
+    result = run_kumo("check", str(broken))
     assert result.returncode == 1 and str(broken) in result.stderr
-    assert run("check", str(tmp_path / "missing.toml")).returncode == 1
+    assert run_kumo("check", str(tmp_path / "missing.toml")).returncode == 1
 
 
 def test_serve_delivers_then_stops_cleanly_on_sigterm(serve, tmp_path: Path):
@@ -99,18 +95,8 @@ def test_serve_with_a_policy_file(serve, tmp_path: Path):
 
 def test_serve_workers_share_the_port(tmp_path: Path):
     port = free_port()
-    process = subprocess.Popen(
-        [*KUMO, "serve", "--workers", "2", "--listen", f"127.0.0.1:{port}"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    process, workers = start_workers([], tmp_path, port)
     try:
-        assert process.stdout is not None
-        banners = [process.stdout.readline() for _ in range(2)]
-        assert all(f"listening on 127.0.0.1:{port}" in banner for banner in banners), banners
-        workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        assert len(workers) == 2
         for number in range(20):
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
                 client.sendmail("a@b.example", ["c@d.example"], f"Subject: {number}\r\n\r\nx\r\n")
@@ -130,7 +116,7 @@ def test_serve_refuses_a_bad_policy_listener_with_the_key_path(tmp_path: Path):
         "def init():\n"
         "    kumo.start_esmtp_listener(listen='127.0.0.1:0', via={'10.0.0.1': {'listen': 'x'}})\n"
     )
-    result = run("serve", "--policy", str(policy), cwd=tmp_path)
+    result = run_kumo("serve", "--policy", str(policy), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (
         "kumo-listener: via.'10.0.0.1'.listen: "
@@ -162,19 +148,9 @@ def test_serve_says_when_the_address_is_taken(tmp_path: Path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run("serve", "--listen", f"127.0.0.1:{port}", cwd=tmp_path)
+        result = run_kumo("serve", "--listen", f"127.0.0.1:{port}", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith(f"kumo-listener: cannot listen on 127.0.0.1:{port}: ")
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.mark.skipif(not port_free(2025), reason="127.0.0.1:2025 is in use on this machine")

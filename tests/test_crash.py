@@ -8,8 +8,6 @@ import os
 import re
 import signal
 import smtplib
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -17,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support import Served
 
-KUMO = [sys.executable, "-m", "kumo_listener"]
 SENDERS = 8
 LOAD_SECONDS = 1.5
 ROUNDS = 3
@@ -83,24 +81,13 @@ class Load:
                 self.early_errors.append(f"{ident}: {error!r}")
 
 
-def serve(directory: Path) -> tuple[subprocess.Popen, tuple[str, int]]:
-    with (directory / "server.log").open("w") as log:
-        process = subprocess.Popen(
-            [*KUMO, "serve", "--listen", "127.0.0.1:0", "--maildir", str(directory / "maildir")],
-            cwd=directory,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    found = re.search(r"listening on ([\d.]+):(\d+)", line)
-    assert found, line + (directory / "server.log").read_text()
-    return process, (found.group(1), int(found.group(2)))
-
-
 def kill_under_load(directory: Path) -> Load:
-    process, address = serve(directory)
+    served = Served(
+        ["--listen", "127.0.0.1:0", "--maildir", str(directory / "maildir")],
+        directory,
+        log=directory / "server.log",
+    )
+    process, address = served.process, served.address
     load = Load(address)
     threads = [threading.Thread(target=load.sender, args=(n,)) for n in range(SENDERS)]
     try:

@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
 import smtplib
-import subprocess
 import threading
 from email.message import EmailMessage
 from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import delivered, without_envelope
+from support import delivered, swaks, without_envelope
 
 
 def send(client: smtplib.SMTP, recipients: list[str], subject: str = "test") -> dict:
@@ -25,30 +23,12 @@ def send(client: smtplib.SMTP, recipients: list[str], subject: str = "test") -> 
     return client.send_message(message, "a@b.example", recipients)
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is installed by tools/test.sh")
 def test_swaks_end_to_end(listen, maildir):
     host, port = listen()
-    result = subprocess.run(
-        [
-            "swaks",
-            "--server",
-            host,
-            "--port",
-            str(port),
-            "--helo",
-            "swaks.example",
-            "--from",
-            "sender@b.example",
-            "--to",
-            "rcpt@d.example",
-            "--header",
-            "Subject: via swaks",
-            "--body",
-            "sent by swaks",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = swaks(
+        *("--server", host, "--port", str(port), "--helo", "swaks.example"),
+        *("--from", "sender@b.example", "--to", "rcpt@d.example"),
+        *("--header", "Subject: via swaks", "--body", "sent by swaks"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     [stored] = delivered(maildir)

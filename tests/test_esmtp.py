@@ -8,8 +8,7 @@ import smtplib
 
 import kumo_listener as kumo
 import pytest
-from conftest import delivered, without_envelope
-from test_tls import client_context, ehlo, tls_session
+from support import client_context, delivered, tls_session, without_envelope
 
 MESSAGE = b"Subject: esmtp\r\n\r\nbody\r\n"
 
@@ -99,7 +98,7 @@ def test_requiretls_is_refused_in_plaintext_and_marks_the_message_under_tls(poli
     address = listen()
     client = raw(address)
     assert client.reply()[0] == 220
-    lines = ehlo(client)
+    lines = client.ehlo()
     assert "REQUIRETLS" not in lines
     code, lines = client.command("MAIL FROM:<a@b.example> REQUIRETLS")
     assert (code, lines[0][:6]) == (530, "5.7.10"), lines

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import smtplib
 import socket
 import subprocess
@@ -13,10 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import delivered, without_envelope
-
-if shutil.which("haproxy") is None:
-    pytest.skip("haproxy is not installed", allow_module_level=True)
+from support import (
+    delivered,
+    free_port,
+    logged,
+    require_tool,
+    wait_until,
+    without_envelope,
+)
 
 CLIENT = "127.0.0.9"
 # HAProxy's frontend listens on an address of its own, so that the `via` block
@@ -26,16 +29,11 @@ FRONTEND = "127.0.0.3"
 PROXIES = {"v1": "send-proxy", "v2": "send-proxy-v2"}
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
 class HAProxy:
     """``haproxy -db`` in the foreground with our own configuration file."""
 
     def __init__(self, directory: Path, backend: tuple[str, int], send_proxy: str) -> None:
+        haproxy = require_tool("haproxy")
         self.address = (FRONTEND, free_port(FRONTEND))
         config = directory / f"haproxy-{send_proxy}.cfg"
         config.write_text(
@@ -55,7 +53,7 @@ class HAProxy:
         self.log = directory / f"haproxy-{send_proxy}.log"
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
-                ["haproxy", "-f", str(config), "-db"],
+                [haproxy, "-f", str(config), "-db"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -65,17 +63,20 @@ class HAProxy:
     def _wait_listening(self) -> None:
         """Until the frontend's port is bound. Probing it with connect() would
         itself be a proxied connection, so try to bind it instead."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"haproxy exited {self.process.returncode}: {self.log.read_text()}")
+
+        def bound() -> bool:
+            exited = self.process.poll()
+            assert exited is None, f"haproxy exited {exited}: {self.log.read_text()}"
             with socket.socket() as probe:
                 try:
                     probe.bind(self.address)
                 except OSError:
-                    return
-            time.sleep(0.02)
-        pytest.fail(f"haproxy did not listen on {self.address}: {self.log.read_text()}")
+                    return True
+            return False
+
+        wait_until(
+            bound, within=10, what=lambda: f"haproxy on {self.address}: {self.log.read_text()}"
+        )
 
     def stop(self) -> None:
         self.process.kill()
@@ -202,7 +203,7 @@ def test_a_direct_client_without_a_proxy_header_gets_no_banner_and_is_closed(
     assert time.monotonic() - started < 0.9, "closed at once, not at client_timeout"
     # No policy ran for a connection whose real client is unknown.
     assert seen == {"dynamic": [], "accepted": [], "mail": []}
-    assert wait_for_log(kumo_log, "closed, bad PROXY protocol header: not a PROXY protocol", 5)
+    logged(kumo_log, "closed, bad PROXY protocol header: not a PROXY protocol", within=5)
 
 
 def test_a_silent_direct_client_gets_no_banner_and_is_closed_at_client_timeout(listen, raw):
@@ -219,13 +220,6 @@ def test_the_proxy_protocol_is_required_only_of_the_proxys_address(listen, raw):
     assert client.command("EHLO x")[0] == 250
 
 
-def wait_for_log(caplog, text: str, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while text not in caplog.text and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return text in caplog.text
-
-
 def test_the_bad_header_is_logged_when_info_is_enabled_after_the_server_started(
     policy, listen, raw, caplog
 ):
@@ -234,7 +228,7 @@ def test_the_bad_header_is_logged_when_info_is_enabled_after_the_server_started(
     client = raw(address)
     client.send(b"EHLO x\r\n")
     assert client.until_closed() == b""
-    assert wait_for_log(caplog, "closed, bad PROXY protocol header", 3)
+    logged(caplog, "closed, bad PROXY protocol header", within=3)
 
 
 def test_per_client_limits_count_the_real_client_not_the_proxy(listen, haproxy, raw):

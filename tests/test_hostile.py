@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import select
 import socket
 import struct
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import RawClient, delivered, without_envelope
+from support import RawClient, RssWatch, delivered, wait_until, without_envelope
 
 HOSTNAME = "mx.test.example"
 MIB = 1024 * 1024
@@ -27,56 +26,10 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 # --- helpers -------------------------------------------------------------------------
 
 
-def readable(client: RawClient, seconds: float) -> bool:
-    """True if the server sent something (or closed) within ``seconds``."""
-    return bool(client.buffer) or bool(select.select([client.sock], [], [], seconds)[0])
-
-
-def ehlo(client: RawClient) -> list[str]:
-    assert client.reply()[0] == 220
-    code, lines = client.command("EHLO client.example")
-    assert code == 250
-    return lines
-
-
-def start_transaction(client: RawClient) -> None:
-    ehlo(client)
-    assert client.command("MAIL FROM:<a@b.example>")[0] == 250
-    assert client.command("RCPT TO:<c@d.example>")[0] == 250
-    assert client.command("DATA")[0] == 354
-
-
 def stored(maildir: Path) -> list[bytes]:
     if not (maildir / "new").is_dir():
         return []
     return [without_envelope(message) for message in delivered(maildir)]
-
-
-def status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/self/status")
-
-
-class RssWatch:
-    """Growth of this process's resident set (the server runs in it) from now on:
-    the kernel's peak (VmHWM, reset through clear_refs), else VmRSS samples."""
-
-    def __init__(self) -> None:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.peak_field = "VmHWM"
-        except OSError:
-            self.peak_field = "VmRSS"
-        self.before = self.peak = status_kib("VmRSS")
-
-    def sample(self) -> None:
-        self.peak = max(self.peak, status_kib(self.peak_field))
-
-    def growth_mib(self) -> float:
-        self.sample()
-        return (self.peak - self.before) / 1024
 
 
 def raw_reply_lines(client: RawClient) -> list[bytes]:
@@ -165,13 +118,13 @@ def unstuffed(body: bytes) -> bytes:
 @pytest.mark.parametrize(("ending", "mode"), SMUGGLING_CASES)
 def test_smuggled_end_of_data_does_not_end_data(listen, raw, maildir, ending, mode):
     client = raw(listen(invalid_line_endings=mode, trace_headers={"received_header": False}))
-    start_transaction(client)
+    client.open_data()
     payload = b"Subject: smuggling\r\n\r\nbody line" + ending + SMUGGLED + b"more text\r\n.\r\n"
     client.send(payload)
     code, lines = client.reply()
     # Exactly one reply for the whole DATA: nothing queued for the smuggled commands.
     assert client.command("NOOP") == (250, ["2.0.0 OK"])
-    assert not readable(client, 0.1)
+    assert not client.readable(0.1)
     messages = stored(maildir)
     if mode == "Deny" and ending != b"\r\n\x00.\r\n":
         assert (code, lines[0][:5]) == (550, "5.6.0")
@@ -193,9 +146,9 @@ def test_smuggled_end_of_data_does_not_end_data(listen, raw, maildir, ending, mo
 
 def test_a_command_ending_in_a_bare_lf_is_not_a_line(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     client.send(b"NOOP\n")
-    assert not readable(client, 0.3)
+    assert not client.readable(0.3)
     client.send(b"\r\n")
     assert client.reply()[0] == 500
     assert client.command("NOOP")[0] == 250
@@ -218,7 +171,7 @@ def test_talking_before_the_greeting(slow_greeting, raw):
 
 def test_body_sent_before_the_354(address, raw, maildir):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     client.send(
         b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
         b"Subject: x\r\n\r\nbody\r\n.\r\n"
@@ -242,7 +195,7 @@ def test_command_pipelined_after_ehlo(address, raw):
 
 def test_rset_may_be_pipelined_before_noop(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     client.send(b"RSET\r\nNOOP\r\n")
     assert client.reply() == (250, ["2.0.0 OK"])
     assert client.reply() == (250, ["2.0.0 OK"])
@@ -255,7 +208,7 @@ def test_rset_may_be_pipelined_before_noop(address, raw):
 @pytest.mark.parametrize("length", [998, 999, 1000, 10_000])
 def test_command_line_lengths(address, raw, length):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     code, lines = client.command(b"NOOP " + b"x" * (length - 5) + b"\r\n")
     if length <= 998:
         assert code == 250
@@ -266,7 +219,7 @@ def test_command_line_lengths(address, raw, length):
 
 def test_a_100_mb_command_line_is_discarded_in_bounded_memory(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     chunk = b"x" * MIB
 
     def send() -> None:
@@ -293,14 +246,14 @@ def test_a_100_mb_command_line_is_discarded_in_bounded_memory(address, raw):
 
 def test_a_1_mb_body_over_the_size_limit(listen, raw, maildir):
     client = raw(listen(max_message_size=10_000))
-    start_transaction(client)
+    client.open_data()
     client.send((b"y" * 98 + b"\r\n") * 10_000)
-    assert not readable(client, 0.2)
+    assert not client.readable(0.2)
     client.send(b".\r\n")
     code, lines = client.reply()
     assert (code, lines[0][:5]) == (552, "5.3.4")
     assert client.command("NOOP") == (250, ["2.0.0 OK"])
-    assert not readable(client, 0.1)
+    assert not client.readable(0.1)
     assert stored(maildir) == []
 
 
@@ -310,7 +263,7 @@ def test_a_1_mb_body_over_the_size_limit(listen, raw, maildir):
 def test_100k_pipelined_recipients(listen, raw):
     address = listen(max_recipients_per_message=1000)
     client = raw(address)
-    ehlo(client)
+    client.hello()
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
     total = 100_000
 
@@ -417,7 +370,7 @@ def test_policy_reply_text_cannot_inject_reply_lines(policy, listen, raw):
         raise kumo.Reject(550, "5.7.1 line1\r\n250 injected\nline3")
 
     client = raw(listen())
-    ehlo(client)
+    client.hello()
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
     client.send(b"RCPT TO:<c@d.example>\r\n")
     lines = raw_reply_lines(client)
@@ -431,11 +384,11 @@ def test_policy_reply_text_cannot_inject_reply_lines(policy, listen, raw):
 
 def test_mixed_errors_count_together(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     errors = [("BOGUS", 500), ("EHLO", 501), ("RCPT TO:<a@b.example>", 503)] * 7
     for command, code in errors[:19]:
         assert client.command(command)[0] == code, command
-        assert not readable(client, 0)
+        assert not client.readable(0)
     assert client.command(errors[19][0])[0] == errors[19][1]
     assert client.reply()[0] == 421
     assert client.closed()
@@ -461,7 +414,7 @@ def test_idle_after_the_banner(listen, raw):
 
 def test_idle_inside_data(listen, raw, maildir):
     client = raw(listen(client_timeout=0.5))
-    start_transaction(client)
+    client.open_data()
     client.send(b"Subject: half a message\r\n")
     started = time.monotonic()
     assert_idle_too_long(client)
@@ -471,9 +424,9 @@ def test_idle_inside_data(listen, raw, maildir):
 
 def test_trickling_inside_data_is_cut_off(listen, raw, maildir):
     client = raw(listen(client_timeout=1))
-    start_transaction(client)
+    client.open_data()
     started = time.monotonic()
-    while time.monotonic() - started < 5 and not readable(client, 0.1):
+    while time.monotonic() - started < 5 and not client.readable(0.1):
         client.send(b"x")
     elapsed = time.monotonic() - started
     code, lines = client.reply()
@@ -502,16 +455,18 @@ def test_max_connections_slots_are_released_however_clients_leave(listen, raw):
     abrupt.close()
     reset.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     reset.close()
-    give_up = time.monotonic() + 2
-    while True:
+
+    def three_greeted() -> bool:
         fresh = [raw(address) for _ in range(3)]
-        codes = [client.reply()[0] for client in fresh]
-        if codes == [220, 220, 220]:
-            break
+        codes.append([client.reply()[0] for client in fresh])
+        if codes[-1] == [220, 220, 220]:
+            return True
         for client in fresh:
             client.close()
-        assert time.monotonic() < give_up, codes
-        time.sleep(0.05)
+        return False
+
+    codes: list[list[int]] = []
+    wait_until(three_greeted, within=2, what=lambda: f"3 free slots: {codes[-1]}", interval=0.05)
 
 
 # --- 12. policy faults --------------------------------------------------------------------
@@ -520,7 +475,7 @@ def test_max_connections_slots_are_released_however_clients_leave(listen, raw):
 def test_handler_raising_gives_451_and_is_logged(policy, listen, raw, kumo_log):
     policy.on("smtp_server_rcpt_to", lambda recipient, meta: 1 / 0)
     client = raw(listen())
-    ehlo(client)
+    client.hello()
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
     code, lines = client.command("RCPT TO:<c@d.example>")
     assert (code, lines[0][:5]) == (451, "4.3.0")
@@ -537,14 +492,14 @@ def test_handler_that_never_completes_does_not_hold_up_others(policy, listen, ra
 
     address = listen(data_processing_timeout=0.5)
     stuck = raw(address)
-    ehlo(stuck)
+    stuck.hello()
     stuck.send(b"MAIL FROM:<stuck@b.example>\r\n")
     sent = time.monotonic()
     other = raw(address)
-    start_transaction(other)
+    other.open_data()
     assert other.command(b"Subject: x\r\n\r\nbody\r\n.\r\n")[0] == 250
     assert time.monotonic() - sent < 1
-    assert not readable(stuck, 0)
+    assert not stuck.readable(0)
     code, lines = stuck.reply()
     assert (code, lines[0][:5]) == (451, "4.3.0")
     assert 0.4 < time.monotonic() - sent < 1.2
@@ -554,7 +509,7 @@ def test_handler_that_never_completes_does_not_hold_up_others(policy, listen, ra
 def test_handler_returning_the_wrong_type(policy, listen, raw, kumo_log):
     policy.on("smtp_server_mail_from", lambda sender, meta: "yes")
     client = raw(listen())
-    ehlo(client)
+    client.hello()
     code, lines = client.command("MAIL FROM:<a@b.example>")
     assert (code, lines[0][:1]) == (451, "4")
     assert "smtp_server_mail_from handlers must return None" in kumo_log.text
@@ -572,7 +527,7 @@ def test_dynamic_parameters_that_never_complete(policy, listen, raw):
     other = raw(address, source="127.0.0.1")
     assert other.reply()[0] == 220
     assert time.monotonic() - started < 0.4
-    assert not readable(stuck, 0)
+    assert not stuck.readable(0)
     code, lines = stuck.reply()
     assert (code, lines[0][:5]) == (421, "4.3.0"), lines
     assert 0.4 < time.monotonic() - started < 1.5
@@ -701,7 +656,7 @@ def test_proxy_line_from_a_client_not_required_to_send_one(policy, listen, raw):
         seen.append(meta.get_meta("received_from"))
 
     client = raw(listen(), source="127.0.0.1")
-    ehlo(client)
+    client.hello()
     assert client.command(PROXY_V1)[0] == 500
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
     assert seen == [f"127.0.0.1:{client.sock.getsockname()[1]}"]
@@ -712,7 +667,7 @@ def test_proxy_line_from_a_client_not_required_to_send_one(policy, listen, raw):
 
 def test_xclient_not_allowed(address, raw):
     client = raw(address)
-    lines = ehlo(client)
+    lines = client.hello()
     assert not any(line.startswith("XCLIENT") for line in lines)
     code, lines = client.command("XCLIENT ADDR=1.2.3.4")
     assert (code, lines[0][:5]) == (550, "5.7.0")
@@ -744,7 +699,7 @@ def xclient(policy, listen):
 def test_xclient_starts_the_session_over_as_the_new_client(xclient, raw):
     address, calls = xclient()
     client = raw(address, source="127.0.0.1")
-    lines = ehlo(client)
+    lines = client.hello()
     assert any(line.startswith("XCLIENT ") for line in lines)
     here = f"127.0.0.1:{client.sock.getsockname()[1]}"
     assert client.command("XCLIENT ADDR=192.0.2.9 PORT=4000") == (
@@ -762,7 +717,7 @@ def test_xclient_starts_the_session_over_as_the_new_client(xclient, raw):
 def test_xclient_inside_a_transaction(xclient, raw):
     address, _ = xclient()
     client = raw(address, source="127.0.0.1")
-    ehlo(client)
+    client.hello()
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
     code, lines = client.command("XCLIENT ADDR=192.0.2.9")
     assert (code, lines[0][:5]) == (503, "5.5.1")
@@ -781,7 +736,7 @@ def test_xclient_inside_a_transaction(xclient, raw):
 def test_xclient_bad_attributes(xclient, raw, command):
     address, calls = xclient()
     client = raw(address, source="127.0.0.1")
-    ehlo(client)
+    client.hello()
     code, lines = client.command(command)
     assert (code, lines[0][:5]) == (501, "5.5.4"), lines
     assert len(calls) == 1
@@ -793,14 +748,14 @@ def test_xclient_login_authenticates_and_may_relay(policy, xclient, raw):
     policy.on("smtp_server_rcpt_to", lambda recipient, meta: seen.append(meta.get_meta("authn_id")))
     address, _ = xclient(relay_hosts=[])
     anonymous = raw(address, source="127.0.0.1")
-    ehlo(anonymous)
+    anonymous.hello()
     assert anonymous.command("XCLIENT ADDR=192.0.2.9")[0] == 220
     assert anonymous.command("EHLO client.example")[0] == 250
     assert anonymous.command("MAIL FROM:<a@b.example>")[0] == 250
     assert anonymous.command("RCPT TO:<c@outside.example>")[0] == 550
 
     client = raw(address, source="127.0.0.1")
-    ehlo(client)
+    client.hello()
     assert client.command("XCLIENT LOGIN=alice ADDR=192.0.2.9")[0] == 220
     assert client.command("EHLO client.example")[0] == 250
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
@@ -811,5 +766,5 @@ def test_xclient_login_authenticates_and_may_relay(policy, xclient, raw):
 def test_xclient_destaddr_switches_the_via_block(xclient, raw):
     address, _ = xclient()
     client = raw(address, source="127.0.0.1")
-    ehlo(client)
+    client.hello()
     assert client.command("XCLIENT DESTADDR=127.0.0.3") == (220, [f"{HOSTNAME} ESMTP via three"])

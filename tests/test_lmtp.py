@@ -11,13 +11,12 @@ import socket
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import RawClient, delivered, without_envelope
+from support import RawClient, delivered, require_tool, swaks, wait_until, without_envelope
 
 RECIPIENTS = ["x@d.example", "y@d.example", "z@e.example"]
 
@@ -57,10 +56,7 @@ def send_message(client: RawClient, recipients: list[str]) -> list[tuple[int, st
     accepted = sum(client.reply()[0] == 250 for _ in recipients)
     assert client.reply()[0] == 354
     client.send(b"Subject: lmtp\r\n\r\nbody\r\n.\r\n")
-    replies = []
-    for _ in range(accepted):
-        code, lines = client.reply()
-        replies.append((code, lines[0]))
+    replies = client.replies(accepted)
     assert client.command("NOOP")[0] == 250, "no more replies than accepted recipients"
     return replies
 
@@ -198,15 +194,11 @@ def test_serve_listens_on_a_unix_socket(serve, socket_dir):
 
 # --- swaks ---------------------------------------------------------------------------------
 
-needs_swaks = pytest.mark.skipif(
-    shutil.which("swaks") is None, reason="swaks is installed by tools/test.sh"
-)
 
-
-def swaks(*where: str) -> subprocess.CompletedProcess[str]:
-    command = ["swaks", "--protocol", "LMTP", *where, "--helo", "swaks.example"]
+def swaks_lmtp(*where: str) -> subprocess.CompletedProcess[str]:
+    command = ["--protocol", "LMTP", *where, "--helo", "swaks.example"]
     command += ["--from", "sender@b.example", "--to", ",".join(RECIPIENTS), "--body", "via swaks"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return swaks(*command, timeout=60)
 
 
 def assert_swaks_answered_each(result: subprocess.CompletedProcess[str], maildir: Path) -> None:
@@ -220,18 +212,16 @@ def assert_swaks_answered_each(result: subprocess.CompletedProcess[str], maildir
     assert all(b" with LMTP id " in stored for stored in delivered(maildir))
 
 
-@needs_swaks
 def test_swaks_lmtp_over_tcp(policy, listen, maildir):
     refuse_y(policy)
     host, port = listen(protocol="lmtp")
-    assert_swaks_answered_each(swaks("--server", host, "--port", str(port)), maildir)
+    assert_swaks_answered_each(swaks_lmtp("--server", host, "--port", str(port)), maildir)
 
 
-@needs_swaks
 def test_swaks_lmtp_over_a_unix_socket(policy, listen, maildir, socket_dir):
     refuse_y(policy)
     path = listen(listen=str(socket_dir / "swaks.sock"), protocol="lmtp")
-    assert_swaks_answered_each(swaks("--socket", path), maildir)
+    assert_swaks_answered_each(swaks_lmtp("--socket", path), maildir)
 
 
 # --- Postfix's lmtp client -----------------------------------------------------------------
@@ -265,6 +255,8 @@ class PrivatePostfix:
     lmtp client reaches a Unix socket by its real path."""
 
     def __init__(self, directory: Path, transport: str) -> None:
+        require_tool("postfix")
+        require_tool("script", "bsdutils")
         self.directory = directory
         self.etc = directory / "etc"
         self.log = directory / "postfix.log"
@@ -306,23 +298,24 @@ class PrivatePostfix:
 
     def statuses(self, recipients: list[str], within: float = 120.0) -> dict[str, str]:
         """Each recipient's final ``status=`` in Postfix's log, once all have one."""
-        deadline = time.monotonic() + within
-        while True:
-            text = self.log.read_text(errors="replace") if self.log.exists() else ""
-            found = dict(re.findall(r" to=<([^>]+)>,.* status=(\w+)", text))
-            if all(recipient in found for recipient in recipients):
-                return found
-            assert time.monotonic() < deadline, f"no status for every recipient:\n{text}"
-            time.sleep(0.2)
+
+        def text() -> str:
+            return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+        def found() -> dict[str, str] | None:
+            found = dict(re.findall(r" to=<([^>]+)>,.* status=(\w+)", text()))
+            return found if all(recipient in found for recipient in recipients) else None
+
+        return wait_until(
+            found,
+            within,
+            lambda: f"a status for every recipient:\n{text()}",
+            interval=0.2,
+        )
 
     def stop(self) -> None:
         with contextlib.suppress(AssertionError):
             self.postfix("stop")
-
-
-needs_postfix = pytest.mark.skipif(
-    shutil.which("postfix") is None or shutil.which("script") is None, reason="needs Postfix"
-)
 
 
 @pytest.fixture
@@ -360,7 +353,6 @@ def deliver_through_postfix(postfix: PrivatePostfix, maildir: Path) -> None:
         assert b" with LMTP id " in body and body.endswith(b"\r\nhello from Postfix's lmtp\r\n")
 
 
-@needs_postfix
 @pytest.mark.slow
 def test_postfix_lmtp_client_over_tcp(policy, listen, maildir, postfix_dir):
     refuse_y(policy)
@@ -369,7 +361,6 @@ def test_postfix_lmtp_client_over_tcp(policy, listen, maildir, postfix_dir):
         deliver_through_postfix(postfix, maildir)
 
 
-@needs_postfix
 @pytest.mark.slow
 def test_postfix_lmtp_client_over_a_unix_socket(policy, listen, maildir, postfix_dir):
     refuse_y(policy)

@@ -9,15 +9,13 @@ import re
 import resource
 import smtplib
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import delivered
+from support import Served, delivered, rss_kib
 
-KUMO = [sys.executable, "-m", "kumo_listener"]
 CONNECTIONS = 5000
 MAX_CONNECTIONS = 6000
 # Generous: a leak of one read buffer (128 KiB) per connection must fail it.
@@ -51,30 +49,14 @@ def served(tmp_path: Path, many_files: None) -> Iterator[tuple[subprocess.Popen,
         "    )\n"
     )
     maildir = tmp_path / "maildir"
-    with (tmp_path / "server.log").open("w") as log:
-        process = subprocess.Popen(
-            [*KUMO, "serve", "--policy", str(policy), "--maildir", str(maildir)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
+    served = Served(
+        ["--policy", str(policy), "--maildir", str(maildir)], tmp_path, log=tmp_path / "server.log"
+    )
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        found = re.search(r"listening on ([\d.]+):(\d+)", line)
-        assert found, line + (tmp_path / "server.log").read_text()
-        yield process, (found.group(1), int(found.group(2)))
+        yield served.process, served.address
     finally:
-        process.kill()
-        process.wait()
-
-
-def rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    found = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
-    assert found, status
-    return int(found.group(1))
+        served.process.kill()
+        served.process.wait()
 
 
 async def reply(reader: asyncio.StreamReader) -> tuple[int, str]:

@@ -6,32 +6,23 @@ from __future__ import annotations
 import json
 import re
 import smtplib
-import time
 
 import kumo_listener as kumo
-import pytest
+from support import logged
 
 BODY = b"Subject: log\r\n\r\nbody\r\n"
-
-
-def wait_for(caplog: pytest.LogCaptureFixture, pattern: str, seconds: float = 5) -> str:
-    deadline = time.monotonic() + seconds
-    while (found := re.search(pattern, caplog.text)) is None:
-        assert time.monotonic() < deadline, f"{pattern!r} not in:\n{caplog.text}"
-        time.sleep(0.02)
-    return found.group(0)
 
 
 def test_a_stored_message_a_refusal_and_the_disconnect_line(kumo_log, listen, smtp, raw):
     address = listen(relay_hosts=["127.0.0.1"])
     with smtp(address) as client:
         client.sendmail("a@b.example", ["c@d.example"], BODY)
-    wait_for(
+    logged(
         kumo_log,
         r"stored: \S+ from=<a@b\.example> to=<c@d\.example> size=\d+ client=127\.0\.0\.1:\d+"
         r" via=127\.0\.0\.1:\d+ \(mx\.test\.example\)",
     )
-    wait_for(
+    logged(
         kumo_log,
         r"disconnect from 127\.0\.0\.1:\d+ to 127\.0\.0\.1:\d+ \(mx\.test\.example\) time=[\d.]+s"
         r" ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5",
@@ -43,15 +34,13 @@ def test_a_stored_message_a_refusal_and_the_disconnect_line(kumo_log, listen, sm
     assert stranger.command("RCPT TO:<x@elsewhere.example>")[0] == 550
     assert stranger.command("BOGUS")[0] == 500
     assert stranger.command("QUIT")[0] == 221
-    wait_for(
+    logged(
         kumo_log,
         r"reject: RCPT from 127\.0\.0\.30:\d+: 550 5\.7\.1 relaying not permitted;"
         r" helo=client\.example",
     )
-    wait_for(
-        kumo_log, r"reject: UNKNOWN from 127\.0\.0\.30:\d+: 500 5\.5\.2 command not recognized"
-    )
-    wait_for(
+    logged(kumo_log, r"reject: UNKNOWN from 127\.0\.0\.30:\d+: 500 5\.5\.2 command not recognized")
+    logged(
         kumo_log,
         r"disconnect from 127\.0\.0\.30:\d+ .* ehlo=1 mail=1 rcpt=0/1 quit=1 unknown=0/1"
         r" commands=3/5",

@@ -12,51 +12,30 @@ import signal
 import smtplib
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import KUMO, RawClient, Served, without_envelope
 from prometheus_client import CollectorRegistry
+from support import RawClient, Served, rss_kib, run_kumo, wait_until, without_envelope
 
 MiB = 1 << 20
 CLIENTS = 60
 BODY_LINE = b"x" * 998 + b"\r\n"
 
 
+def open_transaction(address: tuple[str, int]) -> RawClient:
+    """A client (patient: 60 s) whose next bytes are a message's body."""
+    client = RawClient(address, timeout=60)
+    client.open_data()
+    return client
+
+
 def big_body(ident: str, size: int) -> bytes:
     """About `size` bytes of message naming `ident` first and last."""
     lines = BODY_LINE * (size // len(BODY_LINE))
     return f"Subject: big {ident}\r\n\r\n".encode() + lines + f"END-{ident}\r\n".encode()
-
-
-def rss(pid: int) -> int:
-    """The resident set of process `pid`, in bytes, from /proc."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    found = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
-    assert found, status
-    return int(found.group(1)) * 1024
-
-
-def wait_for(condition, what: str, within: float = 120.0) -> None:
-    """Poll `condition` until true; fail after `within` seconds (a hang, not a slow machine)."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"still waiting for {what} after {within}s")
-        time.sleep(0.05)
-
-
-def open_transaction(address: tuple[str, int], recipient: str = "c@d.example") -> RawClient:
-    client = RawClient(address, timeout=60)
-    assert client.reply()[0] == 220
-    assert client.command("EHLO client.example")[0] == 250
-    assert client.command("MAIL FROM:<a@b.example>")[0] == 250
-    assert client.command(f"RCPT TO:<{recipient}>")[0] == 250
-    assert client.command("DATA")[0] == 354
-    return client
 
 
 def spilled_bytes(tmp: Path) -> int:
@@ -74,7 +53,7 @@ def test_sixty_clients_holding_8_mb_bodies_grow_the_server_by_less_than_128_mib(
     with smtplib.SMTP(*served.address, timeout=30) as client:
         client.sendmail("a@b.example", ["c@d.example"], big_body("warm", 300_000))
     (next((maildir / "new").iterdir())).unlink()
-    before = rss(served.process.pid)
+    before = rss_kib(served.process.pid) * 1024
     bodies = [big_body(str(n), 8_000_000) for n in range(CLIENTS)]
     clients = [open_transaction(served.address) for _ in range(CLIENTS)]
     senders = [
@@ -87,8 +66,12 @@ def test_sixty_clients_holding_8_mb_bodies_grow_the_server_by_less_than_128_mib(
         sender.join()
     # Every byte sent is in a spill file before the dot (the server read it all).
     expected = sum(len(body) for body in bodies)
-    wait_for(lambda: spilled_bytes(maildir / "tmp") >= expected, "the bodies to reach tmp/")
-    growth = rss(served.process.pid) - before
+    wait_until(
+        lambda: spilled_bytes(maildir / "tmp") >= expected,
+        within=120,
+        what="the bodies to reach tmp/",
+    )
+    growth = rss_kib(served.process.pid) * 1024 - before
     inodes = {path.stat().st_ino for path in (maildir / "tmp").glob("*.body")}
     assert len(inodes) == CLIENTS
     for client in clients:
@@ -167,7 +150,12 @@ def test_a_full_spool_disk_gets_451_then_452_and_421_never_250(serve, tmp_path, 
     assert list((tmp_path / "maildir" / "new").iterdir()) == []
     # With room again (measured at most a second later), mail flows.
     filler.unlink()
-    wait_for(lambda: client.command("MAIL FROM:<a@b.example>")[0] == 250, "room on the spool")
+    wait_until(
+        lambda: client.command("MAIL FROM:<a@b.example>")[0] == 250,
+        within=120,
+        what="room on the spool",
+        interval=0.05,
+    )
     assert client.command("RCPT TO:<c@d.example>")[0] == 250
     assert client.command("DATA")[0] == 354
     body = big_body("kept", 2 * MiB)
@@ -187,7 +175,7 @@ def test_a_spool_disk_filling_up_mid_body_gets_451_and_removes_the_part_written(
     served = serve_policy(serve, tmp_path, params)
     client = open_transaction(served.address)
     client.send(big_body("half", MiB)[: MiB // 2])
-    wait_for(lambda: spilled_bytes(small_disk) > 64 * 1024, "the body to spill")
+    wait_until(lambda: spilled_bytes(small_disk) > 64 * 1024, within=120, what="the body to spill")
     filler = fill(small_disk)
     client.send(big_body("half", MiB)[MiB // 2 :] + b".\r\n")
     code, texts = client.reply()
@@ -227,7 +215,7 @@ def test_sessions_past_the_body_memory_budget_are_shed_and_the_others_finish(ser
         finally:
             client.close()
 
-    wait_for(accepted, "the budget to be given back")
+    wait_until(accepted, within=120, what="the budget to be given back")
 
 
 HANDLERS = """
@@ -281,18 +269,12 @@ def crash_message(ident: str) -> bytes:
 
 def test_kill_9_during_delivery_of_spilled_bodies_leaves_only_whole_messages(tmp_path):
     maildir = tmp_path / "maildir"
-    with (tmp_path / "server.log").open("w") as log:
-        process = subprocess.Popen(
-            [*KUMO, "serve", "--listen", "127.0.0.1:0", "--maildir", str(maildir)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-    assert process.stdout is not None
-    found = re.search(r"listening on ([\d.]+):(\d+)", process.stdout.readline())
-    assert found
-    address = (found.group(1), int(found.group(2)))
+    served = Served(
+        ["--listen", "127.0.0.1:0", "--maildir", str(maildir)],
+        tmp_path,
+        log=tmp_path / "server.log",
+    )
+    process, address = served.process, served.address
     acked: set[str] = set()
     errors: list[str] = []
     stop = threading.Event()
@@ -317,7 +299,11 @@ def test_kill_9_during_delivery_of_spilled_bodies_leaves_only_whole_messages(tmp
     for thread in threads:
         thread.start()
     try:
-        wait_for(lambda: len(acked) >= 3 * MESSAGES_SENDERS, "some messages to be stored")
+        wait_until(
+            lambda: len(acked) >= 3 * MESSAGES_SENDERS,
+            within=120,
+            what="some messages to be stored",
+        )
         killed.set()
         os.kill(process.pid, signal.SIGKILL)
         assert process.wait(timeout=10) == -signal.SIGKILL
@@ -350,13 +336,8 @@ def test_a_spool_path_that_cannot_be_made_is_an_error_at_start(tmp_path):
     blocker.write_text("")
     policy = tmp_path / "policy.py"
     policy.write_text(POLICY.format(params=f'body_spool_path="{blocker}/spool"'))
-    result = subprocess.run(
-        [*KUMO, "serve", "--policy", str(policy), "--maildir", str(tmp_path / "maildir")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    maildir = tmp_path / "maildir"
+    result = run_kumo("serve", "--policy", str(policy), "--maildir", str(maildir), cwd=tmp_path)
     assert result.returncode != 0
     assert "body_spool_path" in result.stderr, result.stderr
 
@@ -376,9 +357,13 @@ def test_the_gauges_show_bodies_in_memory_and_spilled(tmp_path):
         small, big = open_transaction(address), open_transaction(address)
         small.send(b"Subject: small\r\n\r\nhi\r\n")
         big.send(big_body("gauge", 2 * MiB))
-        wait_for(lambda: gauge("spilled") >= 2 * MiB, "the big body to spill")
+        wait_until(lambda: gauge("spilled") >= 2 * MiB, within=120, what="the big body to spill")
         assert gauge("memory") > 0, "the small body is in memory"
         for client in (small, big):
             client.send(b".\r\n")
             assert client.reply()[0] == 250
-        wait_for(lambda: gauge("memory") == gauge("spilled") == 0, "the bodies to be let go")
+        wait_until(
+            lambda: gauge("memory") == gauge("spilled") == 0,
+            within=120,
+            what="the bodies to be let go",
+        )

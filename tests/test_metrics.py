@@ -5,14 +5,13 @@ a program's own ``prometheus_client`` registry from an embedded server."""
 from __future__ import annotations
 
 import smtplib
-import time
 import urllib.request
 
 import kumo_listener as kumo
 import pytest
-from conftest import RawClient, free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from support import RawClient, free_port, wait_until
 
 BODY = b"Subject: m\r\n\r\nbody\r\n"
 
@@ -36,15 +35,17 @@ def test_serve_metrics_over_http(serve):
     assert refused.command("MAIL FROM:<a@b.example>")[0] == 503
     assert refused.command("BOGUS")[0] == 500
     listener = (("listener", "127.0.0.1:0"),)
-    deadline = time.monotonic() + 5
-    while True:
+
+    def scrape() -> dict:
         url = f"http://127.0.0.1:{port}/metrics"
-        values = samples(urllib.request.urlopen(url, timeout=10).read().decode())
-        # The smtplib session ends just after its QUIT was answered.
-        if values[("kumo_listener_connections_active", listener)] == 1:
-            break
-        assert time.monotonic() < deadline, values
-        time.sleep(0.02)
+        return samples(urllib.request.urlopen(url, timeout=10).read().decode())
+
+    # The smtplib session ends just after its QUIT was answered.
+    def one_active() -> dict | None:
+        values = scrape()
+        return values if values[("kumo_listener_connections_active", listener)] == 1 else None
+
+    values = wait_until(one_active, within=5, what=lambda: f"one active connection: {scrape()}")
     assert values[("kumo_listener_connections_total", listener)] == 2
     assert values[("kumo_listener_messages_received_total", listener)] == 3
     assert values[("kumo_listener_rejections_total", (("code", "500"), *listener))] == 1

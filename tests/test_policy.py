@@ -11,16 +11,8 @@ import time
 
 import kumo_listener as kumo
 import pytest
-from conftest import delivered
 from kumo_listener import _core
-
-
-def transaction(client, sender="a@b.example", recipient="c@d.example"):
-    """Greeting, EHLO, MAIL; returns the RCPT reply."""
-    assert client.reply()[0] == 220
-    assert client.command("EHLO client.example")[0] == 250
-    assert client.command(f"MAIL FROM:<{sender}>")[0] == 250
-    return client.command(f"RCPT TO:<{recipient}>")
+from support import delivered
 
 
 def reject(code: int, text: str):
@@ -73,7 +65,7 @@ def test_reject_421_closes_the_connection(policy, listen, raw):
 
 def test_reject_without_enhanced_code_gets_a_generic_one(policy, listen, raw):
     policy.on("smtp_server_rcpt_to", reject(450, "mailbox busy"))
-    assert transaction(raw(listen())) == (450, ["4.0.0 mailbox busy"])
+    assert raw(listen()).transaction() == (450, ["4.0.0 mailbox busy"])
 
 
 def test_reject_validates_its_code():
@@ -122,7 +114,7 @@ def test_connection_meta_is_shared_by_every_event(policy, listen, raw):
         seen["sender"] = str(sender)
 
     client = raw(listen(), source="127.0.0.1")
-    assert transaction(client, sender="")[0] == 250
+    assert client.transaction(sender="")[0] == 250
     port = client.sock.getsockname()[1]
     assert seen == {
         "tenant": {"id": 7, "tags": ["a", "b"]},
@@ -163,9 +155,9 @@ def test_ehlo_handler_can_replace_the_extensions(policy, listen, raw):
 
 def test_relaying(policy, listen, raw):
     address = listen(listen="127.0.0.1:0")
-    denied = transaction(raw(address, source="127.0.0.9"))
+    denied = raw(address, source="127.0.0.9").transaction()
     assert denied == (550, ["5.7.1 relaying not permitted"])
-    assert transaction(raw(address))[0] == 250
+    assert raw(address).transaction()[0] == 250
 
     domains = {
         "local.example": {"relay_to": True},
@@ -178,21 +170,19 @@ def test_relaying(policy, listen, raw):
         asked.append((domain, listener))
         return domains.get(domain)
 
-    assert transaction(raw(address, source="127.0.0.9"), recipient="x@local.example")[0] == 250
-    assert transaction(raw(address, source="127.0.0.9"))[0] == 550
+    assert raw(address, source="127.0.0.9").transaction(recipient="x@local.example")[0] == 250
+    assert raw(address, source="127.0.0.9").transaction()[0] == 550
+    assert raw(address, source="127.0.0.9").transaction(sender="s@sender-trusted.example")[0] == 250
     assert (
-        transaction(raw(address, source="127.0.0.9"), sender="s@sender-trusted.example")[0] == 250
-    )
-    assert (
-        transaction(raw(address, source="127.0.0.12"), sender="s@sender-trusted.example")[0] == 550
+        raw(address, source="127.0.0.12").transaction(sender="s@sender-trusted.example")[0] == 550
     )
     assert ("local.example", "127.0.0.1:0") in asked
 
 
 def test_relay_hosts_parameter(listen, raw):
     address = listen(relay_hosts=["127.0.0.9"])
-    assert transaction(raw(address, source="127.0.0.9"))[0] == 250
-    assert transaction(raw(address))[0] == 550
+    assert raw(address, source="127.0.0.9").transaction()[0] == 250
+    assert raw(address).transaction()[0] == 550
 
 
 def test_async_handlers_run_concurrently(policy, listen, raw):
@@ -212,7 +202,7 @@ def test_async_handlers_run_concurrently(policy, listen, raw):
     slow.send(b"MAIL FROM:<slow@b.example>\r\n")
     while not waiting:
         time.sleep(0.01)
-    assert transaction(raw(address))[0] == 250
+    assert raw(address).transaction()[0] == 250
     waiting[0].call_soon_threadsafe(release.set)
     assert slow.reply()[0] == 250
 
@@ -252,7 +242,7 @@ def test_server_runs_on_the_server_loop_or_the_callers(policy, maildir, raw, loo
     thread.start()
     assert started.wait(10)
     client = raw(address[0])
-    assert transaction(client)[0] == 250
+    assert client.transaction()[0] == 250
     assert client.command("DATA")[0] == 354
     assert client.command(b"Subject: x\r\n\r\nbody\r\n.\r\n")[0] == 250
     server.stop()
@@ -268,7 +258,7 @@ def test_async_handler_can_reject(policy, listen, raw):
         await asyncio.sleep(0.01)
         raise kumo.Reject(550, "5.1.1 no such user")
 
-    assert transaction(raw(listen())) == (550, ["5.1.1 no such user"])
+    assert raw(listen()).transaction() == (550, ["5.1.1 no such user"])
 
 
 def test_handler_slower_than_data_processing_timeout(policy, listen, raw):

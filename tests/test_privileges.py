@@ -9,13 +9,21 @@ import signal
 import smtplib
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KUMO, RawClient, Served, delivered
-from test_cli import port_free, run
+from support import (
+    KUMO,
+    RawClient,
+    Served,
+    delivered,
+    port_free,
+    proc_status,
+    run_kumo,
+    start_workers,
+    wait_until,
+)
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -45,11 +53,7 @@ def shared_dir() -> Iterator[Path]:
 
 
 def ids(pid: int, field: str, task: str | None = None) -> list[int]:
-    status = Path(f"/proc/{pid}/task/{task}/status" if task else f"/proc/{pid}/status")
-    for line in status.read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return [int(value) for value in line.split()[1:]]
-    raise AssertionError(f"no {field} in {status}")
+    return [int(value) for value in proc_status(field, pid, task)]
 
 
 def assert_runs_as(pid: int, user: pwd.struct_passwd) -> None:
@@ -118,10 +122,12 @@ def test_init_runs_as_root_and_nothing_is_accepted_before_the_drop(shared_dir, n
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not bound.exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
+
+        def bound_or_exited() -> bool:
+            assert process.poll() is None, "the server exited"
+            return bound.exists()
+
+        wait_until(bound_or_exited, within=30, what="init to bind", interval=0.01)
         client = RawClient(("127.0.0.1", port))  # bound, init still awaiting as root
         # No connection_accepted handler: a session running now would greet at once.
         assert client.reply() == (220, ["mx.test ESMTP init-euid=0"])
@@ -138,22 +144,10 @@ def test_init_runs_as_root_and_nothing_is_accepted_before_the_drop(shared_dir, n
 @root_only
 def test_workers_each_drop_privileges(shared_dir, nobody):
     port = privileged_port()
-    process = subprocess.Popen(
-        [
-            *KUMO,
-            *("serve", "--workers", "2", "--user", "nobody", "--listen", f"127.0.0.1:{port}"),
-            *("--maildir", str(shared_dir / "maildir")),
-        ],
-        cwd=shared_dir,
-        stdout=subprocess.PIPE,
-        text=True,
+    process, workers = start_workers(
+        ["--user", "nobody", "--maildir", str(shared_dir / "maildir")], shared_dir, port
     )
     try:
-        assert process.stdout is not None
-        banners = [process.stdout.readline() for _ in range(2)]
-        assert all(f"listening on 127.0.0.1:{port}" in banner for banner in banners), banners
-        workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        assert len(workers) == 2
         for pid in [process.pid, *map(int, workers)]:
             assert_runs_as(pid, nobody)
         for number in range(6):
@@ -176,7 +170,7 @@ def test_root_without_user_warns(tmp_path: Path):
 
 
 def test_unknown_user_is_refused(tmp_path: Path):
-    result = run("serve", "--user", "no-such-user-here", cwd=tmp_path)
+    result = run_kumo("serve", "--user", "no-such-user-here", cwd=tmp_path)
     assert (result.returncode, result.stderr.strip()) == (
         2,
         "kumo-listener: --user no-such-user-here: no such user",

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-import select
 import time
 
 import pytest
-from conftest import without_envelope
+from support import without_envelope
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 
@@ -15,13 +14,6 @@ ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 @pytest.fixture
 def address(listen):
     return listen()
-
-
-def ehlo(client) -> list[str]:
-    assert client.reply()[0] == 220
-    code, lines = client.command("EHLO client.example")
-    assert code == 250
-    return lines
 
 
 def test_greeting_and_ehlo_extensions(address, raw):
@@ -53,7 +45,7 @@ def test_helo_replies_without_enhanced_codes(address, raw):
 
 def test_every_reply_after_ehlo_has_an_enhanced_code(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     for command in [
         "NOOP",
         "RSET",
@@ -99,7 +91,7 @@ def test_every_reply_after_ehlo_has_an_enhanced_code(address, raw):
 )
 def test_command_replies(address, raw, command, code, enhanced):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     got, lines = client.command(command)
     assert got == code, lines
     if enhanced:
@@ -120,7 +112,7 @@ def test_sequence_errors(address, raw):
 
 def test_invalid_utf8_and_control_characters_are_answered(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     assert client.command(b"\x80\x81\r\n")[0] == 501
     assert client.command(b"NOOP\x00\r\n")[0] == 500
     assert client.command(b"NOOP\nRSET\r\n")[0] == 500
@@ -131,7 +123,7 @@ def test_invalid_utf8_and_control_characters_are_answered(address, raw):
 
 def test_command_line_too_long_then_the_session_goes_on(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     assert client.command("NOOP " + "x" * 993)[0] == 250
     code, lines = client.command("NOOP " + "x" * 5000)
     assert (code, lines[0][:5]) == (500, "5.2.3")
@@ -142,7 +134,7 @@ def test_command_line_too_long_then_the_session_goes_on(address, raw):
 
 def test_size_parameter_over_the_limit_is_refused_up_front(listen, raw):
     client = raw(listen(max_message_size=1000))
-    ehlo(client)
+    client.hello()
     code, lines = client.command("MAIL FROM:<a@b.example> SIZE=1001")
     assert (code, lines[0][:5]) == (552, "5.3.4")
     assert client.command("MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME")[0] == 250
@@ -150,7 +142,7 @@ def test_size_parameter_over_the_limit_is_refused_up_front(listen, raw):
 
 def test_body_over_the_limit_is_read_to_the_end_then_refused(listen, raw, maildir):
     client = raw(listen(max_message_size=1000))
-    ehlo(client)
+    client.hello()
     client.command("MAIL FROM:<a@b.example>")
     client.command("RCPT TO:<c@d.example>")
     assert client.command("DATA")[0] == 354
@@ -163,7 +155,7 @@ def test_body_over_the_limit_is_read_to_the_end_then_refused(listen, raw, maildi
 
 def test_too_many_recipients_keeps_the_earlier_ones(listen, raw):
     client = raw(listen(max_recipients_per_message=2))
-    ehlo(client)
+    client.hello()
     client.command("MAIL FROM:<a@b.example>")
     assert client.command("RCPT TO:<1@d.example>")[0] == 250
     assert client.command("RCPT TO:<2@d.example>")[0] == 250
@@ -175,7 +167,7 @@ def test_too_many_recipients_keeps_the_earlier_ones(listen, raw):
 
 def test_max_messages_per_connection_counts_transactions(listen, raw):
     client = raw(listen(max_messages_per_connection=2))
-    ehlo(client)
+    client.hello()
     for _ in range(2):
         assert client.command("MAIL FROM:<a@b.example>")[0] == 250
         assert client.command("RSET")[0] == 250
@@ -185,7 +177,7 @@ def test_max_messages_per_connection_counts_transactions(listen, raw):
 
 def test_pipelined_transaction_in_one_write(address, raw, maildir):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     client.send(
         b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nRCPT TO:<e@d.example>\r\nDATA\r\n"
     )
@@ -200,7 +192,7 @@ def test_pipelined_transaction_in_one_write(address, raw, maildir):
 
 def test_empty_body_and_terminator_split_across_segments(listen, raw, maildir):
     client = raw(listen(trace_headers={"received_header": False}))
-    ehlo(client)
+    client.hello()
     client.command("MAIL FROM:<>")
     client.command("RCPT TO:<c@d.example>")
     assert client.command("DATA")[0] == 354
@@ -218,7 +210,7 @@ def test_empty_body_and_terminator_split_across_segments(listen, raw, maildir):
 
 def test_non_ascii_address_needs_smtputf8(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     code, lines = client.command("MAIL FROM:<jörg@b.example>")
     assert (code, lines[0][:5]) == (553, "5.6.7")
     assert client.command("MAIL FROM:<jörg@b.example> SMTPUTF8")[0] == 250
@@ -227,7 +219,7 @@ def test_non_ascii_address_needs_smtputf8(address, raw):
 
 def test_idle_client_is_closed_with_421(listen, raw):
     client = raw(listen(client_timeout=0.5))
-    ehlo(client)
+    client.hello()
     code, lines = client.reply()
     assert code == 421
     assert "idle too long" in lines[0]
@@ -236,29 +228,25 @@ def test_idle_client_is_closed_with_421(listen, raw):
 
 def test_trickling_bytes_do_not_extend_the_command_deadline(listen, raw):
     client = raw(listen(client_timeout=1))
-    ehlo(client)
+    client.hello()
     give_up = time.monotonic() + 5
-    while time.monotonic() < give_up and not readable(client, 0.1):
+    while time.monotonic() < give_up and not client.readable(0.1):
         client.send(b"N")
     code, lines = client.reply()
     assert code == 421
     assert "idle too long" in lines[0]
 
 
-def readable(client, seconds: float) -> bool:
-    return bool(select.select([client.sock], [], [], seconds)[0])
-
-
 def test_quit_closes(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     assert client.command("QUIT") == (221, ["2.0.0 mx.test.example closing connection"])
     assert client.closed()
 
 
 def test_too_many_errors_closes_the_session(address, raw):
     client = raw(address)
-    ehlo(client)
+    client.hello()
     for _ in range(19):
         assert client.command("BOGUS")[0] == 500
     assert client.command("BOGUS")[0] == 500

@@ -11,7 +11,7 @@ import threading
 import time
 
 import kumo_listener as kumo
-from test_policy import transaction
+from support import logged, wait_until
 
 BODY = b"Subject: x\r\n\r\nbody\r\n"
 
@@ -79,18 +79,15 @@ def test_a_def_handler_that_never_returns_costs_only_its_own_session(policy, lis
 
     address = listen(data_processing_timeout=1)
     client = raw(address)
-    assert transaction(client, recipient="stuck@d.example") == (
+    assert client.transaction(recipient="stuck@d.example") == (
         451,
         ["4.3.0 temporary policy failure, try again later"],
     )
     # Its session goes on, and so do the others.
     assert client.command("RCPT TO:<other@d.example>")[0] == 250
-    assert transaction(raw(address))[0] == 250
+    assert raw(address).transaction()[0] == 250
     release.set()
-    deadline = time.monotonic() + 5
-    while "returned after its session stopped waiting" not in kumo_log.text:
-        assert time.monotonic() < deadline, kumo_log.text
-        time.sleep(0.02)
+    logged(kumo_log, "returned after its session stopped waiting")
     assert "smtp_server_rcpt_to handler did not finish within 1s" in kumo_log.text
 
 
@@ -130,10 +127,7 @@ def test_new_connections_are_shed_while_too_many_policy_calls_wait(policy, maild
     with kumo.Server(policy=policy, maildir=maildir, busy_at=2) as server:
         address = server.start_esmtp_listener(listen="127.0.0.1:0", hostname="mx.busy").address
         waiting = [raw(address), raw(address)]
-        deadline = time.monotonic() + 5
-        while len(loop) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: len(loop) >= 2, within=5, what="two sessions in the slow handler")
         shed = raw(address)
         assert shed.reply() == (421, ["4.3.2 mx.busy service busy, try again later"])
         loop[0].call_soon_threadsafe(release.set)

@@ -3,37 +3,43 @@ connection (static, `via` blocks, the dynamic hook, files replaced in place),
 TLS parameter errors, client certificates, TLS connection metadata, and
 AUTH PLAIN (RFC 4954).
 
-Every certificate is made here, with `cryptography`, into the test's tmp_path.
+Every certificate is made by support.Pki, with `cryptography`, into the
+test's tmp_path.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import os
 import re
 import select
-import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from conftest import RawClient, delivered
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-OPENSSL = "/usr/bin/openssl"
-needs_openssl = pytest.mark.skipif(not os.path.exists(OPENSSL), reason=f"no {OPENSSL}")
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+from support import (
+    Issued,
+    Pki,
+    RawClient,
+    client_context,
+    common_name,
+    delivered,
+    logged,
+    require_tool,
+    swaks,
+    tls_session,
+    upgrade,
+)
 
 # An SMTP reply at the start of the stream or of a line: what must never
 # arrive in plaintext once the client has asked for TLS.
@@ -50,169 +56,10 @@ TLS_META = (
 
 # --- certificates -----------------------------------------------------------
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
-
-@dataclass
-class Issued:
-    """A certificate and its key, written as PEM files."""
-
-    cert: x509.Certificate
-    key: PrivateKey
-    cert_path: Path
-    key_path: Path
-    key_format: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8
-    # Intermediates between this certificate and its root, nearest first.
-    chain: list[x509.Certificate] = field(default_factory=list)
-
-    @property
-    def common_name(self) -> str:
-        return common_name(self.cert)
-
-    @property
-    def cert_pem(self) -> str:
-        """The certificate followed by its intermediates (a "fullchain" file)."""
-        return "".join(
-            c.public_bytes(serialization.Encoding.PEM).decode() for c in [self.cert, *self.chain]
-        )
-
-    @property
-    def key_pem(self) -> str:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM, self.key_format, serialization.NoEncryption()
-        ).decode()
-
-    def write(self) -> None:
-        self.cert_path.write_text(self.cert_pem)
-        self.key_path.write_text(self.key_pem)
-
-    def overwrite(self, target: Issued) -> None:
-        """Write this certificate and key over `target`'s files, as a renewal does.
-
-        The modification times move two seconds on, as they would between two
-        real renewals, so a cache keyed on mtime is not defeated by timing.
-        """
-        for path, text in ((target.cert_path, self.cert_pem), (target.key_path, self.key_pem)):
-            path.write_text(text)
-            later = path.stat().st_mtime + 2
-            os.utime(path, (later, later))
-
-
-class Pki:
-    """Makes CAs and leaf certificates into one directory."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(exist_ok=True)
-        self.count = 0
-
-    def _paths(self, common_name: str) -> tuple[Path, Path]:
-        self.count += 1
-        stem = f"{self.count:02d}-{re.sub(r'[^A-Za-z0-9.-]', '_', common_name)}"
-        return self.directory / f"{stem}.crt", self.directory / f"{stem}.key"
-
-    def ca(self, common_name: str = "Test Root CA", *, issuer: Issued | None = None) -> Issued:
-        """A CA: a self-signed root, or an intermediate signed by `issuer`."""
-        return self._issue(common_name, issuer=issuer, is_ca=True)
-
-    def leaf(
-        self,
-        common_name: str,
-        *,
-        ca: Issued | None = None,
-        dns: list[str] | None = None,
-        key_type: str = "ec",
-        key_format: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
-    ) -> Issued:
-        """A server/client certificate for `common_name` (also its DNS SAN unless
-        `dns` is given), signed by `ca`, or self-signed without one."""
-        return self._issue(
-            common_name,
-            issuer=ca,
-            is_ca=False,
-            dns=[common_name] if dns is None else dns,
-            key_type=key_type,
-            key_format=key_format,
-        )
-
-    def _issue(
-        self,
-        common_name: str,
-        *,
-        issuer: Issued | None,
-        is_ca: bool,
-        dns: list[str] | None = None,
-        key_type: str = "ec",
-        key_format: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
-    ) -> Issued:
-        key: PrivateKey
-        if key_type == "rsa":
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        else:
-            key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        now = datetime.datetime.now(datetime.UTC)
-        signing_key = issuer.key if issuer else key
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer.cert.subject if issuer else subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()),
-                critical=False,
-            )
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=not is_ca and key_type == "rsa",
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=is_ca,
-                    crl_sign=is_ca,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-        )
-        if not is_ca:
-            builder = builder.add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            if dns:
-                builder = builder.add_extension(
-                    x509.SubjectAlternativeName([x509.DNSName(name) for name in dns]),
-                    critical=False,
-                )
-        cert = builder.sign(signing_key, hashes.SHA256())
-        root = issuer is None or issuer.cert.issuer == issuer.cert.subject
-        chain = [] if root else [issuer.cert, *issuer.chain]
-        cert_path, key_path = self._paths(common_name)
-        issued = Issued(cert, key, cert_path, key_path, key_format, chain)
-        issued.write()
-        return issued
-
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return Pki(tmp_path / "pki")
-
-
-def common_name(cert: x509.Certificate) -> str:
-    [attribute] = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(attribute.value)
 
 
 def certificate_names(cert: x509.Certificate) -> set[str]:
@@ -241,65 +88,6 @@ def inline(issued: Issued) -> dict[str, dict[str, str]]:
 # --- clients ----------------------------------------------------------------
 
 
-def client_context(
-    ca: Issued | None = None,
-    *,
-    cert: Issued | None = None,
-    maximum_version: ssl.TLSVersion | None = None,
-    check_hostname: bool = False,
-) -> ssl.SSLContext:
-    """A client context: verifies against `ca` if given (else verifies
-    nothing), presents `cert` if given."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = check_hostname
-    if ca is None:
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context.load_verify_locations(cadata=ca.cert_pem)
-        context.verify_mode = ssl.CERT_REQUIRED
-    if cert is not None:
-        context.load_cert_chain(cert.cert_path, cert.key_path)
-    if maximum_version is not None:
-        context.maximum_version = maximum_version
-    return context
-
-
-def ehlo(client: RawClient, domain: str = "client.example") -> list[str]:
-    code, lines = client.command(f"EHLO {domain}")
-    assert code == 250, lines
-    return lines
-
-
-def upgrade(
-    client: RawClient,
-    context: ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
-) -> RawClient:
-    """STARTTLS and the handshake; the same client, now over TLS."""
-    assert client.command("STARTTLS") == (220, ["2.0.0 Ready to start TLS"])
-    assert client.buffer == b"", "bytes after the 220 would be lost in the handshake"
-    context = context or client_context()
-    client.sock = context.wrap_socket(client.sock, server_hostname=server_hostname)
-    return client
-
-
-def tls_session(
-    raw,
-    address: tuple[str, int],
-    context: ssl.SSLContext | None = None,
-    *,
-    via: str | None = None,
-    server_hostname: str | None = None,
-) -> tuple[RawClient, list[str]]:
-    """Greeting, EHLO, STARTTLS, handshake, EHLO again: the client over TLS
-    and the lines of its EHLO reply over TLS."""
-    client = raw((via or address[0], address[1]))
-    assert client.reply()[0] == 220
-    ehlo(client)
-    upgrade(client, context, server_hostname)
-    return client, ehlo(client)
-
-
 def implicit_tls_client(
     raw, address: tuple[str, int], context: ssl.SSLContext | None = None
 ) -> RawClient:
@@ -321,16 +109,6 @@ def certificate_at(
     """The certificate presented after STARTTLS to a client connecting to `via`."""
     client, _ = tls_session(raw, address, context, via=via)
     return peer_certificate(client)
-
-
-def eventually(condition: Callable[[], bool], within: float = 3.0) -> bool:
-    """Poll `condition` (e.g. a log line written from the dispatcher thread)."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -359,6 +137,18 @@ def auth_calls(policy: kumo.Policy) -> list[tuple[str, str, str]]:
     return calls
 
 
+def log_in_and_relay(client: smtplib.SMTP, maildir: Path, subject: str) -> None:
+    """Over TLS, after EHLO: AUTH PLAIN offered (STARTTLS no longer), the login
+    accepted, and a message to an outside recipient relayed and stored."""
+    assert not client.has_extn("starttls")
+    assert "PLAIN" in client.esmtp_features["auth"].split()
+    assert client.login("user", "secret")[0] == 235
+    message = f"Subject: {subject}\r\n\r\nhi\r\n".encode()
+    client.sendmail("a@b.example", ["c@outside.example"], message)
+    [stored] = delivered(maildir)
+    assert f"Subject: {subject}\r\n".encode() in stored
+
+
 def plain(authz: str, authc: str, password: str) -> str:
     """An AUTH PLAIN response (RFC 4616): base64 of authz NUL authc NUL password."""
     return b64(f"{authz}\0{authc}\0{password}".encode())
@@ -374,9 +164,9 @@ def b64(data: bytes) -> str:
 def test_starttls_is_advertised_in_plaintext_only(listen, raw):
     client = raw(listen())
     assert client.reply()[0] == 220
-    assert "STARTTLS" in ehlo(client)
+    assert "STARTTLS" in client.ehlo()
     upgrade(client)
-    lines = ehlo(client)
+    lines = client.ehlo()
     assert lines[0] == "mx.test.example Hello client.example"
     assert "STARTTLS" not in lines
     assert not any(line.upper().startswith("AUTH") for line in lines)
@@ -409,10 +199,10 @@ def test_a_whole_message_over_starttls(listen, raw, maildir):
 def test_transaction_before_starttls_is_forgotten(listen, raw):
     client = raw(listen())
     client.reply()
-    ehlo(client)
+    client.ehlo()
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
     upgrade(client)
-    ehlo(client)
+    client.ehlo()
     assert client.command("RCPT TO:<c@d.example>")[0] == 503
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
 
@@ -420,20 +210,20 @@ def test_transaction_before_starttls_is_forgotten(listen, raw):
 def test_ehlo_is_needed_again_after_starttls(listen, raw):
     client = raw(listen())
     client.reply()
-    ehlo(client)
+    client.ehlo()
     upgrade(client)
     assert client.command("MAIL FROM:<a@b.example>")[0] == 503
-    ehlo(client)
+    client.ehlo()
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
 
 
 def test_starttls_with_an_argument_is_a_syntax_error(listen, raw):
     client = raw(listen())
     client.reply()
-    ehlo(client)
+    client.ehlo()
     assert client.command("STARTTLS foo")[0] == 501
     upgrade(client)
-    assert "STARTTLS" not in ehlo(client)
+    assert "STARTTLS" not in client.ehlo()
 
 
 def test_starttls_when_tls_is_active_is_refused(listen, raw):
@@ -457,7 +247,7 @@ def test_plaintext_pipelined_after_starttls_is_discarded(listen, raw, injected):
     answered (or acted on) inside the TLS session."""
     client = raw(listen())
     client.reply()
-    ehlo(client)
+    client.ehlo()
     client.send(b"STARTTLS\r\n" + injected)
     assert client.reply() == (220, ["2.0.0 Ready to start TLS"])
     assert client.buffer == b""
@@ -479,7 +269,7 @@ def test_failed_handshake_closes_without_plaintext_reply(listen, raw, handshake)
     address = listen()
     client = raw(address)
     client.reply()
-    ehlo(client)
+    client.ehlo()
     assert client.command("STARTTLS")[0] == 220
     if handshake is None:
         client.sock.shutdown(socket.SHUT_WR)
@@ -499,7 +289,7 @@ def test_failed_handshake_closes_without_plaintext_reply(listen, raw, handshake)
 def test_stalled_handshake_is_closed_after_client_timeout(listen, raw, partial):
     client = raw(listen(client_timeout=1))
     client.reply()
-    ehlo(client)
+    client.ehlo()
     assert client.command("STARTTLS")[0] == 220
     started = time.monotonic()
     if partial:
@@ -637,7 +427,7 @@ def test_seed_toml_certificates_per_via_follow_edits(listen, raw, pki, toml_over
     toml_overrides.write_text(via_toml({"127.0.0.2": renamed, "127.0.0.3": two}))
     client = raw(("127.0.0.2", address[1]))
     assert client.reply() == (220, ["mx.renamed.example ESMTP kumo_listener"])
-    ehlo(client)
+    client.ehlo()
     upgrade(client, verified)
     assert peer_certificate(client) == renamed.cert
     assert certificate_at(raw, address, "127.0.0.3", verified) == two.cert
@@ -802,12 +592,12 @@ def test_bad_certificate_from_the_dynamic_hook_fails_only_starttls(
     address = listen(listen="0.0.0.0:0")
     client = raw(("127.0.0.2", address[1]))
     assert client.reply() == (220, ["mx.test.example ESMTP kumo_listener"])
-    ehlo(client)
+    client.ehlo()
     assert client.command("STARTTLS") == (454, ["4.7.0 TLS not available"])
     assert client.command("NOOP") == (250, ["2.0.0 OK"])
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
     assert certificate_at(raw, address, "127.0.0.1") == good.cert
-    assert eventually(lambda: str(missing) in kumo_log.text), kumo_log.text
+    logged(kumo_log, re.escape(str(missing)), within=3)
     # The log names our address and the identity that could not be used.
     assert re.search(
         rf"127\.0\.0\.2:\d+ \(mx\.test\.example\): TLS not available: .*"
@@ -877,7 +667,7 @@ def test_tls_cipher_and_protocol_version_metadata(listen, raw, mail_meta, maximu
 def test_plaintext_session_has_no_tls_metadata(listen, raw, mail_meta):
     client = raw(listen())
     client.reply()
-    ehlo(client)
+    client.ehlo()
     assert client.command("MAIL FROM:<a@b.example>")[0] == 250
     assert mail_meta == dict.fromkeys(TLS_META)
 
@@ -885,64 +675,36 @@ def test_plaintext_session_has_no_tls_metadata(listen, raw, mail_meta):
 # --- openssl s_client ---------------------------------------------------------------
 
 
-@needs_openssl
+def s_client_starttls(address: tuple[str, int], *options: str) -> str:
+    """``openssl s_client -starttls smtp`` to `address` naming mx.test.example,
+    QUIT at once: what it printed, after checking it exited 0 and negotiated TLS."""
+    host, port = address
+    command = [require_tool("openssl"), "s_client", "-starttls", "smtp"]
+    command += ["-connect", f"{host}:{port}", "-servername", "mx.test.example", "-crlf"]
+    result = subprocess.run([*command, *options], input=b"QUIT\n", capture_output=True, timeout=15)
+    out = result.stdout.decode("utf-8", "replace")
+    assert result.returncode == 0, out + result.stderr.decode("utf-8", "replace")
+    assert ("New, TLS" in out or "Protocol" in out) and "Cipher" in out, out
+    return out
+
+
 @pytest.mark.parametrize(
     "protocol", [None, "-tls1_2", "-tls1_3"], ids=["default", "tls-1.2", "tls-1.3"]
 )
 def test_openssl_s_client_starttls_smtp(listen, pki, protocol):
     ca = pki.ca()
     leaf = pki.leaf("mx.test.example", ca=ca)
-    host, port = listen(**files(leaf))
-    command = [
-        OPENSSL,
-        "s_client",
-        "-starttls",
-        "smtp",
-        "-connect",
-        f"{host}:{port}",
-        "-servername",
-        "mx.test.example",
-        "-crlf",
-        "-CAfile",
-        str(ca.cert_path),
-        "-verify_return_error",
-        "-verify_hostname",
-        "mx.test.example",
-    ]
-    if protocol:
-        command.append(protocol)
-    result = subprocess.run(command, input=b"QUIT\n", capture_output=True, timeout=15)
-    out = result.stdout.decode("utf-8", "replace")
-    assert result.returncode == 0, out + result.stderr.decode("utf-8", "replace")
-    assert "New, TLS" in out or "Protocol" in out, out
-    assert "Cipher" in out, out
+    address = listen(**files(leaf))
+    options = ["-CAfile", str(ca.cert_path), "-verify_return_error"]
+    options += ["-verify_hostname", "mx.test.example"]
+    out = s_client_starttls(address, *options, *([protocol] if protocol else []))
     assert "Verify return code: 0 (ok)" in out, out
     if protocol:
         assert "TLSv1." + protocol[-1] in out, out
 
 
-@needs_openssl
 def test_openssl_s_client_starttls_smtp_with_self_signed_default(listen):
-    host, port = listen()
-    result = subprocess.run(
-        [
-            OPENSSL,
-            "s_client",
-            "-starttls",
-            "smtp",
-            "-connect",
-            f"{host}:{port}",
-            "-servername",
-            "mx.test.example",
-            "-crlf",
-        ],
-        input=b"QUIT\n",
-        capture_output=True,
-        timeout=15,
-    )
-    out = result.stdout.decode("utf-8", "replace")
-    assert result.returncode == 0, out + result.stderr.decode("utf-8", "replace")
-    assert ("New, TLS" in out or "Protocol" in out) and "Cipher" in out, out
+    out = s_client_starttls(listen())
     assert "mx.test.example" in out
 
 
@@ -962,10 +724,10 @@ def read_stream_until(stream, marker: bytes, within: float) -> bytes:
     return data
 
 
-@needs_openssl
 def test_openssl_s_client_implicit_tls(listen):
+    openssl = require_tool("openssl")
     host, port = listen(implicit_tls=True)
-    command = [OPENSSL, "s_client", "-quiet", "-crlf", "-connect", f"{host}:{port}"]
+    command = [openssl, "s_client", "-quiet", "-crlf", "-connect", f"{host}:{port}"]
     command += ["-servername", "mx.test.example"]
     proc = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -989,7 +751,7 @@ def test_openssl_s_client_implicit_tls(listen):
 def test_implicit_tls_banner_comes_over_tls(listen, raw, mail_meta):
     client = implicit_tls_client(raw, listen(implicit_tls=True))
     assert client.reply() == (220, ["mx.test.example ESMTP kumo_listener"])
-    lines = ehlo(client)
+    lines = client.ehlo()
     assert lines[0] == "mx.test.example Hello client.example"
     assert "STARTTLS" not in lines
     assert client.command("STARTTLS")[0] // 100 == 5
@@ -1029,12 +791,7 @@ def test_implicit_tls_with_smtplib(listen, auth_calls, maildir):
     host, port = listen(implicit_tls=True, relay_hosts=[])
     with smtplib.SMTP_SSL(host, port, timeout=10, context=client_context()) as client:
         client.ehlo("client.example")
-        assert not client.has_extn("starttls")
-        assert "PLAIN" in client.esmtp_features["auth"].split()
-        assert client.login("user", "secret")[0] == 235
-        client.sendmail("a@b.example", ["c@outside.example"], b"Subject: 465\r\n\r\nhi\r\n")
-    [stored] = delivered(maildir)
-    assert b"Subject: 465\r\n" in stored
+        log_in_and_relay(client, maildir, "465")
 
 
 # --- AUTH PLAIN -------------------------------------------------------------------------
@@ -1043,7 +800,7 @@ def test_implicit_tls_with_smtplib(listen, auth_calls, maildir):
 def test_auth_before_tls_is_refused_with_538(listen, raw, auth_calls):
     client = raw(listen())
     client.reply()
-    lines = ehlo(client)
+    lines = client.ehlo()
     assert not any(line.upper().startswith("AUTH") for line in lines)
     code, lines = client.command("AUTH PLAIN " + plain("", "user", "secret"))
     assert code == 538 and lines[-1].startswith("5.7.11 "), lines
@@ -1202,48 +959,18 @@ def test_auth_login_failures_then_success(listen, raw, auth_calls, exchange, cod
 def test_auth_login_before_tls_is_refused_with_538(listen, raw, auth_calls):
     client = raw(listen())
     client.reply()
-    ehlo(client)
+    client.ehlo()
     code, lines = client.command("AUTH LOGIN " + b64(b"user"))
     assert code == 538 and lines[-1].startswith("5.7.11 "), lines
     assert auth_calls == []
 
 
-def swaks_has_tls() -> bool:
-    """swaks does TLS only with Net::SSLeay and IO::Socket::SSL (Debian's
-    libnet-ssleay-perl and libio-socket-ssl-perl, which it only recommends)."""
-    if shutil.which("swaks") is None:
-        return False
-    support = subprocess.run(["swaks", "--support"], capture_output=True, text=True, timeout=30)
-    return "=== TLS supported" in support.stdout + support.stderr
-
-
-@pytest.mark.skipif(
-    not swaks_has_tls(), reason="needs swaks with TLS (libnet-ssleay-perl, libio-socket-ssl-perl)"
-)
 def test_swaks_auth_login(listen, auth_calls, maildir):
     host, port = listen()
-    result = subprocess.run(
-        [
-            "swaks",
-            "--server",
-            host,
-            "--port",
-            str(port),
-            "--tls",
-            "--auth",
-            "LOGIN",
-            "--auth-user",
-            "user",
-            "--auth-password",
-            "secret",
-            "--from",
-            "a@b.example",
-            "--to",
-            "c@outside.example",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = swaks(
+        *("--server", host, "--port", str(port), "--tls"),
+        *("--auth", "LOGIN", "--auth-user", "user", "--auth-password", "secret"),
+        *("--from", "a@b.example", "--to", "c@outside.example"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert auth_calls == [("", "user", "secret")]
@@ -1292,12 +1019,7 @@ def test_smtplib_starttls_login_and_send(listen, smtp, pki, auth_calls, maildir)
     assert client.has_extn("starttls") and not client.has_extn("auth")
     assert client.starttls(context=client_context(ca))[0] == 220
     client.ehlo("client.example")
-    assert not client.has_extn("starttls")
-    assert "PLAIN" in client.esmtp_features["auth"].split()
-    assert client.login("user", "secret")[0] == 235
-    client.sendmail("a@b.example", ["c@outside.example"], b"Subject: relayed\r\n\r\nhi\r\n")
-    [stored] = delivered(maildir)
-    assert b"Subject: relayed\r\n" in stored
+    log_in_and_relay(client, maildir, "relayed")
 
 
 def test_smtplib_login_with_a_wrong_password(listen, smtp, auth_calls):

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(swaks libnet-ssleay-perl libio-socket-ssl-perl haproxy postfix)
+debian_packages=(swaks libnet-ssleay-perl libio-socket-ssl-perl haproxy postfix openssl)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
