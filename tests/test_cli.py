@@ -35,7 +35,7 @@ def test_check_lists_every_error_with_its_key_path(tmp_path: Path):
 def test_check_reports_the_errors_inside_a_block_whose_cidr_is_bad(tmp_path: Path):
     path = tmp_path / "params.toml"
     path.write_text('[peer."10.0.0.0/33"]\nbannr = "x"\nhostname = 7\n')
-    result = run("check", str(path))
+    result = run_kumo("check", str(path))
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert f"{path}: peer.'10.0.0.0/33': \"10.0.0.0/33\" is neither an IP address" in lines[0]
@@ -138,7 +138,7 @@ def test_serve_names_a_policy_it_cannot_load_in_one_line(tmp_path: Path, name, c
         path.mkdir()
     elif content is not None:
         path.write_text(content)
-    result = run("serve", "--policy", str(path), cwd=tmp_path)
+    result = run_kumo("serve", "--policy", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "kumo-listener: " + said.format(path=path)
 
