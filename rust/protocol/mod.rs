@@ -5,9 +5,10 @@
 //! Server side: [`parser`] (commands), [`framing`] (lines and the DATA body),
 //! [`bdat`] (RFC 3030 chunks), [`reply`], [`sasl`] (AUTH PLAIN/LOGIN),
 //! [`proxy`] (HAProxy's PROXY v1/v2), [`xclient`] (Postfix's XCLIENT) and
-//! [`xtext`] (RFC 3461).
+//! [`xtext`] (RFC 3461). Client side, for forwarding: [`client`].
 
 pub mod bdat;
+pub mod client;
 pub mod framing;
 pub mod parser;
 pub mod proxy;

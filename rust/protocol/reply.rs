@@ -92,11 +92,11 @@ pub fn generic_enhanced(code: u16) -> &'static str {
 }
 
 /// The class digit of the code as written (see [`clamp_code`]).
-fn reply_class(code: u16) -> u8 {
+pub fn reply_class(code: u16) -> u8 {
     b'0' + (clamp_code(code) / 100) as u8
 }
 
-fn is_enhanced_code(s: &str) -> bool {
+pub fn is_enhanced_code(s: &str) -> bool {
     let mut parts = s.split('.');
     let class_ok = matches!(parts.next(), Some("2" | "4" | "5"));
     let rest: Vec<&str> = parts.collect();

@@ -22,6 +22,20 @@ pub fn decode_xtext(text: &str) -> Result<String, &'static str> {
     String::from_utf8(decoded).map_err(|_| "xtext does not decode to UTF-8")
 }
 
+/// Encode `text` as xtext: printable ASCII but `+` and `=` as it is, every
+/// other byte as `+XX`.
+pub fn encode_xtext(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if matches!(byte, b'!'..=b'~') && byte != b'+' && byte != b'=' {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("+{byte:02X}"));
+        }
+    }
+    encoded
+}
+
 fn upper_hex_digit(byte: Option<u8>) -> Option<u8> {
     match byte? {
         digit @ b'0'..=b'9' => Some(digit - b'0'),
@@ -41,5 +55,9 @@ mod tests {
         assert_eq!(decode_xtext("a+2Bb+3Dc+20d"), Ok("a+b=c d".into()));
         assert_eq!(decode_xtext("caf+C3+A9"), Ok("caf\u{e9}".into()));
         assert_eq!(decode_xtext(""), Ok(String::new()));
+        for text in ["a+b=c d", "caf\u{e9}", "", "<a@b.example>"] {
+            assert_eq!(decode_xtext(&encode_xtext(text)).as_deref(), Ok(text));
+        }
+        assert_eq!(encode_xtext("a+b=c d"), "a+2Bb+3Dc+20d");
     }
 }
