@@ -289,6 +289,21 @@ impl Body {
         }
     }
 
+    /// Up to `max` bytes from `offset`: a share of the bytes in memory, or
+    /// read from the file.
+    pub fn slice(&self, offset: usize, max: usize) -> io::Result<Bytes> {
+        let end = self.len().min(offset.saturating_add(max));
+        let start = offset.min(end);
+        match self {
+            Body::Memory(bytes) => Ok(bytes.slice(start..end)),
+            Body::File(spilled) => {
+                let mut out = vec![0; end - start];
+                spilled.file().read_exact_at(&mut out, spilled.offset() + start as u64)?;
+                Ok(out.into())
+            }
+        }
+    }
+
     /// The whole body, read from its file if it is there.
     pub fn to_vec(&self) -> io::Result<Vec<u8>> {
         let mut out = vec![0; self.len()];

@@ -22,6 +22,7 @@ pub mod cidr;
 pub mod client_limits;
 pub mod driver;
 pub mod events;
+pub mod forward;
 pub mod log;
 pub mod message;
 pub mod meta;

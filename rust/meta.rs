@@ -19,6 +19,10 @@ pub mod keys {
     pub const TLS_CIPHER: &str = "tls_cipher";
     pub const TLS_PROTOCOL_VERSION: &str = "tls_protocol_version";
     pub const TLS_PEER_SUBJECT_NAME: &str = "tls_peer_subject_name";
+    /// The upstream the connection's last transaction was forwarded to.
+    pub const FORWARDED_TO: &str = "forwarded_to";
+    /// On a copy kept in our sink: the upstream's refusal after the data.
+    pub const FORWARD_REFUSAL: &str = "forward_refusal";
 }
 
 type Entries = Map<String, Value>;

@@ -6,6 +6,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Upper bounds, in seconds, of the latency histograms' buckets (the last
+/// bucket, `+Inf`, is implicit).
+pub const LATENCY_BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
 const FIRST_REFUSAL: u16 = 400;
 const REFUSAL_CODES: usize = 200;
 
@@ -37,41 +42,53 @@ pub struct MetricInfo {
     pub labels: &'static [&'static str],
 }
 
-/// Declares [`ListenerMetrics`], one `AtomicU64` per row, and
-/// [`LISTENER_METRICS`], what Prometheus is told of each, in the same order
-/// as [`ListenerMetrics::values`].
-macro_rules! listener_metrics {
-    ($( $kind:ident $field:ident: $name:literal, $help:literal; )*) => {
-        /// What happened on one listener.
-        pub struct ListenerMetrics {
-            $( #[doc = $help] pub $field: AtomicU64, )*
-            refusals: [AtomicU64; REFUSAL_CODES],
+/// Declares a struct of one `AtomicU64` per row and a table of what
+/// Prometheus is told of each (labelled by `$label`), in the order of the
+/// struct's `values()`. Extra fields (`$extra: $extra_ty`) are the struct's
+/// own, not metrics of the table.
+#[macro_export]
+macro_rules! metric_table {
+    (
+        $(#[$doc:meta])* $struct:ident, $table:ident, $label:literal,
+        extra { $( $extra:ident: $extra_ty:ty = $extra_init:expr ),* }
+        rows { $( $kind:ident $field:ident: $name:literal, $help:literal; )* }
+    ) => {
+        $(#[$doc])*
+        pub struct $struct {
+            $( #[doc = $help] pub $field: std::sync::atomic::AtomicU64, )*
+            $( $extra: $extra_ty, )*
         }
 
-        impl Default for ListenerMetrics {
+        impl Default for $struct {
             fn default() -> Self {
-                Self {
-                    $( $field: AtomicU64::new(0), )*
-                    refusals: std::array::from_fn(|_| AtomicU64::new(0)),
-                }
+                Self { $( $field: std::sync::atomic::AtomicU64::new(0), )* $( $extra: $extra_init, )* }
             }
         }
 
-        /// Every metric a listener keeps besides its refusals, labelled by listener.
-        pub const LISTENER_METRICS: &[MetricInfo] = &[
-            $( MetricInfo { name: $name, kind: MetricKind::$kind, help: $help, labels: &["listener"] }, )*
+        #[doc = concat!("Every row of [`", stringify!($struct), "`], labelled by ", $label, ".")]
+        pub const $table: &[$crate::metrics::MetricInfo] = &[
+            $( $crate::metrics::MetricInfo {
+                name: $name,
+                kind: $crate::metrics::MetricKind::$kind,
+                help: $help,
+                labels: &[$label],
+            }, )*
         ];
 
-        impl ListenerMetrics {
-            /// The current values, in the order of [`LISTENER_METRICS`].
+        impl $struct {
+            #[doc = concat!("The current values, in the order of [`", stringify!($table), "`].")]
             pub fn values(&self) -> impl Iterator<Item = u64> + '_ {
-                [$( &self.$field, )*].into_iter().map(|value| value.load(Ordering::Relaxed))
+                [$( &self.$field, )*].into_iter().map(|value| value.load(std::sync::atomic::Ordering::Relaxed))
             }
         }
     };
 }
 
-listener_metrics! {
+metric_table! {
+    /// What happened on one listener.
+    ListenerMetrics, LISTENER_METRICS, "listener",
+    extra { refusals: [AtomicU64; REFUSAL_CODES] = std::array::from_fn(|_| AtomicU64::new(0)) }
+    rows {
     Counter connections: "kumo_listener_connections", "Connections accepted.";
     Gauge active: "kumo_listener_connections_active", "Sessions open now.";
     Counter messages: "kumo_listener_messages_received", "Messages stored (one per split message).";
@@ -85,6 +102,7 @@ listener_metrics! {
     Gauge body_memory_bytes: "kumo_listener_body_memory_bytes",
         "Bytes of message bodies held in memory now (against body_memory_limit).";
     Gauge body_spilled_bytes: "kumo_listener_body_spilled_bytes", "Bytes of message bodies in spill files now.";
+    }
 }
 
 /// [`ListenerMetrics::refusals`], by listener and code.
@@ -94,6 +112,50 @@ pub const REJECTIONS: MetricInfo = MetricInfo {
     help: "Replies with a 4xx or 5xx code, by code.",
     labels: &["listener", "code"],
 };
+
+/// A histogram of durations: a counter per bucket (cumulative only when read).
+pub struct Histogram<const N: usize> {
+    bounds: &'static [f64; N],
+    /// One per bound, then `+Inf`.
+    buckets: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+/// A histogram as read: `(upper bound, cumulative count)` per bucket, the
+/// last one `+Inf` (the count of all), and the sum in seconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistogramSnapshot {
+    pub buckets: Vec<(f64, u64)>,
+    pub sum_seconds: f64,
+}
+
+impl<const N: usize> Histogram<N> {
+    pub fn new(bounds: &'static [f64; N]) -> Self {
+        Self { bounds, buckets: (0..=N).map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0) }
+    }
+
+    pub fn observe(&self, took: std::time::Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = self.bounds.iter().position(|&bound| seconds <= bound).unwrap_or(N);
+        count(&self.buckets[bucket]);
+        self.sum_micros.fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// None before anything was observed.
+    pub fn snapshot(&self) -> Option<HistogramSnapshot> {
+        let mut total = 0;
+        let bounds = self.bounds.iter().copied().chain([f64::INFINITY]);
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(&self.buckets)
+            .map(|(bound, counter)| {
+                total += counter.load(Ordering::Relaxed);
+                (bound, total)
+            })
+            .collect();
+        let sum_seconds = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        (total > 0).then_some(HistogramSnapshot { buckets, sum_seconds })
+    }
+}
 
 /// Add one.
 pub fn count(counter: &AtomicU64) {

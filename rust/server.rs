@@ -9,6 +9,7 @@
 use crate::body::BodyStore;
 use crate::bridge::Bridge;
 use crate::client_limits::{ClientTable, CLIENT_TABLE_CAPACITY};
+use crate::forward::pool::Forwarder;
 use crate::log::{LOG_ERROR, LOG_INFO};
 use crate::metrics::{self, ListenerMetrics};
 use crate::params::{ListenerConfig, Params};
@@ -38,6 +39,7 @@ pub struct ServerState {
     pub sink: Sink,
     tls: Arc<TlsCache>,
     clients: Arc<ClientTable>,
+    pub forwarder: Arc<Forwarder>,
     shutdown: watch::Sender<bool>,
     sessions: AtomicUsize,
     /// Listening sockets still open: each closes when its accept loop sees the shutdown.
@@ -54,6 +56,7 @@ impl ServerState {
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             clients: ClientTable::new(CLIENT_TABLE_CAPACITY),
+            forwarder: Arc::default(),
             shutdown: watch::Sender::new(false),
             sessions: AtomicUsize::new(0),
             listening: AtomicUsize::new(0),
@@ -147,6 +150,7 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
         tls: server.tls.clone(),
         clients: server.clients.clone(),
         metrics,
+        forwarder: server.forwarder.clone(),
         shutdown: server.shutdown_signal(),
     });
     let entry = (context.listener.clone(), context.metrics.clone());

@@ -248,6 +248,14 @@ impl TlsCache {
         Ok(identity)
     }
 
+    /// The PEM text of `source`: a file not read again while unchanged.
+    pub fn pem(&self, source: &KeySource) -> Result<Arc<[u8]>, String> {
+        match source {
+            KeySource::File(path) => self.files.known(path).map_or_else(|| self.files.read(path), Ok),
+            KeySource::Data(pem) => Ok(pem.as_bytes().into()),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

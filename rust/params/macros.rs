@@ -104,17 +104,21 @@ macro_rules! listener_params {
 /// - `set`: `Option<T>` → `T`, replaced when given (cloned only then);
 /// - `option`: `Option<T>` → `Option<T>`, replaced when given (the `tls_*` sources);
 /// - `keys`: a map → a map, merged key by key (`meta`);
-/// - `fields(L)`: `Option<L>` → `T`, merged by `T::apply(&L)` (`trace_headers`).
+/// - `fields(L)`: `Option<L>` → `T`, merged by `T::apply(&L)` (`trace_headers`);
+/// - `shared(L)`: the same for a `T` that is an `Arc`, copied only when a
+///   level changes it (`forward_options`: the session keeps it small).
 macro_rules! param_kind {
     (@layer set $ty:ty) => { Option<$ty> };
     (@layer option $ty:ty) => { Option<$ty> };
     (@layer keys $ty:ty) => { $ty };
     (@layer fields $ty:ty, $layer:ty) => { Option<$layer> };
+    (@layer shared $ty:ty, $layer:ty) => { Option<$layer> };
 
     (@effective set $ty:ty) => { $ty };
     (@effective option $ty:ty) => { Option<$ty> };
     (@effective keys $ty:ty) => { $ty };
     (@effective fields $ty:ty) => { $ty };
+    (@effective shared $ty:ty) => { $ty };
 
     (@merge set, $to:expr, $from:expr) => {
         if let Some(value) = &$from {
@@ -136,10 +140,70 @@ macro_rules! param_kind {
             $to.apply(layer);
         }
     };
+    (@merge shared, $to:expr, $from:expr) => {
+        if let Some(layer) = &$from {
+            std::sync::Arc::make_mut(&mut $to).apply(layer);
+        }
+    };
 
     (@store keys, $parsed:expr) => { $parsed.unwrap_or_default() };
     (@store $merge:ident, $parsed:expr) => { $parsed };
 
     (@parse value $parse:ident, $value:ident, $here:ident, $errors:ident) => { $errors.take($here, $parse($value)) };
     (@parse tree $parse:ident, $value:ident, $here:ident, $errors:ident) => { $parse($value, $here, $errors) };
+}
+
+/// Declares a table parameter merged field by field (like `trace_headers`):
+/// the effective struct with its defaults, the layer of optional fields one
+/// level gives, the merge, and the parser with every error under its key.
+/// A row is `field: Type = default, parser;` with `parser` a
+/// `fn(&Value) -> Result<Type, String>`.
+macro_rules! field_table {
+    (
+        $(#[$doc:meta])* $name:ident, $layer:ident, $parse:ident, $example:literal {
+            $( $(#[$field_doc:meta])* $field:ident: $ty:ty = $default:expr, $parser:ident; )*
+        }
+    ) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq)]
+        pub struct $name {
+            $( $(#[$field_doc])* pub $field: $ty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+
+        #[doc = concat!("One level's [`", stringify!($name), "`]: each field given replaces ours.")]
+        #[derive(Clone, Debug, Default)]
+        pub struct $layer {
+            $( $field: Option<$ty>, )*
+        }
+
+        impl $name {
+            pub const FIELDS: &[&str] = &[$(stringify!($field)),*];
+
+            pub(super) fn apply(&mut self, layer: &$layer) {
+                $( param_kind!(@merge set, self.$field, layer.$field); )*
+            }
+        }
+
+        pub(super) fn $parse(value: &Value, path: &str, errors: &mut Errors) -> Option<$layer> {
+            let Some(table) = value.as_object() else {
+                errors.push(path, expected(concat!("a table like ", $example), value));
+                return None;
+            };
+            let mut layer = $layer::default();
+            for (key, item) in table {
+                let here = key_path(path, key);
+                match key.as_str() {
+                    $( stringify!($field) => layer.$field = errors.take(&here, $parser(item)), )*
+                    unknown => errors.push(&here, unknown_key(unknown, $name::FIELDS)),
+                }
+            }
+            Some(layer)
+        }
+    };
 }

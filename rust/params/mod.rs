@@ -12,14 +12,18 @@
 
 #[macro_use]
 mod macros;
+mod forward;
 mod parse;
 
 use crate::cidr::{parse_cidr, CidrMap, CidrSet};
 use crate::client_limits::Rate;
+use crate::forward::upstream::Upstream;
 use crate::protocol::framing::LineEndings;
+pub use forward::ForwardOptions;
+use forward::{forward_options, ForwardOptionsLayer};
 use parse::{
-    batch_handling, boolean, cidr_blocks, cidr_list, directory, hostname, line_endings, line_limit, meta, parse_listen,
-    positive_integer, protocol, rate, relay_hosts, size, string, trace_headers, unknown_key, Errors,
+    batch_handling, boolean, cidr_blocks, cidr_list, directory, forward_to, hostname, line_endings, line_limit, meta,
+    parse_listen, positive_integer, protocol, rate, relay_hosts, size, string, trace_headers, unknown_key, Errors,
 };
 pub use parse::{key_path, parse_duration, parse_key_source, ParamError, ParamErrors};
 use serde_json::{Map, Value};
@@ -75,6 +79,10 @@ listener_params! {
         max_connections_per_client: usize = 50, value positive_integer, set;
         max_connection_rate_per_client: Rate = None, value rate, option;
         max_message_rate_per_client: Rate = None, value rate, option;
+        /// Upstreams each message is relayed to, tried in order; empty: the server's own sink.
+        forward_to: Arc<[Upstream]> = Arc::from([]), tree forward_to, set;
+        /// How the upstreams are reached: TLS, timeouts, the pool.
+        forward_options: Arc<ForwardOptions> = Arc::default(), tree forward_options, shared(ForwardOptionsLayer);
     }
 }
 
@@ -268,6 +276,7 @@ pub fn parse_listener_domain(value: &Value) -> Result<ListenerDomain, ParamError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::upstream::ForwardTls;
     use serde_json::json;
     use std::fmt;
 
@@ -451,6 +460,33 @@ mod tests {
     }
 
     #[test]
+    fn forward_to_errors_name_each_entry() {
+        let errors = errors_of(parse_overrides(
+            &json!({"forward_to": ["smtp://ok.example", "mx.example", 5], "forward_options": {"tls": "maybe", "pool_sise": 1}}),
+            "",
+        ));
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(errors[0].starts_with("forward_to[1]: \"mx.example\": expected \"smtp://HOST[:PORT]\""), "{errors:#?}");
+        assert_eq!(errors[1], "forward_to[2]: expected an upstream URL, got the number 5");
+        let tls = "forward_options.tls: expected one of \"none\", \"opportunistic\", \"required\", \"verify\"";
+        assert!(errors[2].starts_with(tls), "{errors:#?}");
+        assert!(
+            errors[3].starts_with("forward_options.pool_sise: unknown parameter; did you mean pool_size?"),
+            "{errors:#?}"
+        );
+        let top = json!({"forward_to": ["lmtp://127.0.0.1:24"], "forward_options": {"tls": "none", "pool_size": 3},
+            "via": {"192.0.2.2": {"forward_options": {"pool_size": 7}}}});
+        let params = parse_overrides(&top, "").unwrap();
+        let mut merged = Params::default();
+        let shared = merged.forward_options.clone();
+        merged.apply(&params, "192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert!(merged.forward_to[0].lmtp);
+        let options = &merged.forward_options;
+        assert_eq!((options.tls, options.pool_size, options.backoff), (ForwardTls::None, 7, Duration::from_secs(30)));
+        assert_eq!(*shared, ForwardOptions::default(), "the defaults are not changed by a merge");
+    }
+
+    #[test]
     fn every_known_key_is_a_row_that_parses() {
         let valid = json!({
             "hostname": "mx", "banner": "b", "relay_hosts": ["10.0.0.0/8"], "client_timeout": 5,
@@ -462,6 +498,8 @@ mod tests {
             "tls_certificate": "c.pem", "tls_private_key": "k.pem", "tls_required_client_ca": {"key_data": "PEM"},
             "allow_xclient": true, "require_proxy_protocol": true, "max_connections_per_client": 5,
             "max_connection_rate_per_client": "30/minute", "max_message_rate_per_client": "100/hour",
+            "forward_to": ["smtp://mx.example", "lmtp:/run/lmtp"],
+            "forward_options": {"tls": "verify", "tls_ca": "ca.pem", "connect_timeout": 1, "pool_size": 4},
         });
         let mut keys: Vec<&str> = valid.as_object().unwrap().keys().map(String::as_str).collect();
         let mut known = ANYWHERE.to_vec();

@@ -3,6 +3,7 @@
 use super::{parse_table, GenericParams, KeySource, Level, Protocol, TraceHeadersOverride};
 use crate::cidr::{parse_cidr, CidrMap, CidrSet};
 use crate::client_limits::Rate;
+use crate::forward::upstream::{parse_upstream, Upstream};
 use crate::protocol::framing::LineEndings;
 use serde_json::{Map, Value};
 use std::fmt;
@@ -110,7 +111,7 @@ fn describe(value: &Value) -> String {
     }
 }
 
-fn expected(what: &str, got: &Value) -> String {
+pub(super) fn expected(what: &str, got: &Value) -> String {
     format!("expected {what}, got {}", describe(got))
 }
 
@@ -293,6 +294,22 @@ pub(super) fn cidr_list(value: &Value, path: &str, errors: &mut Errors) -> Optio
 /// `relay_hosts`: a [`cidr_list`], shared by every connection it applies to.
 pub(super) fn relay_hosts(value: &Value, path: &str, errors: &mut Errors) -> Option<Arc<CidrSet>> {
     cidr_list(value, path, errors).map(Arc::new)
+}
+
+/// `forward_to`: a list of upstream URLs, tried in order.
+pub(super) fn forward_to(value: &Value, path: &str, errors: &mut Errors) -> Option<Arc<[Upstream]>> {
+    let Some(items) = value.as_array() else {
+        errors.push(path, expected("a list of upstream URLs like \"smtp://HOST[:PORT]\"", value));
+        return None;
+    };
+    let before = errors.0.len();
+    let mut upstreams = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let here = format!("{path}[{index}]");
+        let upstream = item.as_str().ok_or_else(|| expected("an upstream URL", item)).and_then(parse_upstream);
+        upstreams.extend(errors.take(&here, upstream));
+    }
+    (errors.0.len() == before).then(|| upstreams.into())
 }
 
 pub(super) fn cidr_blocks(value: &Value, path: &str, errors: &mut Errors) -> CidrMap<GenericParams> {

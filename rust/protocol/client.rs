@@ -7,7 +7,7 @@
 //! bounded (line length, line count) and their text is sanitised by
 //! [`Reply`] when relayed to our own client.
 
-use super::parser::{BodyType, Mailbox, MailParams};
+use super::parser::{BodyType, MailParams, Mailbox};
 use super::reply::{generic_enhanced, is_enhanced_code, reply_class, Reply};
 use super::xtext::encode_xtext;
 use std::borrow::Cow;

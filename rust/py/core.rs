@@ -11,7 +11,7 @@ use crate::message::Message;
 use crate::meta::MetaStore;
 use crate::metrics::{LISTENER_METRICS, REJECTIONS};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
-use crate::policy_latency::{LATENCY_BUCKETS, POLICY_CALL_SECONDS};
+use crate::policy_latency::POLICY_CALL_SECONDS;
 use crate::protocol::parser::Mailbox;
 use crate::protocol::sasl::PlainCredentials;
 use crate::server::{self, BoundAddress, ServerState};
@@ -194,10 +194,7 @@ impl PyCore {
             .latency()
             .snapshot()
             .into_iter()
-            .map(|histogram| {
-                let bounds = LATENCY_BUCKETS.iter().copied().chain([f64::INFINITY]);
-                ((histogram.event,), (bounds.zip(histogram.cumulative).collect(), histogram.sum_seconds))
-            })
+            .map(|(event, histogram)| ((event,), (histogram.buckets, histogram.sum_seconds)))
             .collect();
         all.set_item(POLICY_CALL_SECONDS.name, latency)?;
         Ok(all)

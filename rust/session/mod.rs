@@ -14,6 +14,7 @@
 mod auth;
 mod chunking;
 mod connect;
+mod forward;
 mod io;
 mod record;
 mod replies;
@@ -30,6 +31,7 @@ use crate::body::BodyStore;
 use crate::bridge::Bridge;
 use crate::client_limits::{ClientSlot, ClientTable};
 use crate::events::{Event, EventKind, Outcome, Response};
+use crate::forward::pool::Forwarder;
 use crate::meta::keys;
 use crate::meta::MetaStore;
 use crate::metrics::ListenerMetrics;
@@ -66,6 +68,8 @@ pub struct SessionContext {
     pub clients: Arc<ClientTable>,
     /// This listener's counters.
     pub metrics: Arc<ListenerMetrics>,
+    /// The pools of upstream connections, shared by the listeners of a server.
+    pub forwarder: Arc<Forwarder>,
     pub shutdown: Shutdown,
 }
 

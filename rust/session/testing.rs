@@ -55,6 +55,7 @@ impl Harness {
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             clients: ClientTable::new(CLIENT_TABLE_CAPACITY),
             metrics,
+            forwarder: Arc::default(),
             shutdown: Shutdown::new(shutdown.subscribe()),
         });
         Ok(Self { context, shutdown, logs })

@@ -8,6 +8,7 @@ use super::replies::{INSUFFICIENT_STORAGE, NEED_MAIL, NEED_RCPT, STORAGE_FAILED}
 use super::{Session, Step, Stop};
 use crate::body::{Body, BodyBuffer};
 use crate::events::{Event, EventKind, Response};
+use crate::forward::relay::{Envelope, Relay};
 use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
 use crate::message::{self, Message, ReceivedHeader, ReceivedInfo, Supplemental};
 use crate::meta::keys;
@@ -35,7 +36,7 @@ const MIN_DATA_RATE: f64 = 500.0;
 const NON_ASCII: Reply = Reply::new(553, "5.6.7", "non-ASCII address requires SMTPUTF8");
 
 pub(super) struct Transaction {
-    sender: Mailbox,
+    pub(super) sender: Mailbox,
     pub(super) params: MailParams,
     pub(super) recipients: Vec<Mailbox>,
     /// The message being received with BDAT, from its first chunk on.
@@ -43,6 +44,8 @@ pub(super) struct Transaction {
     /// Whether `get_listener_domain` lets this peer relay mail from the
     /// sender's domain; asked at the first RCPT that needs it.
     relay_from_sender_domain: Option<bool>,
+    /// The upstream transaction, when forwarding, from the first recipient it accepted.
+    pub(super) relay: Option<Relay>,
 }
 
 impl Transaction {
@@ -190,8 +193,14 @@ impl<S: Transport> Session<S> {
             return Ok(());
         }
         self.transactions_started += 1;
-        self.transaction =
-            Some(Transaction { sender, params, recipients: Vec::new(), chunks: None, relay_from_sender_domain: None });
+        self.transaction = Some(Transaction {
+            sender,
+            params,
+            recipients: Vec::new(),
+            chunks: None,
+            relay_from_sender_domain: None,
+            relay: None,
+        });
         self.send(&Reply::new(250, "2.1.0", "OK"));
         Ok(())
     }
@@ -219,6 +228,17 @@ impl<S: Transport> Session<S> {
         }
         let make = |session: &Self| Event::RcptTo { recipient: recipient.clone(), meta: session.meta.clone() };
         if self.consult(EventKind::RcptTo, make).await?.is_none() {
+            return Ok(());
+        }
+        if let Some(route) = self.route() {
+            let reply = match route {
+                Ok(route) => Box::pin(self.forward_recipient(&route, &recipient)).await,
+                Err(reply) => reply,
+            };
+            if let (true, Some(transaction)) = (reply.code < 300, &mut self.transaction) {
+                transaction.recipients.push(recipient);
+            }
+            self.send(&reply);
             return Ok(());
         }
         if let Some(transaction) = &mut self.transaction {
@@ -359,7 +379,7 @@ impl<S: Transport> Session<S> {
 
     /// Send the replies to the end of a message's data; a 421 among them
     /// closes the connection after them all.
-    fn answer_message(&mut self, replies: impl IntoIterator<Item = Reply>) -> Step {
+    pub(super) fn answer_message(&mut self, replies: impl IntoIterator<Item = Reply>) -> Step {
         let mut closes = false;
         for reply in replies {
             self.send(&reply);
@@ -372,7 +392,7 @@ impl<S: Transport> Session<S> {
     }
 
     /// The same answer for the whole message: once in SMTP, once per recipient in LMTP.
-    fn answer_message_alike(&mut self, recipients: usize, reply: Reply) -> Step {
+    pub(super) fn answer_message_alike(&mut self, recipients: usize, reply: Reply) -> Step {
         let count = if self.lmtp() { recipients } else { 1 };
         self.answer_message(std::iter::repeat_n(reply, count))
     }
@@ -456,25 +476,28 @@ impl<S: Transport> Session<S> {
     }
 
     /// `received`: the `Received:` header of each part, when it is not in
-    /// `data`. Policy, the split, the sink, and the reply: in SMTP one, which
-    /// refuses the whole message when any part is refused; in LMTP one per
-    /// recipient, in RCPT order, each saying what became of its part.
+    /// `data`. Policy, the split, the sink (or the upstream), and the reply:
+    /// in SMTP one, which refuses the whole message when any part is
+    /// refused; in LMTP one per recipient, in RCPT order, each saying what
+    /// became of it.
     pub(super) async fn accept_message(
         &mut self,
         id: String,
-        transaction: Transaction,
+        mut transaction: Transaction,
         data: Body,
         received: Option<ReceivedHeader>,
     ) -> Step {
         let recipients = transaction.recipients.len();
+        let relay = transaction.relay.take();
+        let mail_params = std::mem::take(&mut transaction.params);
         let head = received.as_ref().map_or_else(Bytes::new, |received| Bytes::from(received.render(&id, None)));
         let message = Message::with_head(id, transaction.sender, transaction.recipients, head, data);
         // As in KumoMTA, a message starts with a copy of its connection's metadata.
         message.meta.copy_from(&self.meta);
-        if transaction.params.smtputf8 {
+        if mail_params.smtputf8 {
             message.meta.set(keys::RECEPTION_PROTOCOL, self.protocol_of(true));
         }
-        if transaction.params.requiretls {
+        if mail_params.requiretls {
             message.meta.set(keys::REQUIRETLS, true);
         }
         let make = |session: &Self| Event::Data { message: message.clone(), meta: session.meta.clone() };
@@ -486,7 +509,17 @@ impl<S: Transport> Session<S> {
             .supplemental_header
             .then(|| Supplemental { header_name: &trace.header_name, include_meta_names: &trace.include_meta_names });
         let parts = message::split(&message, self.params.batch_handling, supplemental.as_ref(), received.as_ref());
-        let verdicts = self.deliver_parts(&message.id, &parts).await;
+        let verdicts = self.judge_parts(&parts).await;
+        if let Some(relay) = relay {
+            if let Some(Err(refusal)) = verdicts.iter().find(|verdict| verdict.is_err()).filter(|_| !self.lmtp()) {
+                return self.answer_message([refusal.clone()]);
+            }
+            let part_of = message::part_of_each_recipient(&message.recipients, self.params.batch_handling);
+            let refusals = part_of.into_iter().map(|index| verdicts[index].clone().err()).collect();
+            let envelope = Envelope { sender: &message.sender, params: &mail_params };
+            return Box::pin(self.forward_message(relay, &envelope, &message, refusals)).await;
+        }
+        let verdicts = self.store_parts(&message.id, &parts, verdicts).await;
         if !self.lmtp() {
             let reply = verdicts.into_iter().find_map(Result::err).unwrap_or_else(|| {
                 let ids: Vec<&str> = parts.iter().map(|part| part.id.as_str()).collect();
@@ -503,11 +536,10 @@ impl<S: Transport> Session<S> {
         self.answer_message(replies)
     }
 
-    /// Ask `smtp_server_message_received` about each part and store those it
-    /// accepts, all at once: one verdict per part, `Err` holding the reply
-    /// its recipients get. In SMTP the first refusal refuses the whole
-    /// message (its only verdict), and nothing is stored.
-    async fn deliver_parts(&mut self, id: &str, parts: &[Arc<Message>]) -> Vec<Result<(), Reply>> {
+    /// Ask `smtp_server_message_received` about each part: one verdict per
+    /// part, `Err` holding the reply its recipients get. In SMTP the first
+    /// refusal refuses the whole message: it is then the only verdict.
+    async fn judge_parts(&mut self, parts: &[Arc<Message>]) -> Vec<Result<(), Reply>> {
         let mut verdicts = Vec::with_capacity(parts.len());
         for part in parts {
             let make = |session: &Self| Event::MessageReceived { message: part.clone(), meta: session.meta.clone() };
@@ -517,6 +549,17 @@ impl<S: Transport> Session<S> {
             }
             verdicts.push(verdict);
         }
+        verdicts
+    }
+
+    /// Store the parts policy accepted, all at once; a failure turns their
+    /// verdicts into [`STORAGE_FAILED`].
+    async fn store_parts(
+        &mut self,
+        id: &str,
+        parts: &[Arc<Message>],
+        mut verdicts: Vec<Result<(), Reply>>,
+    ) -> Vec<Result<(), Reply>> {
         let accepted: Vec<Arc<Message>> =
             parts.iter().zip(&verdicts).filter(|(_, verdict)| verdict.is_ok()).map(|(part, _)| part.clone()).collect();
         if accepted.is_empty() {
@@ -525,9 +568,8 @@ impl<S: Transport> Session<S> {
         let policy = self.context.policy.clone();
         if let Err(error) = self.context.sink.deliver(accepted.clone()).await {
             policy.log(LOG_WARNING, || format!("message {id} from {}: sink failed: {error}", self.remote));
-            let failed = STORAGE_FAILED;
             for verdict in verdicts.iter_mut().filter(|verdict| verdict.is_ok()) {
-                *verdict = Err(failed.clone());
+                *verdict = Err(STORAGE_FAILED);
             }
             return verdicts;
         }
