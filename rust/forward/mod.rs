@@ -10,5 +10,7 @@
 pub mod connection;
 pub mod pool;
 pub mod relay;
+#[cfg(test)]
+pub mod scripted;
 pub mod tls;
 pub mod upstream;

@@ -19,6 +19,7 @@ use tokio_rustls::TlsConnector;
 mod auth;
 mod chunking;
 mod connect;
+mod forward;
 mod lmtp;
 mod transaction;
 mod xclient;
