@@ -44,7 +44,7 @@ pub struct MetricInfo {
 
 /// Declares a struct of one `AtomicU64` per row and a table of what
 /// Prometheus is told of each (labelled by `$label`), in the order of the
-/// struct's `values()`. Extra fields (`$extra: $extra_ty`) are the struct's
+/// struct's [`MetricValues::values`]. Extra fields (`$extra: $extra_ty`) are the struct's
 /// own, not metrics of the table.
 #[macro_export]
 macro_rules! metric_table {
@@ -75,10 +75,9 @@ macro_rules! metric_table {
             }, )*
         ];
 
-        impl $struct {
-            #[doc = concat!("The current values, in the order of [`", stringify!($table), "`].")]
-            pub fn values(&self) -> impl Iterator<Item = u64> + '_ {
-                [$( &self.$field, )*].into_iter().map(|value| value.load(std::sync::atomic::Ordering::Relaxed))
+        impl $crate::metrics::MetricValues for $struct {
+            fn values(&self) -> Vec<u64> {
+                [$( &self.$field, )*].into_iter().map(|value| value.load(std::sync::atomic::Ordering::Relaxed)).collect()
             }
         }
     };
@@ -112,6 +111,12 @@ pub const REJECTIONS: MetricInfo = MetricInfo {
     help: "Replies with a 4xx or 5xx code, by code.",
     labels: &["listener", "code"],
 };
+
+/// What the rows of a [`metric_table!`] hold now.
+pub trait MetricValues {
+    /// The current values, in the order of the table.
+    fn values(&self) -> Vec<u64>;
+}
 
 /// A histogram of durations: a counter per bucket (cumulative only when read).
 pub struct Histogram<const N: usize> {

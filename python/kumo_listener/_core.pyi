@@ -8,6 +8,7 @@ __all__ = [
     "DEFAULT_BUSY_AT",
     "DEFAULT_LISTEN",
     "EVENTS",
+    "FORWARD_OPTIONS",
     "METRICS",
     "PARAMETERS",
     "ConnectionMeta",
@@ -34,6 +35,8 @@ METRICS: list[tuple[str, str, str, list[str]]]
 #: ``(name, scope)`` of every listener parameter, in the table's order;
 #: ``scope`` is ``"top_level"`` (``start_esmtp_listener`` only) or ``"anywhere"``.
 PARAMETERS: list[tuple[str, str]]
+#: The fields of the ``forward_options`` table.
+FORWARD_OPTIONS: list[str]
 
 class ParamsError(ValueError):
     """Invalid listener parameters; the message lists every error with its key path."""

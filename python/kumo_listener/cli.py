@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
         "--maildir", default="maildir", help="Maildir to deliver to (default ./maildir)"
     )
     serve.add_argument("--sink", choices=["maildir", "discard"], default="maildir")
+    serve.add_argument(
+        "--forward-to",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="relay each message to this upstream (smtp://HOST[:PORT], lmtp://HOST:PORT or"
+        " lmtp:/path.sock) before answering; repeat for fail-over, in order (the default"
+        " listener's forward_to)",
+    )
     serve.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
     serve.add_argument(
         "--log-format",
@@ -114,14 +123,17 @@ def serve(args: argparse.Namespace) -> int:
     if logging_is_the_clis(handler):
         server.write_logs_directly(args.log_format)
     has_init = server.policy.handler("init") is not None
-    if has_init and args.listen:
-        print("kumo-listener: --listen conflicts with the policy's init handler", file=sys.stderr)
-        return 2
+    for option, given in (("--listen", args.listen), ("--forward-to", args.forward_to)):
+        if has_init and given:
+            conflict = f"kumo-listener: {option} conflicts with the policy's init handler"
+            print(conflict, file=sys.stderr)
+            return 2
 
     def ready() -> None:
         # Called after init, before the sessions run: bind, then drop root.
         if not has_init:
-            server.start_esmtp_listener(listen=args.listen or _core.DEFAULT_LISTEN)
+            listen = args.listen or _core.DEFAULT_LISTEN
+            server.start_esmtp_listener(listen=listen, forward_to=args.forward_to)
         if args.metrics:
             serve_metrics(server, args.metrics)
         if become is not None:
@@ -130,8 +142,9 @@ def serve(args: argparse.Namespace) -> int:
             privileges.warn_if_root()
         places = ", ".join(describe_address(x.address) for x in server.listeners)
         # One write: workers share the pipe, and print() writes the newline apart.
+        goes_to = ", then ".join(args.forward_to) if args.forward_to else server.sink
         sys.stdout.write(
-            f"kumo-listener: listening on {places or 'nothing'}; mail goes to {server.sink}\n"
+            f"kumo-listener: listening on {places or 'nothing'}; mail goes to {goes_to}\n"
         )
         sys.stdout.flush()
 
@@ -222,7 +235,8 @@ def worker_arguments(args: argparse.Namespace, index: int) -> list[str]:
         "--user": args.user,
     }
     options = [part for name, value in given.items() if value for part in (name, value)]
-    return ["serve", *options, "--reuse-port"]
+    forwards = [part for url in args.forward_to for part in ("--forward-to", url)]
+    return ["serve", *options, *forwards, "--reuse-port"]
 
 
 def worker_metrics_address(address: str, index: int) -> str:

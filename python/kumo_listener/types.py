@@ -38,6 +38,19 @@ class TraceHeaders(TypedDict, total=False):
     include_meta_names: list[str]
 
 
+class ForwardOptions(TypedDict, total=False):
+    """How the upstreams of ``forward_to`` are reached."""
+
+    tls: Literal["none", "opportunistic", "required", "verify"]
+    tls_ca: KeySource
+    connect_timeout: Duration
+    command_timeout: Duration
+    data_timeout: Duration
+    pool_size: int
+    idle_timeout: Duration
+    backoff: Duration
+
+
 class OverrideParameters(TypedDict, total=False):
     """Parameters allowed anywhere: at the top level, in ``peer`` and ``via``
     blocks, and in what ``smtp_server_get_dynamic_parameters`` returns."""
@@ -67,6 +80,8 @@ class OverrideParameters(TypedDict, total=False):
     max_connections_per_client: int
     max_connection_rate_per_client: str
     max_message_rate_per_client: str
+    forward_to: list[str]
+    forward_options: ForwardOptions
 
 
 class ListenerParameters(OverrideParameters, total=False):

@@ -7,6 +7,7 @@ use super::connection::{ConnectOptions, Connection, ForwardError};
 use super::upstream::{ForwardTls, Upstream};
 use crate::metric_table;
 use crate::metrics::{Histogram, MetricInfo, MetricKind, LATENCY_BUCKETS};
+use crate::protocol::client::Capabilities;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -110,6 +111,28 @@ impl Forwarder {
         metrics
     }
 
+    /// What `upstreams` offered when last connected to, for our own EHLO:
+    /// the smallest SIZE limit among them, and whether all of them (each
+    /// known) take BINARYMIME.
+    pub fn offered_by(&self, upstreams: &[Upstream]) -> (Option<u64>, bool) {
+        let pools = lock(&self.pools);
+        let mut smallest: Option<u64> = None;
+        let mut binarymime = true;
+        for upstream in upstreams {
+            let known = pools.iter().filter(|(key, _)| key.upstream == *upstream).find_map(|(_, pool)| pool.offered());
+            match known {
+                Some(offered) => {
+                    if let Some(limit) = offered.size_limit {
+                        smallest = Some(smallest.map_or(limit, |s| s.min(limit)));
+                    }
+                    binarymime &= offered.binarymime;
+                }
+                None => binarymime = false,
+            }
+        }
+        (smallest, binarymime)
+    }
+
     /// `(upstream, metrics)` of every upstream used so far.
     pub fn upstream_metrics(&self) -> Vec<(Arc<str>, Arc<UpstreamMetrics>)> {
         lock(&self.metrics).clone()
@@ -122,6 +145,8 @@ pub struct UpstreamPool {
     pub upstream: Upstream,
     settings: PoolSettings,
     idle: Mutex<Vec<Idle>>,
+    /// What the upstream's EHLO offered when last connected to.
+    offered: Mutex<Option<Capabilities>>,
     slots: Arc<Semaphore>,
     /// Told when a connection goes idle or a slot frees.
     returned: Notify,
@@ -142,10 +167,15 @@ impl UpstreamPool {
             slots: Arc::new(Semaphore::new(settings.size.max(1))),
             settings,
             idle: Mutex::default(),
+            offered: Mutex::default(),
             returned: Notify::new(),
             down_until: Mutex::default(),
             metrics,
         }
+    }
+
+    fn offered(&self) -> Option<Capabilities> {
+        lock(&self.offered).clone()
     }
 
     /// Whether it failed less than `forward_backoff` ago.
@@ -194,6 +224,7 @@ impl UpstreamPool {
         match Connection::open(&self.upstream, options).await {
             Ok(connection) => {
                 self.mark_up();
+                *lock(&self.offered) = Some(connection.offered.clone());
                 add(&self.metrics.connections, 1);
                 Ok(Lease { connection: Some(connection), reused: false, pool: self.clone(), slot: Some(slot) })
             }

@@ -6,10 +6,11 @@ use super::objects::{PyConnectionMeta, PyEnvelopeAddress, PyListenerParams, PyMe
 use crate::bridge::{Bridge, Call, DEFAULT_BUSY_AT};
 use crate::driver::Driver;
 use crate::events::{self, Event, EventKind, Outcome, Response};
+use crate::forward::pool::{FORWARD_SECONDS, UPSTREAM_METRICS};
 use crate::log::{self, LogFormat, LogRecord};
 use crate::message::Message;
 use crate::meta::MetaStore;
-use crate::metrics::{LISTENER_METRICS, REJECTIONS};
+use crate::metrics::{MetricInfo, MetricValues, LISTENER_METRICS, REJECTIONS};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
 use crate::policy_latency::POLICY_CALL_SECONDS;
 use crate::protocol::parser::Mailbox;
@@ -176,13 +177,7 @@ impl PyCore {
     fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let all = PyDict::new(py);
         let listeners = self.state.listener_metrics();
-        for (index, info) in LISTENER_METRICS.iter().enumerate() {
-            let samples: Vec<((&str,), u64)> = listeners
-                .iter()
-                .map(|(name, metrics)| ((&**name,), metrics.values().nth(index).unwrap_or(0)))
-                .collect();
-            all.set_item(info.name, samples)?;
-        }
+        set_samples(&all, LISTENER_METRICS, &listeners)?;
         let mut rejections = Vec::new();
         for (name, metrics) in &listeners {
             rejections.extend(metrics.refusals().into_iter().map(|(code, count)| ((&**name, code.to_string()), count)));
@@ -197,8 +192,33 @@ impl PyCore {
             .map(|(event, histogram)| ((event,), (histogram.buckets, histogram.sum_seconds)))
             .collect();
         all.set_item(POLICY_CALL_SECONDS.name, latency)?;
+        let upstreams = self.state.forwarder.upstream_metrics();
+        set_samples(&all, UPSTREAM_METRICS, &upstreams)?;
+        let forward_latency: Vec<((&str,), Histogram)> = upstreams
+            .iter()
+            .filter_map(|(url, metrics)| {
+                let histogram = metrics.latency().snapshot()?;
+                Some(((&**url,), (histogram.buckets, histogram.sum_seconds)))
+            })
+            .collect();
+        all.set_item(FORWARD_SECONDS.name, forward_latency)?;
         Ok(all)
     }
+}
+
+/// Each row of `table`: a sample per labelled entry (a listener, an upstream).
+fn set_samples<M: MetricValues>(
+    all: &Bound<'_, PyDict>,
+    table: &[MetricInfo],
+    entries: &[(Arc<str>, Arc<M>)],
+) -> PyResult<()> {
+    let values: Vec<Vec<u64>> = entries.iter().map(|(_, metrics)| metrics.values()).collect();
+    for (index, info) in table.iter().enumerate() {
+        let samples: Vec<((&str,), u64)> =
+            entries.iter().zip(&values).map(|((label, _), values)| ((&**label,), values[index])).collect();
+        all.set_item(info.name, samples)?;
+    }
+    Ok(())
 }
 
 /// A histogram's value: `[(upper bound, cumulative count)]` and the sum.

@@ -6,6 +6,7 @@ mod errors;
 mod objects;
 
 use crate::events;
+use crate::forward::pool::{FORWARD_SECONDS, UPSTREAM_METRICS};
 use crate::metrics::{MetricInfo, LISTENER_METRICS, REJECTIONS};
 use crate::params::{parse_duration, parse_overrides_partially, ANYWHERE, DEFAULT_LISTEN, TOP_LEVEL_ONLY};
 use crate::policy_latency::POLICY_CALL_SECONDS;
@@ -16,7 +17,12 @@ use pyo3::types::PyFrozenSet;
 
 /// `(name, kind, help, labels)` of every metric, as `_core.METRICS`.
 fn metrics_table() -> Vec<(&'static str, &'static str, &'static str, Vec<&'static str>)> {
-    let all: Vec<&MetricInfo> = LISTENER_METRICS.iter().chain([&REJECTIONS, &POLICY_CALL_SECONDS]).collect();
+    let all: Vec<&MetricInfo> = LISTENER_METRICS
+        .iter()
+        .chain([&REJECTIONS, &POLICY_CALL_SECONDS])
+        .chain(UPSTREAM_METRICS)
+        .chain([&FORWARD_SECONDS])
+        .collect();
     all.into_iter().map(|info| (info.name, info.kind.name(), info.help, info.labels.to_vec())).collect()
 }
 
@@ -65,6 +71,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_BUSY_AT", crate::bridge::DEFAULT_BUSY_AT)?;
     m.add("METRICS", metrics_table())?;
     let scopes = TOP_LEVEL_ONLY.iter().map(|name| (*name, "top_level"));
+    m.add("FORWARD_OPTIONS", crate::params::ForwardOptions::FIELDS.to_vec())?;
     m.add("PARAMETERS", scopes.chain(ANYWHERE.iter().map(|name| (*name, "anywhere"))).collect::<Vec<_>>())?;
     Ok(())
 }

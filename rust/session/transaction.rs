@@ -58,16 +58,26 @@ impl Transaction {
 
 impl<S: Transport> Session<S> {
     pub(super) fn extensions(&self) -> Vec<String> {
+        // Forwarding, only what every upstream takes (as far as known): the
+        // smallest SIZE; BINARYMIME, which cannot be converted to DATA.
+        let (upstream_size, binarymime) = match self.params.forward_to.is_empty() {
+            true => (None, true),
+            false => self.context.forwarder.offered_by(&self.params.forward_to),
+        };
+        let size = upstream_size
+            .map_or(self.params.max_message_size as u64, |limit| limit.min(self.params.max_message_size as u64));
         let mut extensions = vec![
             "PIPELINING".into(),
             "ENHANCEDSTATUSCODES".into(),
             "8BITMIME".into(),
             "SMTPUTF8".into(),
-            format!("SIZE {}", self.params.max_message_size),
+            format!("SIZE {size}"),
             "DSN".into(),
             "CHUNKING".into(),
-            "BINARYMIME".into(),
         ];
+        if binarymime {
+            extensions.push("BINARYMIME".into());
+        }
         if self.params.allow_xclient {
             extensions.push("XCLIENT ADDR PORT DESTADDR DESTPORT HELO NAME LOGIN PROTO".into());
         }

@@ -65,6 +65,9 @@ async fn the_envelope_its_parameters_and_the_body_reach_the_upstream() {
     assert_eq!(rcpts, [(250, "2.1.5 OK".into()), (250, "2.1.5 OK".into())]);
     assert_eq!(end.0, 250);
     assert!(end.1.starts_with("2.0.0 OK id=") && end.1.ends_with("queued as UP1"), "{end:?}");
+    let (_, ehlo) = client.command("EHLO client.test").await;
+    assert!(ehlo.contains(&"SIZE 1000000".to_string()), "the upstream's smaller limit: {ehlo:?}");
+    assert!(!ehlo.contains(&"BINARYMIME".to_string()), "the upstream does not take it: {ehlo:?}");
     let seen = upstream.transcript;
     assert_eq!(seen.commands("EHLO"), ["EHLO mx.test"]);
     assert_eq!(seen.commands("MAIL"), ["MAIL FROM:<a@b.test> SIZE=100 RET=HDRS ENVID=x+2By"]);
