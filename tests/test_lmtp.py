@@ -16,7 +16,8 @@ from pathlib import Path
 
 import kumo_listener as kumo
 import pytest
-from support import RawClient, delivered, require_tool, swaks, wait_until, without_envelope
+from peers import PrivatePostfix, scratch_dir
+from support import RawClient, delivered, swaks, without_envelope
 
 RECIPIENTS = ["x@d.example", "y@d.example", "z@e.example"]
 
@@ -226,110 +227,18 @@ def test_swaks_lmtp_over_a_unix_socket(policy, listen, maildir, socket_dir):
 
 # --- Postfix's lmtp client -----------------------------------------------------------------
 
-MASTER_CF = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-lmtp      unix  -       -       n       -       -       lmtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
-class PrivatePostfix:
-    """A Postfix instance of its own (``postfix -c DIR/etc``), with no SMTP
-    server, sending everything through ``transport``; see
-    /work/shared/reference/real-peers.md. Nothing is chrooted, so that the
-    lmtp client reaches a Unix socket by its real path."""
-
-    def __init__(self, directory: Path, transport: str) -> None:
-        require_tool("postfix")
-        require_tool("script", "bsdutils")
-        self.directory = directory
-        self.etc = directory / "etc"
-        self.log = directory / "postfix.log"
-        for name in ("etc", "spool", "lib"):
-            (directory / name).mkdir(mode=0o755)
-        shutil.chown(directory / "lib", "postfix")
-        main = {
-            "compatibility_level": "3.6",
-            "queue_directory": directory / "spool",
-            "data_directory": directory / "lib",
-            "maillog_file": self.log,
-            "maillog_file_prefixes": directory,
-            "myhostname": "postfix.test.example",
-            "mydestination": "",
-            "alias_maps": "",
-            "alias_database": "",
-            "local_recipient_maps": "",
-            "inet_interfaces": "loopback-only",
-            "inet_protocols": "ipv4",
-            "default_transport": transport,
-            "relay_transport": transport,
-            "bounce_queue_lifetime": "0",
-            "maximal_queue_lifetime": "0",
-        }
-        lines = [f"{key} = {value}\n" for key, value in main.items()]
-        (self.etc / "main.cf").write_text("".join(lines))
-        (self.etc / "master.cf").write_text(MASTER_CF)
-        self.postfix("start")
-
-    def postfix(self, command: str) -> None:
-        # Postfix prints its start-up errors only to a terminal.
-        run = ["script", "-qc", f"postfix -c {self.etc} {command}", "/dev/null"]
-        result = subprocess.run(run, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stdout + result.stderr
-
-    def send(self, sender: str, recipients: list[str], message: bytes) -> None:
-        command = ["sendmail", "-C", str(self.etc), "-f", sender, *recipients]
-        subprocess.run(command, input=message, check=True, timeout=60)
-
-    def statuses(self, recipients: list[str], within: float = 120.0) -> dict[str, str]:
-        """Each recipient's final ``status=`` in Postfix's log, once all have one."""
-
-        def text() -> str:
-            return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-        def found() -> dict[str, str] | None:
-            found = dict(re.findall(r" to=<([^>]+)>,.* status=(\w+)", text()))
-            return found if all(recipient in found for recipient in recipients) else None
-
-        return wait_until(
-            found,
-            within,
-            lambda: f"a status for every recipient:\n{text()}",
-            interval=0.2,
-        )
-
-    def stop(self) -> None:
-        with contextlib.suppress(AssertionError):
-            self.postfix("stop")
-
 
 @pytest.fixture
 def postfix_dir() -> Iterator[Path]:
-    # Under /var/tmp: every directory on the way must be open to the postfix user.
-    directory = Path(tempfile.mkdtemp(prefix="kumo-postfix-", dir="/var/tmp"))
-    directory.chmod(0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+    with scratch_dir("kumo-postfix-") as directory:
+        yield directory
 
 
 @contextlib.contextmanager
 def private_postfix(directory: Path, transport: str) -> Iterator[PrivatePostfix]:
-    postfix = PrivatePostfix(directory, transport)
+    postfix = PrivatePostfix(
+        directory, {"default_transport": transport, "relay_transport": transport}
+    )
     try:
         yield postfix
     finally:
