@@ -1,5 +1,6 @@
 """Where handlers run: ``def`` handlers on the handler threads, so that one
-that blocks delays only its own session; ``async def`` and ``kumo.inline``
+that blocks does not hold up the loop, and threads are shared fairly between
+clients; ``async def`` and ``kumo.inline``
 handlers on the server's loop."""
 
 from __future__ import annotations

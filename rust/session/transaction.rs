@@ -478,7 +478,7 @@ impl<S: Transport> Session<S> {
             message.meta.set(keys::REQUIRETLS, true);
         }
         let make = |session: &Self| Event::Data { message: message.clone(), meta: session.meta.clone() };
-        if let Err(refusal) = self.judge(EventKind::Data, make).await {
+        if let Err(refusal) = self.judge(EventKind::Data, make).await? {
             return self.answer_message_alike(recipients, refusal);
         }
         let trace = &self.params.trace_headers;
@@ -486,7 +486,7 @@ impl<S: Transport> Session<S> {
             .supplemental_header
             .then(|| Supplemental { header_name: &trace.header_name, include_meta_names: &trace.include_meta_names });
         let parts = message::split(&message, self.params.batch_handling, supplemental.as_ref(), received.as_ref());
-        let verdicts = self.deliver_parts(&message.id, &parts).await;
+        let verdicts = self.deliver_parts(&message.id, &parts).await?;
         if !self.lmtp() {
             let reply = verdicts.into_iter().find_map(Result::err).unwrap_or_else(|| {
                 let ids: Vec<&str> = parts.iter().map(|part| part.id.as_str()).collect();
@@ -507,20 +507,20 @@ impl<S: Transport> Session<S> {
     /// accepts, all at once: one verdict per part, `Err` holding the reply
     /// its recipients get. In SMTP the first refusal refuses the whole
     /// message (its only verdict), and nothing is stored.
-    async fn deliver_parts(&mut self, id: &str, parts: &[Arc<Message>]) -> Vec<Result<(), Reply>> {
+    async fn deliver_parts(&mut self, id: &str, parts: &[Arc<Message>]) -> Result<Vec<Result<(), Reply>>, Stop> {
         let mut verdicts = Vec::with_capacity(parts.len());
         for part in parts {
             let make = |session: &Self| Event::MessageReceived { message: part.clone(), meta: session.meta.clone() };
-            let verdict = self.judge(EventKind::MessageReceived, make).await.map(drop);
+            let verdict = self.judge(EventKind::MessageReceived, make).await?.map(drop);
             if verdict.is_err() && !self.lmtp() {
-                return vec![verdict];
+                return Ok(vec![verdict]);
             }
             verdicts.push(verdict);
         }
         let accepted: Vec<Arc<Message>> =
             parts.iter().zip(&verdicts).filter(|(_, verdict)| verdict.is_ok()).map(|(part, _)| part.clone()).collect();
         if accepted.is_empty() {
-            return verdicts;
+            return Ok(verdicts);
         }
         let policy = self.context.policy.clone();
         if let Err(error) = self.context.sink.deliver(accepted.clone()).await {
@@ -529,7 +529,7 @@ impl<S: Transport> Session<S> {
             for verdict in verdicts.iter_mut().filter(|verdict| verdict.is_ok()) {
                 *verdict = Err(failed.clone());
             }
-            return verdicts;
+            return Ok(verdicts);
         }
         let metrics = &self.context.metrics;
         for part in &accepted {
@@ -537,7 +537,7 @@ impl<S: Transport> Session<S> {
             metrics.message_bytes.fetch_add(part.len() as u64, Ordering::Relaxed);
             policy.log(LOG_INFO, || self.stored_entry(part));
         }
-        verdicts
+        Ok(verdicts)
     }
 
     /// The log record of a stored message, under the id its file name carries.
