@@ -67,6 +67,8 @@ class OverrideParameters(TypedDict, total=False):
     max_connections_per_client: int
     max_connection_rate_per_client: str
     max_message_rate_per_client: str
+    max_auth_failures_per_client: str | Literal[False]
+    client_ipv6_prefix_length: int
 
 
 class ListenerParameters(OverrideParameters, total=False):

@@ -129,7 +129,9 @@ async fn failed_auth_is_limited_per_client_across_sessions() {
         Event::AuthPlain { credentials, .. } if credentials.password == "later" => {
             Outcome::Reject { code: 454, text: "4.7.0 try again later".into() }
         }
-        Event::AuthPlain { credentials, .. } => Outcome::Done(Response::Authenticated(credentials.password == "secret")),
+        Event::AuthPlain { credentials, .. } => {
+            Outcome::Done(Response::Authenticated(credentials.password == "secret"))
+        }
         _ => nothing(event),
     };
     let params = json!({"hostname": "mx.test", "max_auth_failures_per_client": "3/hour", "relay_hosts": ["192.0.2.99"],

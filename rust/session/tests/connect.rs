@@ -137,7 +137,7 @@ async fn ipv6_clients_are_limited_by_their_network() {
     let _next_network = greeted(&harness, "[2001:db8:1:2:0:1000::1]:1").await;
     // At 128 bits (a peer block), each address counts alone.
     let mut alone = Vec::new();
-    for n in 1..=3 {
+    for n in [1, 1, 2, 3] {
         alone.push(greeted(&harness, &format!("[2001:db8:2::{n}]:1")).await);
     }
     let mut again = Client::new(harness.connect("[2001:db8:2::1]:2", LOCAL));
