@@ -11,6 +11,7 @@
 use crate::events::{Event, EventKind, Outcome};
 use crate::log::{self, LogEntry, LogFormat, LogLevel, LogRecord, LogRecords, LOG_ERROR};
 use crate::policy_latency::PolicyLatency;
+use ipnet::IpNet;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -24,11 +25,16 @@ use tokio::sync::{oneshot, Notify};
 #[derive(Debug)]
 pub struct Call {
     pub event: Event,
+    /// The client whose session waits, as the per-client limits count it
+    /// (`None`: exempt from them), so that Python can share its handler
+    /// threads fairly between clients.
+    pub client: Option<IpNet>,
     reply: oneshot::Sender<Outcome>,
 }
 
 impl Call {
-    /// Whether the session stopped waiting (it timed out or went away).
+    /// Whether the session stopped waiting (it timed out, or its client
+    /// went away): a call not yet started need not run.
     pub fn is_abandoned(&self) -> bool {
         self.reply.is_closed()
     }
@@ -151,11 +157,12 @@ impl Bridge {
     }
 
     /// Queue `event` for Python and wait up to `timeout` for its outcome.
-    pub async fn call(&self, event: Event, timeout: Duration) -> Outcome {
+    /// Dropping the future abandons the call (see [`Call::is_abandoned`]).
+    pub async fn call(&self, event: Event, client: Option<IpNet>, timeout: Duration) -> Outcome {
         let kind = event.kind();
         let _waiting = Waiting::count(&self.waiting);
         let (reply, outcome) = oneshot::channel();
-        self.push(|queue| queue.calls.push(Call { event, reply }));
+        self.push(|queue| queue.calls.push(Call { event, client, reply }));
         let started = std::time::Instant::now();
         let answered = tokio::time::timeout(timeout, outcome).await;
         self.latency.observe(kind, started.elapsed());
@@ -292,7 +299,7 @@ mod tests {
             let bridge = bridge.clone();
             tokio::spawn(async move {
                 let event = Event::ConnectionAccepted { meta: MetaStore::new() };
-                bridge.call(event, Duration::from_secs(5)).await
+                bridge.call(event, None, Duration::from_secs(5)).await
             })
         };
         while !readable(&bridge) {
@@ -303,6 +310,21 @@ mod tests {
         assert_eq!(calls.len(), 1);
         calls.into_iter().for_each(|c| c.finish(Outcome::Reject { code: 550, text: "no".into() }));
         assert!(matches!(caller.await.unwrap(), Outcome::Reject { code: 550, .. }));
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_caller_is_gone_is_abandoned() {
+        let bridge = Bridge::new().unwrap();
+        let event = Event::ConnectionAccepted { meta: MetaStore::new() };
+        let client = Some("2001:db8::/84".parse().unwrap());
+        let waiting = bridge.call(event, client, Duration::from_secs(5));
+        // Polled once: queued, then dropped (the session went away).
+        assert!(tokio::time::timeout(Duration::from_millis(1), waiting).await.is_err());
+        let (calls, _) = bridge.take();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].client, client);
+        assert!(calls[0].is_abandoned());
+        assert!(!bridge.is_busy() && bridge.waiting.load(Ordering::Relaxed) == 0);
     }
 
     #[test]
@@ -325,7 +347,7 @@ mod tests {
     async fn an_unanswered_call_times_out() {
         let bridge = Bridge::new().unwrap();
         let event = Event::ConnectionAccepted { meta: MetaStore::new() };
-        let outcome = bridge.call(event, Duration::from_millis(10)).await;
+        let outcome = bridge.call(event, None, Duration::from_millis(10)).await;
         assert!(matches!(outcome, Outcome::Failed(m) if m.contains("did not finish")));
         let (_, logs) = bridge.take();
         assert_eq!(logs.len(), 1);

@@ -185,7 +185,7 @@ mod tests {
         let caller = bridge.clone();
         driver.handle().spawn(async move {
             let event = Event::ConnectionAccepted { meta: MetaStore::new() };
-            caller.call(event, Duration::from_secs(5)).await
+            caller.call(event, None, Duration::from_secs(5)).await
         });
         assert!(!driver.drive(&bridge, watched.as_raw_fd(), None).unwrap());
         assert_eq!(bridge.take().0.len(), 1);

@@ -96,6 +96,8 @@ metric_table! {
     Counter tls_failures: "kumo_listener_tls_handshake_failures", "TLS handshakes failed.";
     Counter client_limit_refusals: "kumo_listener_client_limit_refusals",
         "Connections refused by max_connections_per_client or the connection rate.";
+    Counter auth_limit_refusals: "kumo_listener_auth_limit_refusals",
+        "AUTH commands refused (421, and a close) by max_auth_failures_per_client.";
     Counter shed_connections: "kumo_listener_shed_connections",
         "Connections refused by load shedding: busy_at policy calls waiting, body_memory_limit used up, or a full spool.";
     Gauge body_memory_bytes: "kumo_listener_body_memory_bytes",

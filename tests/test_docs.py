@@ -20,7 +20,7 @@ def table_rows(page: Path) -> list[list[str]]:
     """The cells of the page's table rows whose first cell is a `name`."""
     rows = []
     for line in page.read_text(encoding="utf-8").splitlines():
-        if re.match(r"\|\s*`[a-z_]+`\s*\|", line):
+        if re.match(r"\|\s*`[a-z_][a-z0-9_]*`\s*\|", line):
             rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
     return rows
 

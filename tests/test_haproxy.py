@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import socket
 import subprocess
@@ -249,3 +250,48 @@ def test_per_client_limits_count_the_real_client_not_the_proxy(listen, haproxy, 
     )
     # Every connection comes from HAProxy's address, which is not counted.
     assert raw(proxy.address, source="127.0.0.11").reply()[0] == 220
+
+
+SLOW_GREETING_POLICY = """
+import asyncio
+import kumo_listener as kumo
+
+@kumo.on("init")
+def init():
+    kumo.start_esmtp_listener(
+        listen="127.0.0.1:0",
+        hostname="mx.pregreet.example",
+        peer={"127.0.0.1": {"require_proxy_protocol": True}},
+    )
+
+@kumo.on("smtp_server_connection_accepted")
+async def accepted(conn_meta):
+    # The greeting comes 0.2 s late: what the client says at once is surely there first.
+    await asyncio.sleep(0.2)
+"""
+
+
+@pytest.mark.parametrize("version", sorted(PROXIES))
+def test_a_client_that_talks_first_is_caught_behind_haproxy(serve, haproxy, tmp_path, version):
+    policy = tmp_path / "policy.py"
+    policy.write_text(SLOW_GREETING_POLICY)
+    served = serve("--policy", str(policy), "--sink", "discard")
+    proxy = haproxy(served.address, PROXIES[version])
+
+    # A bot that talks as soon as it connects: HAProxy forwards its EHLO after the header.
+    bot = socket.create_connection(proxy.address, timeout=10, source_address=(CLIENT, 0))
+    bot_port = bot.getsockname()[1]
+    bot.sendall(b"EHLO bot.example\r\n")
+    received = b""
+    while chunk := bot.recv(4096):
+        received += chunk
+    bot.close()
+    assert received == b"554 5.5.0 mx.pregreet.example Error: SMTP protocol synchronization\r\n"
+
+    # A client that waits for the greeting is served.
+    with smtplib.SMTP(*proxy.address, timeout=10, source_address=(CLIENT, 0)) as client:
+        assert client.ehlo()[0] == 250
+    assert served.stop() == 0
+    # Logged as the real client's.
+    found = re.search(rf"reject: .*{re.escape(CLIENT)}:{bot_port}\b.*554 5\.5\.0", served.errors())
+    assert found, served.errors()

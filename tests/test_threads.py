@@ -1,5 +1,6 @@
 """Where handlers run: ``def`` handlers on the handler threads, so that one
-that blocks delays only its own session; ``async def`` and ``kumo.inline``
+that blocks does not hold up the loop, and threads are shared fairly between
+clients; ``async def`` and ``kumo.inline``
 handlers on the server's loop."""
 
 from __future__ import annotations
@@ -134,3 +135,91 @@ def test_new_connections_are_shed_while_too_many_policy_calls_wait(policy, maild
         for client in waiting:
             assert client.reply()[0] == 220, "the sessions already open carry on"
         assert raw(address).reply()[0] == 220
+
+
+# --- fair shares of the pool between clients (kumo_listener.threads) -------------------
+
+
+def noop(error: BaseException | None, result: object) -> None:
+    pass
+
+
+class Recorder:
+    """Handlers that note when they start and block until released."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started: list[str] = []
+        self.running: dict[str, int] = {}
+        self.release = threading.Event()
+
+    def handler(self, name: str, client: str) -> None:
+        with self.lock:
+            self.started.append(name)
+            self.running[client] = self.running.get(client, 0) + 1
+        self.release.wait(10)
+        with self.lock:
+            self.running[client] -= 1
+
+
+def test_one_client_runs_on_at_most_its_share_and_others_go_ahead():
+    from kumo_listener.threads import HandlerThreads
+
+    loop = asyncio.new_event_loop()
+    pool = HandlerThreads(8, loop)  # a share of 2 threads per client
+    recorder = Recorder()
+    for n in range(6):
+        pool.submit(recorder.handler, (f"a{n}", "a"), noop, "a")
+    wait_until(lambda: recorder.running.get("a") == 2, what="two of a's calls running")
+    time.sleep(0.1)
+    assert recorder.running["a"] == 2, "a's other calls wait"
+    pool.submit(recorder.handler, ("b0", "b"), noop, "b")
+    # Clients exempt from the per-client limits (None) share no cap.
+    for n in range(5):
+        pool.submit(recorder.handler, (f"x{n}", "exempt"), noop, None)
+    wait_until(lambda: recorder.running.get("b") == 1 and recorder.running.get("exempt") == 5)
+    assert recorder.running["a"] == 2
+    recorder.release.set()
+    wait_until(lambda: len(recorder.started) == 12, what="every call to run")
+    pool.close()
+    loop.close()
+
+
+def test_clients_with_calls_waiting_take_turns():
+    from kumo_listener.threads import HandlerThreads
+
+    loop = asyncio.new_event_loop()
+    pool = HandlerThreads(1, loop)
+    recorder = Recorder()
+    pool.submit(recorder.handler, ("a0", "a"), noop, "a")
+    wait_until(lambda: recorder.started == ["a0"])
+    for name in ("a1", "a2", "a3"):
+        pool.submit(recorder.handler, (name, "a"), noop, "a")
+    pool.submit(recorder.handler, ("b0", "b"), noop, "b")
+    pool.submit(recorder.handler, ("c0", "c"), noop, "c")
+    recorder.release.set()
+    wait_until(lambda: len(recorder.started) == 6, what="every call to run")
+    assert recorder.started == ["a0", "b0", "c0", "a1", "a2", "a3"]
+    pool.close()
+    loop.close()
+
+
+def test_a_call_nobody_waits_for_is_dropped_before_it_starts():
+    from kumo_listener.threads import HandlerThreads
+
+    loop = asyncio.new_event_loop()
+    pool = HandlerThreads(1, loop)
+    recorder = Recorder()
+    pool.submit(recorder.handler, ("first", "b"), noop, "b")
+    wait_until(lambda: recorder.started == ["first"])
+    gone = threading.Event()
+    pool.submit(recorder.handler, ("gone", "a"), noop, "a", gone.is_set)
+    pool.submit(recorder.handler, ("waited", "a"), noop, "a", lambda: False)
+    gone.set()  # its session went away while it waited for a thread
+    recorder.release.set()
+    wait_until(lambda: len(recorder.started) == 2, what="the call still waited for")
+    time.sleep(0.1)
+    assert recorder.started == ["first", "waited"]
+    assert pool.dropped == 1
+    pool.close()
+    loop.close()

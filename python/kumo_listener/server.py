@@ -2,8 +2,9 @@
 
 The Rust core queues every policy call; the dispatcher, running on one
 asyncio loop, takes them and runs the handlers: ``async def`` handlers as
-tasks on that loop, ``def`` handlers on a pool of threads (those marked
-``kumo.inline`` on the loop), so a slow one does not hold up other connections.
+tasks on that loop, ``def`` handlers on a pool of threads shared fairly
+between clients (those marked ``kumo.inline`` on the loop), so a slow one
+does not hold up other clients' connections.
 
 The sessions run on the core's single-threaded tokio runtime. On a loop of
 :meth:`Server.new_event_loop` (what :meth:`Server.start` and ``kumo-listener
@@ -178,7 +179,8 @@ class _Dispatcher:
         if on_loop is None:
             on_loop = self._on_loop[handler] = runs_on_loop(handler)
         if not on_loop:
-            self._threads.submit(handler, job.args, functools.partial(self._ran, job))
+            done = functools.partial(self._ran, job)
+            self._threads.submit(handler, job.args, done, job.client, _abandoned(job))
             return
         try:
             result = handler(*job.args)
@@ -242,6 +244,11 @@ class _Dispatcher:
         job.fail(f"{job.event}: {error!r}")
 
 
+def _abandoned(job: _core.Job) -> Callable[[], bool]:
+    """Whether nobody waits for ``job`` any more, asked when a thread is about to run it."""
+    return lambda: job.abandoned
+
+
 def _peer_of(job: _core.Job) -> str:
     for arg in job.args:
         if isinstance(arg, _core.ConnectionMeta):
@@ -263,7 +270,8 @@ class Server:
     :meth:`run` runs it on the caller's asyncio loop instead, best one of
     :meth:`new_event_loop`. ``reuse_port`` binds listeners with SO_REUSEPORT,
     for worker processes sharing a port. ``def`` handlers run on at most
-    ``handler_threads`` threads. While ``busy_at`` policy calls wait for
+    ``handler_threads`` threads, at most a quarter of them for one client's
+    calls (see :mod:`kumo_listener.threads`). While ``busy_at`` policy calls wait for
     their handlers, new connections get ``421 4.3.2 service busy``.
     """
 

@@ -82,6 +82,8 @@ class OverrideParameters(TypedDict, total=False):
     max_message_rate_per_client: str
     forward_to: list[str]
     forward_options: ForwardOptions
+    max_auth_failures_per_client: str | Literal[False]
+    client_ipv6_prefix_length: int
 
 
 class ListenerParameters(OverrideParameters, total=False):

@@ -16,14 +16,15 @@ mod forward;
 mod parse;
 
 use crate::cidr::{parse_cidr, CidrMap, CidrSet};
-use crate::client_limits::Rate;
+use crate::client_limits::{Rate, DEFAULT_IPV6_PREFIX_LENGTH};
 use crate::forward::upstream::Upstream;
 use crate::protocol::framing::LineEndings;
 pub use forward::ForwardOptions;
 use forward::{forward_options, ForwardOptionsLayer};
 use parse::{
-    batch_handling, boolean, cidr_blocks, cidr_list, directory, forward_to, hostname, line_endings, line_limit, meta,
-    parse_listen, positive_integer, protocol, rate, relay_hosts, size, string, trace_headers, unknown_key, Errors,
+    batch_handling, boolean, cidr_blocks, cidr_list, directory, forward_to, hostname, ipv6_prefix_length, line_endings,
+    line_limit, meta, parse_listen, positive_integer, protocol, rate, rate_or_false, relay_hosts, size, string,
+    trace_headers, unknown_key, Errors,
 };
 pub use parse::{key_path, parse_duration, parse_key_source, ParamError, ParamErrors};
 use serde_json::{Map, Value};
@@ -35,6 +36,9 @@ use std::time::Duration;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2025";
 const DEFAULT_MAX_CONNECTIONS: usize = 32768;
 const DEFAULT_BODY_MEMORY_LIMIT: usize = 1 << 30;
+/// Failed AUTH attempts per client: ten a minute, where one address could
+/// try thousands a second over reconnecting sessions.
+const DEFAULT_AUTH_FAILURES: Rate = Rate { count: 10, per: Duration::from_secs(60) };
 
 listener_params! {
     top_level {
@@ -83,6 +87,10 @@ listener_params! {
         forward_to: Arc<[Upstream]> = Arc::from([]), tree forward_to, set;
         /// How the upstreams are reached: TLS, timeouts, the pool.
         forward_options: Arc<ForwardOptions> = Arc::default(), tree forward_options, shared(ForwardOptionsLayer);
+        /// Failed AUTH attempts per client across its sessions; `None`: no limit.
+        max_auth_failures_per_client: Option<Rate> = Some(DEFAULT_AUTH_FAILURES), value rate_or_false, set;
+        /// The bits of an IPv6 address that name a client, for every per-client limit.
+        client_ipv6_prefix_length: u8 = DEFAULT_IPV6_PREFIX_LENGTH, value ipv6_prefix_length, set;
     }
 }
 
@@ -389,6 +397,30 @@ mod tests {
     }
 
     #[test]
+    fn the_auth_failure_limit_is_on_by_default_and_false_turns_it_off() {
+        let rate = |count, seconds| Some(Rate { count, per: Duration::from_secs(seconds) });
+        assert_eq!(Params::default().max_auth_failures_per_client, rate(10, 60));
+        let of = |value: Value| effective(&[&json!({"max_auth_failures_per_client": value})], "10.0.0.1", "10.0.0.2");
+        assert_eq!(of(json!("3/hour")).max_auth_failures_per_client, rate(3, 3600));
+        assert_eq!(of(json!(false)).max_auth_failures_per_client, None);
+        for bad in [json!(true), json!(5), json!("lots")] {
+            let errors = errors_of(parse_overrides(&json!({"max_auth_failures_per_client": bad}), ""));
+            assert!(errors[0].starts_with("max_auth_failures_per_client: expected a rate like"), "{errors:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_prefix_lengths() {
+        assert_eq!(Params::default().client_ipv6_prefix_length, 84);
+        let of = |bits: Value| parse_overrides(&json!({"client_ipv6_prefix_length": bits}), "");
+        assert_eq!(of(json!(128)).unwrap().client_ipv6_prefix_length, Some(128));
+        for bad in [json!(0), json!(129), json!("64"), json!(-1)] {
+            let errors = errors_of(of(bad));
+            assert!(errors[0].starts_with("client_ipv6_prefix_length: expected a prefix length from 1 to 128, got"));
+        }
+    }
+
+    #[test]
     fn every_error_is_reported_with_its_key_path() {
         let errors = errors_of(parse_overrides(
             &json!({
@@ -500,6 +532,7 @@ mod tests {
             "max_connection_rate_per_client": "30/minute", "max_message_rate_per_client": "100/hour",
             "forward_to": ["smtp://mx.example", "lmtp:/run/lmtp"],
             "forward_options": {"tls": "verify", "tls_ca": "ca.pem", "connect_timeout": 1, "pool_size": 4},
+            "max_auth_failures_per_client": "5/hour", "client_ipv6_prefix_length": 64,
         });
         let mut keys: Vec<&str> = valid.as_object().unwrap().keys().map(String::as_str).collect();
         let mut known = ANYWHERE.to_vec();

@@ -145,6 +145,24 @@ pub(super) fn rate(value: &Value) -> Result<Rate, String> {
     Ok(Rate { count, per })
 }
 
+/// A rate, or `false` for none (a limit that is on by default).
+pub(super) fn rate_or_false(value: &Value) -> Result<Option<Rate>, String> {
+    match value {
+        Value::Bool(false) => Ok(None),
+        Value::String(_) => rate(value).map(Some),
+        _ => Err(expected("a rate like \"10/minute\", or false", value)),
+    }
+}
+
+/// The bits of an IPv6 address that name a client: 1 to 128.
+pub(super) fn ipv6_prefix_length(value: &Value) -> Result<u8, String> {
+    value
+        .as_u64()
+        .filter(|bits| (1..=128).contains(bits))
+        .and_then(|bits| u8::try_from(bits).ok())
+        .ok_or_else(|| expected("a prefix length from 1 to 128", value))
+}
+
 pub(super) fn string(value: &Value) -> Result<String, String> {
     value.as_str().map(str::to_owned).ok_or_else(|| expected("a string", value))
 }

@@ -18,6 +18,7 @@ use crate::protocol::sasl::PlainCredentials;
 use crate::server::{self, BoundAddress, ServerState};
 use crate::sink::{Maildir, Sink};
 use crate::tls;
+use ipnet::IpNet;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
@@ -236,13 +237,14 @@ fn log_tuple(py: Python<'_>, record: LogRecord) -> PyResult<LogTuple<'_>> {
 #[pyclass(frozen, module = "kumo_listener._core", name = "Job")]
 pub struct PyJob {
     kind: EventKind,
+    client: Option<IpNet>,
     call: Mutex<Option<Call>>,
     bridge: Arc<Bridge>,
 }
 
 impl PyJob {
     fn new(call: Call, bridge: Arc<Bridge>) -> Self {
-        Self { kind: call.event.kind(), call: Mutex::new(Some(call)), bridge }
+        Self { kind: call.event.kind(), client: call.client, call: Mutex::new(Some(call)), bridge }
     }
 
     fn finish(&self, outcome: Outcome) -> PyResult<()> {
@@ -353,6 +355,15 @@ impl PyJob {
     fn abandoned(&self) -> PyResult<bool> {
         let call = self.call.lock().map_err(|_| PyRuntimeError::new_err("job lock poisoned"))?;
         Ok(call.as_ref().is_some_and(Call::is_abandoned))
+    }
+
+    /// The client whose session waits, as the per-client limits count it:
+    /// `"192.0.2.7/32"`, or an IPv6 network such as `"2001:db8::/84"`
+    /// (`client_ipv6_prefix_length`); `None` for a client exempt from them
+    /// (`relay_hosts`, a Unix socket's).
+    #[getter]
+    fn client(&self) -> Option<String> {
+        self.client.map(|network| network.to_string())
     }
 
     /// The handler's positional arguments.

@@ -3,8 +3,11 @@
 
 use super::io::Framed;
 use super::{Session, Step, Stop};
+use crate::client_limits::{AuthAttempt, AuthLimitReached};
 use crate::events::{Event, EventKind, Response};
+use crate::log::LOG_WARNING;
 use crate::meta::keys;
+use crate::metrics;
 use crate::protocol::reply::Reply;
 use crate::protocol::sasl::{
     decode_login_password, decode_login_username, decode_plain, PlainCredentials, PlainError, LOGIN_PASSWORD_PROMPT,
@@ -12,6 +15,8 @@ use crate::protocol::sasl::{
 };
 use crate::stream::Transport;
 use bytes::Buf;
+use serde_json::json;
+use std::time::Instant;
 
 /// What EHLO offers under TLS when an `smtp_server_auth_plain` handler is registered.
 pub(super) const AUTH_EXTENSION: &str = "AUTH PLAIN LOGIN";
@@ -36,30 +41,96 @@ impl<S: Transport> Session<S> {
         if self.helo.is_none() || self.authenticated.is_some() || self.transaction.is_some() {
             return self.refuse(Reply::new(503, "5.5.1", "AUTH only after EHLO, once, outside a mail transaction"));
         }
-        let exchanged = match mechanism.as_str() {
-            "PLAIN" => self.plain_exchange(initial_response).await?,
-            "LOGIN" => self.login_exchange(initial_response).await?,
-            _ => return self.refuse(Reply::new(504, "5.5.4", "unrecognized authentication mechanism")),
+        if !matches!(mechanism.as_str(), "PLAIN" | "LOGIN") {
+            return self.refuse(Reply::new(504, "5.5.4", "unrecognized authentication mechanism"));
+        }
+        let attempt = self.begin_auth_attempt()?;
+        let exchanged = if mechanism == "PLAIN" {
+            self.plain_exchange(initial_response).await?
+        } else {
+            self.login_exchange(initial_response).await?
         };
         let credentials = match exchanged {
             Exchanged::Credentials(credentials) => credentials,
-            Exchanged::Refused(error) => return self.refuse(error.reply()),
-            Exchanged::Answered => return Ok(()),
+            Exchanged::Refused(error) => {
+                self.auth_did_not_fail(attempt);
+                return self.refuse(error.reply());
+            }
+            Exchanged::Answered => {
+                self.auth_did_not_fail(attempt);
+                return Ok(());
+            }
         };
         let authc = credentials.authc.clone();
         let authz = if credentials.authz.is_empty() { authc.clone() } else { credentials.authz.clone() };
         let make = |session: &Self| Event::AuthPlain { credentials, meta: session.meta.clone() };
-        match self.consult(EventKind::AuthPlain, make).await? {
-            None => Ok(()),
-            Some(Response::Authenticated(true)) => {
+        let refusal = match self.judge(EventKind::AuthPlain, make).await? {
+            Ok(Response::Authenticated(true)) => {
+                self.auth_did_not_fail(attempt);
                 self.meta.set(keys::AUTHN_ID, authc.clone());
                 self.meta.set(keys::AUTHZ_ID, authz);
                 self.authenticated = Some(authc);
                 self.meta.set(keys::RECEPTION_PROTOCOL, self.protocol());
                 self.send(&Reply::new(235, "2.7.0", "authentication successful"));
-                Ok(())
+                return Ok(());
             }
-            Some(_) => self.refuse(Reply::new(535, "5.7.8", "authentication credentials invalid")),
+            Ok(_) => {
+                return self.refuse(Reply::new(535, "5.7.8", "authentication credentials invalid"));
+            }
+            Err(refusal) => refusal,
+        };
+        // A policy's refusal: a 5xx is a verdict on the credentials, so a
+        // failure; a 4xx (the handler failed, or said "try later") is not.
+        if refusal.code < 500 {
+            self.auth_did_not_fail(attempt);
+        }
+        self.send(&refusal);
+        if refusal.closes() {
+            return Err(Stop::Closing);
+        }
+        Ok(())
+    }
+
+    /// Count this AUTH against its client's `max_auth_failures_per_client`
+    /// (shared by the client's sessions, as the other per-client limits;
+    /// `relay_hosts` are exempt), or refuse it with `421 4.7.0` and close
+    /// once failures have used up the window: logged at WARNING in a line
+    /// for fail2ban, `auth-limit: client=<ip> network=<counted as> ...`.
+    fn begin_auth_attempt(&mut self) -> Result<Option<AuthAttempt>, Stop> {
+        let Some(slot) = &self.client else {
+            return Ok(None);
+        };
+        let network = slot.network();
+        let AuthLimitReached { rate } = match slot.begin_auth(Instant::now()) {
+            Ok(attempt) => return Ok(Some(attempt)),
+            Err(reached) => reached,
+        };
+        metrics::count(&self.context.metrics.auth_limit_refusals);
+        let (remote, seconds) = (self.remote, rate.per.as_secs_f64());
+        self.context.policy.log(LOG_WARNING, || {
+            let message = format!(
+                "auth-limit: client={} network={network} failures={} within={seconds}s port={} via={}: \
+                 421 4.7.0 too many failed AUTH attempts",
+                remote.ip(),
+                rate.count,
+                remote.port(),
+                self.local,
+            );
+            self.log_entry(message, || {
+                json!({
+                    "event": "auth-limit", "client": remote.ip().to_string(), "network": network.to_string(),
+                    "failures": rate.count, "seconds": seconds, "port": remote.port(), "via": self.local.to_string(),
+                })
+            })
+        });
+        let text = "too many failed authentications from your address, try again later";
+        Err(self.close(Reply::new(421, "4.7.0", text)))
+    }
+
+    /// Take back an attempt that did not fail (see [`Session::begin_auth_attempt`]).
+    fn auth_did_not_fail(&self, attempt: Option<AuthAttempt>) {
+        if let (Some(slot), Some(attempt)) = (&self.client, attempt) {
+            slot.auth_did_not_fail(attempt);
         }
     }
 

@@ -71,8 +71,15 @@ impl<S: Transport> Session<S> {
             self.handshake(identity).await?;
         }
         self.connection_accepted().await?;
-        // Behind a proxy, what came with the header is the client's own.
-        if !proxied && self.receive_pending()? {
+        self.greet_if_client_waited()
+    }
+
+    /// The greeting, unless the client has talked before it (behind a proxy
+    /// too: the input holds only what came after the PROXY header, what
+    /// the client itself sent).
+    pub(super) fn greet_if_client_waited(&mut self) -> Step {
+        self.receive_pending()?;
+        if !self.input.is_empty() {
             return Err(self.lost_synchronization());
         }
         self.greet();
@@ -133,6 +140,8 @@ impl<S: Transport> Session<S> {
         let limits = ClientLimits {
             max_connections: self.params.max_connections_per_client,
             connection_rate: self.params.max_connection_rate_per_client,
+            auth_failures: self.params.max_auth_failures_per_client,
+            ipv6_prefix_length: self.params.client_ipv6_prefix_length,
         };
         let refusal = match self.context.clients.admit(ip, limits, Instant::now()) {
             Ok(slot) => {

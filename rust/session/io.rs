@@ -104,6 +104,37 @@ impl<S: Transport> Session<S> {
         }
     }
 
+    /// Wait for `call` (a policy call), reading what the client sends
+    /// meanwhile into the input buffer (as a later read would have, up to
+    /// [`MIN_READ`] bytes in it), so that a client that resets the
+    /// connection while its call waits is noticed: the call is dropped,
+    /// abandoned before its handler starts if it has not (Python skips it),
+    /// and the session ends. A client that only closes its sending side may
+    /// still read the reply: it is waited for. Not before an implicit TLS
+    /// handshake, where what the client sends is the handshake's.
+    pub(super) async fn while_client_waits<T>(&mut self, call: impl Future<Output = T>) -> Result<T, Stop> {
+        let watched = !(self.context.config.implicit_tls && matches!(self.stream, Stream::Plain(_)));
+        let (stream, input) = (&mut self.stream, &mut self.input);
+        let gone = async {
+            if watched {
+                while input.len() < MIN_READ {
+                    input.reserve(MIN_READ);
+                    match stream.read_buf(input).await {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            biased;
+            outcome = call => Ok(outcome),
+            () = gone => Err(Stop::Gone),
+        }
+    }
+
     /// Move what the client has already sent into the input buffer without
     /// waiting. True if anything came. Only on a plain stream.
     pub(super) fn receive_pending(&mut self) -> Result<bool, Stop> {

@@ -104,6 +104,9 @@ enum Stop {
 
 type Step = Result<(), Stop>;
 
+/// What policy said of a command: go on, or this refusal.
+type Verdict = Result<Response, Reply>;
+
 pub struct Session<S> {
     stream: Stream<S>,
     input: BytesMut,
@@ -275,19 +278,24 @@ impl<S: Transport> Session<S> {
     }
 
     /// Call the handler of `kind`, with the event `make` builds, if one is
-    /// registered: no event is built for an unregistered handler.
-    async fn ask(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Option<Outcome> {
+    /// registered: no event is built for an unregistered handler. `Err`:
+    /// the client went away meanwhile, and the call was abandoned.
+    async fn ask(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Result<Option<Outcome>, Stop> {
         if !self.is_registered(kind) {
-            return None;
+            return Ok(None);
         }
         let event = make(self);
-        Some(self.context.policy.call(event, self.params.data_processing_timeout).await)
+        let policy = self.context.policy.clone();
+        let client = self.client.as_ref().map(ClientSlot::network);
+        let call = policy.call(event, client, self.params.data_processing_timeout);
+        // Boxed: an idle session's future stays small (one allocation next to a thread hop).
+        Box::pin(self.while_client_waits(call)).await.map(Some)
     }
 
     /// Consult policy about a command. `Some` means go on (`Nothing` when no
     /// handler is registered); `None` means a refusal was sent.
     async fn consult(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Result<Option<Response>, Stop> {
-        match self.judge(kind, make).await {
+        match self.judge(kind, make).await? {
             Ok(response) => Ok(Some(response)),
             Err(reply) => {
                 self.send(&reply);
@@ -300,14 +308,14 @@ impl<S: Transport> Session<S> {
     }
 
     /// What policy says of a command: go on (`Nothing` when no handler is
-    /// registered), or the refusal to send.
-    async fn judge(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Result<Response, Reply> {
-        match self.ask(kind, make).await {
+    /// registered), or the refusal to send; `Err` when the client went away.
+    async fn judge(&mut self, kind: EventKind, make: impl FnOnce(&Self) -> Event) -> Result<Verdict, Stop> {
+        Ok(match self.ask(kind, make).await? {
             None => Ok(Response::Nothing),
             Some(Outcome::Done(response)) => Ok(response),
             Some(Outcome::Reject { code, text }) => Err(Reply::from_policy(code, &text)),
             Some(Outcome::Failed(_)) => Err(Reply::new(451, "4.3.0", "temporary policy failure, try again later")),
-        }
+        })
     }
 
     /// A connection-level event: any refusal or failure ends the connection.
@@ -316,7 +324,7 @@ impl<S: Transport> Session<S> {
         kind: EventKind,
         make: impl FnOnce(&Self) -> Event,
     ) -> Result<Response, Stop> {
-        match self.ask(kind, make).await {
+        match self.ask(kind, make).await? {
             None => Ok(Response::Nothing),
             Some(Outcome::Done(response)) => Ok(response),
             Some(Outcome::Reject { code, text }) => {

@@ -511,7 +511,7 @@ impl<S: Transport> Session<S> {
             message.meta.set(keys::REQUIRETLS, true);
         }
         let make = |session: &Self| Event::Data { message: message.clone(), meta: session.meta.clone() };
-        if let Err(refusal) = self.judge(EventKind::Data, make).await {
+        if let Err(refusal) = self.judge(EventKind::Data, make).await? {
             return self.answer_message_alike(recipients, refusal);
         }
         let trace = &self.params.trace_headers;
@@ -519,7 +519,7 @@ impl<S: Transport> Session<S> {
             .supplemental_header
             .then(|| Supplemental { header_name: &trace.header_name, include_meta_names: &trace.include_meta_names });
         let parts = message::split(&message, self.params.batch_handling, supplemental.as_ref(), received.as_ref());
-        let verdicts = self.judge_parts(&parts).await;
+        let verdicts = self.judge_parts(&parts).await?;
         if let Some(relay) = relay {
             if let Some(Err(refusal)) = verdicts.iter().find(|verdict| verdict.is_err()).filter(|_| !self.lmtp()) {
                 return self.answer_message([refusal.clone()]);
@@ -549,17 +549,17 @@ impl<S: Transport> Session<S> {
     /// Ask `smtp_server_message_received` about each part: one verdict per
     /// part, `Err` holding the reply its recipients get. In SMTP the first
     /// refusal refuses the whole message: it is then the only verdict.
-    async fn judge_parts(&mut self, parts: &[Arc<Message>]) -> Vec<Result<(), Reply>> {
+    async fn judge_parts(&mut self, parts: &[Arc<Message>]) -> Result<Vec<Result<(), Reply>>, Stop> {
         let mut verdicts = Vec::with_capacity(parts.len());
         for part in parts {
             let make = |session: &Self| Event::MessageReceived { message: part.clone(), meta: session.meta.clone() };
-            let verdict = self.judge(EventKind::MessageReceived, make).await.map(drop);
+            let verdict = self.judge(EventKind::MessageReceived, make).await?.map(drop);
             if verdict.is_err() && !self.lmtp() {
-                return vec![verdict];
+                return Ok(vec![verdict]);
             }
             verdicts.push(verdict);
         }
-        verdicts
+        Ok(verdicts)
     }
 
     /// Store the parts policy accepted, all at once; a failure turns their

@@ -37,7 +37,7 @@ impl<S: Transport> Session<S> {
         }
         self.apply_parameters().await?;
         self.connection_accepted().await?;
-        self.greet();
-        Ok(())
+        // As at the start: a proxy that talks before the new greeting is refused.
+        self.greet_if_client_waited()
     }
 }

@@ -119,3 +119,76 @@ async fn auth_login_passes_an_empty_authz_and_needs_tls() {
     assert_eq!(client.code("").await.0, 235, "an empty password is the handler's to judge");
     assert_eq!(seen.take(), [r#"PlainCredentials { authz: "", authc: "user", password: "" }"#]);
 }
+
+/// Failed AUTH attempts per client across its sessions, as
+/// `max_auth_failures_per_client` counts them; "\0user\0wrong" is
+/// `AHVzZXIAd3Jvbmc=`, "\0user\0secret" `AHVzZXIAc2VjcmV0`.
+#[tokio::test]
+async fn failed_auth_is_limited_per_client_across_sessions() {
+    let script = |event: &Event| match event {
+        Event::AuthPlain { credentials, .. } if credentials.password == "later" => {
+            Outcome::Reject { code: 454, text: "4.7.0 try again later".into() }
+        }
+        Event::AuthPlain { credentials, .. } => {
+            Outcome::Done(Response::Authenticated(credentials.password == "secret"))
+        }
+        _ => nothing(event),
+    };
+    let params = json!({"hostname": "mx.test", "max_auth_failures_per_client": "3/hour", "relay_hosts": ["192.0.2.99"],
+        "peer": {"2001:db8::/32": {"client_ipv6_prefix_length": 64}}});
+    let harness = harness(params, &[EventKind::AuthPlain], script);
+    for _ in 0..2 {
+        let mut client = starttls_from(&harness, CLIENT, "EHLO").await;
+        client.command("EHLO client.test").await;
+        assert_eq!(client.code("AUTH PLAIN AHVzZXIAd3Jvbmc=").await.0, 535);
+        // Neither a malformed response, a cancel, a success nor a 4xx counts as a failure.
+        assert_eq!(client.code("AUTH PLAIN !!!").await.0, 501);
+        assert_eq!(client.command("AUTH PLAIN").await.0, 334);
+        assert_eq!(client.code("*").await.0, 501);
+        // base64 of "\0user\0later".
+        assert_eq!(client.code("AUTH PLAIN AHVzZXIAbGF0ZXI=").await.0, 454);
+    }
+    let mut last = starttls_from(&harness, "192.0.2.10:40001", "EHLO").await;
+    last.command("EHLO client.test").await;
+    assert_eq!(last.code("AUTH PLAIN AHVzZXIAc2VjcmV0").await.0, 235);
+    let mut third = starttls_from(&harness, "192.0.2.10:40002", "EHLO").await;
+    third.command("EHLO client.test").await;
+    assert_eq!(third.code("AUTH PLAIN AHVzZXIAd3Jvbmc=").await.0, 535);
+    let mut refused = starttls_from(&harness, "192.0.2.10:40003", "EHLO").await;
+    refused.command("EHLO client.test").await;
+    assert_eq!(
+        refused.code("AUTH PLAIN AHVzZXIAc2VjcmV0").await,
+        (421, "4.7.0 mx.test too many failed authentications from your address, try again later".into()),
+        "refused before the credentials are looked at"
+    );
+    refused.expect_closed().await;
+    let logged = harness.logs().into_iter().find(|line| line.starts_with("auth-limit: "));
+    assert_eq!(
+        logged.as_deref(),
+        Some(
+            "auth-limit: client=192.0.2.10 network=192.0.2.10/32 failures=3 within=3600s port=40003 \
+             via=198.51.100.1:25: 421 4.7.0 too many failed AUTH attempts"
+        )
+    );
+    assert_eq!(harness.context.metrics.auth_limit_refusals.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // Another address, and relay_hosts, are not held to it.
+    let mut other = starttls_from(&harness, "192.0.2.11:1", "EHLO").await;
+    other.command("EHLO client.test").await;
+    assert_eq!(other.code("AUTH PLAIN AHVzZXIAc2VjcmV0").await.0, 235);
+    for port in 1..=5 {
+        let mut relay = starttls_from(&harness, &format!("192.0.2.99:{port}"), "EHLO").await;
+        relay.command("EHLO client.test").await;
+        assert_eq!(relay.code("AUTH PLAIN AHVzZXIAd3Jvbmc=").await.0, 535);
+    }
+
+    // IPv6 clients count by their network (here /64, from a peer block).
+    for (n, code) in [(1, 535), (2, 535), (3, 535), (4, 421)] {
+        let mut client = starttls_from(&harness, &format!("[2001:db8:0:7::{n}]:25000"), "EHLO").await;
+        client.command("EHLO client.test").await;
+        assert_eq!(client.code("AUTH PLAIN AHVzZXIAd3Jvbmc=").await.0, code);
+    }
+    let mut next_network = starttls_from(&harness, "[2001:db8:0:8::1]:25000", "EHLO").await;
+    next_network.command("EHLO client.test").await;
+    assert_eq!(next_network.code("AUTH PLAIN AHVzZXIAc2VjcmV0").await.0, 235);
+}

@@ -109,6 +109,42 @@ async fn a_proxy_header_sets_the_real_addresses_before_the_banner() {
 }
 
 #[tokio::test]
+async fn talking_before_the_greeting_behind_a_proxy_loses_synchronization() {
+    let (harness, seen) =
+        recording_clients(json!({"hostname": "mx.test", "peer": {"192.0.2.10": {"require_proxy_protocol": true}}}));
+    // What a proxy forwards from a client that talks first: the header, then the client's words.
+    let mut client = Client::new(harness.connect(CLIENT, LOCAL));
+    client.send(b"PROXY TCP4 10.9.8.7 203.0.113.5 1234 25\r\nEHLO early\r\n").await;
+    assert_eq!(client.reply().await, (554, vec!["5.5.0 mx.test Error: SMTP protocol synchronization".into()]));
+    client.expect_closed().await;
+    assert_eq!(seen.take(), ["10.9.8.7:1234"], "judged as the real client");
+    // The header alone is not talking.
+    let mut client = Client::new(harness.connect(CLIENT, LOCAL));
+    client.send(b"PROXY TCP4 10.9.8.7 203.0.113.5 1234 25\r\n").await;
+    assert_eq!(client.reply().await.0, 220);
+    assert_eq!(client.code("EHLO client.test").await.0, 250);
+}
+
+#[tokio::test]
+async fn ipv6_clients_are_limited_by_their_network() {
+    let params = json!({"hostname": "mx.test", "max_connections_per_client": 2,
+        "peer": {"2001:db8:2::/48": {"client_ipv6_prefix_length": 128}}});
+    let harness = plain(params);
+    let _first = greeted(&harness, "[2001:db8:1:2::1]:1").await;
+    let _second = greeted(&harness, "[2001:db8:1:2::2]:1").await;
+    let mut third = Client::new(harness.connect("[2001:db8:1:2:0:fff:ffff:ffff]:1", LOCAL));
+    assert_eq!(third.reply().await, (421, vec!["4.7.0 mx.test too many connections from your address".into()]));
+    let _next_network = greeted(&harness, "[2001:db8:1:2:0:1000::1]:1").await;
+    // At 128 bits (a peer block), each address counts alone.
+    let mut alone = Vec::new();
+    for n in [1, 1, 2, 3] {
+        alone.push(greeted(&harness, &format!("[2001:db8:2::{n}]:1")).await);
+    }
+    let mut again = Client::new(harness.connect("[2001:db8:2::1]:2", LOCAL));
+    assert_eq!(again.reply().await, (421, vec!["4.7.0 mx.test too many connections from your address".into()]));
+}
+
+#[tokio::test]
 async fn concurrent_sessions_per_client_address_are_limited() {
     let params = json!({"hostname": "mx.test", "relay_hosts": ["192.0.2.99"], "max_connections_per_client": 1,
         "peer": {"192.0.2.10": {"allow_xclient": true}}});

@@ -160,7 +160,16 @@ async fn starttls_after(
     harness: &Harness,
     hello: &str,
 ) -> Client<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
-    let mut client = greeted(harness, CLIENT).await;
+    starttls_from(harness, CLIENT, hello).await
+}
+
+/// [`starttls_after`] for a client connecting from `remote`.
+async fn starttls_from(
+    harness: &Harness,
+    remote: &str,
+    hello: &str,
+) -> Client<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
+    let mut client = greeted(harness, remote).await;
     client.command(&format!("{hello} client.test")).await;
     client.send(b"STARTTLS\r\nMAIL FROM:<smuggled@x.test>\r\n").await;
     assert_eq!(client.reply().await, (220, vec!["2.0.0 Ready to start TLS".into()]));

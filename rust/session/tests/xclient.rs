@@ -21,3 +21,15 @@ async fn xclient_starts_the_session_over_for_the_real_client() {
     let mut other = greeted(&harness, "192.0.2.99:1").await;
     assert_eq!(other.code("XCLIENT ADDR=10.1.1.1").await, (550, "insufficient authorization".into()));
 }
+
+#[tokio::test]
+async fn talking_before_the_xclient_greeting_loses_synchronization() {
+    let params = json!({"hostname": "mx.test", "peer": {"192.0.2.10": {"allow_xclient": true}}});
+    let (harness, seen) = recording_clients(params);
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO proxy.test").await;
+    client.send(b"XCLIENT ADDR=10.1.1.1\r\nEHLO early\r\n").await;
+    assert_eq!(client.reply().await, (554, vec!["5.5.0 mx.test Error: SMTP protocol synchronization".into()]));
+    client.expect_closed().await;
+    assert_eq!(seen.take(), ["192.0.2.10:40000", "10.1.1.1:40000"]);
+}
