@@ -1,9 +1,11 @@
 //! Per-client-address bookkeeping, as Postfix's anvil keeps it: concurrent
-//! sessions and connections in the current rate window, per IP address.
+//! sessions and connections in the current rate window, per IP address; and
+//! the bytes its sessions have in spill files now (counted by `body`).
 //! O(1) per connection; memory bounded under a flood of distinct addresses.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,15 @@ struct Entry {
     active: usize,
     connections: Window,
     messages: Window,
+    /// Bytes of this client's bodies in spill files, shared with its slots.
+    spilled: Arc<AtomicU64>,
+}
+
+impl Entry {
+    /// A session open, or bytes on the spool: not to be forgotten.
+    fn holds_anything(&self) -> bool {
+        self.active > 0 || self.spilled.load(Ordering::Relaxed) > 0
+    }
 }
 
 /// Events counted since a window started.
@@ -76,6 +87,7 @@ pub struct ClientTable {
 pub struct ClientSlot {
     table: Arc<ClientTable>,
     ip: IpAddr,
+    spilled: Arc<AtomicU64>,
 }
 
 impl ClientTable {
@@ -93,6 +105,7 @@ impl ClientTable {
             active: 0,
             connections: Window::new(now),
             messages: Window::new(now),
+            spilled: Arc::default(),
         });
         if entry.active >= limits.max_connections {
             return Err(Refusal::TooManyConnections);
@@ -101,7 +114,7 @@ impl ClientTable {
             return Err(Refusal::ConnectionRate);
         }
         entry.active += 1;
-        Ok(ClientSlot { table: self.clone(), ip })
+        Ok(ClientSlot { table: self.clone(), ip, spilled: entry.spilled.clone() })
     }
 
     pub fn len(&self) -> usize {
@@ -125,9 +138,9 @@ fn forget_idle(entries: &mut HashMap<IpAddr, Entry>, now: Instant) {
     const LONGEST_WINDOW: Duration = Duration::from_secs(24 * 3600);
     let before = entries.len();
     let recent = |window: &Window| now.duration_since(window.started) < LONGEST_WINDOW;
-    entries.retain(|_, entry| entry.active > 0 || recent(&entry.connections) || recent(&entry.messages));
+    entries.retain(|_, entry| entry.holds_anything() || recent(&entry.connections) || recent(&entry.messages));
     if entries.len() > before / 2 {
-        entries.retain(|_, entry| entry.active > 0);
+        entries.retain(|_, entry| entry.holds_anything());
     }
 }
 
@@ -137,6 +150,12 @@ impl ClientSlot {
     pub fn admit_message(&self, rate: Rate, now: Instant) -> bool {
         let mut entries = self.table.lock();
         entries.get_mut(&self.ip).is_some_and(|entry| entry.messages.admit(rate, now))
+    }
+
+    /// The bytes this client's bodies have in spill files now, across its
+    /// sessions (`max_spilled_bytes_per_client`); no lock to count them.
+    pub fn spilled_bytes(&self) -> &Arc<AtomicU64> {
+        &self.spilled
     }
 }
 
@@ -195,6 +214,22 @@ mod tests {
         assert!(first.admit_message(rate, start) && second.admit_message(rate, start));
         assert!(!first.admit_message(rate, start + Duration::from_secs(30)));
         assert!(second.admit_message(rate, start + Duration::from_secs(60)), "a new window");
+    }
+
+    #[test]
+    fn spilled_bytes_are_shared_by_the_sessions_of_an_address_and_outlive_them() {
+        let table = ClientTable::new(1);
+        let now = Instant::now();
+        let first = table.admit(CLIENT, limits(50, None), now).unwrap();
+        let second = table.admit(CLIENT, limits(50, None), now).unwrap();
+        assert!(Arc::ptr_eq(first.spilled_bytes(), second.spilled_bytes()));
+        let spilled = first.spilled_bytes().clone();
+        spilled.fetch_add(10, Ordering::Relaxed);
+        drop((first, second));
+        // A full table forgets idle clients, not one whose bytes are still spooled.
+        drop(table.admit(IpAddr::from([192, 0, 2, 2]), limits(50, None), now + Duration::from_secs(86_400)));
+        let again = table.admit(CLIENT, limits(50, None), now).unwrap();
+        assert_eq!(again.spilled_bytes().load(Ordering::Relaxed), 10);
     }
 
     #[test]

@@ -42,8 +42,9 @@ listener_params! {
         implicit_tls: bool = false, boolean;
         /// SMTP, or LMTP (RFC 2033).
         protocol: Protocol = Protocol::Smtp, protocol;
-        /// The most the bodies of this listener's messages hold in memory
-        /// together; past it, every new body goes to a file.
+        /// The most the bodies and envelopes of this listener's messages hold
+        /// in memory together; past it, every new body goes to a file, and
+        /// recipients get 452.
         body_memory_limit: usize = DEFAULT_BODY_MEMORY_LIMIT, size;
         /// Where spilled bodies go; None: the Maildir's `tmp/`, or the
         /// system's temporary directory with the discard sink.
@@ -75,6 +76,10 @@ listener_params! {
         max_connections_per_client: usize = 50, value positive_integer, set;
         max_connection_rate_per_client: Rate = None, value rate, option;
         max_message_rate_per_client: Rate = None, value rate, option;
+        /// Bytes one client address may have in spill files at once, across its sessions.
+        max_spilled_bytes_per_client: usize = 100 * 1024 * 1024, value size, set;
+        /// The longest one message's bytes may take to arrive (DATA, or BDAT from the first chunk).
+        max_data_duration: Duration = Duration::from_secs(600), value parse_duration, set;
     }
 }
 
@@ -462,6 +467,7 @@ mod tests {
             "tls_certificate": "c.pem", "tls_private_key": "k.pem", "tls_required_client_ca": {"key_data": "PEM"},
             "allow_xclient": true, "require_proxy_protocol": true, "max_connections_per_client": 5,
             "max_connection_rate_per_client": "30/minute", "max_message_rate_per_client": "100/hour",
+            "max_spilled_bytes_per_client": "50 MiB", "max_data_duration": "5 minutes",
         });
         let mut keys: Vec<&str> = valid.as_object().unwrap().keys().map(String::as_str).collect();
         let mut known = ANYWHERE.to_vec();
