@@ -67,6 +67,8 @@ class OverrideParameters(TypedDict, total=False):
     max_connections_per_client: int
     max_connection_rate_per_client: str
     max_message_rate_per_client: str
+    max_spilled_bytes_per_client: Size
+    max_data_duration: Duration
 
 
 class ListenerParameters(OverrideParameters, total=False):
