@@ -450,8 +450,10 @@ async fn a_clients_spilled_bytes_are_capped_across_its_sessions() {
         })),
         _ => nothing(event),
     };
-    let params =
-        json!({"hostname": "mx.test", "body_spill_threshold": "4 KiB", "max_spilled_bytes_per_client": "40 KiB"});
+    let params = json!({
+        "hostname": "mx.test", "body_spill_threshold": "4 KiB", "max_spilled_bytes_per_client": "40 KiB",
+        "relay_hosts": ["192.0.2.12"],
+    });
     let harness = harness(params, &[EventKind::GetListenerDomain], script);
     let open = ["MAIL FROM:<a@b.test>", "RCPT TO:<x@d.test>", "DATA"].map(String::from);
     let body = body_of;
@@ -483,6 +485,13 @@ async fn a_clients_spilled_bytes_are_capped_across_its_sessions() {
     assert_eq!(pipelined(&mut other, &open).await, [250, 250, 354]);
     other.send(&[body(20_000).as_slice(), b".\r\n"].concat()).await;
     assert_eq!(other.reply().await.0, 250);
+    // relay_hosts are exempt, as from the other per-client limits.
+    let mut relay = greeted(&harness, "192.0.2.12:1").await;
+    relay.command("EHLO client.test").await;
+    assert_eq!(relay.code("MAIL FROM:<a@b.test> SIZE=60000").await.0, 250);
+    assert_eq!(pipelined(&mut relay, &open[1..]).await, [250, 354]);
+    relay.send(&[body(60_000).as_slice(), b".\r\n"].concat()).await;
+    assert_eq!(relay.reply().await.0, 250);
     // Once the stalled body is done, the client may spill again.
     stalled.send(b".\r\n").await;
     assert_eq!(stalled.reply().await.0, 250);
