@@ -2,10 +2,18 @@
 //! small and the listener's budget has room; past `body_spill_threshold`, or
 //! once `body_memory_limit` is used up, it goes to a file in the spool
 //! directory as it arrives (the Maildir's `tmp/`, so that the sink can
-//! deliver it by a rename).
+//! deliver it by a rename). Envelopes (senders, recipients and their
+//! parameters) are held against the same budget ([`Reservation`]).
+//!
+//! A spill file is written only while the spool's file system keeps a
+//! reserve free (room for the bodies that stay in memory to be delivered)
+//! and while its client's spilled bytes stay under their cap
+//! ([`SpillQuota`]); a body that cannot be stored is lost ([`SpillError`]),
+//! and the rest of it read and discarded by the session.
 
 use crate::metrics::ListenerMetrics;
 use bytes::Bytes;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -74,6 +82,11 @@ impl BodyStore {
         self.in_memory_bytes() + BUDGET_MARGIN >= self.memory_limit
     }
 
+    /// What is left of the in-memory budget.
+    pub fn memory_left(&self) -> usize {
+        self.memory_limit.saturating_sub(self.in_memory_bytes())
+    }
+
     /// Whether the spool's file system has `needed` bytes free, measured at
     /// most once a second (a `statvfs`), and taken as full for a second
     /// after a write to it failed.
@@ -85,6 +98,11 @@ impl BodyStore {
             self.measured_at.store(now, Ordering::Release);
         }
         self.free.load(Ordering::Relaxed) >= needed
+    }
+
+    /// `bytes` were written to a spill file: less is free than last measured.
+    fn room_taken(&self, bytes: u64) {
+        let _ = self.free.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |free| Some(free.saturating_sub(bytes)));
     }
 
     fn write_failed(&self) {
@@ -121,14 +139,39 @@ fn free_space(dir: &Path) -> io::Result<u64> {
     Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
-/// Bytes of a spool's in-memory budget, given back when dropped.
+/// Bytes of a spool's in-memory budget, given back when dropped: a body's
+/// buffer, or a transaction's envelope.
 #[derive(Debug)]
-struct Reservation {
+pub struct Reservation {
     spool: Arc<BodyStore>,
     bytes: usize,
 }
 
 impl Reservation {
+    /// Nothing reserved yet.
+    pub fn new(spool: &Arc<BodyStore>) -> Self {
+        Self { spool: spool.clone(), bytes: 0 }
+    }
+
+    /// Reserve `bytes` more, or nothing if the budget has not that much left.
+    pub fn add(&mut self, bytes: usize) -> bool {
+        let granted = self.spool.try_reserve(bytes);
+        if granted {
+            self.bytes += bytes;
+        }
+        granted
+    }
+
+    /// Move what `other` (of the same spool) holds into this one.
+    pub fn take(&mut self, mut other: Reservation) {
+        debug_assert!(Arc::ptr_eq(&self.spool, &other.spool));
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     fn grow_to(&mut self, bytes: usize) -> bool {
         if bytes <= self.bytes {
             return true;
@@ -144,6 +187,94 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.spool.release(self.bytes);
+    }
+}
+
+/// Why a body could not be stored: it is lost, and its sender gets a 4xx.
+#[derive(Debug)]
+pub enum SpillError {
+    /// The spool's file system would keep less than its reserve free, or a
+    /// write found it full (`ENOSPC`, `EDQUOT`).
+    NoRoom,
+    /// The client's spilled bytes would pass its cap.
+    ClientCap,
+    /// Another failure to create or write the file.
+    Io(io::Error),
+}
+
+impl SpillError {
+    /// The same error (an `io::Error` is not `Clone`).
+    fn duplicate(&self) -> Self {
+        match self {
+            SpillError::NoRoom => SpillError::NoRoom,
+            SpillError::ClientCap => SpillError::ClientCap,
+            SpillError::Io(error) => SpillError::Io(io::Error::new(error.kind(), error.to_string())),
+        }
+    }
+}
+
+impl From<io::Error> for SpillError {
+    fn from(error: io::Error) -> Self {
+        match error.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => SpillError::NoRoom,
+            _ => SpillError::Io(error),
+        }
+    }
+}
+
+impl fmt::Display for SpillError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpillError::NoRoom => f.write_str("the spool is short of room"),
+            SpillError::ClientCap => f.write_str("the client's spilled bytes reached their cap"),
+            SpillError::Io(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+impl std::error::Error for SpillError {}
+
+/// The bytes one client address has in spill files now (shared by its
+/// sessions), and the most it may have.
+#[derive(Clone, Debug)]
+pub struct SpillQuota {
+    pub spilled: Arc<AtomicU64>,
+    pub cap: u64,
+}
+
+impl SpillQuota {
+    /// Whether `more` bytes would still be under the cap.
+    pub fn allows(&self, more: u64) -> bool {
+        self.spilled.load(Ordering::Relaxed).saturating_add(more) <= self.cap
+    }
+
+    /// Count `bytes` more, or nothing if that would pass the cap.
+    fn charge(&self, bytes: u64) -> bool {
+        let before = self.spilled.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) <= self.cap {
+            return true;
+        }
+        self.spilled.fetch_sub(bytes, Ordering::Relaxed);
+        false
+    }
+}
+
+/// How a body may use memory and the spool.
+#[derive(Clone, Debug, Default)]
+pub struct BodyLimits {
+    /// Past this many bytes in memory the body goes to a file.
+    pub spill_threshold: usize,
+    /// What the spool's file system must keep free after each write to a
+    /// spill file.
+    pub spool_reserve: u64,
+    /// Its client's spilled bytes and their cap; None: exempt.
+    pub quota: Option<SpillQuota>,
+}
+
+impl BodyLimits {
+    /// A threshold only: no reserve, no cap.
+    pub fn threshold(spill_threshold: usize) -> Self {
+        Self { spill_threshold, ..Self::default() }
     }
 }
 
@@ -192,24 +323,54 @@ pub struct SpillFile {
     spool: Arc<BodyStore>,
     /// Bytes written so far.
     written: u64,
+    /// What the file system must keep free.
+    reserve: u64,
+    /// The client's count, which `written` is part of.
+    quota: Option<SpillQuota>,
 }
 
 impl SpillFile {
     /// A new file, named as Maildir's `tmp/` wants: unique to this host
     /// (several processes may share the directory).
-    fn create(spool: &Arc<BodyStore>) -> io::Result<Self> {
+    fn create(spool: &Arc<BodyStore>, limits: &BodyLimits) -> Result<Self, SpillError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
+        if !spool.has_room(limits.spool_reserve) {
+            return Err(SpillError::NoRoom);
+        }
         let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
         let sequence = COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = spool.dir.join(format!("{secs}.P{}Q{sequence}.body", std::process::id()));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-        Ok(Self { file, path, spool: spool.clone(), written: 0 })
+        let opened = OpenOptions::new().read(true).write(true).create_new(true).open(&path);
+        // Taken as full for a second after a failure: the other bodies need not try.
+        let file = opened.inspect_err(|_| spool.write_failed())?;
+        let (reserve, quota) = (limits.spool_reserve, limits.quota.clone());
+        Ok(Self { file, path, spool: spool.clone(), written: 0, reserve, quota })
     }
 
-    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)?;
-        self.written += bytes.len() as u64;
-        self.spool.metrics.body_spilled_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    /// Write `bytes` if the spool keeps its reserve and the client stays
+    /// under its cap.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), SpillError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let len = bytes.len() as u64;
+        if !self.spool.has_room(self.reserve.saturating_add(len)) {
+            return Err(SpillError::NoRoom);
+        }
+        if self.quota.as_ref().is_some_and(|quota| !quota.charge(len)) {
+            return Err(SpillError::ClientCap);
+        }
+        if let Err(error) = self.file.write_all(bytes) {
+            self.spool.write_failed();
+            // The body is lost and its file removed: the charge is given back.
+            if let Some(quota) = &self.quota {
+                quota.spilled.fetch_sub(len, Ordering::Relaxed);
+            }
+            return Err(error.into());
+        }
+        self.written += len;
+        self.spool.room_taken(len);
+        self.spool.metrics.body_spilled_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -217,6 +378,9 @@ impl SpillFile {
 impl Drop for SpillFile {
     fn drop(&mut self) {
         self.spool.metrics.body_spilled_bytes.fetch_sub(self.written, Ordering::Relaxed);
+        if let Some(quota) = &self.quota {
+            quota.spilled.fetch_sub(self.written, Ordering::Relaxed);
+        }
         // Gone already when the sink renamed it into the Maildir.
         let _ = fs::remove_file(&self.path);
     }
@@ -367,27 +531,25 @@ fn copy_by_reading(from: &File, mut offset: u64, mut len: usize, to: &mut File) 
 #[derive(Debug)]
 pub struct BodyBuffer {
     spool: Arc<BodyStore>,
-    /// Past this many bytes in memory the body goes to a file.
-    threshold: usize,
+    limits: BodyLimits,
     /// The body so far while in memory; once spilled, bytes not yet written.
     memory: Vec<u8>,
     reservation: Reservation,
     /// Written at the start of the spill file, before the body.
     prefix: Vec<u8>,
     file: Option<SpillFile>,
-    /// The first write to the spill file that failed: the body is lost.
-    failure: Option<io::Error>,
+    /// Why the body could not be stored, from the first failure on: the body is lost.
+    failure: Option<SpillError>,
 }
 
 impl BodyBuffer {
-    /// `capacity`: the room first made in memory (kept under `threshold`);
-    /// `prefix`: what the spill file starts with.
-    pub fn new(spool: &Arc<BodyStore>, threshold: usize, capacity: usize, prefix: Vec<u8>) -> Self {
-        let memory = Vec::with_capacity(capacity.min(threshold));
-        let mut reservation = Reservation { spool: spool.clone(), bytes: 0 };
+    /// `capacity`: the room first made in memory (kept under the spill
+    /// threshold); `prefix`: what the spill file starts with.
+    pub fn new(spool: &Arc<BodyStore>, limits: BodyLimits, capacity: usize, prefix: Vec<u8>) -> Self {
+        let memory = Vec::with_capacity(capacity.min(limits.spill_threshold));
+        let mut reservation = Reservation::new(spool);
         let fits = reservation.grow_to(memory.capacity());
-        let mut buffer =
-            Self { spool: spool.clone(), threshold, memory, reservation, prefix, file: None, failure: None };
+        let mut buffer = Self { spool: spool.clone(), limits, memory, reservation, prefix, file: None, failure: None };
         if !fits {
             buffer.spill();
         }
@@ -401,8 +563,8 @@ impl BodyBuffer {
 
     /// Take in what was put into [`Self::pending`]: spill the body if it
     /// outgrew its threshold or the memory budget, write it out if spilled.
-    /// Errors come once; the body is then lost (see [`Self::finish`]).
-    pub fn settle(&mut self) -> io::Result<()> {
+    /// The failure comes once; the body is then lost (see [`Self::finish`]).
+    pub fn settle(&mut self) -> Result<(), SpillError> {
         if self.failure.is_some() {
             self.memory.clear();
             return Ok(());
@@ -413,16 +575,18 @@ impl BodyBuffer {
                 self.memory.clear();
                 self.failed(written)
             }
-            None if self.memory.len() > self.threshold || !self.reservation.grow_to(self.memory.capacity()) => {
+            None if self.memory.len() > self.limits.spill_threshold
+                || !self.reservation.grow_to(self.memory.capacity()) =>
+            {
                 self.spill();
-                self.failure.as_ref().map_or(Ok(()), |error| Err(io::Error::new(error.kind(), error.to_string())))
+                self.failure.as_ref().map_or(Ok(()), |error| Err(error.duplicate()))
             }
             None => Ok(()),
         }
     }
 
     /// Add raw bytes (a BDAT chunk) to the body.
-    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+    pub fn append(&mut self, bytes: &[u8]) -> Result<(), SpillError> {
         self.memory.extend_from_slice(bytes);
         self.settle()
     }
@@ -441,21 +605,19 @@ impl BodyBuffer {
         self.len() == 0
     }
 
-    fn failed(&mut self, result: io::Result<()>) -> io::Result<()> {
-        match result {
-            Ok(()) => Ok(()),
-            Err(error) => {
-                self.spool.write_failed();
-                self.failure = Some(io::Error::new(error.kind(), error.to_string()));
-                self.file = None;
-                Err(error)
-            }
-        }
+    fn failed(&mut self, result: Result<(), SpillError>) -> Result<(), SpillError> {
+        let error = match result {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        self.failure = Some(error.duplicate());
+        self.file = None;
+        Err(error)
     }
 
     /// Move the body so far into a new spill file.
     fn spill(&mut self) {
-        let spilled = SpillFile::create(&self.spool).and_then(|mut file| {
+        let spilled = SpillFile::create(&self.spool, &self.limits).and_then(|mut file| {
             file.write(&self.prefix)?;
             file.write(&self.memory)?;
             Ok(file)
@@ -468,7 +630,7 @@ impl BodyBuffer {
     }
 
     /// The body, or the error that lost it.
-    pub fn finish(mut self) -> io::Result<Body> {
+    pub fn finish(mut self) -> Result<Body, SpillError> {
         if let Some(error) = self.failure.take() {
             return Err(error);
         }
@@ -480,7 +642,7 @@ impl BodyBuffer {
                 Ok(Body::Memory(Bytes::from_owner(ReservedBytes { bytes: memory, _reservation: reservation })))
             }
             Some(mut file) => {
-                file.write(&memory).inspect_err(|_| self.spool.write_failed())?;
+                file.write(&memory)?;
                 let len = file.written as usize - self.prefix.len();
                 let prefix = std::mem::take(&mut self.prefix);
                 Ok(Body::File(Arc::new(SpilledBody { file, prefix, len })))
@@ -518,7 +680,7 @@ mod tests {
             File::options().write(true).open(dir.join(name)).unwrap().set_modified(old).unwrap();
         }
         let spool = BodyStore::new(dir.clone(), 1 << 20, Arc::default());
-        let mut buffer = BodyBuffer::new(&spool, 1, 1, Vec::new());
+        let mut buffer = BodyBuffer::new(&spool, BodyLimits::threshold(1), 1, Vec::new());
         buffer.append(b"spilled").unwrap();
         let Body::File(spilled) = buffer.finish().unwrap() else { panic!("not spilled") };
         assert!(is_spill_file_name(spilled.path().file_name().unwrap().to_str().unwrap()), "{spilled:?}");
@@ -534,7 +696,7 @@ mod tests {
     fn a_small_body_stays_in_memory_and_gives_its_reservation_back() {
         let dir = scratch_dir("small");
         let spool = BodyStore::new(dir.clone(), 1 << 20, Arc::default());
-        let mut buffer = BodyBuffer::new(&spool, 1024, 100, b"ENV\r\n".to_vec());
+        let mut buffer = BodyBuffer::new(&spool, BodyLimits::threshold(1024), 100, b"ENV\r\n".to_vec());
         receive(&mut buffer, &[b"Subject: x\r\n", b"\r\nhi\r\n"]);
         let body = buffer.finish().unwrap();
         assert!(matches!(&body, Body::Memory(bytes) if bytes.as_ref() == b"Subject: x\r\n\r\nhi\r\n"));
@@ -551,7 +713,7 @@ mod tests {
     fn a_body_past_its_threshold_goes_to_a_file_after_the_prefix() {
         let dir = scratch_dir("spill");
         let spool = BodyStore::new(dir.clone(), 1 << 20, Arc::default());
-        let mut buffer = BodyBuffer::new(&spool, 8, 4, b"ENV\r\n".to_vec());
+        let mut buffer = BodyBuffer::new(&spool, BodyLimits::threshold(8), 4, b"ENV\r\n".to_vec());
         receive(&mut buffer, &[b"0123", b"4567", b"89ab", b"cdef"]);
         assert!(buffer.is_spilled());
         assert_eq!(buffer.len(), 16);
@@ -573,11 +735,11 @@ mod tests {
         let dir = scratch_dir("budget");
         let spool = BodyStore::new(dir, BUDGET_MARGIN + 64, Arc::default());
         assert!(!spool.memory_exhausted());
-        let first = BodyBuffer::new(&spool, 1024, 64, Vec::new());
+        let first = BodyBuffer::new(&spool, BodyLimits::threshold(1024), 64, Vec::new());
         assert!(!first.is_spilled());
         assert!(spool.memory_exhausted());
-        let filler = BodyBuffer::new(&spool, BUDGET_MARGIN, BUDGET_MARGIN, Vec::new());
-        let mut second = BodyBuffer::new(&spool, 1024, 64, Vec::new());
+        let filler = BodyBuffer::new(&spool, BodyLimits::threshold(BUDGET_MARGIN), BUDGET_MARGIN, Vec::new());
+        let mut second = BodyBuffer::new(&spool, BodyLimits::threshold(1024), 64, Vec::new());
         assert!(second.is_spilled());
         second.append(b"tiny\r\n").unwrap();
         assert!(matches!(second.finish().unwrap(), Body::File(_)));
@@ -590,10 +752,95 @@ mod tests {
         let dir = scratch_dir("fails").join("missing");
         let spool = BodyStore::new(dir, 1 << 20, Arc::default());
         assert!(!spool.has_room(1), "no file system behind a missing directory");
-        let mut buffer = BodyBuffer::new(&spool, 4, 4, Vec::new());
+        let mut buffer = BodyBuffer::new(&spool, BodyLimits::threshold(4), 4, Vec::new());
         assert!(buffer.append(b"more than four").is_err());
         assert!(buffer.append(b"the rest is taken and dropped").is_ok());
         assert!(buffer.finish().is_err());
+        assert_eq!(spool.in_memory_bytes(), 0);
+    }
+
+    #[test]
+    fn a_spill_file_that_cannot_be_made_marks_the_spool_full_for_a_second() {
+        let dir = scratch_dir("vanished");
+        let spool = BodyStore::new(dir.clone(), 1 << 20, Arc::default());
+        assert!(spool.has_room(1));
+        fs::remove_dir_all(&dir).unwrap();
+        let mut buffer = BodyBuffer::new(&spool, BodyLimits::threshold(1), 1, Vec::new());
+        assert!(matches!(buffer.append(b"lost"), Err(SpillError::Io(_))));
+        assert!(!spool.has_room(1), "taken as full until measured again");
+    }
+
+    /// As if the spool's file system had just been measured with `free` bytes free.
+    fn pretend_free(spool: &BodyStore, free: u64) {
+        spool.free.store(free, Ordering::Relaxed);
+        spool.measured_at.store(spool.epoch.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    #[test]
+    fn a_spilled_body_keeps_the_spool_reserve_free_or_is_lost() {
+        let dir = scratch_dir("reserve");
+        let spool = BodyStore::new(dir.clone(), 1 << 20, Arc::default());
+        let limits = BodyLimits { spool_reserve: 1000, ..BodyLimits::threshold(8) };
+        pretend_free(&spool, 1099);
+        assert!(matches!(
+            BodyBuffer::new(&spool, limits.clone(), 4, Vec::new()).append(&[b'x'; 100]),
+            Err(SpillError::NoRoom)
+        ));
+        pretend_free(&spool, 1300);
+        let mut buffer = BodyBuffer::new(&spool, limits.clone(), 4, Vec::new());
+        buffer.append(&[b'x'; 200]).unwrap();
+        assert!(buffer.is_spilled());
+        // 1,100 left by our count: 100 more would leave less than 1,000.
+        assert!(matches!(buffer.append(&[b'y'; 101]), Err(SpillError::NoRoom)));
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "the file is removed at once");
+        buffer.append(b"the rest is read and dropped").unwrap();
+        assert!(matches!(buffer.finish(), Err(SpillError::NoRoom)));
+        assert_eq!(spool.spilled_bytes(), 0);
+        // A body that stays in memory needs no room.
+        pretend_free(&spool, 0);
+        let mut small = BodyBuffer::new(&spool, limits, 4, Vec::new());
+        small.append(b"fits").unwrap();
+        assert!(matches!(small.finish().unwrap(), Body::Memory(_)));
+    }
+
+    #[test]
+    fn a_clients_spilled_bytes_are_counted_across_its_bodies_up_to_the_cap() {
+        let spool = BodyStore::new(scratch_dir("cap"), 1 << 20, Arc::default());
+        let quota = SpillQuota { spilled: Arc::default(), cap: 100 };
+        let limits = BodyLimits { quota: Some(quota.clone()), ..BodyLimits::threshold(8) };
+        let mut first = BodyBuffer::new(&spool, limits.clone(), 4, b"ENV".to_vec());
+        first.append(&[b'a'; 57]).unwrap();
+        assert_eq!(quota.spilled.load(Ordering::Relaxed), 60, "the prefix counts");
+        assert!(quota.allows(40) && !quota.allows(41));
+        let mut second = BodyBuffer::new(&spool, limits.clone(), 4, Vec::new());
+        assert!(matches!(second.append(&[b'b'; 41]), Err(SpillError::ClientCap)));
+        assert_eq!(quota.spilled.load(Ordering::Relaxed), 60, "a refused write is not counted");
+        let first = first.finish().unwrap();
+        assert_eq!(quota.spilled.load(Ordering::Relaxed), 60, "held while the message lives");
+        drop(first);
+        assert_eq!(quota.spilled.load(Ordering::Relaxed), 0);
+        assert!(second.finish().is_err(), "a lost body stays lost");
+        let mut third = BodyBuffer::new(&spool, limits, 4, Vec::new());
+        third.append(&[b'c'; 100]).unwrap();
+        drop(third);
+        assert_eq!(quota.spilled.load(Ordering::Relaxed), 0, "an unfinished body gives its count back");
+    }
+
+    #[test]
+    fn an_envelope_reservation_holds_budget_until_dropped() {
+        let spool = BodyStore::new(scratch_dir("envelope"), 1000, Arc::default());
+        let mut envelope = Reservation::new(&spool);
+        assert!(envelope.add(600));
+        let mut recipient = Reservation::new(&spool);
+        assert!(!recipient.add(401), "past the budget: nothing reserved");
+        assert_eq!((recipient.bytes(), spool.in_memory_bytes()), (0, 600));
+        assert!(recipient.add(400));
+        envelope.take(recipient);
+        assert_eq!((envelope.bytes(), spool.in_memory_bytes(), spool.memory_left()), (1000, 1000, 0));
+        let body = BodyBuffer::new(&spool, BodyLimits::threshold(1024), 64, Vec::new());
+        assert!(body.is_spilled(), "a body finds no room in memory");
+        drop(body);
+        drop(envelope);
         assert_eq!(spool.in_memory_bytes(), 0);
     }
 
@@ -608,7 +855,7 @@ mod tests {
     fn a_spilled_body_is_copied_into_another_file_without_its_prefix() {
         let dir = scratch_dir("copy");
         let spool = BodyStore::new(dir.clone(), 1 << 20, Arc::default());
-        let mut buffer = BodyBuffer::new(&spool, 1, 1, b"PREFIX".to_vec());
+        let mut buffer = BodyBuffer::new(&spool, BodyLimits::threshold(1), 1, b"PREFIX".to_vec());
         let text: Vec<u8> = (0..200_000u32).flat_map(|n| n.to_le_bytes()).collect();
         buffer.append(&text).unwrap();
         let body = buffer.finish().unwrap();

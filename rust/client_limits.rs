@@ -3,12 +3,14 @@
 //! current rate window, per client. A client is an IPv4 address, or an IPv6
 //! network of `client_ipv6_prefix_length` bits (Postfix ≥ 3.8's
 //! `smtpd_client_ipv6_prefix_length`): one host has a whole /64 or more to
-//! pick addresses from. O(1) per connection; memory bounded under a flood of
+//! pick addresses from. And the bytes its sessions have in spill files now
+//! (counted by `body`). O(1) per connection; memory bounded under a flood of
 //! distinct addresses.
 
 use ipnet::{IpNet, Ipv6Net};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -64,6 +66,15 @@ struct Entry {
     messages: Window,
     /// AUTH attempts that have not succeeded (yet).
     auth_failures: Window,
+    /// Bytes of this client's bodies in spill files, shared with its slots.
+    spilled: Arc<AtomicU64>,
+}
+
+impl Entry {
+    /// A session open, or bytes on the spool: not to be forgotten.
+    fn holds_anything(&self) -> bool {
+        self.active > 0 || self.spilled.load(Ordering::Relaxed) > 0
+    }
 }
 
 /// Events counted since a window started.
@@ -103,6 +114,7 @@ pub struct ClientSlot {
     table: Arc<ClientTable>,
     network: IpNet,
     auth_failures: Option<Rate>,
+    spilled: Arc<AtomicU64>,
 }
 
 /// An AUTH attempt, counted as a failure from its start (so that sessions
@@ -137,6 +149,7 @@ impl ClientTable {
             connections: Window::new(now),
             messages: Window::new(now),
             auth_failures: Window::new(now),
+            spilled: Arc::default(),
         });
         if entry.active >= limits.max_connections {
             return Err(Refusal::TooManyConnections);
@@ -145,7 +158,12 @@ impl ClientTable {
             return Err(Refusal::ConnectionRate);
         }
         entry.active += 1;
-        Ok(ClientSlot { table: self.clone(), network, auth_failures: limits.auth_failures })
+        Ok(ClientSlot {
+            table: self.clone(),
+            network,
+            auth_failures: limits.auth_failures,
+            spilled: entry.spilled.clone(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -170,10 +188,10 @@ fn forget_idle(entries: &mut HashMap<IpNet, Entry>, now: Instant) {
     let before = entries.len();
     let recent = |window: &Window| now.duration_since(window.started) < LONGEST_WINDOW;
     entries.retain(|_, entry| {
-        entry.active > 0 || recent(&entry.connections) || recent(&entry.messages) || recent(&entry.auth_failures)
+        entry.holds_anything() || recent(&entry.connections) || recent(&entry.messages) || recent(&entry.auth_failures)
     });
     if entries.len() > before / 2 {
-        entries.retain(|_, entry| entry.active > 0);
+        entries.retain(|_, entry| entry.holds_anything());
     }
 }
 
@@ -220,6 +238,12 @@ impl ClientSlot {
                 window.count = window.count.saturating_sub(1);
             }
         }
+    }
+
+    /// The bytes this client's bodies have in spill files now, across its
+    /// sessions (`max_spilled_bytes_per_client`); no lock to count them.
+    pub fn spilled_bytes(&self) -> &Arc<AtomicU64> {
+        &self.spilled
     }
 }
 
@@ -287,6 +311,22 @@ mod tests {
         assert!(first.admit_message(rate, start) && second.admit_message(rate, start));
         assert!(!first.admit_message(rate, start + Duration::from_secs(30)));
         assert!(second.admit_message(rate, start + Duration::from_secs(60)), "a new window");
+    }
+
+    #[test]
+    fn spilled_bytes_are_shared_by_the_sessions_of_an_address_and_outlive_them() {
+        let table = ClientTable::new(1);
+        let now = Instant::now();
+        let first = table.admit(CLIENT, limits(50, None), now).unwrap();
+        let second = table.admit(CLIENT, limits(50, None), now).unwrap();
+        assert!(Arc::ptr_eq(first.spilled_bytes(), second.spilled_bytes()));
+        let spilled = first.spilled_bytes().clone();
+        spilled.fetch_add(10, Ordering::Relaxed);
+        drop((first, second));
+        // A full table forgets idle clients, not one whose bytes are still spooled.
+        drop(table.admit(IpAddr::from([192, 0, 2, 2]), limits(50, None), now + Duration::from_secs(86_400)));
+        let again = table.admit(CLIENT, limits(50, None), now).unwrap();
+        assert_eq!(again.spilled_bytes().load(Ordering::Relaxed), 10);
     }
 
     #[test]

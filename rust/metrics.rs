@@ -99,9 +99,9 @@ metric_table! {
     Counter auth_limit_refusals: "kumo_listener_auth_limit_refusals",
         "AUTH commands refused (421, and a close) by max_auth_failures_per_client.";
     Counter shed_connections: "kumo_listener_shed_connections",
-        "Connections refused by load shedding: busy_at policy calls waiting, body_memory_limit used up, or a full spool.";
+        "Connections refused by load shedding: busy_at policy calls waiting, or body_memory_limit used up.";
     Gauge body_memory_bytes: "kumo_listener_body_memory_bytes",
-        "Bytes of message bodies held in memory now (against body_memory_limit).";
+        "Bytes of message bodies and envelopes held in memory now (against body_memory_limit).";
     Gauge body_spilled_bytes: "kumo_listener_body_spilled_bytes", "Bytes of message bodies in spill files now.";
     }
 }

@@ -450,7 +450,7 @@ mod tests {
     }
 
     fn spilled(spool: &Arc<crate::body::BodyStore>, prefix: Vec<u8>, text: &[u8]) -> Body {
-        let mut buffer = crate::body::BodyBuffer::new(spool, 1, 1, prefix);
+        let mut buffer = crate::body::BodyBuffer::new(spool, crate::body::BodyLimits::threshold(1), 1, prefix);
         buffer.append(text).unwrap();
         buffer.finish().unwrap()
     }

@@ -84,6 +84,8 @@ class OverrideParameters(TypedDict, total=False):
     forward_options: ForwardOptions
     max_auth_failures_per_client: str | Literal[False]
     client_ipv6_prefix_length: int
+    max_spilled_bytes_per_client: Size
+    max_data_duration: Duration
 
 
 class ListenerParameters(OverrideParameters, total=False):

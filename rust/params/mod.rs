@@ -50,8 +50,9 @@ listener_params! {
         implicit_tls: bool = false, boolean;
         /// SMTP, or LMTP (RFC 2033).
         protocol: Protocol = Protocol::Smtp, protocol;
-        /// The most the bodies of this listener's messages hold in memory
-        /// together; past it, every new body goes to a file.
+        /// The most the bodies and envelopes of this listener's messages hold
+        /// in memory together; past it, every new body goes to a file, and
+        /// recipients get 452.
         body_memory_limit: usize = DEFAULT_BODY_MEMORY_LIMIT, size;
         /// Where spilled bodies go; None: the Maildir's `tmp/`, or the
         /// system's temporary directory with the discard sink.
@@ -91,6 +92,10 @@ listener_params! {
         max_auth_failures_per_client: Option<Rate> = Some(DEFAULT_AUTH_FAILURES), value rate_or_false, set;
         /// The bits of an IPv6 address that name a client, for every per-client limit.
         client_ipv6_prefix_length: u8 = DEFAULT_IPV6_PREFIX_LENGTH, value ipv6_prefix_length, set;
+        /// Bytes one client address may have in spill files at once, across its sessions.
+        max_spilled_bytes_per_client: usize = 100 * 1024 * 1024, value size, set;
+        /// The longest one message's bytes may take to arrive (DATA, or BDAT from the first chunk).
+        max_data_duration: Duration = Duration::from_secs(600), value parse_duration, set;
     }
 }
 
@@ -533,6 +538,7 @@ mod tests {
             "forward_to": ["smtp://mx.example", "lmtp:/run/lmtp"],
             "forward_options": {"tls": "verify", "tls_ca": "ca.pem", "connect_timeout": 1, "pool_size": 4},
             "max_auth_failures_per_client": "5/hour", "client_ipv6_prefix_length": 64,
+            "max_spilled_bytes_per_client": "50 MiB", "max_data_duration": "5 minutes",
         });
         let mut keys: Vec<&str> = valid.as_object().unwrap().keys().map(String::as_str).collect();
         let mut known = ANYWHERE.to_vec();

@@ -13,10 +13,17 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 const LONGEST_VERB: usize = "STARTTLS".len();
 const MAX_DOMAIN_LEN: usize = 255;
 const MAX_LABEL_LEN: usize = 63;
+/// RFC 5321 §4.5.3.1.3: a forward path, as sent, angle brackets (and any
+/// source route) included.
+pub const MAX_PATH_LEN: usize = 256;
+/// RFC 5321 §4.5.3.1.1: a local part, as sent (quotes and escapes included).
+pub const MAX_LOCAL_PART_LEN: usize = 64;
 
 /// An address, with the ESMTP parameters of the `MAIL FROM`/`RCPT TO` that
 /// gave it. `domain` is empty for the bare `<postmaster>` recipient.
-/// The local part is not limited to 64 octets: many real senders exceed it.
+/// A recipient is held to RFC 5321 §4.5.3.1's limits ([`MAX_PATH_LEN`],
+/// [`MAX_LOCAL_PART_LEN`]); the sender is not, since real senders exceed
+/// them (VERP and SRS return paths carry a whole address in the local part).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Mailbox {
     pub local_part: String,
@@ -224,6 +231,10 @@ impl ParseError {
         Self::new(501, "5.1.3", "bad recipient address syntax")
     }
 
+    fn recipient_too_long() -> Self {
+        Self::new(501, "5.1.3", "recipient address too long (RFC 5321 4.5.3.1: path 256, local part 64 octets)")
+    }
+
     fn unsupported_parameter(command: &str, keyword: &str) -> Self {
         Self::new(555, "5.5.4", format!("unsupported {command} parameter {keyword}"))
     }
@@ -351,7 +362,11 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
 
 fn parse_rcpt(args: &str) -> Result<Command, ParseError> {
     let path = strip_path_keyword(args, "TO:").ok_or_else(|| ParseError::syntax("syntax: RCPT TO:<address>"))?;
-    let (mut forward_path, params) = parse_forward_path(path).ok_or_else(ParseError::bad_recipient)?;
+    let (mut forward_path, local_part_len, params) = parse_forward_path(path).ok_or_else(ParseError::bad_recipient)?;
+    // What a client can make us hold per recipient is bounded by these, not by the line length.
+    if path.len() - params.len() > MAX_PATH_LEN || local_part_len > MAX_LOCAL_PART_LEN {
+        return Err(ParseError::recipient_too_long());
+    }
     forward_path.params = parse_parameters(params, "RCPT", &RCPT_KEYWORDS)?;
     Ok(Command::RcptTo { forward_path })
 }
@@ -372,32 +387,34 @@ fn parse_reverse_path(input: &str) -> Option<(ReversePath, &str)> {
     if let Some(rest) = input.strip_prefix("<>") {
         return Some((ReversePath::Null, end_of_path(rest)?));
     }
-    let (mailbox, params) = parse_path(input)?;
+    let (mailbox, _, params) = parse_path(input)?;
     Some((ReversePath::Mailbox(mailbox), params))
 }
 
-/// Returns the path and the parameter text after it.
-fn parse_forward_path(input: &str) -> Option<(Mailbox, &str)> {
+/// Returns the path, the length of its local part as sent, and the parameter text after it.
+fn parse_forward_path(input: &str) -> Option<(Mailbox, usize, &str)> {
     parse_bare_postmaster(input).or_else(|| parse_path(input))
 }
 
 /// `<postmaster>` without a domain is a valid recipient (RFC 5321 §4.5.1).
-fn parse_bare_postmaster(input: &str) -> Option<(Mailbox, &str)> {
+fn parse_bare_postmaster(input: &str) -> Option<(Mailbox, usize, &str)> {
     let (path, rest) = input.split_at_checked("<postmaster>".len())?;
     let local_part = path.strip_prefix('<')?.strip_suffix('>')?;
     if !local_part.eq_ignore_ascii_case("postmaster") {
         return None;
     }
-    Some((Mailbox::new(local_part, ""), end_of_path(rest)?))
+    Some((Mailbox::new(local_part, ""), local_part.len(), end_of_path(rest)?))
 }
 
-/// `<[source-route:]local-part@domain>`, returning the parameter text after it.
-fn parse_path(input: &str) -> Option<(Mailbox, &str)> {
+/// `<[source-route:]local-part@domain>`, returning the length of the local
+/// part as sent and the parameter text after the path.
+fn parse_path(input: &str) -> Option<(Mailbox, usize, &str)> {
     let input = skip_source_route(input.strip_prefix('<')?)?;
     let (local_part, rest) = parse_local_part(input)?;
+    let local_part_len = input.len() - rest.len();
     let (domain, rest) = parse_domain(rest.strip_prefix('@')?)?;
     let params = end_of_path(rest.strip_prefix('>')?)?;
-    Some((Mailbox::new(local_part, domain), params))
+    Some((Mailbox::new(local_part, domain), local_part_len, params))
 }
 
 /// A closed path must end the line or be followed by whitespace.
@@ -1436,6 +1453,35 @@ mod tests {
         assert_eq!(one_too_long.len(), 256);
         assert_eq!(codes(&format!("MAIL FROM:<a@{one_too_long}>")), BAD_SENDER);
         assert_eq!(codes(&format!("MAIL FROM:<a@b.{longest}>")), BAD_SENDER);
+    }
+
+    #[test]
+    fn a_recipient_is_held_to_rfc_5321_lengths_as_sent() {
+        let local = "l".repeat(64);
+        // `<` + 64 + `@` + 189 + `>` = 256 octets: the longest path.
+        let domain = format!("{}.{}.{}", "d".repeat(63), "d".repeat(63), "d".repeat(61));
+        assert_eq!(format!("<{local}@{domain}>").len(), MAX_PATH_LEN);
+        assert_eq!(recipient(&format!("RCPT TO:<{local}@{domain}> NOTIFY=NEVER")).local_part, local);
+        let too_long = (501, "5.1.3", ParseError::recipient_too_long().text.into_owned());
+        assert_eq!(reply_to(format!("RCPT TO:<{local}@{domain}x>").as_bytes()), too_long, "path 257");
+        assert_eq!(reply_to(format!("RCPT TO:<{local}x@b.example>").as_bytes()), too_long, "local part 65");
+        // Quotes count: 62 octets inside them make 64.
+        let quoted = format!("\"{}\"", "q".repeat(62));
+        assert_eq!(recipient(&format!("RCPT TO:<{quoted}@b.example>")).local_part, "q".repeat(62));
+        let quoted = format!("\"{}\\\"\"", "q".repeat(61));
+        assert_eq!(reply_to(format!("RCPT TO:<{quoted}@b.example>").as_bytes()), too_long, "an escape counts");
+        // A source route counts in the path.
+        let route = format!("@{0}.{0},@{0}:", "r".repeat(63));
+        let path = format!("<{route}{local}@{}>", "d".repeat(63));
+        assert!(path.len() > MAX_PATH_LEN);
+        assert_eq!(reply_to(format!("RCPT TO:{path}").as_bytes()), too_long);
+        // What the issue's attack sent: 986-octet addresses.
+        let attack = format!("RCPT TO:<{}@b.example>", "a".repeat(976));
+        assert_eq!(reply_to(attack.as_bytes()), too_long);
+        // The sender is not held to them (VERP, SRS).
+        let verp = format!("bounces-{}={}", "x".repeat(60), "example.com");
+        assert_eq!(sender(&format!("MAIL FROM:<{verp}@{domain}>")).local_part, verp);
+        assert_eq!(recipient("RCPT TO:<Postmaster>").local_part, "Postmaster");
     }
 
     #[test]

@@ -17,6 +17,9 @@ use tokio::time::Instant;
 /// The message a transaction is receiving in chunks.
 pub(super) struct Chunks {
     id: String,
+    /// When the last chunk must be in, whatever the pace: `max_data_duration`
+    /// after the first began.
+    ends: Instant,
     /// The `Received:` header of each part, when it is not in `body`.
     per_part: Option<ReceivedHeader>,
     /// None once the message is refused: its bytes are then discarded.
@@ -106,12 +109,18 @@ impl<S: Transport> Session<S> {
         let binary = transaction.params.body == Some(BodyType::BinaryMime);
         let capacity = in_body.len() + transaction.size_hint();
         let prefix = self.spill_prefix(transaction, per_part.is_some());
-        let mut body = Some(BodyBuffer::new(&self.context.spool, self.params.body_spill_threshold, capacity, prefix));
+        let mut body = Some(BodyBuffer::new(&self.context.spool, self.body_limits(), capacity, prefix));
         append(&mut body, in_body.as_bytes());
         let content = ChunkedBody::new(self.data_limits(), binary);
+        let ends = self.data_ends(Instant::now());
         if let Some(transaction) = &mut self.transaction {
-            transaction.chunks = Some(Chunks { id, per_part, body, content });
+            transaction.chunks = Some(Chunks { id, ends, per_part, body, content });
         }
+    }
+
+    /// When the message being received in chunks must be whole, if there is one.
+    pub(super) fn chunks_end(&self) -> Option<Instant> {
+        self.transaction.as_ref()?.chunks.as_ref().map(|chunks| chunks.ends)
     }
 
     /// Read the `size` octets of a chunk, with DATA's deadlines, into the
@@ -132,9 +141,11 @@ impl<S: Transport> Session<S> {
             }
             // Replies to what came before the chunk go out before waiting for the rest.
             self.flush().await?;
+            let ends = self.chunks_end();
             let deadline = self.data_deadline(started, usize::try_from(received).unwrap_or(usize::MAX));
+            let deadline = ends.map_or(deadline, |ends| deadline.min(ends));
             let filled = self.fill(deadline, self.params.data_buffer_size).await;
-            filled.map_err(|error| self.read_failed(error))?;
+            filled.map_err(|error| self.data_read_failed(error, ends))?;
         }
     }
 
@@ -149,7 +160,7 @@ impl<S: Transport> Session<S> {
         let body = &mut chunks.body;
         let verdict = chunks.content.finish(|stored| append(body, stored));
         match (verdict.refusal(), chunks.body) {
-            (None, Some(body)) => self.accept_body(chunks.id, transaction, body, chunks.per_part).await,
+            (None, Some(body)) => self.accept_body(chunks.id, *transaction, body, chunks.per_part).await,
             (refusal, _) => self.refuse_message(transaction.recipients.len(), refusal.unwrap_or(STORAGE_FAILED)),
         }
     }

@@ -48,10 +48,16 @@ impl<S: Transport> Session<S> {
             self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, too many policy calls waiting"));
             return Err(self.close(BUSY));
         }
-        if let Some(reason) = self.spool_overloaded() {
+        // Only the memory budget sheds connections: with it used up, a new
+        // session could hold neither an envelope nor the first bytes of a
+        // body (each MAIL would get 452), so it is told at once to come back,
+        // and holds no slot meanwhile. A full spool sheds nothing here: it
+        // refuses only the messages that need it (at MAIL with SIZE=, or when
+        // a body outgrows memory), and small ones still get through.
+        if self.context.spool.memory_exhausted() {
             metrics::count(&self.context.metrics.shed_connections);
             let remote = self.remote;
-            self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, {reason}"));
+            self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, body_memory_limit reached"));
             return Err(self.close(BUSY));
         }
         // Decided by the static parameters only: the dynamic hook is asked
@@ -84,17 +90,6 @@ impl<S: Transport> Session<S> {
         }
         self.greet();
         Ok(())
-    }
-
-    /// Why the bodies of more sessions would not fit, if they would not.
-    fn spool_overloaded(&self) -> Option<&'static str> {
-        if self.context.spool.memory_exhausted() {
-            Some("body_memory_limit reached")
-        } else if !self.spool_has_room() {
-            Some("the body spool is full")
-        } else {
-            None
-        }
     }
 
     pub(super) async fn connection_accepted(&mut self) -> Step {

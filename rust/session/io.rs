@@ -1,6 +1,7 @@
 //! Reading and writing: command lines, raw reads with their deadlines, and
 //! the two reply verbs, [`Session::send`] and [`Session::close`].
 
+use super::replies::DATA_TIMEOUT;
 use super::{Session, Step, Stop};
 use crate::protocol::framing::LineEvent;
 use crate::protocol::reply::Reply;
@@ -65,6 +66,15 @@ impl<S: Transport> Session<S> {
         }
     }
 
+    /// As [`Self::read_failed`], but a timeout at `ends` (the end of
+    /// `max_data_duration` for the message being received) is the data timeout.
+    pub(super) fn data_read_failed(&mut self, error: ReadError, ends: Option<Instant>) -> Stop {
+        if error == ReadError::Timeout && ends.is_some_and(|ends| Instant::now() >= ends) {
+            return self.close(DATA_TIMEOUT);
+        }
+        self.read_failed(error)
+    }
+
     /// Read until a whole line (or the end of an over-long one) is buffered.
     pub(super) async fn next_line(&mut self, deadline: Instant) -> Result<Framed, Stop> {
         loop {
@@ -75,16 +85,20 @@ impl<S: Transport> Session<S> {
                     bytes::Buf::advance(&mut self.input, discard);
                     self.flush().await?;
                     let filled = self.fill(deadline, MIN_READ).await;
-                    filled.map_err(|error| self.read_failed(error))?;
+                    // Between BDAT chunks, the message's time runs on.
+                    let ends = self.chunks_end();
+                    filled.map_err(|error| self.data_read_failed(error, ends))?;
                 }
             }
         }
     }
 
     /// A client gets `client_timeout` to send each whole command: trickling
-    /// bytes does not extend it.
+    /// bytes does not extend it. Between the chunks of a message, no later
+    /// than its `max_data_duration` allows.
     pub(super) fn command_deadline(&self) -> Instant {
-        Instant::now() + self.params.client_timeout
+        let deadline = Instant::now() + self.params.client_timeout;
+        self.chunks_end().map_or(deadline, |ends| deadline.min(ends))
     }
 
     /// Read more into `input`, growing it by `step` when less than

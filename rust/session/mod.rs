@@ -124,7 +124,8 @@ pub struct Session<S> {
     authenticated: Option<String>,
     /// This session's place in its client address's count.
     client: Option<ClientSlot>,
-    transaction: Option<Transaction>,
+    /// Boxed: an idle session does not carry a transaction's 700 bytes.
+    transaction: Option<Box<Transaction>>,
     transactions_started: usize,
     errors: usize,
     lines: LineFramer,

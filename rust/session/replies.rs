@@ -10,3 +10,8 @@ pub(super) const STORAGE_FAILED: Reply =
     Reply::new(451, "4.3.0", "temporary failure storing the message, try again later");
 /// Postfix's reply when its queue file system is short of space.
 pub(super) const INSUFFICIENT_STORAGE: Reply = Reply::new(452, "4.3.1", "insufficient system storage");
+/// A client's bodies in spill files would pass `max_spilled_bytes_per_client`.
+pub(super) const CLIENT_SPILL_CAP: Reply =
+    Reply::new(452, "4.7.0", "too much mail from your address is waiting here, try again later");
+/// A message's bytes took longer than `max_data_duration`.
+pub(super) const DATA_TIMEOUT: Reply = Reply::new(421, "4.4.2", "data timeout, closing connection");

@@ -142,3 +142,34 @@ async fn a_chunk_must_arrive_at_data_speed() {
     assert_eq!(client.reply().await, (421, vec!["4.3.2 mx.test idle too long, closing connection".into()]));
     client.expect_closed().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn chunks_may_take_no_longer_than_max_data_duration_from_the_first() {
+    let harness = plain(json!({
+        "hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"], "client_timeout": 60, "max_data_duration": "30s",
+    }));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await.0, 250);
+    assert_eq!(client.code("RCPT TO:<x@d.test>").await.0, 250);
+    // Each chunk comes in time for client_timeout; together they are too slow.
+    for _ in 0..3 {
+        client.send(b"BDAT 3\r\nabc").await;
+        assert_eq!(client.reply().await.0, 250);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    assert_eq!(client.reply().await, (421, vec!["4.4.2 mx.test data timeout, closing connection".into()]));
+    client.expect_closed().await;
+    // A chunk whose bytes trickle is cut off at the same point.
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.command("MAIL FROM:<a@b.test>").await;
+    client.command("RCPT TO:<x@d.test>").await;
+    client.send(b"BDAT 100 LAST\r\n").await;
+    for _ in 0..29 {
+        client.send(b"x").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(client.reply().await, (421, vec!["4.4.2 mx.test data timeout, closing connection".into()]));
+}

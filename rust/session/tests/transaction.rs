@@ -334,3 +334,187 @@ async fn one_recipient_keeps_the_received_header_in_the_body() {
     assert_eq!(client.reply().await.0, 250);
     assert_eq!(seen.take(), ["0 true"], "no separate head: the header was read into the body's buffer");
 }
+
+/// Sends `commands` in one write and gives the code of each reply.
+async fn pipelined<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>, commands: &[String]) -> Vec<u16> {
+    client.send(commands.iter().map(|command| format!("{command}\r\n")).collect::<String>().as_bytes()).await;
+    let mut codes = Vec::with_capacity(commands.len());
+    for _ in commands {
+        codes.push(client.reply().await.0);
+    }
+    codes
+}
+
+/// A body of `size` octets or a little more, in lines of 1,000.
+fn body_of(size: usize) -> Vec<u8> {
+    let mut body = b"\r\n".to_vec();
+    while body.len() < size {
+        body.extend_from_slice(&[b"y".repeat(998).as_slice(), b"\r\n"].concat());
+    }
+    body
+}
+
+/// A recipient of `RFC 5321`'s longest path, 256 octets, numbered `n`.
+fn longest_recipient(n: usize) -> String {
+    let domain = format!("{}.{}.{}", "d".repeat(63), "d".repeat(63), "d".repeat(61));
+    format!("RCPT TO:<{n:0>64}@{domain}>")
+}
+
+#[tokio::test]
+async fn recipients_hold_the_memory_budget_until_the_transaction_ends() {
+    let harness = plain(json!({"hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"], "body_memory_limit": "96 KiB"}));
+    let spool = harness.context.spool.clone();
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    let mut transaction = vec!["MAIL FROM:<a@b.test>".to_string()];
+    transaction.extend((0..400).map(longest_recipient));
+    let codes = pipelined(&mut client, &transaction).await;
+    let accepted = codes.iter().filter(|code| **code == 250).count() - 1;
+    assert!((100..300).contains(&accepted), "{accepted} recipients of 256 octets in 96 KiB");
+    assert!(codes[1..].iter().skip(accepted).all(|code| *code == 452), "{codes:?}");
+    assert!(spool.in_memory_bytes() <= 96 * 1024);
+    // The connection goes on; the refusal is the storage one.
+    assert_eq!(client.code(&longest_recipient(400)).await, (452, "4.3.1 insufficient system storage".into()));
+    // With the budget used up, a new session could hold nothing: shed.
+    let mut shed = Client::new(harness.connect("192.0.2.11:1", LOCAL));
+    assert_eq!(shed.reply().await, (421, vec!["4.3.2 mx.test service busy, try again later".into()]));
+    // RSET gives it all back.
+    assert_eq!(client.code("RSET").await.0, 250);
+    assert_eq!(spool.in_memory_bytes(), 0);
+    greeted(&harness, "192.0.2.11:1").await;
+    // So does the end of the message.
+    let message: Vec<String> = ["MAIL FROM:<a@b.test>", "RCPT TO:<x@d.test>", "RCPT TO:<y@d.test>", "DATA"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(pipelined(&mut client, &message).await, [250, 250, 250, 354]);
+    assert!(spool.in_memory_bytes() > 0);
+    assert_eq!(client.command("\r\nbody\r\n.").await.0, 250);
+    assert_eq!(spool.in_memory_bytes(), 0);
+    // And the end of the session.
+    assert_eq!(pipelined(&mut client, &message[..3]).await, [250, 250, 250]);
+    assert!(spool.in_memory_bytes() > 0);
+    drop(client);
+    for _ in 0..100 {
+        if spool.in_memory_bytes() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} bytes still held after the session ended", spool.in_memory_bytes());
+}
+
+#[tokio::test]
+async fn over_long_recipients_are_refused_and_hold_nothing() {
+    let harness = plain(json!({"relay_hosts": ["192.0.2.0/24"]}));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    client.command("MAIL FROM:<a@b.test>").await;
+    let held = harness.context.spool.in_memory_bytes();
+    let (code, text) = client.code(&format!("RCPT TO:<{}@d.test>", "a".repeat(976))).await;
+    assert_eq!((code, &text[..5]), (501, "5.1.3"), "{text}");
+    assert_eq!(client.code(&longest_recipient(1)).await.0, 250);
+    assert!(harness.context.spool.in_memory_bytes() > held);
+}
+
+#[tokio::test]
+async fn a_full_spool_refuses_only_the_messages_that_need_it() {
+    // No file system behind the spool: it has no room at all.
+    let missing = std::env::temp_dir().join(format!("kumo-no-spool-{}", std::process::id())).join("missing");
+    let harness = plain(json!({
+        "hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"], "body_spool_path": missing,
+        "body_spill_threshold": "64 KiB",
+    }));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    let small = ["MAIL FROM:<a@b.test> SIZE=1000", "RCPT TO:<x@d.test>", "DATA"].map(String::from);
+    assert_eq!(pipelined(&mut client, &small).await, [250, 250, 354]);
+    assert_eq!(client.command("\r\nsmall\r\n.").await.0, 250, "a small message stays in memory");
+    let announced = client.code("MAIL FROM:<a@b.test> SIZE=70000").await;
+    assert_eq!(announced, (452, "4.3.1 insufficient system storage".into()));
+    let unannounced = ["MAIL FROM:<a@b.test>", "RCPT TO:<x@d.test>", "DATA"].map(String::from);
+    assert_eq!(pipelined(&mut client, &unannounced).await, [250, 250, 354]);
+    client.send(&[body_of(100_000).as_slice(), b".\r\n"].concat()).await;
+    assert_eq!(client.reply().await, (452, vec!["4.3.1 insufficient system storage".into()]));
+    assert_eq!(pipelined(&mut client, &small).await, [250, 250, 354]);
+    assert_eq!(client.command("\r\nsmall again\r\n.").await.0, 250);
+    assert_eq!(harness.context.spool.in_memory_bytes(), 0);
+}
+
+#[tokio::test]
+async fn a_clients_spilled_bytes_are_capped_across_its_sessions() {
+    let script = |event: &Event| match event {
+        Event::GetListenerDomain { .. } => Outcome::Done(Response::ListenerDomain(crate::params::ListenerDomain {
+            relay_to: true,
+            ..Default::default()
+        })),
+        _ => nothing(event),
+    };
+    let params = json!({
+        "hostname": "mx.test", "body_spill_threshold": "4 KiB", "max_spilled_bytes_per_client": "40 KiB",
+        "relay_hosts": ["192.0.2.12"],
+    });
+    let harness = harness(params, &[EventKind::GetListenerDomain], script);
+    let open = ["MAIL FROM:<a@b.test>", "RCPT TO:<x@d.test>", "DATA"].map(String::from);
+    let body = body_of;
+    let mut stalled = greeted(&harness, CLIENT).await;
+    stalled.command("EHLO client.test").await;
+    assert_eq!(pipelined(&mut stalled, &open).await, [250, 250, 354]);
+    stalled.send(&body(30_000)).await;
+    let mut same = greeted(&harness, "192.0.2.10:40001").await;
+    same.command("EHLO client.test").await;
+    let refused = (452, "4.7.0 too much mail from your address is waiting here, try again later".into());
+    // Known at MAIL from SIZE= (once the stalled body is counted).
+    for _ in 0..100 {
+        if same.code("MAIL FROM:<a@b.test> SIZE=20000").await == refused {
+            break;
+        }
+        same.command("RSET").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(same.code("MAIL FROM:<a@b.test> SIZE=20000").await, refused);
+    assert_eq!(same.code("MAIL FROM:<a@b.test> SIZE=2000").await.0, 250, "it would stay in memory");
+    same.command("RSET").await;
+    // Found as the body arrives otherwise.
+    assert_eq!(pipelined(&mut same, &open).await, [250, 250, 354]);
+    same.send(&[body(20_000).as_slice(), b".\r\n"].concat()).await;
+    assert_eq!(same.reply().await, (refused.0, vec![refused.1.clone()]));
+    // Another address has its own count.
+    let mut other = greeted(&harness, "192.0.2.11:1").await;
+    other.command("EHLO client.test").await;
+    assert_eq!(pipelined(&mut other, &open).await, [250, 250, 354]);
+    other.send(&[body(20_000).as_slice(), b".\r\n"].concat()).await;
+    assert_eq!(other.reply().await.0, 250);
+    // relay_hosts are exempt, as from the other per-client limits.
+    let mut relay = greeted(&harness, "192.0.2.12:1").await;
+    relay.command("EHLO client.test").await;
+    assert_eq!(relay.code("MAIL FROM:<a@b.test> SIZE=60000").await.0, 250);
+    assert_eq!(pipelined(&mut relay, &open[1..]).await, [250, 354]);
+    relay.send(&[body(60_000).as_slice(), b".\r\n"].concat()).await;
+    assert_eq!(relay.reply().await.0, 250);
+    // Once the stalled body is done, the client may spill again.
+    stalled.send(b".\r\n").await;
+    assert_eq!(stalled.reply().await.0, 250);
+    assert_eq!(pipelined(&mut same, &open).await, [250, 250, 354]);
+    same.send(&[body(20_000).as_slice(), b".\r\n"].concat()).await;
+    assert_eq!(same.reply().await.0, 250);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_may_take_no_longer_than_max_data_duration_whatever_its_pace() {
+    let harness = plain(json!({
+        "hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"], "client_timeout": 60, "max_data_duration": "30s",
+    }));
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("EHLO client.test").await;
+    let open = ["MAIL FROM:<a@b.test>", "RCPT TO:<x@d.test>", "DATA"].map(String::from);
+    assert_eq!(pipelined(&mut client, &open).await, [250, 250, 354]);
+    // 4 KB a second: far above the 500 bytes/s rule, never idle.
+    for _ in 0..29 {
+        client.send(&[b"x".repeat(3998).as_slice(), b"\r\n"].concat()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(client.reply().await, (421, vec!["4.4.2 mx.test data timeout, closing connection".into()]));
+    client.expect_closed().await;
+}
