@@ -403,7 +403,8 @@ class Server:
                 await result
 
     async def _shut_down(self) -> None:
-        self._core.begin_shutdown()
+        # A session receiving a message gets most of the grace to finish it.
+        self._core.begin_shutdown(self._shutdown_grace)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._shutdown_grace
         # The runtime runs while this loop waits: listening sockets close

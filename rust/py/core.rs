@@ -152,9 +152,11 @@ impl PyCore {
         Ok((jobs, logs.into_iter().map(|record| log_tuple(py, record)).collect::<PyResult<_>>()?))
     }
 
-    /// Stop accepting; sessions answer 421 at their next read.
-    fn begin_shutdown(&self) {
-        self.state.begin_shutdown();
+    /// Stop accepting; sessions answer 421 at their next read, except that a
+    /// session receiving a message gets most of `grace` (seconds) to finish it.
+    #[pyo3(signature = (grace=0.0))]
+    fn begin_shutdown(&self, grace: f64) {
+        self.state.begin_shutdown(std::time::Duration::try_from_secs_f64(grace).unwrap_or_default());
     }
 
     fn active_sessions(&self) -> usize {

@@ -133,8 +133,8 @@ impl<S: Transport> Session<S> {
             // Replies to what came before the chunk go out before waiting for the rest.
             self.flush().await?;
             let deadline = self.data_deadline(started, usize::try_from(received).unwrap_or(usize::MAX));
-            let filled = self.fill(deadline, self.params.data_buffer_size).await;
-            filled.map_err(|error| self.read_failed(error))?;
+            let filled = self.fill_message(deadline, self.params.data_buffer_size).await;
+            filled.map_err(|error| self.message_cut_short(error))?;
         }
     }
 

@@ -20,6 +20,7 @@ mod auth;
 mod chunking;
 mod connect;
 mod lmtp;
+mod record;
 mod transaction;
 mod xclient;
 
