@@ -7,6 +7,7 @@ from typing import Any, BinaryIO, final
 __all__ = [
     "DEFAULT_BUSY_AT",
     "DEFAULT_LISTEN",
+    "DEFAULT_MAX_CONNECTIONS",
     "EVENTS",
     "METRICS",
     "PARAMETERS",
@@ -26,6 +27,8 @@ __all__ = [
 EVENTS: frozenset[str]
 #: ``listen`` when none is given: ``start_esmtp_listener``, ``kumo-listener serve``.
 DEFAULT_LISTEN: str
+#: ``max_connections`` when none is given.
+DEFAULT_MAX_CONNECTIONS: int
 #: ``busy_at`` when none is given: policy calls waiting before new connections get ``421``.
 DEFAULT_BUSY_AT: int
 #: ``(name, kind, help, labels)`` of every Prometheus metric; ``kind`` is

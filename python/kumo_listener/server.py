@@ -54,6 +54,8 @@ class Listener:
     address: tuple[str, int] | str
     """The bound ``(host, port)`` (with port 0 in ``listen``, the real port),
     or the socket's path, as :mod:`socket` gives addresses."""
+    max_connections: int = _core.DEFAULT_MAX_CONNECTIONS
+    """The sessions it holds at once (``max_connections``)."""
 
 
 class _DrivingSelector(selectors.BaseSelector):
@@ -305,7 +307,9 @@ class Server:
     def start_esmtp_listener(self, **params: Unpack[ListenerParameters]) -> Listener:
         """Validate ``params`` and start a listener (docs/reference/parameters.md)."""
         bound = self._core.start_listener(dict(params))
-        listener = Listener(str(params.get("listen", _core.DEFAULT_LISTEN)), bound)
+        listen = str(params.get("listen", _core.DEFAULT_LISTEN))
+        most = int(params.get("max_connections", _core.DEFAULT_MAX_CONNECTIONS))
+        listener = Listener(listen, bound, most)
         self._listeners.append(listener)
         return listener
 
