@@ -199,7 +199,7 @@ impl<S: Transport> Session<S> {
                     // No banner yet, so no reply: the proxy is not a client.
                     let filled = self.fill(deadline, super::io::MIN_READ).await;
                     filled.map_err(|error| {
-                        self.end_as(Ending::of_read(error));
+                        self.end_as(error.ending());
                         Stop::Gone
                     })?;
                 }

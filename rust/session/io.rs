@@ -36,6 +36,17 @@ pub(super) enum ReadError {
     Gone,
 }
 
+impl ReadError {
+    /// Why a read that brought nothing ends the session.
+    pub(super) fn ending(self) -> Ending {
+        match self {
+            ReadError::Timeout => Ending::Timeout,
+            ReadError::Shutdown => Ending::Shutdown,
+            ReadError::Gone => Ending::ClientClosed,
+        }
+    }
+}
+
 impl<S: Transport> Session<S> {
     /// Queue `reply`; its enhanced code only for a client that said EHLO.
     pub(super) fn send(&mut self, reply: &Reply) {

@@ -57,15 +57,6 @@ impl Ending {
         }
     }
 
-    /// Why a read that brought nothing ends the session.
-    pub(super) fn of_read(error: super::io::ReadError) -> Self {
-        match error {
-            super::io::ReadError::Timeout => Self::Timeout,
-            super::io::ReadError::Shutdown => Self::Shutdown,
-            super::io::ReadError::Gone => Self::ClientClosed,
-        }
-    }
-
     /// The words of its line, and its `event`, for an ending that has one.
     fn line(self) -> Option<(&'static str, &'static str)> {
         match self {
