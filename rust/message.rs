@@ -336,7 +336,12 @@ impl ReceivedHeader {
     /// recipient: naming one of several would disclose it to the others.
     /// `id` is the message's own: each file's header names the id its file name carries.
     pub fn render(&self, id: &str, recipient: Option<&Mailbox>) -> String {
-        let mut header = self.start.clone();
+        // Room for all of it (quotes and escapes aside): one allocation per message.
+        let room_for_recipient = recipient.map_or(0, |only| only.local_part.len() + only.domain.len() + 16);
+        let mut text =
+            String::with_capacity(self.start.text.len() + id.len() + self.date.len() + 16 + room_for_recipient);
+        text.push_str(&self.start.text);
+        let mut header = Folded { text, line_start: self.start.line_start };
         header.word(format_args!("id {id}"));
         if let Some(only) = recipient {
             let before = header.mark();
