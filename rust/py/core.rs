@@ -156,7 +156,9 @@ impl PyCore {
     /// session receiving a message gets most of `grace` (seconds) to finish it.
     #[pyo3(signature = (grace=0.0))]
     fn begin_shutdown(&self, grace: f64) {
-        self.state.begin_shutdown(std::time::Duration::try_from_secs_f64(grace).unwrap_or_default());
+        // Negative or NaN: none; too long for a Duration (infinity): the longest.
+        let grace = std::time::Duration::try_from_secs_f64(grace.max(0.0)).unwrap_or(std::time::Duration::MAX);
+        self.state.begin_shutdown(grace);
     }
 
     fn active_sessions(&self) -> usize {

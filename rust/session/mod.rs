@@ -104,7 +104,9 @@ impl Shutdown {
 /// two seconds), so that its session still has time to answer and close.
 pub fn message_grace_ends(now: Instant, grace: std::time::Duration) -> Instant {
     let margin = grace.min(std::time::Duration::from_secs(2)) / 2;
-    now + (grace - margin)
+    // A grace too long to add is a year: as good as no end.
+    let year = std::time::Duration::from_secs(365 * 24 * 3600);
+    now.checked_add(grace - margin).unwrap_or_else(|| now + year)
 }
 
 /// Why a session stopped reading.

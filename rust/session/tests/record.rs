@@ -143,6 +143,18 @@ async fn a_policy_refusal_is_info_whatever_its_code_and_a_handler_failure_a_warn
     assert_eq!(levels, [(LOG_INFO, "451 4.7.1".to_string()), (LOG_WARNING, "451 4.3.0".to_string())]);
 }
 
+#[test]
+fn messages_get_the_grace_but_a_second_to_finish_in() {
+    let now = tokio::time::Instant::now();
+    let ends = |seconds: f64| crate::session::message_grace_ends(now, Duration::from_secs_f64(seconds)) - now;
+    assert_eq!(ends(30.0), Duration::from_secs(29));
+    assert_eq!(ends(2.0), Duration::from_secs(1));
+    assert_eq!(ends(1.0), Duration::from_millis(500));
+    assert_eq!(ends(0.0), Duration::ZERO);
+    let forever = crate::session::message_grace_ends(now, Duration::MAX) - now;
+    assert!(forever > Duration::from_secs(300 * 24 * 3600));
+}
+
 #[tokio::test]
 async fn a_message_being_received_at_shutdown_may_finish_within_the_grace() {
     let (harness, seen) = recording_bodies(json!({"hostname": "mx.test", "relay_hosts": ["192.0.2.0/24"]}));
