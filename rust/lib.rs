@@ -4,7 +4,8 @@
 //! Layers, each importing only from those above it:
 //! - [`protocol`]: the wire formats, pure logic (no I/O, no Python);
 //! - [`cidr`], [`params`] (the listener parameters and their merge),
-//!   [`meta`], [`client_limits`], [`metrics`]: pure logic too;
+//!   [`meta`], [`client_limits`], [`metrics`], [`escape`] (client text in
+//!   log lines and trace headers): pure logic too;
 //! - [`body`] (bodies under a memory budget, spilled to files), [`message`]
 //!   (which reads the clock, the time zone and the process id for ids and
 //!   `Received:` headers), [`sink`], [`tls`] identities;
@@ -21,6 +22,7 @@ pub mod bridge;
 pub mod cidr;
 pub mod client_limits;
 pub mod driver;
+pub mod escape;
 pub mod events;
 pub mod forward;
 pub mod log;

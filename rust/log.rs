@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// A log record for Python's `kumo_listener` logger; levels are Python's.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LogRecord {
     pub level: u8,
     pub message: String,

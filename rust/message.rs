@@ -5,6 +5,7 @@
 //! (chrono reads the system's time zone for it).
 
 use crate::body::Body;
+use crate::escape;
 use crate::meta::MetaStore;
 use crate::params::BatchHandling;
 use crate::protocol::parser::Mailbox;
@@ -13,6 +14,7 @@ use base64::Engine;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -163,7 +165,85 @@ fn supplemental_header(supplemental: &Supplemental, recipients: &[Mailbox], meta
         }
     }
     let encoded = BASE64.encode(Value::Object(object).to_string());
-    format!("{}: {encoded}\r\n", supplemental.header_name)
+    fold_token(supplemental.header_name, &encoded)
+}
+
+/// The longest line a header may have, CRLF excluded (RFC 5322 §2.1.1).
+pub const MAX_HEADER_LINE: usize = 998;
+
+/// Where a token too long for one header line is broken, as KumoMTA
+/// breaks its own supplemental header (its decoder drops the folding white space).
+const TOKEN_FOLD_WIDTH: usize = 76;
+
+/// `Name: token` on one line when it fits in [`MAX_HEADER_LINE`], else the
+/// token broken into lines of [`TOKEN_FOLD_WIDTH`] octets after the first,
+/// each folded (CRLF TAB). `token` is ASCII (base64).
+fn fold_token(name: &str, token: &str) -> String {
+    let mut header = String::with_capacity(name.len() + 4 + token.len() + 3 * (token.len() / TOKEN_FOLD_WIDTH));
+    header.push_str(name);
+    header.push_str(": ");
+    if header.len() + token.len() <= MAX_HEADER_LINE {
+        header.push_str(token);
+    } else {
+        for (index, piece) in token.as_bytes().chunks(TOKEN_FOLD_WIDTH).enumerate() {
+            if index > 0 {
+                header.push_str("\r\n\t");
+            }
+            header.push_str(std::str::from_utf8(piece).unwrap_or_default());
+        }
+    }
+    header.push_str("\r\n");
+    header
+}
+
+/// A header being written line by line: words are added on the current
+/// line when it has room for them, else on a new, folded one (RFC 5322
+/// §2.2.3), so that no line is longer than [`MAX_HEADER_LINE`] octets unless
+/// one word is.
+#[derive(Clone, Debug)]
+struct Folded {
+    text: String,
+    /// Where the current line starts in `text`.
+    line_start: usize,
+}
+
+impl Folded {
+    fn line_len(&self) -> usize {
+        self.text.len() - self.line_start
+    }
+
+    fn has_room_for(&self, len: usize) -> bool {
+        self.line_len() + len <= MAX_HEADER_LINE
+    }
+
+    /// Where it is, to come back to with [`Folded::back_to`].
+    fn mark(&self) -> (usize, usize) {
+        (self.text.len(), self.line_start)
+    }
+
+    fn back_to(&mut self, (len, line_start): (usize, usize)) {
+        self.text.truncate(len);
+        self.line_start = line_start;
+    }
+
+    /// Start a new line: CRLF, then TAB.
+    fn fold(&mut self) {
+        self.text.push_str("\r\n");
+        self.line_start = self.text.len();
+        self.text.push('\t');
+    }
+
+    /// A space and `word`, or a new line and `word`.
+    fn word(&mut self, word: impl fmt::Display) {
+        let mark = self.text.len();
+        let _ = write!(self.text, " {word}");
+        if self.text.len() - self.line_start > MAX_HEADER_LINE && mark > self.line_start + 1 {
+            let word = self.text.split_off(mark + 1);
+            self.text.truncate(mark);
+            self.fold();
+            self.text.push_str(&word);
+        }
+    }
 }
 
 /// Which of [`split`]'s parts holds each of the transaction's recipients,
@@ -206,25 +286,49 @@ pub struct ReceivedInfo<'a> {
     pub protocol: &'a str,
 }
 
+/// How the `Received:` header starts; the HELO name follows.
+const RECEIVED_FROM: &str = "Received: from ";
+
+/// What ends a HELO name cut short to fit the first line of `Received:`.
+const CUT_MARK: &str = "...";
+
 /// An RFC 5321 §4.4 `Received:` header, made once per transaction and
 /// rendered for each message that carries it, with or without `for`.
+///
+/// The client's words in it (the HELO name, the recipient) have their hidden
+/// characters (controls, Unicode `Cf`, `Zl`, `Zp`: U+202E, U+2028…) written
+/// as `\u{…}`, and no line is longer than [`MAX_HEADER_LINE`] octets: the
+/// address literal goes on the next line when the HELO name leaves no room
+/// for it, a HELO name too long for the first line by itself is cut (ending
+/// in `...`), and a `for` clause too long for its line is left out (it is
+/// optional).
 #[derive(Clone, Debug)]
 pub struct ReceivedHeader {
     /// Up to the protocol, with no id, `for` clause nor `;`.
-    start: String,
+    start: Folded,
     date: String,
 }
 
 impl ReceivedHeader {
     pub fn new(info: &ReceivedInfo) -> Self {
         let ReceivedInfo { helo_domain, client_ip, hostname, protocol } = info;
-        let address_literal = match client_ip {
-            IpAddr::V4(ip) => format!("[{ip}]"),
-            IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
-        };
-        let start = format!(
-            "Received: from {helo_domain} ({address_literal})\r\n\tby {hostname} (kumo_listener) with {protocol}"
-        );
+        let mut text = String::with_capacity(RECEIVED_FROM.len() + helo_domain.len() + hostname.len() + 96);
+        text.push_str(RECEIVED_FROM);
+        text.push_str(helo_domain);
+        escape::escape_hidden_from(&mut text, RECEIVED_FROM.len());
+        if text.len() > MAX_HEADER_LINE {
+            escape::truncate_escaped(&mut text, RECEIVED_FROM.len(), MAX_HEADER_LINE - CUT_MARK.len());
+            text.push_str(CUT_MARK);
+        }
+        let mut start = Folded { text, line_start: 0 };
+        match client_ip {
+            IpAddr::V4(ip) => start.word(format_args!("([{ip}])")),
+            IpAddr::V6(ip) => start.word(format_args!("([IPv6:{ip}])")),
+        }
+        start.fold();
+        let _ = write!(start.text, "by {hostname}");
+        start.word("(kumo_listener)");
+        start.word(format_args!("with {protocol}"));
         Self { start, date: rfc2822_now() }
     }
 
@@ -232,11 +336,28 @@ impl ReceivedHeader {
     /// recipient: naming one of several would disclose it to the others.
     /// `id` is the message's own: each file's header names the id its file name carries.
     pub fn render(&self, id: &str, recipient: Option<&Mailbox>) -> String {
-        let Self { start, date } = self;
-        match recipient {
-            Some(only) => format!("{start} id {id}\r\n\tfor <{only}>;\r\n\t{date}\r\n"),
-            None => format!("{start} id {id};\r\n\t{date}\r\n"),
+        // Room for all of it (quotes and escapes aside): one allocation per message.
+        let room_for_recipient = recipient.map_or(0, |only| only.local_part.len() + only.domain.len() + 16);
+        let mut text =
+            String::with_capacity(self.start.text.len() + id.len() + self.date.len() + 16 + room_for_recipient);
+        text.push_str(&self.start.text);
+        let mut header = Folded { text, line_start: self.start.line_start };
+        header.word(format_args!("id {id}"));
+        if let Some(only) = recipient {
+            let before = header.mark();
+            header.fold();
+            let mark = header.text.len();
+            let _ = write!(header.text, "for <{only}>");
+            escape::escape_hidden_from(&mut header.text, mark);
+            if !header.has_room_for(1) {
+                header.back_to(before);
+            }
         }
+        header.text.push(';');
+        header.fold();
+        header.text.push_str(&self.date);
+        header.text.push_str("\r\n");
+        header.text
     }
 }
 
@@ -378,6 +499,99 @@ mod tests {
         assert!(header.ends_with("\r\n"));
         let header = received.render("abc", None);
         assert!(header.contains(" id abc;\r\n\t") && !header.contains("for <"), "{header:?}");
+    }
+
+    /// Every line of `header` (CRLF-separated, ending in CRLF) is at most
+    /// 998 octets, and each after the first is folded (starts with white space).
+    fn assert_folded(header: &str) {
+        let lines: Vec<&str> = header.strip_suffix("\r\n").expect("ends in CRLF").split("\r\n").collect();
+        for (index, line) in lines.iter().enumerate() {
+            assert!(line.len() <= MAX_HEADER_LINE, "line {index} of {} octets: {header:?}", line.len());
+            assert!(index == 0 || line.starts_with('\t'), "line {index} not folded: {header:?}");
+            assert!(!line.contains(['\r', '\n']), "{header:?}");
+        }
+    }
+
+    fn received_from(helo: &str, ip: &str) -> ReceivedHeader {
+        ReceivedHeader::new(&ReceivedInfo { helo_domain: helo, client_ip: ip.parse().unwrap(), ..info() })
+    }
+
+    /// The longest HELO a session accepts with `line_length_hard_limit` 998:
+    /// `HELO ` and 993 octets.
+    #[test]
+    fn received_lines_fit_in_998_octets_whatever_the_helo() {
+        for len in [900, 970, 976, 983, 984, 993, 5000] {
+            let helo = "h".repeat(len);
+            for ip in ["192.0.2.1", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"] {
+                let header = received_from(&helo, ip).render("0123456789abcdef0123456789abcdef", None);
+                assert_folded(&header);
+                let first = header.split("\r\n").next().unwrap();
+                if len <= MAX_HEADER_LINE - RECEIVED_FROM.len() {
+                    assert!(first.starts_with(&format!("Received: from {helo}")), "{len}: {first:?}");
+                    let literal = if ip.contains(':') { format!("([IPv6:{ip}])") } else { format!("([{ip}])") };
+                    let folded = RECEIVED_FROM.len() + len + 1 + literal.len() > MAX_HEADER_LINE;
+                    assert_eq!(header.contains(&format!("{helo}\r\n\t{literal}\r\n")), folded, "{len} {ip}");
+                } else {
+                    // Cut to fit, and said so.
+                    assert_eq!(first.len(), MAX_HEADER_LINE, "{len}");
+                    assert!(first.ends_with("hhh..."), "{first:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hidden_characters_of_the_client_are_escaped_in_received() {
+        let received = received_from("a\u{202e}moc.elgoog\u{2028}b\u{200b}", "192.0.2.1");
+        let recipient = Mailbox::new("r\u{2029}\u{feff}", "b.example");
+        let header = received.render("abc", Some(&recipient));
+        assert!(
+            header.starts_with("Received: from a\\u{202e}moc.elgoog\\u{2028}b\\u{200b} ([192.0.2.1])\r\n"),
+            "{header:?}"
+        );
+        assert!(header.contains("\tfor <r\\u{2029}\\u{feff}@b.example>;\r\n"), "{header:?}");
+        assert!(!header.contains(['\u{202e}', '\u{2028}', '\u{2029}', '\u{200b}', '\u{feff}']));
+        // Cut short, a HELO name loses whole escapes only.
+        let helo = format!("{}\u{202e}", "h".repeat(977));
+        let first = received_from(&helo, "192.0.2.1").render("abc", None);
+        assert!(first.starts_with(&format!("Received: from {}...\r\n", "h".repeat(977))), "{first:?}");
+    }
+
+    #[test]
+    fn a_for_clause_too_long_for_its_line_is_left_out() {
+        let received = received_from("client.example", "192.0.2.1");
+        // A long SMTPUTF8 address: 240 zero-width spaces (720 octets) take 1,920 escaped.
+        let long = Mailbox::new(format!("ü{}", "\u{200b}".repeat(240)), "b.example");
+        let header = received.render("abc", Some(&long));
+        assert_folded(&header);
+        assert!(header.contains(" id abc;\r\n\t") && !header.contains("for <"), "{header:?}");
+        let fits = Mailbox::new(format!("ü{}", "ä".repeat(489)), "b.example");
+        let header = received.render("abc", Some(&fits));
+        assert_folded(&header);
+        assert!(header.contains(&format!("\tfor <{fits}>;\r\n")), "{header:?}");
+    }
+
+    #[test]
+    fn a_supplemental_header_too_long_for_one_line_is_folded() {
+        let names = vec!["tenant".to_string()];
+        let supplemental = Supplemental { header_name: "X-KumoRef", include_meta_names: &names };
+        let transaction = transaction(&["1@a.example"]);
+        transaction.meta.set("tenant", "t".repeat(2000));
+        let parts = split(&transaction, BatchHandling::BifurcateAlways, Some(&supplemental), None);
+        let text = text_of(&parts[0]);
+        let (header, rest) = text.split_once("\r\nSubject:").unwrap();
+        assert_eq!(rest, " t\r\n\r\nbody\r\n");
+        let header = format!("{header}\r\n");
+        assert_folded(&header);
+        assert!(header.lines().count() > 30);
+        // Unfolded, and the folding white space dropped (as KumoMTA does), it decodes.
+        let encoded: String = header.strip_prefix("X-KumoRef: ").unwrap().split_whitespace().collect();
+        let decoded: Value = serde_json::from_slice(&BASE64.decode(encoded).unwrap()).unwrap();
+        assert_eq!(decoded["tenant"], "t".repeat(2000));
+        // Short, it stays on one line.
+        transaction.meta.set("tenant", "acme");
+        let parts = split(&transaction, BatchHandling::BifurcateAlways, Some(&supplemental), None);
+        assert!(text_of(&parts[0]).split_once("\r\n").unwrap().1.starts_with("Subject:"));
     }
 
     #[test]

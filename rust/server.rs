@@ -40,7 +40,8 @@ pub struct ServerState {
     tls: Arc<TlsCache>,
     clients: Arc<ClientTable>,
     pub forwarder: Arc<Forwarder>,
-    shutdown: watch::Sender<bool>,
+    /// `Some` once shutdown is asked for: until when messages may finish.
+    shutdown: watch::Sender<Option<tokio::time::Instant>>,
     sessions: AtomicUsize,
     /// Listening sockets still open: each closes when its accept loop sees the shutdown.
     listening: AtomicUsize,
@@ -57,16 +58,19 @@ impl ServerState {
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             clients: ClientTable::new(CLIENT_TABLE_CAPACITY),
             forwarder: Arc::default(),
-            shutdown: watch::Sender::new(false),
+            shutdown: watch::Sender::new(None),
             sessions: AtomicUsize::new(0),
             listening: AtomicUsize::new(0),
             metrics: Mutex::default(),
         })
     }
 
-    /// Stop accepting and ask every session to finish.
-    pub fn begin_shutdown(&self) {
-        self.shutdown.send_replace(true);
+    /// Stop accepting and ask every session to finish: idle ones at once,
+    /// one receiving a message once it has (within most of `grace`, see
+    /// [`session::message_grace_ends`]). Asked again, the first request stands.
+    pub fn begin_shutdown(&self, grace: std::time::Duration) {
+        let grace_ends = session::message_grace_ends(tokio::time::Instant::now(), grace);
+        self.shutdown.send_if_modified(|state| state.is_none() && state.replace(grace_ends).is_none());
     }
 
     pub fn active_sessions(&self) -> usize {

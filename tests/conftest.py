@@ -8,6 +8,7 @@ import logging
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import kumo_listener as kumo
 import pytest
@@ -85,8 +86,8 @@ def kumo_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 def serve(tmp_path: Path) -> Iterator:
     started: list[Served] = []
 
-    def start(*args: str) -> Served:
-        started.append(Served(list(args), tmp_path))
+    def start(*args: str, **options: Any) -> Served:
+        started.append(Served(list(args), tmp_path, **options))
         return started[-1]
 
     yield start

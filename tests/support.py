@@ -247,17 +247,34 @@ class Served:
     """A ``kumo-listener serve`` process and the address it printed. Its
     standard error is a pipe, or the file `log` when one is given."""
 
-    def __init__(self, args: list[str], cwd: Path, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        log: Path | None = None,
+        preexec_fn: Callable[[], object] | None = None,
+    ) -> None:
+        """`preexec_fn` runs in the child before the command (e.g. to set limits)."""
         self.log = log
         command = [*KUMO, "serve", *args]
         if log is None:
             self.process = subprocess.Popen(
-                command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                command,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=preexec_fn,
             )
         else:
             with log.open("w") as errors:
                 self.process = subprocess.Popen(
-                    command, cwd=cwd, stdout=subprocess.PIPE, stderr=errors, text=True
+                    command,
+                    cwd=cwd,
+                    stdout=subprocess.PIPE,
+                    stderr=errors,
+                    text=True,
+                    preexec_fn=preexec_fn,
                 )
         assert self.process.stdout is not None
         self.banner = self.process.stdout.readline()

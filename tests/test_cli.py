@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import resource
 import signal
 import smtplib
 import socket
@@ -168,3 +170,49 @@ def test_the_embedded_default_is_loopback_2025_into_maildir(tmp_path: Path):
     finally:
         process.kill()
     assert len(delivered(tmp_path / "maildir")) == 1
+
+
+def open_files_limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open files limit")
+
+
+def test_serve_raises_the_open_files_limit_to_the_hard_one(serve):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard > 1024, "the test needs a hard limit above 1,024"
+
+    def start_low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    served = serve("--listen", "127.0.0.1:0", "--sink", "discard", preexec_fn=start_low)
+    assert open_files_limits(served.process.pid) == (hard, hard)
+    assert served.stop() == 0
+    # The hard limit is above the 32,768 default max_connections, or said to be below.
+    said = "open files limit" in served.errors()
+    assert said == (hard < 32768)
+
+
+def test_serve_warns_when_the_hard_limit_is_below_max_connections(serve, tmp_path: Path):
+    policy = tmp_path / "policy.py"
+    policy.write_text(
+        "import kumo_listener as kumo\n"
+        "@kumo.on('init')\n"
+        "def init():\n"
+        "    kumo.start_esmtp_listener(listen='127.0.0.1:0', max_connections=3000)\n"
+        "    kumo.start_esmtp_listener(listen='127.0.0.1:0', max_connections=2000)\n"
+    )
+
+    def limit_to_4096() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))
+
+    served = serve("--policy", str(policy), "--sink", "discard", preexec_fn=limit_to_4096)
+    assert open_files_limits(served.process.pid) == (4096, 4096)
+    assert served.stop() == 0
+    assert re.search(
+        r"WARNING kumo_listener: the open files limit \(4096, RLIMIT_NOFILE\) is below the 5000"
+        r" connections the listeners may hold \(max_connections\)",
+        served.errors(),
+    ), served.errors()

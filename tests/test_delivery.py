@@ -204,3 +204,88 @@ def test_graceful_shutdown_finishes_messages_in_flight(policy, tmp_path: Path, r
     assert len(delivered(maildir)) == 1
     with pytest.raises(OSError):
         raw(address, timeout=2).reply()
+
+
+# --- trace headers against hostile clients ---------------------------------------------
+
+
+def header_lines(stored: bytes) -> list[bytes]:
+    """The lines of the stored message's header section (without CRLF)."""
+    return without_envelope(stored).split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+
+
+def test_received_lines_fit_998_octets_with_the_longest_helo_accepted(listen, raw, maildir):
+    """line_length_hard_limit is 998 by default: HELO and 993 octets is the
+    longest EHLO line accepted (a 1,022-octet Received: line before)."""
+    address = listen(relay_hosts=["127.0.0.1"])
+    longest = "h" * 993
+    too_long_for_the_line = "x" * 984
+    for helo in (longest, too_long_for_the_line, "a" * 980):
+        client = raw(address)
+        assert client.reply()[0] == 220
+        client.ehlo(helo)
+        assert client.command("MAIL FROM:<a@b.example>")[0] == 250
+        assert client.command("RCPT TO:<c@d.example>")[0] == 250
+        assert client.command("DATA")[0] == 354
+        assert client.command(b"Subject: long helo\r\n\r\nbody\r\n.\r\n")[0] == 250
+        client.close()
+    stored = sorted(delivered(maildir), key=len)
+    assert len(stored) == 3
+    for message in stored:
+        lines = header_lines(message)
+        assert all(len(line) <= 998 for line in lines), [len(line) for line in lines]
+        assert lines[1].startswith((b"\t([127.0.0.1])", b"\tby ")), lines[:3]
+    received = [header_lines(message)[0] for message in stored]
+    # Cut to fit when the name alone is longer than the line can hold.
+    assert b"Received: from " + b"h" * 980 + b"..." in received
+    assert b"Received: from " + b"x" * 980 + b"..." in received
+    assert b"Received: from " + b"a" * 980 in received
+
+
+def test_received_escapes_hidden_characters_and_long_utf8_recipients(listen, raw, maildir):
+    address = listen(relay_hosts=["127.0.0.1"])
+    client = raw(address)
+    assert client.reply()[0] == 220
+    client.ehlo("moc.elgoog\u202e\u2028x")
+    # The second: a local part of 62 octets (RFC 5321 allows 64), 166 escaped.
+    recipients = ["r\u2029\u200b@\u4f8b\u3048.jp", "\u00fc" + "\u200b" * 20 + "@d.example"]
+    assert client.command("MAIL FROM:<a@b.example> SMTPUTF8")[0] == 250
+    for recipient in recipients:
+        assert client.command(f"RCPT TO:<{recipient}>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    assert client.command(b"Subject: utf8\r\n\r\nbody\r\n.\r\n")[0] == 250
+    stored = delivered(maildir)
+    assert len(stored) == 2
+    for message in stored:
+        lines = header_lines(message)
+        assert all(len(line) <= 998 for line in lines), [len(line) for line in lines]
+        text = b"\r\n".join(lines).decode()
+        assert not any(char in text for char in "\u202e\u2028\u2029\u200b"), text
+        assert text.startswith("Received: from moc.elgoog\\u{202e}\\u{2028}x ([127.0.0.1])")
+    texts = [b"\r\n".join(header_lines(message)).decode() for message in stored]
+    assert any("\tfor <r\\u{2029}\\u{200b}@\u4f8b\u3048.jp>;" in text for text in texts), texts
+    assert any("\tfor <\u00fc" + "\\u{200b}" * 20 + "@d.example>;" in text for text in texts), texts
+
+
+# --- the dot stuffed for transparency ---------------------------------------------------
+
+
+@pytest.mark.parametrize("first", [b"x", b"."])
+@pytest.mark.parametrize("length", [998, 999])
+def test_a_998_octet_line_may_start_with_a_dot(listen, maildir, length, first):
+    """RFC 5321 §4.5.3.1.6: 1,000 octets with CRLF, not counting the dot
+    smtplib (like kumod) adds before a line starting with one."""
+    line = first + b"y" * (length - 1)
+    with smtplib.SMTP(*listen(), timeout=10) as client:
+        message = b"Subject: dots\r\n\r\n" + line + b"\r\nend\r\n"
+        if length <= 998:
+            assert client.sendmail("a@b.example", ["c@d.example"], message) == {}
+        else:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("a@b.example", ["c@d.example"], message)
+            assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (500, b"5.2.3")
+    stored = delivered(maildir)
+    if length <= 998:
+        assert without_envelope(stored[0]).endswith(b"\r\n\r\n" + line + b"\r\nend\r\n")
+    else:
+        assert stored == []

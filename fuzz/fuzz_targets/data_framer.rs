@@ -100,7 +100,8 @@ fn normalise(raw: &[u8]) -> Vec<u8> {
 }
 
 /// The client's side: a dot before each line that starts with one, then the
-/// terminator. Also returns the longest stuffed line, as received (no CRLF).
+/// terminator. Also returns the longest line as the line limit counts it:
+/// without CRLF nor the stuffing dot (RFC 5321 §4.5.3.1.6).
 fn stuff(body: &[u8]) -> (Vec<u8>, usize) {
     let mut stuffed = Vec::with_capacity(body.len() + body.len() / 2 + 3);
     let mut longest = 0;
@@ -109,7 +110,7 @@ fn stuff(body: &[u8]) -> (Vec<u8>, usize) {
             stuffed.push(b'.');
         }
         stuffed.extend_from_slice(line);
-        longest = longest.max(line.len() - 2 + usize::from(line.starts_with(b".")));
+        longest = longest.max(line.len() - 2);
     }
     stuffed.extend_from_slice(b".\r\n");
     (stuffed, longest)
@@ -161,8 +162,8 @@ fn terminator_end(stream: &[u8]) -> Option<usize> {
     memmem::find(stream, b"\r\n.\r\n").map(|at| at + 5)
 }
 
-/// The rules one received byte at a time: each line's bytes (CRLF excluded)
-/// count toward the line limit, a leading dot is dropped, a bare CR or LF is
+/// The rules one received byte at a time: each line's bytes (CRLF and a
+/// leading dot excluded) count toward the line limit, a leading dot is dropped, a bare CR or LF is
 /// refused (Deny), kept (Allow) or stored as CRLF (Fix); the first problem
 /// met wins, a bare ending before the line limit before the size limit for
 /// the same byte.
@@ -179,16 +180,15 @@ fn model(message: &[u8], limits: DataLimits) -> (DataVerdict, Vec<u8>) {
         let mut rest = message;
         while let Some(end) = memmem::find(rest, b"\r\n") {
             let line = &rest[..end];
-            for (index, &byte) in line.iter().enumerate() {
+            // The stuffing dot is dropped, and not counted (RFC 5321 §4.5.3.1.6).
+            let stuffed = usize::from(line.first() == Some(&b'.'));
+            for (index, &byte) in line.iter().enumerate().skip(stuffed) {
                 let bare = byte == b'\r' || byte == b'\n';
                 if bare && limits.line_endings == LineEndings::Deny {
                     return Err(DataVerdict::BareLineEnding);
                 }
-                if index + 1 > limits.max_line_length {
+                if index + 1 - stuffed > limits.max_line_length {
                     return Err(DataVerdict::LineTooLong);
-                }
-                if index == 0 && byte == b'.' {
-                    continue;
                 }
                 if bare && limits.line_endings == LineEndings::Fix {
                     store(b"\r\n", &mut body)?;

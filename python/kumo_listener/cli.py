@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import pwd
+import resource
 import runpy
 import signal
 import subprocess
@@ -102,6 +104,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"kumo-listener: {error}", file=sys.stderr)
         return 2
     handler = configure_logging(args.log_level, args.log_format)
+    open_files = raise_open_files_limit()
     if become is not None and args.sink == "maildir":
         # Created here as root, owned by the user, before the server (or the
         # workers) open it.
@@ -134,6 +137,7 @@ def serve(args: argparse.Namespace) -> int:
         if not has_init:
             listen = args.listen or _core.DEFAULT_LISTEN
             server.start_esmtp_listener(listen=listen, forward_to=args.forward_to)
+        warn_if_few_open_files(open_files, server)
         if args.metrics:
             serve_metrics(server, args.metrics)
         if become is not None:
@@ -179,15 +183,42 @@ def logging_is_the_clis(handler: logging.Handler) -> bool:
 
 
 def serve_metrics(server: Server, address: str) -> None:
-    """Prometheus metrics at ``http://ADDRESS/metrics``, on a thread."""
+    """Prometheus metrics at ``http://ADDRESS/metrics``, on a thread of their
+    own, with a read timeout and a cap on the connections held open."""
     import prometheus_client
+
+    from .metrics import MetricsServer
 
     host, _, port = address.rpartition(":")
     registry = prometheus_client.CollectorRegistry()
     registry.register(server.metrics_collector())
-    prometheus_client.start_http_server(
-        int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry
-    )
+    MetricsServer(registry, host.strip("[]") or "0.0.0.0", int(port))
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard one (each connection
+    holds a descriptor; many systems start processes at 1,024); the soft
+    limit in force after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def warn_if_few_open_files(limit: int, server: Server) -> None:
+    """A WARNING when the listeners may hold more connections than the
+    process may open files."""
+    wanted = sum(listener.max_connections for listener in server.listeners)
+    if limit != resource.RLIM_INFINITY and limit < wanted:
+        logging.getLogger("kumo_listener").warning(
+            "the open files limit (%d, RLIMIT_NOFILE) is below the %d connections the listeners"
+            " may hold (max_connections): past it, connections are refused at accept; raise"
+            " the hard limit (LimitNOFILE= in a systemd unit, ulimit -Hn) or lower"
+            " max_connections",
+            limit,
+            wanted,
+        )
 
 
 def supervise_workers(args: argparse.Namespace, user: pwd.struct_passwd | None) -> int:

@@ -55,6 +55,8 @@ class Listener:
     address: tuple[str, int] | str
     """The bound ``(host, port)`` (with port 0 in ``listen``, the real port),
     or the socket's path, as :mod:`socket` gives addresses."""
+    max_connections: int = _core.DEFAULT_MAX_CONNECTIONS
+    """The sessions it holds at once (``max_connections``)."""
 
 
 class _DrivingSelector(selectors.BaseSelector):
@@ -313,7 +315,9 @@ class Server:
     def start_esmtp_listener(self, **params: Unpack[ListenerParameters]) -> Listener:
         """Validate ``params`` and start a listener (docs/reference/parameters.md)."""
         bound = self._core.start_listener(dict(params))
-        listener = Listener(str(params.get("listen", _core.DEFAULT_LISTEN)), bound)
+        listen = str(params.get("listen", _core.DEFAULT_LISTEN))
+        most = int(params.get("max_connections", _core.DEFAULT_MAX_CONNECTIONS))
+        listener = Listener(listen, bound, most)
         self._listeners.append(listener)
         return listener
 
@@ -411,7 +415,8 @@ class Server:
                 await result
 
     async def _shut_down(self) -> None:
-        self._core.begin_shutdown()
+        # A session receiving a message gets most of the grace to finish it.
+        self._core.begin_shutdown(self._shutdown_grace)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._shutdown_grace
         # The runtime runs while this loop waits: listening sockets close

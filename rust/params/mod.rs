@@ -34,7 +34,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2025";
-const DEFAULT_MAX_CONNECTIONS: usize = 32768;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 32768;
 const DEFAULT_BODY_MEMORY_LIMIT: usize = 1 << 30;
 /// Failed AUTH attempts per client: ten a minute, where one address could
 /// try thousands a second over reconnecting sessions.

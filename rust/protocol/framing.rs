@@ -88,7 +88,8 @@ impl LineFramer {
 pub struct DataLimits {
     /// Longest body accepted, counted as stored: after unstuffing and `Fix` rewrites.
     pub max_message_size: usize,
-    /// Longest body line accepted, counted in received bytes excluding CRLF.
+    /// Longest body line accepted, counted in received bytes excluding CRLF
+    /// and the dot stuffed before a line starting with one (in DATA).
     pub max_line_length: usize,
     pub line_endings: LineEndings,
 }
@@ -210,9 +211,12 @@ impl DataFramer {
         }
     }
 
+    /// RFC 5321 §4.5.3.1.6: the dot a client doubles for transparency does
+    /// not count toward the line limit (a 998-octet line starting with `.`
+    /// is 999 octets on the wire, and legal).
     fn skip_stuffing_dot(&mut self, c: &mut Cursor<'_>) {
         self.flush(c);
-        self.take_text(c, 1);
+        c.pos += 1;
         c.stored = c.pos;
     }
 
@@ -651,11 +655,42 @@ mod tests {
         let verdict = |input: &[u8]| read_data(data_limits, [input]).verdict;
         assert_eq!(verdict(b"1234\r\n.\r\n"), DataVerdict::Accept);
         assert_eq!(verdict(b"12345\r\n.\r\n"), DataVerdict::LineTooLong);
-        // Counted as received, stuffing dot included.
-        assert_eq!(verdict(b"..234\r\n.\r\n"), DataVerdict::LineTooLong);
+        // Counted as received, but for the stuffing dot.
+        assert_eq!(verdict(b"..234\r\n.\r\n"), DataVerdict::Accept);
+        assert_eq!(verdict(b"..2345\r\n.\r\n"), DataVerdict::LineTooLong);
         let outcome = read_data(data_limits, b"ok\r\n123456789\r\n.\r\nQUIT\r\n".chunks(3));
         assert_eq!(outcome.verdict, DataVerdict::LineTooLong);
         assert_eq!(outcome.rest, b"QUIT\r\n");
+    }
+
+    /// RFC 5321 §4.5.3.1.6: 1,000 octets with CRLF, "not counting the
+    /// leading dot duplicated for transparency" (the line kumod sent).
+    #[test]
+    fn the_998_octet_limit_with_and_without_a_leading_dot() {
+        let verdict = |line: &[u8]| {
+            let input = [stuff(line).as_slice(), b"QUIT\r\n"].concat();
+            let outcomes =
+                [read_whole(&input, LineEndings::Deny), read_data(limits(LineEndings::Deny), input.chunks(7))];
+            let [whole, chunked] = outcomes;
+            assert_eq!(whole.verdict, chunked.verdict);
+            assert_eq!(whole.rest, b"QUIT\r\n");
+            if whole.verdict == DataVerdict::Accept {
+                assert_eq!(whole.body, line);
+            }
+            whole.verdict
+        };
+        let line = |first: u8, len: usize| {
+            let mut line = vec![b'x'; len];
+            line[0] = first;
+            line.extend_from_slice(b"\r\n");
+            line
+        };
+        assert_eq!(verdict(&line(b'x', 998)), DataVerdict::Accept);
+        assert_eq!(verdict(&line(b'.', 998)), DataVerdict::Accept, "999 on the wire, the first dot stuffed");
+        assert_eq!(verdict(&line(b'x', 999)), DataVerdict::LineTooLong);
+        assert_eq!(verdict(&line(b'.', 999)), DataVerdict::LineTooLong);
+        // A stuffed line of only dots: the stuffing dot alone is free.
+        assert_eq!(verdict(&vec![b'.'; 998].into_iter().chain(*b"\r\n").collect::<Vec<_>>()), DataVerdict::Accept);
     }
 
     #[test]

@@ -49,6 +49,11 @@ impl Mailbox {
     pub fn is_ascii(&self) -> bool {
         self.local_part.is_ascii() && self.domain.is_ascii()
     }
+
+    /// Whether its local part is shown as a quoted string (it is not a dot-string).
+    pub fn local_part_is_quoted(&self) -> bool {
+        !is_dot_string(&self.local_part)
+    }
 }
 
 /// Shows `user@domain`, quoting the local part where RFC 5321 needs it; the

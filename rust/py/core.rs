@@ -154,9 +154,13 @@ impl PyCore {
         Ok((jobs, logs.into_iter().map(|record| log_tuple(py, record)).collect::<PyResult<_>>()?))
     }
 
-    /// Stop accepting; sessions answer 421 at their next read.
-    fn begin_shutdown(&self) {
-        self.state.begin_shutdown();
+    /// Stop accepting; sessions answer 421 at their next read, except that a
+    /// session receiving a message gets most of `grace` (seconds) to finish it.
+    #[pyo3(signature = (grace=0.0))]
+    fn begin_shutdown(&self, grace: f64) {
+        // Negative or NaN: none; too long for a Duration (infinity): the longest.
+        let grace = std::time::Duration::try_from_secs_f64(grace.max(0.0)).unwrap_or(std::time::Duration::MAX);
+        self.state.begin_shutdown(grace);
     }
 
     fn active_sessions(&self) -> usize {

@@ -68,6 +68,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_event, m)?)?;
     m.add("EVENTS", PyFrozenSet::new(m.py(), events::names())?)?;
     m.add("DEFAULT_LISTEN", DEFAULT_LISTEN)?;
+    m.add("DEFAULT_MAX_CONNECTIONS", crate::params::DEFAULT_MAX_CONNECTIONS)?;
     m.add("DEFAULT_BUSY_AT", crate::bridge::DEFAULT_BUSY_AT)?;
     m.add("METRICS", metrics_table())?;
     let scopes = TOP_LEVEL_ONLY.iter().map(|name| (*name, "top_level"));

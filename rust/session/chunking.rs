@@ -144,8 +144,8 @@ impl<S: Transport> Session<S> {
             let ends = self.chunks_end();
             let deadline = self.data_deadline(started, usize::try_from(received).unwrap_or(usize::MAX));
             let deadline = ends.map_or(deadline, |ends| deadline.min(ends));
-            let filled = self.fill(deadline, self.params.data_buffer_size).await;
-            filled.map_err(|error| self.data_read_failed(error, ends))?;
+            let filled = self.fill_message(deadline, self.params.data_buffer_size).await;
+            filled.map_err(|error| self.message_cut_short(error, ends))?;
         }
     }
 

@@ -1,6 +1,8 @@
 //! The start of a session (and its restart after XCLIENT): addresses,
 //! parameters, the PROXY header, `connection_accepted`, the greeting.
 
+use super::record::Ending;
+use super::replies::SHUTTING_DOWN;
 use super::{Session, Step, Stop};
 use crate::client_limits::{ClientLimits, Refusal};
 use crate::events::{Event, EventKind, Response};
@@ -39,7 +41,7 @@ impl<S: Transport> Session<S> {
     /// `connection_accepted`, greet.
     pub(super) async fn open(&mut self) -> Step {
         if self.context.shutdown.is_requested() {
-            return Err(self.close(Reply::new(421, "4.3.2", "shutting down")));
+            return Err(self.close_session(Ending::Shutdown, SHUTTING_DOWN));
         }
         // Load shedding: new clients would only queue up behind the calls waiting.
         if self.context.policy.is_busy() {
@@ -73,7 +75,10 @@ impl<S: Transport> Session<S> {
         }
         if self.context.config.implicit_tls {
             // The client speaks TLS first: it could not read a plaintext error.
-            let identity = self.server_identity().await.map_err(|reason| self.tls_unavailable(&reason))?;
+            let identity = self.server_identity().await.map_err(|reason| {
+                self.end_as(Ending::TlsFailed);
+                self.tls_unavailable(&reason)
+            })?;
             self.handshake(identity).await?;
         }
         self.connection_accepted().await?;
@@ -195,9 +200,15 @@ impl<S: Transport> Session<S> {
                     return Ok(());
                 }
                 ProxyDecode::Incomplete => {
-                    self.fill(deadline, super::io::MIN_READ).await.map_err(|_| Stop::Gone)?;
+                    // No banner yet, so no reply: the proxy is not a client.
+                    let filled = self.fill(deadline, super::io::MIN_READ).await;
+                    filled.map_err(|error| {
+                        self.end_as(error.ending());
+                        Stop::Gone
+                    })?;
                 }
                 ProxyDecode::Invalid(reason) => {
+                    self.end_as(Ending::ProxyError);
                     let remote = self.remote;
                     let message = || format!("{remote}: closed, bad PROXY protocol header: {reason}");
                     self.context.policy.log(LOG_INFO, message);
@@ -220,6 +231,7 @@ impl<S: Transport> Session<S> {
     /// that talks before the greeting or before a reply it must wait for is
     /// not an SMTP client we can trust to frame its messages.
     pub(super) fn lost_synchronization(&mut self) -> Stop {
+        self.end_as(Ending::ProtocolError);
         self.close(Reply::new(554, "5.5.0", "Error: SMTP protocol synchronization"))
     }
 }

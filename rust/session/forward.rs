@@ -3,8 +3,10 @@
 //! recipient our policy accepted, the message handed on once our policy
 //! accepted it, and our client's replies made from the upstream's.
 
+use super::record::{write_envelope, Address};
 use super::replies::STORAGE_FAILED;
 use super::{Session, Step};
+use crate::escape::LogText;
 use crate::forward::connection::{ConnectOptions, Timeouts};
 use crate::forward::pool::PoolSettings;
 use crate::forward::relay::{Delivery, Envelope, Relay, Route};
@@ -19,6 +21,7 @@ use crate::protocol::parser::Mailbox;
 use crate::protocol::reply::Reply;
 use crate::stream::Transport;
 use serde_json::json;
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -113,7 +116,10 @@ impl<S: Transport> Session<S> {
             Delivery::Ambiguous(why) => {
                 let (remote, id) = (self.remote, message.id.clone());
                 self.context.policy.log(LOG_WARNING, || {
-                    format!("possible duplicate: message {id} from {remote}: {upstream} got the data, then {why}")
+                    format!(
+                        "possible duplicate: message {id} from {remote}: {upstream} got the data, then {}",
+                        LogText(&why)
+                    )
                 });
                 let reply =
                     Reply::with_text(451, "4.4.2", format!("no reply from the upstream after the data ({why})"));
@@ -186,18 +192,19 @@ impl<S: Transport> Session<S> {
                     let summary = reply.summary();
                     self.context.policy.log(LOG_WARNING, || {
                         format!(
-                            "kept: {} (of {id}) to=<{recipient}>: the upstream refused it after the data: {summary}",
-                            copy.id
+                            "kept: {} (of {id}) to={}: the upstream refused it after the data: {}",
+                            copy.id,
+                            Address(recipient),
+                            LogText(&summary)
                         )
                     });
                 }
             }
             Err(error) => {
-                let all: Vec<String> = refused.iter().map(|(recipient, _)| recipient.to_string()).collect();
-                let all = all.join(">,<");
-                self.context.policy.log(crate::log::LOG_ERROR, || {
-                    format!("lost: message {id} from {remote} to=<{all}>: refused upstream after the data, and keeping it failed: {error}")
-                });
+                let mut text = format!("lost: message {id} from {remote}: refused upstream after the data, and");
+                let _ = write!(text, " keeping it failed: {error};");
+                write_envelope(&mut text, &message.sender, refused.iter().map(|(recipient, _)| *recipient));
+                self.context.policy.log(crate::log::LOG_ERROR, || text);
             }
         }
     }
@@ -209,20 +216,21 @@ impl<S: Transport> Session<S> {
             metrics::count(&self.context.metrics.messages);
             self.context.metrics.message_bytes.fetch_add(message.len() as u64, Ordering::Relaxed);
         }
-        let recipients: Vec<String> = wanted.iter().map(ToString::to_string).collect();
         let summaries: Vec<String> = replies.iter().map(UpstreamReply::summary).collect();
         let level = if delivered == wanted.len() { LOG_INFO } else { LOG_WARNING };
         self.context.policy.log(level, || -> LogEntry {
-            let text = format!(
-                "forwarded: {} from=<{}> to=<{}> size={} client={} upstream={upstream} reply={}",
-                message.id,
-                message.sender,
-                recipients.join(">,<"),
+            let mut text = format!("forwarded: {}", message.id);
+            write_envelope(&mut text, &message.sender, wanted);
+            let replies = summaries.join(" | ");
+            let _ = write!(
+                text,
+                " size={} client={} upstream={upstream} reply={}",
                 message.len(),
                 self.remote,
-                summaries.join(" | "),
+                LogText(&replies)
             );
             self.log_entry(text, || {
+                let recipients: Vec<String> = wanted.iter().map(ToString::to_string).collect();
                 json!({
                     "event": "forwarded", "id": message.id, "sender": message.sender.to_string(),
                     "recipients": recipients, "size": message.len(), "client": self.remote.to_string(),

@@ -1,7 +1,8 @@
 //! Reading and writing: command lines, raw reads with their deadlines, and
 //! the two reply verbs, [`Session::send`] and [`Session::close`].
 
-use super::replies::DATA_TIMEOUT;
+use super::record::Ending;
+use super::replies::{DATA_TIMEOUT, IDLE_TOO_LONG, SHUTTING_DOWN};
 use super::{Session, Step, Stop};
 use crate::protocol::framing::LineEvent;
 use crate::protocol::reply::Reply;
@@ -35,6 +36,17 @@ pub(super) enum ReadError {
     Gone,
 }
 
+impl ReadError {
+    /// Why a read that brought nothing ends the session.
+    pub(super) fn ending(self) -> Ending {
+        match self {
+            ReadError::Timeout => Ending::Timeout,
+            ReadError::Shutdown => Ending::Shutdown,
+            ReadError::Gone => Ending::ClientClosed,
+        }
+    }
+}
+
 impl<S: Transport> Session<S> {
     /// Queue `reply`; its enhanced code only for a client that said EHLO.
     pub(super) fn send(&mut self, reply: &Reply) {
@@ -57,26 +69,51 @@ impl<S: Transport> Session<S> {
         Stop::Closing
     }
 
+    /// Queue `reply` as [`Session::close`] does, for a session that ends
+    /// for `ending` rather than for the command it was answering: logged as
+    /// `timeout after RCPT from …`, and not counted as a refusal of that RCPT.
+    pub(super) fn close_session(&mut self, ending: Ending, reply: Reply) -> Stop {
+        self.end_as(ending);
+        self.context.metrics.reply_sent(reply.code);
+        self.log_ending(ending, &reply);
+        let text = format!("{} {}", self.params.hostname, reply.text);
+        Reply { text: text.into(), ..reply }.write(&mut self.output, true);
+        Stop::Closing
+    }
+
     /// How a session ends after a failed read: a reply, unless the client is gone.
     pub(super) fn read_failed(&mut self, error: ReadError) -> Stop {
         match error {
-            ReadError::Gone => Stop::Gone,
-            ReadError::Timeout => self.close(Reply::new(421, "4.3.2", "idle too long, closing connection")),
-            ReadError::Shutdown => self.close(Reply::new(421, "4.3.2", "shutting down")),
+            ReadError::Gone => {
+                self.end_as(Ending::ClientClosed);
+                Stop::Gone
+            }
+            ReadError::Timeout => self.close_session(Ending::Timeout, IDLE_TOO_LONG),
+            ReadError::Shutdown => self.close_session(Ending::Shutdown, SHUTTING_DOWN),
         }
+    }
+
+    /// A message's bytes stopped coming: its command (DATA, BDAT) did not
+    /// succeed, as Postfix counts it (`data=0/1`), whatever ended it.
+    /// `ends`: the end of the message's `max_data_duration`.
+    pub(super) fn message_cut_short(&mut self, error: ReadError, ends: Option<Instant>) -> Stop {
+        self.tally.refused();
+        self.read_failed_within(error, ends)
     }
 
     /// As [`Self::read_failed`], but a timeout at `ends` (the end of
     /// `max_data_duration` for the message being received) is the data timeout.
-    pub(super) fn data_read_failed(&mut self, error: ReadError, ends: Option<Instant>) -> Stop {
+    pub(super) fn read_failed_within(&mut self, error: ReadError, ends: Option<Instant>) -> Stop {
         if error == ReadError::Timeout && ends.is_some_and(|ends| Instant::now() >= ends) {
-            return self.close(DATA_TIMEOUT);
+            return self.close_session(Ending::Timeout, DATA_TIMEOUT);
         }
         self.read_failed(error)
     }
 
     /// Read until a whole line (or the end of an over-long one) is buffered.
+    /// Between the chunks of a message (BDAT), a shutdown lets it finish.
     pub(super) async fn next_line(&mut self, deadline: Instant) -> Result<Framed, Stop> {
+        let in_message = self.transaction.as_ref().is_some_and(|transaction| transaction.chunks.is_some());
         loop {
             match self.lines.next(&self.input) {
                 LineEvent::Line { len, consumed } => return Ok(Framed::Line { len, consumed }),
@@ -84,10 +121,10 @@ impl<S: Transport> Session<S> {
                 LineEvent::NeedMore { discard } => {
                     bytes::Buf::advance(&mut self.input, discard);
                     self.flush().await?;
-                    let filled = self.fill(deadline, MIN_READ).await;
+                    let filled = self.read_more(deadline, MIN_READ, in_message).await;
                     // Between BDAT chunks, the message's time runs on.
                     let ends = self.chunks_end();
-                    filled.map_err(|error| self.data_read_failed(error, ends))?;
+                    filled.map_err(|error| self.read_failed_within(error, ends))?;
                 }
             }
         }
@@ -104,17 +141,37 @@ impl<S: Transport> Session<S> {
     /// Read more into `input`, growing it by `step` when less than
     /// [`MIN_READ`] bytes are free; stop on end of stream, deadline or shutdown.
     pub(super) async fn fill(&mut self, deadline: Instant, step: usize) -> Result<(), ReadError> {
+        self.read_more(deadline, step, false).await
+    }
+
+    /// [`Session::fill`] for the bytes of a message (DATA, BDAT): a shutdown
+    /// lets it go on until the grace it gives messages ends
+    /// ([`super::message_grace_ends`]), then stops it.
+    pub(super) async fn fill_message(&mut self, deadline: Instant, step: usize) -> Result<(), ReadError> {
+        self.read_more(deadline, step, true).await
+    }
+
+    async fn read_more(&mut self, deadline: Instant, step: usize, in_message: bool) -> Result<(), ReadError> {
         if self.input.capacity() - self.input.len() < MIN_READ {
             self.input.reserve(step.max(MIN_READ));
         }
         let shutdown = self.context.shutdown.clone();
-        tokio::select! {
-            read = timeout_at(deadline, self.stream.read_buf(&mut self.input)) => match read {
-                Ok(Ok(0)) | Ok(Err(_)) => Err(ReadError::Gone),
-                Ok(Ok(_)) => Ok(()),
-                Err(_) => Err(ReadError::Timeout),
-            },
-            () = shutdown.requested() => Err(ReadError::Shutdown),
+        loop {
+            let grace_ends = shutdown.grace_ends();
+            let (until, late) = match grace_ends {
+                Some(_) if !in_message => return Err(ReadError::Shutdown),
+                Some(ends) if ends < deadline => (ends, ReadError::Shutdown),
+                _ => (deadline, ReadError::Timeout),
+            };
+            tokio::select! {
+                read = timeout_at(until, self.stream.read_buf(&mut self.input)) => return match read {
+                    Ok(Ok(0)) | Ok(Err(_)) => Err(ReadError::Gone),
+                    Ok(Ok(_)) => Ok(()),
+                    Err(_) => Err(late),
+                },
+                // Asked for while waiting: wait again, by the new rule.
+                () = shutdown.requested(), if grace_ends.is_none() => {}
+            }
         }
     }
 

@@ -44,10 +44,12 @@ use crate::stream::{Stream, Transport};
 use crate::tls::TlsCache;
 use bytes::{Buf, BytesMut};
 pub use connect::UNIX_CLIENT;
-use replies::OK;
+use record::Ending;
+use replies::{OK, POLICY_FAILED, POLICY_FAILED_AT_CONNECT};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use transaction::Transaction;
 
 /// After this many rejected commands the client is clearly not a mail
@@ -73,16 +75,23 @@ pub struct SessionContext {
     pub shutdown: Shutdown,
 }
 
-/// The server's request that sessions finish.
+/// The server's request that sessions finish: `Some` once asked, holding
+/// until when a message being received may still come in whole.
 #[derive(Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub struct Shutdown(watch::Receiver<Option<Instant>>);
 
 impl Shutdown {
-    pub fn new(receiver: watch::Receiver<bool>) -> Self {
+    pub fn new(receiver: watch::Receiver<Option<Instant>>) -> Self {
         Self(receiver)
     }
 
     pub fn is_requested(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+
+    /// Once shutdown is asked for, the end of the grace a message being
+    /// received has to finish in.
+    pub fn grace_ends(&self) -> Option<Instant> {
         *self.0.borrow()
     }
 
@@ -90,8 +99,18 @@ impl Shutdown {
     /// if the server is gone).
     pub async fn requested(&self) {
         let mut receiver = self.0.clone();
-        let _ = receiver.wait_for(|stopping| *stopping).await;
+        let _ = receiver.wait_for(Option::is_some).await;
     }
+}
+
+/// Until when a message being received may finish after a shutdown that
+/// gives sessions `grace`: a second before its end (half of a grace under
+/// two seconds), so that its session still has time to answer and close.
+pub fn message_grace_ends(now: Instant, grace: std::time::Duration) -> Instant {
+    let margin = grace.min(std::time::Duration::from_secs(2)) / 2;
+    // A grace too long to add is a year: as good as no end.
+    let year = std::time::Duration::from_secs(365 * 24 * 3600);
+    now.checked_add(grace - margin).unwrap_or_else(|| now + year)
 }
 
 /// Why a session stopped reading.
@@ -130,6 +149,8 @@ pub struct Session<S> {
     errors: usize,
     lines: LineFramer,
     tally: record::Tally,
+    /// Why the session ends, once known (the first cause wins).
+    ending: Option<Ending>,
 }
 
 /// Serve one accepted connection to the end.
@@ -139,10 +160,11 @@ pub async fn run<S: Transport>(stream: S, remote: SocketAddr, local: SocketAddr,
         Ok(()) => session.command_loop().await,
         Err(stop) => Err(stop),
     };
-    if matches!(result, Err(Stop::Closing)) {
+    let closing = matches!(result, Err(Stop::Closing));
+    if closing {
         session.finish().await;
     }
-    session.log_disconnect();
+    session.log_disconnect(closing);
 }
 
 impl<S: Transport> Session<S> {
@@ -166,6 +188,7 @@ impl<S: Transport> Session<S> {
             transactions_started: 0,
             errors: 0,
             tally: record::Tally::new(),
+            ending: None,
         };
         session.set_addresses(remote, local);
         session.meta.set(keys::HOSTNAME, session.params.hostname.clone());
@@ -178,6 +201,7 @@ impl<S: Transport> Session<S> {
                 io::Framed::Line { len, consumed } => {
                     if is_http_request(&self.input[..len]) {
                         self.tally.begin::<()>(b"", &Err(()));
+                        self.end_as(Ending::ProtocolError);
                         // Postfix's exact words, without our hostname: a web client learns nothing.
                         Reply::new(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
                             .write(&mut self.output, true);
@@ -204,7 +228,10 @@ impl<S: Transport> Session<S> {
     async fn dispatch(&mut self, parsed: Result<Command, ParseError>) -> Step {
         let command = match parsed {
             Ok(command) => command,
-            Err(error) if error.ends_session() => return Err(self.close(error.reply())),
+            Err(error) if error.ends_session() => {
+                self.end_as(Ending::ProtocolError);
+                return Err(self.close(error.reply()));
+            }
             Err(error) => return self.refuse(error.reply()),
         };
         match command {
@@ -227,7 +254,10 @@ impl<S: Transport> Session<S> {
                 self.send(&OK);
                 Ok(())
             }
-            Command::Quit => Err(self.close(Reply::new(221, "2.0.0", "closing connection"))),
+            Command::Quit => {
+                self.end_as(Ending::Quit);
+                Err(self.close(Reply::new(221, "2.0.0", "closing connection")))
+            }
             Command::Vrfy(_) => {
                 self.send(&Reply::new(252, "2.1.5", "cannot VRFY user, but will accept message and attempt delivery"));
                 Ok(())
@@ -269,7 +299,7 @@ impl<S: Transport> Session<S> {
         self.send(&reply);
         self.errors += 1;
         if self.errors >= MAX_ERRORS {
-            return Err(self.close(Reply::new(421, "4.7.0", "too many errors")));
+            return Err(self.close_session(Ending::ErrorLimit, Reply::new(421, "4.7.0", "too many errors")));
         }
         Ok(())
     }
@@ -315,7 +345,7 @@ impl<S: Transport> Session<S> {
             None => Ok(Response::Nothing),
             Some(Outcome::Done(response)) => Ok(response),
             Some(Outcome::Reject { code, text }) => Err(Reply::from_policy(code, &text)),
-            Some(Outcome::Failed(_)) => Err(Reply::new(451, "4.3.0", "temporary policy failure, try again later")),
+            Some(Outcome::Failed(_)) => Err(POLICY_FAILED),
         })
     }
 
@@ -332,7 +362,7 @@ impl<S: Transport> Session<S> {
                 self.send(&Reply::from_policy(code, &text));
                 Err(Stop::Closing)
             }
-            Some(Outcome::Failed(_)) => Err(self.close(Reply::new(421, "4.3.0", "temporary failure, try again later"))),
+            Some(Outcome::Failed(_)) => Err(self.close(POLICY_FAILED_AT_CONNECT)),
         }
     }
 }

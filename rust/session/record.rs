@@ -1,14 +1,106 @@
-//! What a session logs, as Postfix's smtpd does: a line per refusal, and
-//! one when the connection ends with the count of each command.
+//! What a session logs, as Postfix's smtpd does: a line per refusal, one
+//! when the session ends for something other than a command (`timeout after
+//! RCPT from …`), and one when the connection ends with the count of each
+//! command and why it ended.
+//!
+//! In the text lines, values the client chose (HELO names, addresses, reply
+//! texts that may quote them) go through [`crate::escape`]: none can pass
+//! for another field.
 
+use super::replies::is_our_failure;
 use super::Session;
+use crate::escape::{value_is_plain, LogAddress, LogText, LogValue};
 use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
-use crate::protocol::parser::Command;
+use crate::protocol::parser::{Command, Mailbox};
 use crate::protocol::reply::Reply;
 use crate::stream::Transport;
 use serde_json::{json, Map, Value};
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::time::Instant;
+
+/// Why a session ended, as the `disconnect` line's `reason=` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Ending {
+    /// The client said QUIT.
+    Quit,
+    /// The client closed the connection (or it failed) without QUIT.
+    ClientClosed,
+    /// `client_timeout`, or a message slower than the minimum data rate.
+    Timeout,
+    /// The server is stopping.
+    Shutdown,
+    /// Too many refused commands.
+    ErrorLimit,
+    /// Talking out of turn, an HTTP request, a malformed BDAT.
+    ProtocolError,
+    /// A reply that closes the connection: load shedding, a per-client
+    /// limit, a policy refusal with 421 or at connect, a handler failure at connect.
+    Refused,
+    /// No TLS handshake, or no certificate for one.
+    TlsFailed,
+    /// No valid PROXY protocol header.
+    ProxyError,
+}
+
+impl Ending {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Self::Quit => "quit",
+            Self::ClientClosed => "client-closed",
+            Self::Timeout => "timeout",
+            Self::Shutdown => "shutdown",
+            Self::ErrorLimit => "error-limit",
+            Self::ProtocolError => "protocol-error",
+            Self::Refused => "refused",
+            Self::TlsFailed => "tls-failed",
+            Self::ProxyError => "proxy-error",
+        }
+    }
+
+    /// The words of its line, and its `event`, for an ending that has one.
+    fn line(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::Timeout => Some(("timeout", "timeout")),
+            Self::Shutdown => Some(("shutdown", "shutdown")),
+            Self::ErrorLimit => Some(("too many errors", "too_many_errors")),
+            _ => None,
+        }
+    }
+}
+
+/// An address in a text line: `<a@b.example>`, or quoted and escaped
+/// ([`LogAddress`]) when it holds anything else than a plain value may.
+/// Formats with no copy when there is nothing to escape.
+pub(super) struct Address<'a>(pub(super) &'a Mailbox);
+
+impl fmt::Display for Address<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mailbox = self.0;
+        let plain = mailbox.is_null()
+            || (!mailbox.local_part_is_quoted()
+                && value_is_plain(&mailbox.local_part)
+                && value_is_plain(&mailbox.domain));
+        if plain {
+            write!(f, "<{mailbox}>")
+        } else {
+            LogAddress(&mailbox.to_string()).fmt(f)
+        }
+    }
+}
+
+/// ` from=<sender> to=<rcpt>,<rcpt>`, each address as [`Address`] writes it.
+pub(super) fn write_envelope<'a>(
+    text: &mut String,
+    sender: &Mailbox,
+    recipients: impl IntoIterator<Item = &'a Mailbox>,
+) {
+    use fmt::Write as _;
+    let _ = write!(text, " from={} to=", Address(sender));
+    for (index, recipient) in recipients.into_iter().enumerate() {
+        let separator = if index == 0 { "" } else { "," };
+        let _ = write!(text, "{separator}{}", Address(recipient));
+    }
+}
 
 /// Command names in the order Postfix lists them (and LMTP's `lhlo`);
 /// `unknown` counts lines that did not parse.
@@ -92,7 +184,7 @@ impl Tally {
     }
 
     /// The command being answered, as the log names it (`CONNECT` before any).
-    fn verb(&self) -> String {
+    pub(super) fn verb(&self) -> String {
         self.current.map_or_else(|| "CONNECT".into(), |index| VERBS[index].to_ascii_uppercase())
     }
 
@@ -142,20 +234,34 @@ fn fraction(tried: u32, refused: u32) -> String {
 }
 
 impl<S: Transport> Session<S> {
-    /// Log a refusal about to be sent: INFO for a decision about the
-    /// client, WARNING for a failure of ours (451, 454).
+    /// Log a refusal about to be sent: INFO for a decision about the client
+    /// (a policy `Reject` whatever its code), WARNING for a failure of ours
+    /// (a handler failed, storage failed, TLS not available).
     pub(super) fn log_refusal(&mut self, reply: &Reply) {
         self.tally.refused();
-        let level = if matches!(reply.code, 451 | 454) { LOG_WARNING } else { LOG_INFO };
+        let level = if is_our_failure(reply) { LOG_WARNING } else { LOG_INFO };
+        self.log_reply_line(level, "reject:", "reject", reply);
+    }
+
+    /// The line of a session that ends for `ending` (when it has one),
+    /// after the command being answered: `timeout after RCPT from …`.
+    pub(super) fn log_ending(&self, ending: Ending, reply: &Reply) {
+        if let Some((words, event)) = ending.line() {
+            self.log_reply_line(LOG_INFO, &format!("{words} after"), event, reply);
+        }
+    }
+
+    /// `{words} {VERB} from {client}: {code} {enhanced} {text}; helo={helo}`.
+    fn log_reply_line(&self, level: u8, words: &str, event: &str, reply: &Reply) {
         let verb = self.tally.verb();
         let (remote, helo) = (self.remote, self.helo.as_deref().unwrap_or_default());
         let enhanced = reply.enhanced.as_deref().unwrap_or_default();
         let entry = || {
-            let message =
-                format!("reject: {verb} from {remote}: {} {enhanced} {}; helo={helo}", reply.code, reply.text);
+            let (code, text) = (reply.code, LogText(&reply.text));
+            let message = format!("{words} {verb} from {remote}: {code} {enhanced} {text}; helo={}", LogValue(helo));
             self.log_entry(message, || {
                 json!({
-                    "event": "reject", "command": verb, "client": remote.to_string(), "via": self.local.to_string(),
+                    "event": event, "command": verb, "client": remote.to_string(), "via": self.local.to_string(),
                     "hostname": self.params.hostname, "code": reply.code, "enhanced": enhanced, "text": reply.text,
                     "helo": helo,
                 })
@@ -164,8 +270,20 @@ impl<S: Transport> Session<S> {
         self.context.policy.log(level, entry);
     }
 
-    /// Postfix's `disconnect from` line, when the session ends.
-    pub(super) fn log_disconnect(&mut self) {
+    /// From now on the session is ending for `ending`, unless it already was.
+    pub(super) fn end_as(&mut self, ending: Ending) {
+        self.ending.get_or_insert(ending);
+    }
+
+    /// Postfix's `disconnect from` line, when the session ends, with why
+    /// (after the `lost connection after …` line of a client that went
+    /// without QUIT). `closing`: a reply that ends the session was sent.
+    pub(super) fn log_disconnect(&mut self, closing: bool) {
+        let ending = *self.ending.get_or_insert(if closing { Ending::Refused } else { Ending::ClientClosed });
+        if ending == Ending::ClientClosed {
+            self.log_lost_connection();
+        }
+        let reason = ending.name();
         let (remote, local) = (self.remote, self.local);
         let hostname = &self.params.hostname;
         let tls = match (self.meta.get_str("tls_protocol_version"), self.meta.get_str("tls_cipher")) {
@@ -175,12 +293,31 @@ impl<S: Transport> Session<S> {
         let seconds = self.tally.started.elapsed().as_secs_f64();
         let (counts, commands) = self.tally.counts();
         let entry = || {
-            let message = format!("disconnect from {remote} to {local} ({hostname}){tls} time={seconds:.3}s {counts}");
+            let message = format!(
+                "disconnect from {remote} to {local} ({hostname}){tls} time={seconds:.3}s {counts} reason={reason}"
+            );
             self.log_entry(message, || {
                 json!({
                     "event": "disconnect", "client": remote.to_string(), "via": local.to_string(), "hostname": hostname,
                     "tls_protocol_version": self.meta.get_str("tls_protocol_version"),
                     "tls_cipher": self.meta.get_str("tls_cipher"), "seconds": seconds, "commands": commands,
+                    "reason": reason,
+                })
+            })
+        };
+        self.context.policy.log(LOG_INFO, entry);
+    }
+
+    /// Postfix's `lost connection after DATA from …`: no reply, so no code nor text.
+    fn log_lost_connection(&self) {
+        let verb = self.tally.verb();
+        let (remote, helo) = (self.remote, self.helo.as_deref().unwrap_or_default());
+        let entry = || {
+            let message = format!("lost connection after {verb} from {remote}; helo={}", LogValue(helo));
+            self.log_entry(message, || {
+                json!({
+                    "event": "lost_connection", "command": verb, "client": remote.to_string(),
+                    "via": self.local.to_string(), "hostname": self.params.hostname, "helo": helo,
                 })
             })
         };

@@ -1,5 +1,7 @@
 //! STARTTLS (RFC 3207) and the TLS handshake, also used by implicit TLS.
 
+use super::record::Ending;
+use super::replies::TLS_NOT_AVAILABLE;
 use super::{Session, Step, Stop};
 use crate::log::{LOG_ERROR, LOG_INFO};
 use crate::meta::keys;
@@ -24,7 +26,7 @@ impl<S: Transport> Session<S> {
             Ok(identity) => identity,
             Err(reason) => {
                 self.tls_unavailable(&reason);
-                self.send(&Reply::new(454, "4.7.0", "TLS not available"));
+                self.send(&TLS_NOT_AVAILABLE);
                 return Ok(());
             }
         };
@@ -93,7 +95,8 @@ impl<S: Transport> Session<S> {
         Ok(())
     }
 
-    fn handshake_failed(&self, reason: &str) -> Stop {
+    fn handshake_failed(&mut self, reason: &str) -> Stop {
+        self.end_as(Ending::TlsFailed);
         metrics::count(&self.context.metrics.tls_failures);
         self.context.policy.log(LOG_INFO, || format!("{}: TLS handshake failed: {reason}", self.remote));
         Stop::Gone

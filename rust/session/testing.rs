@@ -7,6 +7,7 @@ use crate::body::BodyStore;
 use crate::bridge::Bridge;
 use crate::client_limits::{ClientTable, CLIENT_TABLE_CAPACITY};
 use crate::events::{Event, EventKind, Outcome};
+use crate::log::LogRecord;
 use crate::metrics::ListenerMetrics;
 use crate::params::{parse_listener_config, ParamErrors};
 use crate::sink::Sink;
@@ -23,8 +24,8 @@ pub type Script = dyn Fn(&Event) -> Outcome + Send + Sync;
 /// on the current tokio runtime and returns the client's end of its pipe.
 pub struct Harness {
     pub(super) context: Arc<SessionContext>,
-    shutdown: watch::Sender<bool>,
-    logs: Arc<Mutex<Vec<String>>>,
+    shutdown: watch::Sender<Option<tokio::time::Instant>>,
+    logs: Arc<Mutex<Vec<LogRecord>>>,
 }
 
 impl Harness {
@@ -40,7 +41,7 @@ impl Harness {
         let config = parse_listener_config(&params)?;
         let bridge = Arc::new(Bridge::new().expect("a socket pair"));
         bridge.set_registered(registered.iter().copied());
-        let shutdown = watch::Sender::new(false);
+        let shutdown = watch::Sender::new(None);
         let logs = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(answer(bridge.clone(), Arc::new(script), logs.clone()));
         let spool_dir = config.body_spool_path.clone().unwrap_or_else(|| sink.spool_dir());
@@ -69,25 +70,36 @@ impl Harness {
         client
     }
 
+    /// Shut down, with no grace for messages being received.
     pub fn shut_down(&self) {
-        self.shutdown.send_replace(true);
+        self.shut_down_with_grace(std::time::Duration::ZERO);
+    }
+
+    /// Shut down, giving sessions `grace` as the server does.
+    pub fn shut_down_with_grace(&self, grace: std::time::Duration) {
+        self.shutdown.send_replace(Some(super::message_grace_ends(tokio::time::Instant::now(), grace)));
     }
 
     /// The log messages so far.
     pub fn logs(&self) -> Vec<String> {
+        self.records().into_iter().map(|record| record.message).collect()
+    }
+
+    /// The log records so far, with their levels and fields.
+    pub fn records(&self) -> Vec<LogRecord> {
         self.logs.lock().expect("not poisoned").clone()
     }
 }
 
 /// Answer every queued call as `script` says, and keep the log records.
-async fn answer(bridge: Arc<Bridge>, script: Arc<Script>, logs: Arc<Mutex<Vec<String>>>) {
+async fn answer(bridge: Arc<Bridge>, script: Arc<Script>, logs: Arc<Mutex<Vec<LogRecord>>>) {
     loop {
         let work = bridge.work_queued();
         tokio::pin!(work);
         // Registered before taking, so that no call queued after the take is missed.
         work.as_mut().enable();
         let (calls, records) = bridge.take();
-        logs.lock().expect("not poisoned").extend(records.into_iter().map(|record| record.message));
+        logs.lock().expect("not poisoned").extend(records);
         if calls.is_empty() {
             work.await;
             continue;

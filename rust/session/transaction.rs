@@ -4,6 +4,7 @@
 
 use super::chunking::Chunks;
 use super::io::MIN_READ;
+use super::record::write_envelope;
 use super::replies::{CLIENT_SPILL_CAP, INSUFFICIENT_STORAGE, NEED_MAIL, NEED_RCPT, STORAGE_FAILED};
 use super::{Session, Step, Stop};
 use crate::body::{Body, BodyBuffer, BodyLimits, Reservation, SpillError, SpillQuota};
@@ -20,6 +21,7 @@ use crate::protocol::reply::Reply;
 use crate::stream::Transport;
 use bytes::{Buf, Bytes};
 use serde_json::json;
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -563,9 +565,9 @@ impl<S: Transport> Session<S> {
                 return Ok((framer.verdict(), body));
             }
             let deadline = self.data_deadline(started, received);
-            let filled = self.fill(deadline, self.params.data_buffer_size).await;
+            let filled = self.fill_message(deadline, self.params.data_buffer_size).await;
             let ends = self.data_ends(started);
-            filled.map_err(|error| self.data_read_failed(error, Some(ends)))?;
+            filled.map_err(|error| self.message_cut_short(error, Some(ends)))?;
         }
     }
 
@@ -676,22 +678,20 @@ impl<S: Transport> Session<S> {
         verdicts
     }
 
-    /// The log record of a stored message, under the id its file name carries.
+    /// The log record of a stored message (one per part the transaction
+    /// was split into), under the id its file name carries. Addresses are
+    /// escaped as [`Address`] says.
     fn stored_entry(&self, message: &Message) -> LogEntry {
         let bytes = message.len();
-        let recipients: Vec<String> = message.recipients.iter().map(ToString::to_string).collect();
         let tls = self.meta.get_str("tls_protocol_version");
-        let text = format!(
-            "stored: {} from=<{}> to=<{}> size={bytes} client={} via={} ({}){}",
-            message.id,
-            message.sender,
-            recipients.join(">,<"),
-            self.remote,
-            self.local,
-            self.params.hostname,
-            tls.as_ref().map(|version| format!(" tls={version}")).unwrap_or_default(),
-        );
+        let mut text = format!("stored: {}", message.id);
+        write_envelope(&mut text, &message.sender, &message.recipients);
+        let _ = write!(text, " size={bytes} client={} via={} ({})", self.remote, self.local, self.params.hostname);
+        if let Some(version) = &tls {
+            let _ = write!(text, " tls={version}");
+        }
         self.log_entry(text, || {
+            let recipients: Vec<String> = message.recipients.iter().map(ToString::to_string).collect();
             json!({
                 "event": "stored", "id": message.id, "sender": message.sender.to_string(), "recipients": recipients,
                 "size": bytes, "client": self.remote.to_string(), "via": self.local.to_string(),

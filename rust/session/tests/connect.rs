@@ -207,4 +207,3 @@ async fn an_idle_sessions_future_stays_small() {
     let future = crate::session::run(server, remote, local, harness.context.clone());
     assert!(std::mem::size_of_val(&future) <= 3 * 1024, "{} bytes", std::mem::size_of_val(&future));
 }
-

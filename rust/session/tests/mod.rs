@@ -21,6 +21,7 @@ mod chunking;
 mod connect;
 mod forward;
 mod lmtp;
+mod record;
 mod transaction;
 mod xclient;
 
