@@ -26,6 +26,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         ("starttls", starttls_table),
         ("throughput", cpu_table),
         ("throughput", cpu_ratio_table),
+        ("forwarding", forwarding_table),
         ("idle_memory", idle_memory_table),
         ("durable", durable_table),
         ("body_memory", body_memory_table),
@@ -177,6 +178,39 @@ def cpu_ratio_table(data: dict[str, Any]) -> list[str]:
     return table(header, rows)
 
 
+def forwarding_table(data: dict[str, Any]) -> list[str]:
+    """Forwarding to one smtp-sink: the rates with kumo_listener's against
+    Postfix's before-queue proxy and aiosmtpd's Proxy, then the CPU with
+    kumo_listener forwarding against kumo_listener discarding."""
+    shapes = data["results"]["forwarding"]
+    titles = server_titles(shapes)
+    level = data["conditions"]["settings"]["kumo_log_level"]
+    header = ["forwarding to one smtp-sink (msgs/s, median)", *titles.values()]
+    header += ["kumo/Postfix proxy (target ≥ 3x)", "kumo/aiosmtpd Proxy (target ≥ 10x)"]
+    rates = rate_rows(shapes, titles, "kumo_forward", ("postfix_proxy", "aiosmtpd_proxy"))
+    forwarders = [key for key in ("kumo_forward", "kumo_forward_observed") if key in titles]
+    cpu_header = ["forwarding: CPU µs per message (median), server / load generator"]
+    cpu_header += [*titles.values()]
+    cpu_header += [f"{titles[key]} over discard's, server (target ≤ 2x)" for key in forwarders]
+    cpu_rows = []
+    for shape in shapes.values():
+        servers = shape["servers"]
+        discard = cpu_of(servers.get("kumo_discard"))
+        ratios = []
+        for key in forwarders:
+            cpu = cpu_of(servers[key])
+            over = None if cpu is None or discard is None else ratio(cpu[0], discard[0])
+            ratios.append(ratio_cell(over))
+        cpu_rows.append([shape["title"], *(cpu_cell(servers.get(key)) for key in titles), *ratios])
+    note = (
+        f"Forwarding: kumo_listener (forward_to) at --log-level {level}, the INFO row with "
+        "metrics served too; the benchmark policy in all kumo_listener rows. Server CPU: "
+        "the server's process tree (Postfix: master, smtpd and every other child), never "
+        "the sink's; the last column is the sink itself, sent to directly."
+    )
+    return [note, "", *table(header, rates), "", *table(cpu_header, cpu_rows)]
+
+
 def idle_memory_table(data: dict[str, Any]) -> list[str]:
     idle = data["conditions"]["settings"]["idle_connections"]
     header = ["server", "RSS before (MiB)", f"RSS, {idle} idle connections (MiB)"]
@@ -237,7 +271,8 @@ def body_memory_table(data: dict[str, Any]) -> list[str]:
 
 def measurements(results: dict[str, Any]) -> Iterator[tuple[str, Section]]:
     """Every measured item with a label naming it: (label, its JSON)."""
-    for name, prefix in (("throughput", ""), ("durable", "durable, ")):
+    shaped = (("throughput", ""), ("forwarding", "forwarding, "), ("durable", "durable, "))
+    for name, prefix in shaped:
         for shape in results.get(name, {}).values():
             for item in shape["servers"].values():
                 yield f"{prefix}{item['title']}, {shape['title']}", item
