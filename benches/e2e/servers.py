@@ -108,10 +108,13 @@ def running_server(
         "KUMO_BENCH_COUNT_FILE": str(count_file),
         "KUMO_BENCH_TLS_DIR": str(settings.tls_dir),
     }
-    if upstream is not None:
-        env["KUMO_BENCH_FORWARD_TO"] = f"smtp://{LOOPBACK}:{upstream.port}"
+    forwarding = {}  # the policy's forward_to
+    if upstream is not None and kind in KUMO_SERVERS:
+        forwarding["KUMO_BENCH_FORWARD_TO"] = f"smtp://{LOOPBACK}:{upstream.port}"
+    env.update(forwarding)
     command = server_command(kind, tools, settings, port, count_file, maildir) + arguments
-    log(f"e2e: starting {kind.title}: {shlex.join(command)}")
+    shown = [f"{name}={value}" for name, value in forwarding.items()] + command
+    log(f"e2e: starting {kind.title}: {shlex.join(shown)}")
     stdout_path, stderr_path = workdir / "stdout", workdir / "stderr"
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
