@@ -1,12 +1,17 @@
 """The aiosmtpd server of the end-to-end benchmark (``python3 -m benches.e2e``).
 
-Usage: ``python3 benches/aiosmtpd_server.py PORT [COUNT_FILE] [--tls CERT KEY]``
+Usage: ``python3 benches/aiosmtpd_server.py PORT [COUNT_FILE] [--tls CERT KEY]
+[--proxy HOST:PORT]``
 
 Listens on ``127.0.0.1:PORT`` with a handler equivalent to the benchmark's
 kumo_listener policy (count each message, answer ``250 OK``, store nothing).
 With ``COUNT_FILE``, the number of messages received is written there on
 SIGUSR1 and at exit. With ``--tls``, STARTTLS is offered with that certificate
-and key (PEM files). SIGINT/SIGTERM stop it.
+and key (PEM files). With ``--proxy``, aiosmtpd's own ``Proxy`` handler sends
+each message on to that SMTP server instead (``smtplib``, a connection per
+message, blocking the event loop meanwhile; it answers ``250 OK`` whatever the
+upstream said), and the count is of the messages the upstream took.
+SIGINT/SIGTERM stop it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import ssl
 import sys
 from typing import Any
 
+from aiosmtpd.handlers import Proxy
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 HOSTNAME = "bench.example"
@@ -36,6 +42,20 @@ class CountingHandler:
         return "250 OK"
 
 
+class CountingProxy(Proxy):
+    """aiosmtpd's Proxy handler, unchanged, counting the messages its upstream took."""
+
+    def __init__(self, remote_hostname: str, remote_port: int) -> None:
+        super().__init__(remote_hostname, remote_port)
+        self.received = 0
+
+    def _deliver(self, mail_from: str, rcpt_tos: list[str], data: str | bytes) -> Any:
+        refused = super()._deliver(mail_from, rcpt_tos, data)
+        if not refused:  # {} when every recipient was taken; Proxy answers 250 OK anyway
+            self.received += 1
+        return refused
+
+
 def write_count(path: str | None, count: int) -> None:
     """Write ``count`` to ``path`` (atomically, by rename)."""
     if path is None:
@@ -46,9 +66,15 @@ def write_count(path: str | None, count: int) -> None:
     os.replace(partial, path)
 
 
-async def serve(port: int, count_file: str | None, tls: ssl.SSLContext | None) -> None:
+async def serve(
+    port: int,
+    count_file: str | None,
+    tls: ssl.SSLContext | None,
+    proxy: tuple[str, int] | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
-    handler = CountingHandler()
+    handler: CountingHandler | CountingProxy
+    handler = CountingHandler() if proxy is None else CountingProxy(*proxy)
 
     def factory() -> Any:
         return SMTP(handler, hostname=HOSTNAME, tls_context=tls)
@@ -77,11 +103,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("port", type=int)
     parser.add_argument("count_file", nargs="?")
     parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+    parser.add_argument(
+        "--proxy", type=host_port, metavar="HOST:PORT", help="forward to this SMTP server"
+    )
     args = parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.WARNING)
     tls = tls_context(*args.tls) if args.tls else None
-    asyncio.run(serve(args.port, args.count_file, tls))
+    asyncio.run(serve(args.port, args.count_file, tls, args.proxy))
     return 0
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
 
 
 if __name__ == "__main__":

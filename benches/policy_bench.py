@@ -8,7 +8,12 @@ come from the environment:
 - ``KUMO_BENCH_COUNT_FILE``: where to write the number of messages received, on
   SIGUSR1 and at exit (default: not written);
 - ``KUMO_BENCH_TLS_DIR``: a directory holding ``HOSTNAME.crt`` and ``HOSTNAME.key``
-  for each hostname below (default: self-signed certificates).
+  for each hostname below (default: self-signed certificates);
+- ``KUMO_BENCH_FORWARD_TO``: an upstream URL (``smtp://HOST:PORT``) for the
+  listener's ``forward_to`` (default: none, the server's sink). The message
+  counter then counts messages handed on (``smtp_server_message_received``
+  runs before the upstream is given the data: the upstream's own count is
+  what says they arrived).
 
 The dynamic hook gives each of two local addresses, 127.0.0.1 and 127.0.0.2, its
 own identity (hostname, banner, certificate), like the seed's ``via`` table.
@@ -26,6 +31,7 @@ import kumo_listener as kumo
 PORT = int(os.environ["KUMO_BENCH_PORT"])
 MAX_CONNECTIONS = int(os.environ.get("KUMO_BENCH_MAX_CONNECTIONS", "32768"))
 COUNT_FILE = os.environ.get("KUMO_BENCH_COUNT_FILE")
+FORWARD_TO = os.environ.get("KUMO_BENCH_FORWARD_TO")
 
 TLS_DIR = os.environ.get("KUMO_BENCH_TLS_DIR")
 DEFAULT_HOSTNAME = "bench.example"
@@ -64,11 +70,13 @@ atexit.register(write_count)
 
 @kumo.on("init")
 def init() -> None:
+    forwarding: dict[str, Any] = {"forward_to": [FORWARD_TO]} if FORWARD_TO else {}
     kumo.start_esmtp_listener(
         listen=f"0.0.0.0:{PORT}",
         relay_hosts=["127.0.0.0/8"],
         max_connections=MAX_CONNECTIONS,
         **identity(DEFAULT_HOSTNAME),
+        **forwarding,
     )
 
 

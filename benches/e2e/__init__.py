@@ -3,8 +3,8 @@
 The package: ``__main__`` (the command line and the run), ``servers`` (kumo_listener,
 aiosmtpd, smtp-sink), ``postfix`` (the private Postfix), ``processes`` (a server's
 process tree), ``prerequisites`` (tools, certificates), ``conditions`` (what a run
-was measured on), one module per measurement (``throughput``, ``starttls``,
-``idle_memory``, ``durable``, ``body_memory``), and ``report``: the Markdown
+was measured on), one module per measurement (``throughput``, ``forwarding``,
+``starttls``, ``idle_memory``, ``durable``, ``body_memory``), and ``report``: the Markdown
 report made from the JSON document alone (``render_markdown``), which the docs'
 performance page renders from ``docs/performance/e2e.json``. Importing any of
 them starts nothing.
@@ -41,6 +41,19 @@ smtp-source exits non-zero or writes to stderr, when the server's message counte
 when the server logs an error meanwhile. Delivered Maildir files are kept until
 that server stops (deleting them between runs slows the next runs' fsyncs down),
 unless the disk runs short.
+
+Forwarding to one upstream, Postfix's ``smtp-sink`` (started once, ``-c``: it
+prints a running count of the messages it got): kumo_listener with ``forward_to``
+(the benchmark policy with ``KUMO_BENCH_FORWARD_TO``; at ``--kumo-log-level``, and
+at INFO with metrics), Postfix's before-queue proxy (the private Postfix's smtpd
+with ``-o smtpd_proxy_filter=127.0.0.1:SINK``: a connection to the sink per
+message, no queue) and aiosmtpd's ``Proxy`` handler (``aiosmtpd_server.py
+--proxy``), with kumo_listener (discard) and the sink itself sent to directly,
+all running at once, their timed runs taking turns; reused connections and a new
+connection per message, 1 KB. A run counts when, besides the checks above, the
+sink's count grew by the number sent. The table gives kumo_listener's rate over
+Postfix's proxy and over aiosmtpd's Proxy, and its server CPU per message over
+kumo_listener discarding.
 
 Then the resident memory per idle connection of kumo_listener (discard) and
 aiosmtpd: RSS of a fresh server process before and after opening ``--idle``

@@ -44,11 +44,24 @@ KUMO_MAILDIR = ServerKind("kumo_maildir", "kumo_listener (maildir)")
 AIOSMTPD = ServerKind("aiosmtpd", "aiosmtpd")
 SMTP_SINK = ServerKind("smtp_sink", "smtp-sink")
 POSTFIX_QUEUE = ServerKind("postfix_queue", "Postfix (queue, discard transport)")
-KUMO_SERVERS = (KUMO_DISCARD, KUMO_OBSERVED, KUMO_MAILDIR)
-COUNTED = (*KUMO_SERVERS, AIOSMTPD)
-"""The servers that count the messages they receive (asked with SIGUSR1)."""
+# Forwarding each message to one upstream, an smtp-sink that counts (-c).
+UPSTREAM_SINK = ServerKind("upstream_sink", "smtp-sink (the upstream, sent to directly)")
+KUMO_FORWARD = ServerKind("kumo_forward", "kumo_listener (forward_to)")
+KUMO_FORWARD_OBSERVED = ServerKind(
+    "kumo_forward_observed", "kumo_listener (forward_to, INFO logs, metrics)"
+)
+POSTFIX_PROXY = ServerKind("postfix_proxy", "Postfix (smtpd_proxy_filter)")
+AIOSMTPD_PROXY = ServerKind("aiosmtpd_proxy", "aiosmtpd (Proxy handler)")
+FORWARDERS = (KUMO_FORWARD, KUMO_FORWARD_OBSERVED, POSTFIX_PROXY, AIOSMTPD_PROXY)
+"""The servers that need an upstream to start."""
+KUMO_SERVERS = (KUMO_DISCARD, KUMO_OBSERVED, KUMO_MAILDIR, KUMO_FORWARD, KUMO_FORWARD_OBSERVED)
+COUNTED = (*KUMO_SERVERS, AIOSMTPD, AIOSMTPD_PROXY)
+"""The servers that count the messages they receive (asked with SIGUSR1);
+aiosmtpd's Proxy handler counts those its upstream took."""
+PROBED = (SMTP_SINK, UPSTREAM_SINK, POSTFIX_QUEUE, POSTFIX_PROXY)
+"""The servers that print no ``listening on`` line: ready when they greet."""
 
-MEASUREMENTS = ("throughput", "starttls", "idle_memory", "durable", "body_memory")
+MEASUREMENTS = ("throughput", "forwarding", "starttls", "idle_memory", "durable", "body_memory")
 
 
 class BenchError(Exception):

@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any
 
 from .common import (
     KUMO_DISCARD,
     KUMO_MAILDIR,
     POSTFIX_QUEUE,
-    BenchError,
     Settings,
     Shape,
     Throughput,
     Tools,
-    log,
     shapes_json,
 )
-from .processes import RunningServer
 from .servers import running_server
-from .throughput import measure_count, record_error, timed_run
+from .throughput import measure_in_turns, start_servers
 
 SERVERS = (KUMO_DISCARD, KUMO_MAILDIR, POSTFIX_QUEUE)
 SHAPES = (
@@ -37,25 +35,8 @@ def measure(tools: Tools, settings: Settings) -> dict[str, Any]:
     durable = dataclasses.replace(settings, sessions=settings.durable_sessions)
     results = {shape.key: {kind.key: Throughput() for kind in SERVERS} for shape in SHAPES}
     with contextlib.ExitStack() as stack:
-        servers: dict[str, RunningServer] = {}
-        for kind in SERVERS:
-            try:
-                servers[kind.key] = stack.enter_context(running_server(kind, tools, durable))
-            except BenchError as error:
-                log(f"e2e: {kind.title}: {error}")
-                for shape in SHAPES:
-                    results[shape.key][kind.key].error = str(error)
+        start = functools.partial(running_server, tools=tools, settings=durable)
+        servers = start_servers(stack, SERVERS, start, results)
         for shape in SHAPES:
-            row = results[shape.key]
-            for key, server in servers.items():
-                row[key].messages_per_run = measure_count(server, tools, durable, shape, row[key])
-            for _ in range(durable.repeat):
-                for key, server in servers.items():
-                    if row[key].error is None:
-                        with record_error(row[key]):
-                            count = row[key].messages_per_run
-                            row[key].runs.append(timed_run(server, tools, durable, shape, count))
-            for key, server in servers.items():
-                status = row[key].error or row[key].rates_text()
-                log(f"e2e: durable, {server.kind.title}, {shape.title}: {status} msgs/s")
+            measure_in_turns(servers, tools, durable, shape, results[shape.key], "durable")
     return shapes_json(SHAPES, SERVERS, results, durable.sessions)

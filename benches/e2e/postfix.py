@@ -1,5 +1,6 @@
-"""A private Postfix with its own configuration and queue: the durable server
-kumo_listener's Maildir sink is compared with (``postfix -c DIR start``)."""
+"""A private Postfix with its own configuration and queue (``postfix -c DIR
+start``): the durable server kumo_listener's Maildir sink is compared with, and
+the before-queue proxy (``smtpd_proxy_filter``) its forwarding is compared with."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import LOOPBACK, POSTFIX_QUEUE, BenchError, log
+from .common import LOOPBACK, POSTFIX_PROXY, POSTFIX_QUEUE, BenchError, ServerKind, log
 from .processes import READY_TIMEOUT, STOP_TIMEOUT, RunningServer, free_port, wait_until_ready
 
 POSTFIX_LOG_WAIT = 60.0
 POSTFIX_SENT = re.compile(r" status=sent ")
-POSTFIX_TROUBLE = re.compile(r"^.* (fatal|panic|error): .*$", re.MULTILINE)
+# What the proxying smtpd logs when the filter took a message (and it answered 250).
+POSTFIX_PROXY_ACCEPT = re.compile(r" proxy-accept: END-OF-MESSAGE: 250 ")
+POSTFIX_TROUBLE = re.compile(r"^.* (fatal|panic|error|proxy-reject): .*$", re.MULTILINE)
 
 POSTFIX_MAIN_CF = """\
 compatibility_level = 3.6
@@ -55,6 +58,32 @@ def running_postfix_queue() -> Iterator[RunningServer]:
     cleanup fsyncs each message into the queue before smtpd's 250, and the
     ``discard`` transport takes it out again. Anvil's limits are off and
     ``in_flow_delay`` is 0, so that nothing but the work paces it; no DNS."""
+    with running_postfix(POSTFIX_QUEUE, "", POSTFIX_SENT) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_postfix_proxy(filter_port: int) -> Iterator[RunningServer]:
+    """The same Postfix as a before-queue proxy: its smtpd has
+    ``-o smtpd_proxy_filter=127.0.0.1:FILTER_PORT`` (SMTPD_PROXY_README), so it
+    does its own checks of MAIL and RCPT, then opens a connection to the filter
+    per message (EHLO, XFORWARD when offered, MAIL, each RCPT, DATA, no
+    pipelining, QUIT), passes on the commands it accepted and gives its client
+    the filter's replies. Nothing goes through cleanup or the queue: the filter
+    would re-inject the message into another smtpd; here it is the upstream
+    itself. Without ``smtpd_proxy_options = speed_adjust`` the filter's
+    connection is opened at MAIL FROM and the message is relayed as it comes."""
+    options = f" -o smtpd_proxy_filter={LOOPBACK}:{filter_port}"
+    with running_postfix(POSTFIX_PROXY, options, POSTFIX_PROXY_ACCEPT) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_postfix(
+    kind: ServerKind, smtpd_options: str, counted: re.Pattern[str]
+) -> Iterator[RunningServer]:
+    """A private Postfix whose public smtpd (on a free port) has ``smtpd_options``;
+    its message counter is the number of its log lines that match ``counted``."""
     port = free_port()
     base = Path(tempfile.mkdtemp(prefix="kumo-e2e-postfix-", dir="/var/tmp"))
     base.chmod(0o755)
@@ -64,7 +93,7 @@ def running_postfix_queue() -> Iterator[RunningServer]:
     shutil.chown(lib, "postfix")
     (etc / "main.cf").write_text(POSTFIX_MAIN_CF.format(base=base))
     master = Path("/etc/postfix/master.cf").read_text()
-    listener = f"{LOOPBACK}:{port} inet n - n - - smtpd"
+    listener = f"{LOOPBACK}:{port} inet n - n - - smtpd{smtpd_options}"
     master, replaced = re.subn(r"(?m)^smtp\s+inet\s.*$", listener, master)
     if replaced != 1:
         raise BenchError("no `smtp inet` line in /etc/postfix/master.cf")
@@ -82,17 +111,17 @@ def running_postfix_queue() -> Iterator[RunningServer]:
         if result.returncode != 0:
             raise BenchError(f"{start} failed:\n{result.stdout}{result.stderr}")
         server = RunningServer(
-            kind=POSTFIX_QUEUE,
+            kind=kind,
             process=None,
             pid=postfix_master_pid(base / "spool"),
             port=port,
             stderr_path=stderr_path,
             count_file=None,
             maildir=None,
-            postfix_log=PostfixLog(log_path),
+            postfix_log=PostfixLog(log_path, counted),
             stderr_offset=stderr_path.stat().st_size,  # "starting the Postfix mail system"
         )
-        log(f"e2e: started {POSTFIX_QUEUE.title}: {start} (listening on {LOOPBACK}:{port})")
+        log(f"e2e: started {kind.title}: {start} (listening on {LOOPBACK}:{port})")
         wait_until_ready(server, stderr_path)
         yield server
     finally:
@@ -126,11 +155,13 @@ class PostfixLog:
     """Postfix's log, read as it grows."""
 
     path: Path
+    counted: re.Pattern[str] = POSTFIX_SENT
+    """The lines that count a message: ``status=sent`` (delivered), or ``proxy-accept``."""
     offset: int = 0
     sent_lines: int = 0
 
     def sent(self, at_least: int) -> int:
-        """Deliveries logged (``status=sent``), once there are ``at_least``, or
+        """Messages logged (``counted`` lines), once there are ``at_least``, or
         when none came for ``POSTFIX_LOG_WAIT``; BenchError on a fatal or panic."""
         deadline = time.monotonic() + POSTFIX_LOG_WAIT
         while True:
@@ -151,7 +182,7 @@ class PostfixLog:
         complete = data[: data.rfind(b"\n") + 1]
         self.offset += len(complete)
         text = complete.decode(errors="replace")
-        self.sent_lines += len(POSTFIX_SENT.findall(text))
+        self.sent_lines += len(self.counted.findall(text))
         trouble = POSTFIX_TROUBLE.search(text)
         if trouble:
             raise BenchError(f"Postfix logged: {text[trouble.start() :][:2000]}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import LOOPBACK, POSTFIX_QUEUE, SMTP_SINK, BenchError, ServerKind, log
+from .common import LOOPBACK, PROBED, BenchError, ServerKind, log
 
 if TYPE_CHECKING:
     from .postfix import PostfixLog
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 SERVER_LOG_ERROR = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback|panicked")
+SINK_MESSAGES = re.compile(rb"mesg=(\d+)\r")  # smtp-sink -c: "sess=N quit=N mesg=N\r"
+SINK_COUNT_WAIT = 10.0
 
 
 def free_port() -> int:
@@ -44,6 +46,10 @@ class RunningServer:
     maildir: Path | None
     postfix_log: PostfixLog | None = None
     stderr_offset: int = 0
+    sink_counters: Path | None = None
+    """smtp-sink's standard output with ``-c``: its running counters."""
+    upstream: RunningServer | None = None
+    """The server this one forwards every message to (a run must reach it)."""
 
     def check_alive(self) -> None:
         if self.process is None:
@@ -69,10 +75,13 @@ class RunningServer:
     def received(self, at_least: int = 0) -> int | None:
         """The server's message counter (asked for with SIGUSR1), if it has one.
 
-        Postfix's counter is its log's ``status=sent`` lines: it delivers (to the
-        discard transport) after its 250, so this waits until ``at_least``."""
+        Postfix's counter is its log's ``status=sent`` lines (as a proxy, its
+        ``proxy-accept`` lines): it delivers (to the discard transport) after its
+        250, so this waits until ``at_least``; so does smtp-sink's (``-c``)."""
         if self.postfix_log is not None:
             return self.postfix_log.sent(at_least)
+        if self.sink_counters is not None:
+            return self.sink_messages(at_least)
         if self.count_file is None:
             return None
         self.count_file.unlink(missing_ok=True)
@@ -84,6 +93,26 @@ class RunningServer:
                 raise BenchError(f"{self.kind.title} did not write {self.count_file}")
             time.sleep(0.01)
         return int(self.count_file.read_text().strip())
+
+    def sink_messages(self, at_least: int) -> int:
+        """smtp-sink's count of messages (the last ``mesg=N`` it wrote), once
+        there are ``at_least``, or when it stopped growing for a while."""
+        assert self.sink_counters is not None
+        deadline = time.monotonic() + SINK_COUNT_WAIT
+        last = -1
+        while True:
+            self.check_alive()
+            with self.sink_counters.open("rb") as stream:
+                stream.seek(max(0, self.sink_counters.stat().st_size - 256))
+                found = SINK_MESSAGES.findall(stream.read())
+            count = int(found[-1]) if found else 0
+            if count >= at_least:
+                return count
+            if count > last:
+                last, deadline = count, time.monotonic() + SINK_COUNT_WAIT
+            elif time.monotonic() > deadline:
+                return count
+            time.sleep(0.01)
 
     def delivered_files(self) -> int | None:
         if self.maildir is None:
@@ -120,7 +149,7 @@ def wait_until_ready(server: RunningServer, stdout_path: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         server.check_alive()
-        if server.kind in (SMTP_SINK, POSTFIX_QUEUE):
+        if server.kind in PROBED:
             with contextlib.suppress(OSError):
                 probe_banner(server.port)
                 return

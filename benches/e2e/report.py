@@ -26,6 +26,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         ("starttls", starttls_table),
         ("throughput", cpu_table),
         ("throughput", cpu_ratio_table),
+        ("forwarding", forwarding_table),
         ("idle_memory", idle_memory_table),
         ("durable", durable_table),
         ("body_memory", body_memory_table),
@@ -177,6 +178,47 @@ def cpu_ratio_table(data: dict[str, Any]) -> list[str]:
     return table(header, rows)
 
 
+# Server CPU per message, forwarding: (numerator, denominator, column title).
+FORWARDING_CPU_RATIOS = (
+    ("kumo_forward", "kumo_discard", "kumo forward/kumo discard (target ≤ 2x)"),
+    ("kumo_forward_observed", "kumo_discard", "kumo forward at INFO/kumo discard"),
+    ("postfix_proxy", "kumo_forward", "Postfix proxy/kumo forward"),
+    ("aiosmtpd_proxy", "kumo_forward", "aiosmtpd Proxy/kumo forward"),
+)
+
+
+def forwarding_table(data: dict[str, Any]) -> list[str]:
+    """Forwarding to one smtp-sink: the rates with kumo_listener's against
+    Postfix's before-queue proxy and aiosmtpd's Proxy, then the server CPU per
+    message, kumo_listener forwarding against kumo_listener discarding and the
+    other forwarders against kumo_listener."""
+    shapes = data["results"]["forwarding"]
+    titles = server_titles(shapes)
+    level = data["conditions"]["settings"]["kumo_log_level"]
+    header = ["forwarding to one smtp-sink (msgs/s, median)", *titles.values()]
+    header += ["kumo/Postfix proxy (target ≥ 3x)", "kumo/aiosmtpd Proxy (target ≥ 10x)"]
+    rates = rate_rows(shapes, titles, "kumo_forward", ("postfix_proxy", "aiosmtpd_proxy"))
+    ratios = [entry for entry in FORWARDING_CPU_RATIOS if entry[0] in titles and entry[1] in titles]
+    cpu_header = ["forwarding: CPU µs per message (median), server / load generator"]
+    cpu_header += [*titles.values(), *(f"server CPU, {title}" for _, _, title in ratios)]
+    cpu_rows = []
+    for shape in shapes.values():
+        servers = shape["servers"]
+        cells = [cpu_cell(servers.get(key)) for key in titles]
+        for over, under, _ in ratios:
+            top, bottom = cpu_of(servers.get(over)), cpu_of(servers.get(under))
+            value = None if top is None or bottom is None else ratio(top[0], bottom[0])
+            cells.append(ratio_cell(value))
+        cpu_rows.append([shape["title"], *cells])
+    note = (
+        f"Forwarding: kumo_listener (forward_to) at --log-level {level}, the INFO row with "
+        "metrics served too; the benchmark policy in all kumo_listener rows. Server CPU: "
+        "the server's process tree (Postfix: master, smtpd and every other child), never "
+        "the sink's; the sink's own column is the sink sent to directly."
+    )
+    return [note, "", *table(header, rates), "", *table(cpu_header, cpu_rows)]
+
+
 def idle_memory_table(data: dict[str, Any]) -> list[str]:
     idle = data["conditions"]["settings"]["idle_connections"]
     header = ["server", "RSS before (MiB)", f"RSS, {idle} idle connections (MiB)"]
@@ -237,7 +279,8 @@ def body_memory_table(data: dict[str, Any]) -> list[str]:
 
 def measurements(results: dict[str, Any]) -> Iterator[tuple[str, Section]]:
     """Every measured item with a label naming it: (label, its JSON)."""
-    for name, prefix in (("throughput", ""), ("durable", "durable, ")):
+    shaped = (("throughput", ""), ("forwarding", "forwarding, "), ("durable", "durable, "))
+    for name, prefix in shaped:
         for shape in results.get(name, {}).values():
             for item in shape["servers"].values():
                 yield f"{prefix}{item['title']}, {shape['title']}", item

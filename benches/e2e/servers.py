@@ -1,6 +1,8 @@
 """The servers compared, each started as its own process on a free port:
 kumo_listener (``kumo-listener serve`` with the benchmark policy), aiosmtpd
-(``benches/aiosmtpd_server.py``), Postfix's smtp-sink, and the private Postfix."""
+(``benches/aiosmtpd_server.py``), Postfix's smtp-sink, and the private Postfix;
+the forwarding ones (kumo_listener's ``forward_to``, aiosmtpd's Proxy handler,
+Postfix's ``smtpd_proxy_filter``) with the upstream they forward to."""
 
 from __future__ import annotations
 
@@ -16,19 +18,25 @@ from pathlib import Path
 
 from .common import (
     AIOSMTPD,
+    AIOSMTPD_PROXY,
     BENCHES,
     COUNTED,
+    FORWARDERS,
+    KUMO_FORWARD_OBSERVED,
     KUMO_MAILDIR,
     KUMO_OBSERVED,
     KUMO_SERVERS,
     LOOPBACK,
+    POSTFIX_PROXY,
     POSTFIX_QUEUE,
+    UPSTREAM_SINK,
+    BenchError,
     ServerKind,
     Settings,
     Tools,
     log,
 )
-from .postfix import running_postfix_queue
+from .postfix import running_postfix_proxy, running_postfix_queue
 from .processes import RunningServer, free_port, stop_process, wait_until_ready
 
 POLICY = BENCHES / "policy_bench.py"
@@ -44,27 +52,50 @@ def server_command(
 ) -> list[str]:
     if kind in KUMO_SERVERS:
         command = [sys.executable, "-m", "kumo_listener", "serve", "--policy", str(POLICY)]
-        if kind is KUMO_OBSERVED:
+        if kind in (KUMO_OBSERVED, KUMO_FORWARD_OBSERVED):
             command += ["--log-level", "INFO", "--metrics", f"{LOOPBACK}:{free_port()}"]
         else:
             command += ["--log-level", settings.kumo_log_level]
         if kind is KUMO_MAILDIR:
             return [*command, "--sink", "maildir", "--maildir", str(maildir)]
         return [*command, "--sink", "discard"]
-    if kind is AIOSMTPD:
+    if kind in (AIOSMTPD, AIOSMTPD_PROXY):
         tls = [settings.tls_dir / f"{AIOSMTPD_TLS_HOSTNAME}.{suffix}" for suffix in ("crt", "key")]
         command = [sys.executable, str(AIOSMTPD_SERVER), str(port), str(count_file)]
         return [*command, "--tls", *map(str, tls)]
     user = ["-u", "nobody"] if os.geteuid() == 0 else []  # smtp-sink refuses to run as root
-    return [tools.smtp_sink, *user, "-m", "4096", f"{LOOPBACK}:{port}", "4096"]
+    counters = ["-c"] if kind is UPSTREAM_SINK else []  # "mesg=N" on stdout
+    return [tools.smtp_sink, *user, *counters, "-m", "4096", f"{LOOPBACK}:{port}", "4096"]
+
+
+def upstream_arguments(kind: ServerKind, upstream: RunningServer | None) -> list[str]:
+    """What tells a forwarding server where to: the policy reads
+    ``KUMO_BENCH_FORWARD_TO`` (see ``running_server``), aiosmtpd takes ``--proxy``."""
+    if (kind in FORWARDERS) != (upstream is not None):
+        raise BenchError(f"{kind.title}: an upstream is needed by the forwarders, and only them")
+    if kind is AIOSMTPD_PROXY and upstream is not None:
+        return ["--proxy", f"{LOOPBACK}:{upstream.port}"]
+    return []
 
 
 @contextlib.contextmanager
 def running_server(
-    kind: ServerKind, tools: Tools, settings: Settings, max_connections: int = 32768
+    kind: ServerKind,
+    tools: Tools,
+    settings: Settings,
+    max_connections: int = 32768,
+    upstream: RunningServer | None = None,
 ) -> Iterator[RunningServer]:
+    """Start the server of ``kind`` (a forwarding one: to ``upstream``), stop it after."""
+    arguments = upstream_arguments(kind, upstream)
     if kind is POSTFIX_QUEUE:
         with running_postfix_queue() as server:
+            yield server
+        return
+    if kind is POSTFIX_PROXY:
+        assert upstream is not None
+        with running_postfix_proxy(upstream.port) as server:
+            server.upstream = upstream
             yield server
         return
     port = free_port()
@@ -77,8 +108,13 @@ def running_server(
         "KUMO_BENCH_COUNT_FILE": str(count_file),
         "KUMO_BENCH_TLS_DIR": str(settings.tls_dir),
     }
-    command = server_command(kind, tools, settings, port, count_file, maildir)
-    log(f"e2e: starting {kind.title}: {shlex.join(command)}")
+    forwarding = {}  # the policy's forward_to
+    if upstream is not None and kind in KUMO_SERVERS:
+        forwarding["KUMO_BENCH_FORWARD_TO"] = f"smtp://{LOOPBACK}:{upstream.port}"
+    env.update(forwarding)
+    command = server_command(kind, tools, settings, port, count_file, maildir) + arguments
+    shown = [f"{name}={value}" for name, value in forwarding.items()] + command
+    log(f"e2e: starting {kind.title}: {shlex.join(shown)}")
     stdout_path, stderr_path = workdir / "stdout", workdir / "stderr"
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
@@ -99,6 +135,8 @@ def running_server(
             stderr_path=stderr_path,
             count_file=count_file if kind in COUNTED else None,
             maildir=maildir if kind is KUMO_MAILDIR else None,
+            sink_counters=stdout_path if kind is UPSTREAM_SINK else None,
+            upstream=upstream,
         )
         wait_until_ready(server, stdout_path)
         yield server

@@ -8,7 +8,8 @@ import contextlib
 import shlex
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 from .common import (
@@ -63,11 +64,14 @@ def timed_run(
     server.new_log_output()
     server.make_room(count * (shape.size + MESSAGE_OVERHEAD_BYTES))
     counter_before, files_before = server.received(), server.delivered_files()
+    upstream_before = None if server.upstream is None else server.upstream.received()
     command = smtp_source_command(tools, server.port, shape, count, settings.sessions)
     result, run = run_load(server, command, settings.run_timeout)
     if result.stderr.strip():
         raise BenchError(f"{shlex.join(command)} wrote to stderr:\n{result.stderr}")
     check_delivery(server, counter_before, files_before, count)
+    if server.upstream is not None:  # what a forwarder counts is not what arrived
+        check_delivery(server.upstream, upstream_before, None, count)
     return Run(count, run.seconds, run.server_cpu, run.client_cpu)
 
 
@@ -152,6 +156,50 @@ def measure_shape(
     status = result.error or result.rates_text() + " msgs/s"
     log(f"e2e: {server.kind.title}, {shape.title}, {result.messages_per_run} msgs: {status}")
     return result
+
+
+def start_servers(
+    stack: contextlib.ExitStack,
+    kinds: tuple[ServerKind, ...],
+    start: Callable[[ServerKind], AbstractContextManager[RunningServer]],
+    results: dict[str, dict[str, Throughput]],
+) -> dict[str, RunningServer]:
+    """Start a server of each kind, to run at once; one that fails to start has
+    that error in each shape of ``results`` (shape key → server key → runs).
+    The running ones by key; ``stack`` stops them."""
+    servers: dict[str, RunningServer] = {}
+    for kind in kinds:
+        try:
+            servers[kind.key] = stack.enter_context(start(kind))
+        except BenchError as error:
+            log(f"e2e: {kind.title}: {error}")
+            for row in results.values():
+                row[kind.key].error = str(error)
+    return servers
+
+
+def measure_in_turns(
+    servers: dict[str, RunningServer],
+    tools: Tools,
+    settings: Settings,
+    shape: Shape,
+    row: dict[str, Throughput],
+    label: str,
+) -> None:
+    """One shape against servers running at once: each calibrated, then their
+    timed runs take turns, so that whatever else loads the machine falls on
+    each alike; ``row``: server key → its runs."""
+    for key, server in servers.items():
+        row[key].messages_per_run = measure_count(server, tools, settings, shape, row[key])
+    for _ in range(settings.repeat):
+        for key, server in servers.items():
+            if row[key].error is None:
+                with record_error(row[key]):
+                    count = row[key].messages_per_run
+                    row[key].runs.append(timed_run(server, tools, settings, shape, count))
+    for key, server in servers.items():
+        status = row[key].error or row[key].rates_text()
+        log(f"e2e: {label}, {server.kind.title}, {shape.title}: {status} msgs/s")
 
 
 def measure_server(kind: ServerKind, tools: Tools, settings: Settings) -> dict[str, Throughput]:
