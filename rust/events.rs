@@ -35,10 +35,14 @@ macro_rules! with_events {
             GetListenerDomain => "get_listener_domain" (domain, listener, conn_meta)
                 { domain: String, listener: Arc<str>, meta: MetaStore },
             Data => "smtp_server_data" (message, conn_meta) { message: Arc<Message>, meta: MetaStore },
+            SplitTransaction => "smtp_server_split_transaction" (message, conn_meta)
+                { message: Arc<Message>, meta: MetaStore },
             MessageReceived => "smtp_server_message_received" (message, conn_meta)
                 { message: Arc<Message>, meta: MetaStore },
             AuthPlain => "smtp_server_auth_plain" (authz, authc, password, conn_meta)
                 { credentials: PlainCredentials, meta: MetaStore },
+            RewriteResponse => "smtp_server_rewrite_response" (status, response, command, conn_meta)
+                { status: u16, response: String, command: Option<String>, meta: MetaStore },
         }
     };
 }
@@ -136,6 +140,13 @@ pub enum Response {
     ListenerDomain(ListenerDomain),
     /// What `smtp_server_auth_plain` decided.
     Authenticated(bool),
+    /// `smtp_server_split_transaction`'s groups of recipient addresses.
+    Groups(Vec<Vec<String>>),
+    /// `smtp_server_rewrite_response`'s new status and text, each `None` to keep it.
+    Rewritten {
+        status: Option<u16>,
+        response: Option<String>,
+    },
 }
 
 /// How a policy call ended.

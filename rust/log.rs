@@ -30,6 +30,13 @@ impl LogEntry {
     pub fn with_fields(message: String, fields: Map<String, Value>) -> Self {
         Self { message, fields: Some(fields) }
     }
+
+    /// The same record with `key: value` among its fields (the text stays
+    /// as it is).
+    pub fn with_field(mut self, key: &str, value: &str) -> Self {
+        self.fields.get_or_insert_with(Map::new).insert(key.to_owned(), Value::String(value.to_owned()));
+        self
+    }
 }
 
 impl From<String> for LogEntry {

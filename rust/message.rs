@@ -103,21 +103,82 @@ pub struct Supplemental<'a> {
     pub include_meta_names: &'a [String],
 }
 
-/// Split a transaction into the messages that policy and the sink receive.
-/// Each part gets its own id and a copy of the transaction's metadata, and
-/// shares the transaction's `data`. Its `head`: the supplemental header, then
-/// `received` (when the `Received:` header is not already in `data`) naming
-/// the part's recipient when it has only one.
+/// How a transaction's recipients are grouped into the parts it is split
+/// into: the part of each recipient, in RCPT order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grouping(Vec<usize>);
+
+impl Grouping {
+    /// As `batch_handling` says: a part per recipient, or per domain
+    /// (case-insensitively, parts in order of first appearance).
+    pub fn by(handling: BatchHandling, recipients: &[Mailbox]) -> Self {
+        match handling {
+            BatchHandling::BifurcateAlways => Self((0..recipients.len()).collect()),
+            BatchHandling::BatchByDomain => {
+                let mut domains: Vec<&str> = Vec::new();
+                let parts = recipients.iter().map(|recipient| {
+                    let seen = domains.iter().position(|domain| domain.eq_ignore_ascii_case(&recipient.domain));
+                    seen.unwrap_or_else(|| {
+                        domains.push(&recipient.domain);
+                        domains.len() - 1
+                    })
+                });
+                Self(parts.collect())
+            }
+        }
+    }
+
+    /// As `smtp_server_split_transaction` returned it: groups of addresses,
+    /// each recipient in exactly one (a recipient given twice, twice).
+    pub fn from_groups(recipients: &[Mailbox], groups: &[Vec<String>]) -> Result<Self, String> {
+        let mut part_of: Vec<Option<usize>> = vec![None; recipients.len()];
+        let groups = groups.iter().filter(|group| !group.is_empty());
+        for (part, group) in groups.enumerate() {
+            for address in group {
+                let free = recipients
+                    .iter()
+                    .zip(&part_of)
+                    .position(|(recipient, placed)| placed.is_none() && recipient.to_string() == *address);
+                let index =
+                    free.ok_or_else(|| format!("{address:?} is not a recipient of the message, or is in two groups"))?;
+                part_of[index] = Some(part);
+            }
+        }
+        part_of
+            .iter()
+            .zip(recipients)
+            .map(|(part, recipient)| {
+                part.ok_or_else(|| format!("the recipient {:?} is in no group", recipient.to_string()))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    /// The part of each recipient, in RCPT order.
+    pub fn part_of(&self) -> &[usize] {
+        &self.0
+    }
+
+    fn parts(&self) -> usize {
+        self.0.iter().max().map_or(0, |last| last + 1)
+    }
+}
+
+/// Split a transaction into the messages that policy and the sink receive,
+/// as `grouping` says. Each part gets its own id and a copy of the
+/// transaction's metadata, and shares the transaction's `data`. Its `head`:
+/// the supplemental header, then `received` (when the `Received:` header is
+/// not already in `data`) naming the part's recipient when it has only one.
 pub fn split(
     transaction: &Message,
-    handling: BatchHandling,
+    grouping: &Grouping,
     supplemental: Option<&Supplemental>,
     received: Option<&ReceivedHeader>,
 ) -> Vec<Arc<Message>> {
-    let groups: Vec<Vec<Mailbox>> = match handling {
-        BatchHandling::BifurcateAlways => transaction.recipients.iter().map(|r| vec![r.clone()]).collect(),
-        BatchHandling::BatchByDomain => group_by_domain(&transaction.recipients),
-    };
+    let mut groups: Vec<Vec<Mailbox>> = vec![Vec::new(); grouping.parts()];
+    for (recipient, &part) in transaction.recipients.iter().zip(grouping.part_of()) {
+        groups[part].push(recipient.clone());
+    }
     // One part is the transaction itself: its id, the one its `Received:`
     // header (in the body, for one recipient) and the 250 name, and its
     // metadata store (nobody sees the transaction after the split).
@@ -246,38 +307,6 @@ impl Folded {
     }
 }
 
-/// Which of [`split`]'s parts holds each of the transaction's recipients,
-/// in RCPT order: an LMTP reply per recipient says what became of its part.
-pub fn part_of_each_recipient(recipients: &[Mailbox], handling: BatchHandling) -> Vec<usize> {
-    match handling {
-        BatchHandling::BifurcateAlways => (0..recipients.len()).collect(),
-        BatchHandling::BatchByDomain => {
-            let mut domains: Vec<&str> = Vec::new();
-            let mut parts = Vec::with_capacity(recipients.len());
-            for recipient in recipients {
-                let seen = domains.iter().position(|domain| domain.eq_ignore_ascii_case(&recipient.domain));
-                parts.push(seen.unwrap_or_else(|| {
-                    domains.push(&recipient.domain);
-                    domains.len() - 1
-                }));
-            }
-            parts
-        }
-    }
-}
-
-fn group_by_domain(recipients: &[Mailbox]) -> Vec<Vec<Mailbox>> {
-    let mut groups: Vec<Vec<Mailbox>> = Vec::new();
-    for recipient in recipients {
-        let existing = groups.iter_mut().find(|g| g[0].domain.eq_ignore_ascii_case(&recipient.domain));
-        match existing {
-            Some(group) => group.push(recipient.clone()),
-            None => groups.push(vec![recipient.clone()]),
-        }
-    }
-    groups
-}
-
 /// What a `Received:` header says about the transaction.
 pub struct ReceivedInfo<'a> {
     pub helo_domain: &'a str,
@@ -391,7 +420,7 @@ mod tests {
 
     #[test]
     fn bifurcate_always_gives_one_message_per_recipient() {
-        let parts = split(
+        let parts = split_by(
             &transaction(&["1@a.example", "2@a.example", "3@b.example"]),
             BatchHandling::BifurcateAlways,
             None,
@@ -406,12 +435,12 @@ mod tests {
     #[test]
     fn parts_copy_the_metadata_and_a_single_part_keeps_the_transactions() {
         let several = transaction(&["1@a.example", "2@b.example"]);
-        let parts = split(&several, BatchHandling::BifurcateAlways, None, None);
+        let parts = split_by(&several, BatchHandling::BifurcateAlways, None, None);
         parts[0].meta.set("tenant", "other");
         assert_eq!(parts[1].meta.get_str("tenant").as_deref(), Some("acme"));
         assert_eq!(several.meta.get_str("tenant").as_deref(), Some("acme"));
         let one = transaction(&["1@a.example"]);
-        let parts = split(&one, BatchHandling::BifurcateAlways, None, None);
+        let parts = split_by(&one, BatchHandling::BifurcateAlways, None, None);
         assert_eq!(parts[0].id, one.id);
         parts[0].meta.set("seen", true);
         assert_eq!(one.meta.get("seen"), Some(Value::Bool(true)), "one part is the transaction itself");
@@ -426,7 +455,7 @@ mod tests {
 
     #[test]
     fn batch_by_domain_groups_case_insensitively_in_first_seen_order() {
-        let parts = split(
+        let parts = split_by(
             &transaction(&["1@a.example", "2@b.example", "3@A.EXAMPLE"]),
             BatchHandling::BatchByDomain,
             None,
@@ -444,15 +473,48 @@ mod tests {
     fn each_recipient_is_in_the_part_named_for_it() {
         let message = transaction(&["1@a.example", "2@b.example", "3@A.EXAMPLE", "1@a.example"]);
         for handling in [BatchHandling::BifurcateAlways, BatchHandling::BatchByDomain] {
-            let parts = split(&message, handling, None, None);
-            let part_of = part_of_each_recipient(&message.recipients, handling);
-            assert_eq!(part_of.len(), message.recipients.len());
-            for (recipient, index) in message.recipients.iter().zip(part_of) {
+            let parts = split_by(&message, handling, None, None);
+            let grouping = Grouping::by(handling, &message.recipients);
+            assert_eq!(grouping.part_of().len(), message.recipients.len());
+            for (recipient, &index) in message.recipients.iter().zip(grouping.part_of()) {
                 assert!(parts[index].recipients.contains(recipient), "{handling:?}: {recipient} not in part {index}");
             }
         }
-        let part_of = part_of_each_recipient(&message.recipients, BatchHandling::BatchByDomain);
-        assert_eq!(part_of, [0, 1, 0, 0]);
+        assert_eq!(Grouping::by(BatchHandling::BatchByDomain, &message.recipients).part_of(), [0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn a_policys_groups_place_each_recipient_once() {
+        let message = transaction(&["1@a.example", "2@b.example", "1@a.example"]);
+        let groups = |groups: &[&[&str]]| -> Vec<Vec<String>> {
+            groups.iter().map(|group| group.iter().map(|a| (*a).to_string()).collect()).collect()
+        };
+        let grouping = Grouping::from_groups(
+            &message.recipients,
+            &groups(&[&["2@b.example", "1@a.example"], &[], &["1@a.example"]]),
+        );
+        assert_eq!(grouping.unwrap().part_of(), [0, 0, 1]);
+        let parts = split(
+            &message,
+            &Grouping::from_groups(&message.recipients, &groups(&[&["1@a.example", "1@a.example", "2@b.example"]]))
+                .unwrap(),
+            None,
+            None,
+        );
+        assert_eq!(parts.len(), 1);
+        let missing = Grouping::from_groups(&message.recipients, &groups(&[&["1@a.example", "2@b.example"]]));
+        assert_eq!(missing.unwrap_err(), "the recipient \"1@a.example\" is in no group");
+        let stranger = Grouping::from_groups(&message.recipients, &groups(&[&["x@c.example"]]));
+        assert!(stranger.unwrap_err().starts_with("\"x@c.example\" is not a recipient"));
+    }
+
+    fn split_by(
+        message: &Message,
+        handling: BatchHandling,
+        supplemental: Option<&Supplemental>,
+        received: Option<&ReceivedHeader>,
+    ) -> Vec<Arc<Message>> {
+        split(message, &Grouping::by(handling, &message.recipients), supplemental, received)
     }
 
     fn same_bytes(a: &Body, b: &Body) -> bool {
@@ -471,7 +533,7 @@ mod tests {
         let names = vec!["tenant".to_string(), "absent".to_string()];
         let supplemental = Supplemental { header_name: "X-KumoRef", include_meta_names: &names };
         let transaction = transaction(&["1@a.example"]);
-        let parts = split(&transaction, BatchHandling::BifurcateAlways, Some(&supplemental), None);
+        let parts = split_by(&transaction, BatchHandling::BifurcateAlways, Some(&supplemental), None);
         let text = text_of(&parts[0]);
         let (header, rest) = text.split_once("\r\n").unwrap();
         assert_eq!(rest, "Subject: t\r\n\r\nbody\r\n");
@@ -577,7 +639,7 @@ mod tests {
         let supplemental = Supplemental { header_name: "X-KumoRef", include_meta_names: &names };
         let transaction = transaction(&["1@a.example"]);
         transaction.meta.set("tenant", "t".repeat(2000));
-        let parts = split(&transaction, BatchHandling::BifurcateAlways, Some(&supplemental), None);
+        let parts = split_by(&transaction, BatchHandling::BifurcateAlways, Some(&supplemental), None);
         let text = text_of(&parts[0]);
         let (header, rest) = text.split_once("\r\nSubject:").unwrap();
         assert_eq!(rest, " t\r\n\r\nbody\r\n");
@@ -590,7 +652,7 @@ mod tests {
         assert_eq!(decoded["tenant"], "t".repeat(2000));
         // Short, it stays on one line.
         transaction.meta.set("tenant", "acme");
-        let parts = split(&transaction, BatchHandling::BifurcateAlways, Some(&supplemental), None);
+        let parts = split_by(&transaction, BatchHandling::BifurcateAlways, Some(&supplemental), None);
         assert!(text_of(&parts[0]).split_once("\r\n").unwrap().1.starts_with("Subject:"));
     }
 
@@ -598,7 +660,7 @@ mod tests {
     fn each_part_of_one_recipient_gets_its_own_for_clause_and_shares_the_body() {
         let received = ReceivedHeader::new(&info());
         let transaction = transaction(&["1@a.example", "2@a.example", "3@b.example"]);
-        let parts = split(&transaction, BatchHandling::BifurcateAlways, None, Some(&received));
+        let parts = split_by(&transaction, BatchHandling::BifurcateAlways, None, Some(&received));
         for (part, recipient) in parts.iter().zip(["1@a.example", "2@a.example", "3@b.example"]) {
             let text = text_of(part);
             assert!(text.starts_with("Received: from client.example"), "{text:?}");
@@ -606,7 +668,7 @@ mod tests {
             assert!(text.ends_with("\r\nSubject: t\r\n\r\nbody\r\n"));
             assert!(same_bytes(&part.data, &transaction.data));
         }
-        let parts = split(&transaction, BatchHandling::BatchByDomain, None, Some(&received));
+        let parts = split_by(&transaction, BatchHandling::BatchByDomain, None, Some(&received));
         assert!(!text_of(&parts[0]).contains("for <"), "two recipients: no for clause");
         assert!(text_of(&parts[1]).contains("for <3@b.example>;"));
     }

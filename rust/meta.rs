@@ -19,6 +19,8 @@ pub mod keys {
     pub const TLS_CIPHER: &str = "tls_cipher";
     pub const TLS_PROTOCOL_VERSION: &str = "tls_protocol_version";
     pub const TLS_PEER_SUBJECT_NAME: &str = "tls_peer_subject_name";
+    /// Unique per connection; the `session=` of its log lines.
+    pub const SESSION_ID: &str = "session_id";
     /// The upstream the connection's last transaction was forwarded to.
     pub const FORWARDED_TO: &str = "forwarded_to";
     /// On a copy kept in our sink: the upstream's refusal after the data.

@@ -204,21 +204,15 @@ impl Connection {
     /// Send `message` (BDAT when offered, else DATA) and read the replies
     /// to its end: `recipients` of them from an LMTP upstream.
     pub async fn send_message(&mut self, message: &Message, recipients: usize) -> Result<DataOutcome, DataError> {
-        let length = message.len();
         if self.offered.chunking {
-            let command = format!("BDAT {length} LAST\r\n");
-            self.write(command.as_bytes(), self.timeouts.command).await.map_err(DataError::BeforeEnd)?;
-            self.write_message(message, None).await.map_err(DataError::AfterEnd)?;
+            let command = format!("BDAT {} LAST\r\n", message.len());
+            self.write_message(command.into_bytes(), message, None).await?;
         } else {
             let reply = self.command(b"DATA\r\n").await.map_err(DataError::BeforeEnd)?;
             if reply.code != 354 {
                 return Ok(DataOutcome::Refused(reply));
             }
-            let mut stuffer = DotStuffer::default();
-            self.write_message(message, Some(&mut stuffer)).await.map_err(DataError::BeforeEnd)?;
-            let mut end = Vec::with_capacity(5);
-            stuffer.finish(&mut end);
-            self.write(&end, self.timeouts.command).await.map_err(DataError::AfterEnd)?;
+            self.write_message(Vec::new(), message, Some(DotStuffer::default())).await?;
         }
         let expected = if self.lmtp { recipients.max(1) } else { 1 };
         let mut replies = Vec::with_capacity(expected);
@@ -228,36 +222,42 @@ impl Connection {
         Ok(DataOutcome::Replies(replies))
     }
 
-    /// The message's bytes, dot-stuffed for DATA.
+    /// `start`, then the message (its head, then its data read a piece at a
+    /// time, so that a spilled body is never read whole into memory),
+    /// dot-stuffed and ended for DATA with a `stuffer`, in writes of about
+    /// [`WRITE_CHUNK`]; the end goes with the last piece. A failure of that
+    /// last write leaves the upstream maybe with the message.
     async fn write_message(
         &mut self,
+        start: Vec<u8>,
         message: &Message,
-        mut stuffer: Option<&mut DotStuffer>,
-    ) -> Result<(), ForwardError> {
-        let mut stuffed = Vec::new();
+        mut stuffer: Option<DotStuffer>,
+    ) -> Result<(), DataError> {
+        let mut out = start;
         let mut offset = 0;
-        let mut pieces = vec![bytes::Bytes::clone(&message.head)];
-        while offset < message.data.len() {
-            let piece = message
+        let mut piece = message.head.clone();
+        loop {
+            match &mut stuffer {
+                Some(stuffer) => stuffer.feed(&piece, &mut out),
+                None => out.extend_from_slice(&piece),
+            }
+            if offset >= message.data.len() {
+                break;
+            }
+            if out.len() >= WRITE_CHUNK {
+                self.write(&out, self.timeouts.command).await.map_err(DataError::BeforeEnd)?;
+                out.clear();
+            }
+            piece = message
                 .data
                 .slice(offset, WRITE_CHUNK)
-                .map_err(|e| ForwardError::Broken(format!("reading the message: {e}")))?;
+                .map_err(|e| DataError::BeforeEnd(ForwardError::Broken(format!("reading the message: {e}"))))?;
             offset += piece.len();
-            pieces.push(piece);
         }
-        for piece in pieces {
-            let bytes: &[u8] = match stuffer.as_deref_mut() {
-                Some(stuffer) => {
-                    stuffed.clear();
-                    stuffer.feed(&piece, &mut stuffed);
-                    &stuffed
-                }
-                None => &piece,
-            };
-            let written = timeout(self.timeouts.command, self.io.write_all(bytes)).await;
-            written.map_err(|_| broken("write timed out"))?.map_err(|e| broken(&format!("write: {e}")))?;
+        if let Some(stuffer) = stuffer {
+            stuffer.finish(&mut out);
         }
-        Ok(())
+        self.write(&out, self.timeouts.command).await.map_err(DataError::AfterEnd)
     }
 
     async fn write(&mut self, bytes: &[u8], limit: Duration) -> Result<(), ForwardError> {

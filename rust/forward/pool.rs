@@ -203,6 +203,7 @@ impl UpstreamPool {
                 return Ok(Lease {
                     connection: Some(idle.connection),
                     reused: true,
+                    ended: false,
                     pool: self.clone(),
                     slot: Some(idle.slot),
                 });
@@ -226,7 +227,13 @@ impl UpstreamPool {
                 self.mark_up();
                 *lock(&self.offered) = Some(connection.offered.clone());
                 add(&self.metrics.connections, 1);
-                Ok(Lease { connection: Some(connection), reused: false, pool: self.clone(), slot: Some(slot) })
+                Ok(Lease {
+                    connection: Some(connection),
+                    reused: false,
+                    ended: false,
+                    pool: self.clone(),
+                    slot: Some(slot),
+                })
             }
             Err(error) => {
                 drop(slot);
@@ -252,6 +259,18 @@ impl UpstreamPool {
         None
     }
 
+    /// Close every idle connection: one of them was found closed by the
+    /// upstream (restarted, say), so the others likely are too.
+    pub fn discard_idle(&self) {
+        let idle = std::mem::take(&mut *lock(&self.idle));
+        for found in idle {
+            add(&self.metrics.idle, -1);
+            add(&self.metrics.connections, -1);
+            close(found.connection);
+        }
+        self.returned.notify_one();
+    }
+
     fn put_idle(&self, connection: Connection, slot: OwnedSemaphorePermit) {
         add(&self.metrics.idle, 1);
         lock(&self.idle).push(Idle { connection, since: Instant::now(), slot });
@@ -260,12 +279,16 @@ impl UpstreamPool {
 }
 
 /// A connection taken from a pool, with its slot. Dropped, it goes back to
-/// the pool after an `RSET` in the background (closed if that fails);
-/// [`Lease::discard`] closes it at once.
+/// the pool: at once after [`Lease::transaction_ended`], else after an
+/// `RSET` in the background (closed if that fails); [`Lease::discard`]
+/// closes it at once.
 pub struct Lease {
     connection: Option<Connection>,
     /// Taken from the pool rather than opened for this transaction.
     pub reused: bool,
+    /// The upstream answered the end of the data: its transaction is over
+    /// (RFC 5321 §4.1.1.4), no `RSET` is needed before the next.
+    ended: bool,
     pool: Arc<UpstreamPool>,
     slot: Option<OwnedSemaphorePermit>,
 }
@@ -277,6 +300,11 @@ impl Lease {
 
     pub fn pool(&self) -> &Arc<UpstreamPool> {
         &self.pool
+    }
+
+    /// The upstream answered the end of the data.
+    pub fn transaction_ended(&mut self) {
+        self.ended = true;
     }
 
     /// The connection broke or is in an unknown state: close it.
@@ -294,6 +322,7 @@ impl Drop for Lease {
         let pool = self.pool.clone();
         let runtime = tokio::runtime::Handle::try_current();
         match (self.connection.take(), slot, runtime) {
+            (Some(connection), Some(slot), _) if self.ended => pool.put_idle(connection, slot),
             (Some(mut connection), Some(slot), Ok(runtime)) => {
                 runtime.spawn(async move {
                     if connection.reset().await.is_ok() {

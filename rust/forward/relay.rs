@@ -81,7 +81,8 @@ impl Relay {
             if pool.is_down() {
                 continue;
             }
-            // A pooled connection may have been closed by the upstream meanwhile: one more try.
+            // A pooled connection may have been closed by the upstream meanwhile:
+            // then the pool's idle ones go, and a new connection is tried.
             for _ in 0..2 {
                 let lease = match pool.checkout(&route.options).await {
                     Ok(lease) => lease,
@@ -90,7 +91,10 @@ impl Relay {
                 let reused = lease.reused;
                 match Self::start(lease, envelope, earlier, recipient).await {
                     Ok(opened) => return opened,
-                    Err(_) if reused => continue,
+                    Err(_) if reused => {
+                        pool.discard_idle();
+                        continue;
+                    }
                     Err(_) => {
                         pool.mark_down();
                         break;
@@ -215,6 +219,7 @@ impl Relay {
                 Delivery::Answered(vec![reply; wanted.len()])
             }
             Ok(DataOutcome::Replies(replies)) => {
+                self.lease.transaction_ended();
                 let replies =
                     if replies.len() == wanted.len() { replies } else { vec![replies[0].clone(); wanted.len()] };
                 if replies.iter().any(UpstreamReply::is_positive) {

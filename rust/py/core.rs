@@ -292,6 +292,25 @@ impl PushArgs for String {
     }
 }
 
+impl PushArgs for u16 {
+    fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+        args.push(self.into_pyobject(py)?.into_any());
+        Ok(())
+    }
+}
+
+impl PushArgs for Option<String> {
+    fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+        match self {
+            Some(text) => text.push_args(py, args),
+            None => {
+                args.push(py.None().into_bound(py));
+                Ok(())
+            }
+        }
+    }
+}
+
 impl PushArgs for Vec<String> {
     fn push_args<'py>(&self, py: Python<'py>, args: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
         args.push(PyList::new(py, self)?.into_any());
@@ -418,12 +437,39 @@ fn convert_result(kind: EventKind, result: &Bound<'_, PyAny>) -> PyResult<Respon
         EventKind::GetListenerDomain => {
             parse_listener_domain(&to_json(result, "")?).map(Response::ListenerDomain).map_err(|e| params_error(&e))
         }
+        EventKind::SplitTransaction => recipient_groups(result).map(Response::Groups),
+        EventKind::RewriteResponse => {
+            let (status, response): (Option<u16>, Option<String>) = result.extract().map_err(|_| {
+                PyTypeError::new_err(
+                    "smtp_server_rewrite_response handlers must return None or (status or None, text or None)",
+                )
+            })?;
+            if status.is_some_and(|status| !(200..600).contains(&status)) {
+                return Err(PyValueError::new_err("smtp_server_rewrite_response: a status is 200 to 599"));
+            }
+            Ok(Response::Rewritten { status, response })
+        }
         _ => Err(PyTypeError::new_err(format!(
             "{} handlers must return None, got {}",
             kind.name(),
             result.get_type().name()?
         ))),
     }
+}
+
+/// A list of lists of recipients (`EnvelopeAddress`, or `str` as it prints).
+fn recipient_groups(result: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<String>>> {
+    let wrong = || {
+        PyTypeError::new_err("smtp_server_split_transaction handlers must return None or a list of lists of recipients")
+    };
+    let groups = result.cast::<PyList>().map_err(|_| wrong())?;
+    groups
+        .iter()
+        .map(|group| {
+            let group = group.cast::<PyList>().map_err(|_| wrong())?;
+            group.iter().map(|address| address.str().map(|text| text.to_string()).map_err(|_| wrong())).collect()
+        })
+        .collect()
 }
 
 fn ehlo_extensions(result: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {

@@ -107,7 +107,7 @@ impl<S: Transport> Session<S> {
         };
         metrics::count(&self.context.metrics.auth_limit_refusals);
         let (remote, seconds) = (self.remote, rate.per.as_secs_f64());
-        self.context.policy.log(LOG_WARNING, || {
+        self.log(LOG_WARNING, || {
             let message = format!(
                 "auth-limit: client={} network={network} failures={} within={seconds}s port={} via={}: \
                  421 4.7.0 too many failed AUTH attempts",

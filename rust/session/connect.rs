@@ -47,7 +47,7 @@ impl<S: Transport> Session<S> {
         if self.context.policy.is_busy() {
             metrics::count(&self.context.metrics.shed_connections);
             let remote = self.remote;
-            self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, too many policy calls waiting"));
+            self.log(LOG_WARNING, || format!("{remote}: refused, too many policy calls waiting"));
             return Err(self.close(BUSY));
         }
         // Only the memory budget sheds connections: with it used up, a new
@@ -59,7 +59,7 @@ impl<S: Transport> Session<S> {
         if self.context.spool.memory_exhausted() {
             metrics::count(&self.context.metrics.shed_connections);
             let remote = self.remote;
-            self.context.policy.log(LOG_WARNING, || format!("{remote}: refused, body_memory_limit reached"));
+            self.log(LOG_WARNING, || format!("{remote}: refused, body_memory_limit reached"));
             return Err(self.close(BUSY));
         }
         // Decided by the static parameters only: the dynamic hook is asked
@@ -153,7 +153,7 @@ impl<S: Transport> Session<S> {
         };
         metrics::count(&self.context.metrics.client_limit_refusals);
         let remote = self.remote;
-        self.context.policy.log(LOG_INFO, || format!("{remote}: refused, {refusal}"));
+        self.log(LOG_INFO, || format!("{remote}: refused, {refusal}"));
         Err(self.close(Reply::new(421, "4.7.0", refusal)))
     }
 
@@ -211,7 +211,7 @@ impl<S: Transport> Session<S> {
                     self.end_as(Ending::ProxyError);
                     let remote = self.remote;
                     let message = || format!("{remote}: closed, bad PROXY protocol header: {reason}");
-                    self.context.policy.log(LOG_INFO, message);
+                    self.log(LOG_INFO, message);
                     return Err(Stop::Gone);
                 }
             }

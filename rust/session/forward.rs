@@ -41,7 +41,7 @@ impl<S: Transport> Session<S> {
                 match self.context.tls.pem(source).and_then(|pem| tls::verifying(&pem)) {
                     Ok(config) => Some(config),
                     Err(error) => {
-                        self.context.policy.log(LOG_WARNING, || format!("forward_options.tls_ca: {error}"));
+                        self.log(LOG_WARNING, || format!("forward_options.tls_ca: {error}"));
                         return Some(Err(NO_CA));
                     }
                 }
@@ -115,7 +115,7 @@ impl<S: Transport> Session<S> {
             Delivery::Failed(reply) => return self.answer_forwarded_alike(message, reply),
             Delivery::Ambiguous(why) => {
                 let (remote, id) = (self.remote, message.id.clone());
-                self.context.policy.log(LOG_WARNING, || {
+                self.log(LOG_WARNING, || {
                     format!(
                         "possible duplicate: message {id} from {remote}: {upstream} got the data, then {}",
                         LogText(&why)
@@ -190,7 +190,7 @@ impl<S: Transport> Session<S> {
                 for (copy, (recipient, reply)) in copies.iter().zip(refused) {
                     kept.fetch_add(1, Ordering::Relaxed);
                     let summary = reply.summary();
-                    self.context.policy.log(LOG_WARNING, || {
+                    self.log(LOG_WARNING, || {
                         format!(
                             "kept: {} (of {id}) to={}: the upstream refused it after the data: {}",
                             copy.id,
@@ -204,7 +204,7 @@ impl<S: Transport> Session<S> {
                 let mut text = format!("lost: message {id} from {remote}: refused upstream after the data, and");
                 let _ = write!(text, " keeping it failed: {error};");
                 write_envelope(&mut text, &message.sender, refused.iter().map(|(recipient, _)| *recipient));
-                self.context.policy.log(crate::log::LOG_ERROR, || text);
+                self.log(crate::log::LOG_ERROR, || text);
             }
         }
     }
@@ -218,7 +218,7 @@ impl<S: Transport> Session<S> {
         }
         let summaries: Vec<String> = replies.iter().map(UpstreamReply::summary).collect();
         let level = if delivered == wanted.len() { LOG_INFO } else { LOG_WARNING };
-        self.context.policy.log(level, || -> LogEntry {
+        self.log(level, || -> LogEntry {
             let mut text = format!("forwarded: {}", message.id);
             write_envelope(&mut text, &message.sender, wanted);
             let replies = summaries.join(" | ");

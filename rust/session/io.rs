@@ -4,6 +4,7 @@
 use super::record::Ending;
 use super::replies::{DATA_TIMEOUT, IDLE_TOO_LONG, SHUTTING_DOWN};
 use super::{Session, Step, Stop};
+use crate::events::{Event, EventKind, Outcome, Response};
 use crate::protocol::framing::LineEvent;
 use crate::protocol::reply::Reply;
 use crate::stream::{Stream, Transport};
@@ -54,7 +55,43 @@ impl<S: Transport> Session<S> {
         if reply.code >= 400 {
             self.log_refusal(reply);
         }
-        reply.write(&mut self.output, self.esmtp);
+        self.queue(reply, self.esmtp);
+    }
+
+    /// Queue a reply's bytes. With `smtp_server_rewrite_response` registered,
+    /// the reply waits for policy's say at the next flush, in order.
+    pub(super) fn queue(&mut self, reply: &Reply, with_enhanced: bool) {
+        if self.is_registered(EventKind::RewriteResponse) {
+            let command = self.tally.command();
+            self.rewrites.push((reply.clone(), with_enhanced, command));
+        } else {
+            reply.write(&mut self.output, with_enhanced);
+        }
+    }
+
+    /// Each reply waiting for `smtp_server_rewrite_response`, as the
+    /// handler changes it (a handler that fails changes nothing), written.
+    async fn rewrite_replies(&mut self) -> Step {
+        for (reply, with_enhanced, command) in std::mem::take(&mut self.rewrites) {
+            let response = match (&reply.enhanced, with_enhanced) {
+                (Some(enhanced), true) => format!("{enhanced} {}", reply.text),
+                _ => reply.text.to_string(),
+            };
+            let make = |session: &Self| Event::RewriteResponse {
+                status: reply.code,
+                response: response.clone(),
+                command: command.clone(),
+                meta: session.meta.clone(),
+            };
+            let reply = match self.ask(EventKind::RewriteResponse, make).await? {
+                Some(Outcome::Done(Response::Rewritten { status, response: text })) => {
+                    rewritten(&reply, status, text.as_deref().unwrap_or(&response))
+                }
+                _ => reply,
+            };
+            reply.write(&mut self.output, with_enhanced);
+        }
+        Ok(())
     }
 
     /// Queue `reply` after our hostname, always with its enhanced code (as
@@ -65,7 +102,7 @@ impl<S: Transport> Session<S> {
             self.log_refusal(&reply);
         }
         let text = format!("{} {}", self.params.hostname, reply.text);
-        Reply { text: text.into(), ..reply }.write(&mut self.output, true);
+        self.queue(&Reply { text: text.into(), ..reply }, true);
         Stop::Closing
     }
 
@@ -77,7 +114,7 @@ impl<S: Transport> Session<S> {
         self.context.metrics.reply_sent(reply.code);
         self.log_ending(ending, &reply);
         let text = format!("{} {}", self.params.hostname, reply.text);
-        Reply { text: text.into(), ..reply }.write(&mut self.output, true);
+        self.queue(&Reply { text: text.into(), ..reply }, true);
         Stop::Closing
     }
 
@@ -227,6 +264,9 @@ impl<S: Transport> Session<S> {
     }
 
     pub(super) async fn flush(&mut self) -> Step {
+        if !self.rewrites.is_empty() {
+            Box::pin(self.rewrite_replies()).await?;
+        }
         if self.output.is_empty() {
             return Ok(());
         }
@@ -242,5 +282,17 @@ impl<S: Transport> Session<S> {
     pub(super) async fn finish(&mut self) {
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+/// `reply` as `smtp_server_rewrite_response` changed it: its status (when
+/// given), and its text, with an enhanced code at its start taken as the
+/// reply's own. A reply without an enhanced code (the greeting, EHLO's)
+/// stays without one.
+fn rewritten(reply: &Reply, status: Option<u16>, text: &str) -> Reply {
+    let code = status.unwrap_or(reply.code);
+    match reply.enhanced {
+        Some(_) => Reply::from_policy(code, text),
+        None => Reply::bare(code, text.to_owned()),
     }
 }

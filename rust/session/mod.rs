@@ -127,6 +127,8 @@ type Step = Result<(), Stop>;
 type Verdict = Result<Response, Reply>;
 
 pub struct Session<S> {
+    /// Unique: the connection metadata's `session_id`, on every log line.
+    id: Box<str>,
     stream: Stream<S>,
     input: BytesMut,
     output: Vec<u8>,
@@ -145,6 +147,9 @@ pub struct Session<S> {
     client: Option<ClientSlot>,
     /// Boxed: an idle session does not carry a transaction's 700 bytes.
     transaction: Option<Box<Transaction>>,
+    /// Replies waiting for `smtp_server_rewrite_response` (with their
+    /// enhanced code or not, and the command they answer).
+    rewrites: Vec<(Reply, bool, Option<String>)>,
     transactions_started: usize,
     errors: usize,
     lines: LineFramer,
@@ -171,6 +176,7 @@ impl<S: Transport> Session<S> {
     fn new(stream: S, remote: SocketAddr, local: SocketAddr, context: Arc<SessionContext>) -> Self {
         let params = connect::static_parameters(&context.config, remote, local);
         let mut session = Self {
+            id: crate::message::new_message_id().into_boxed_str(),
             stream: Stream::Plain(stream),
             input: BytesMut::with_capacity(io::MIN_READ),
             output: Vec::with_capacity(512),
@@ -185,6 +191,7 @@ impl<S: Transport> Session<S> {
             authenticated: None,
             client: None,
             transaction: None,
+            rewrites: Vec::new(),
             transactions_started: 0,
             errors: 0,
             tally: record::Tally::new(),
@@ -192,6 +199,7 @@ impl<S: Transport> Session<S> {
         };
         session.set_addresses(remote, local);
         session.meta.set(keys::HOSTNAME, session.params.hostname.clone());
+        session.meta.set(keys::SESSION_ID, &*session.id);
         session
     }
 
@@ -203,8 +211,7 @@ impl<S: Transport> Session<S> {
                         self.tally.begin::<()>(b"", &Err(()));
                         self.end_as(Ending::ProtocolError);
                         // Postfix's exact words, without our hostname: a web client learns nothing.
-                        Reply::new(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
-                            .write(&mut self.output, true);
+                        self.queue(&Reply::new(221, "2.7.0", "Error: I can break rules, too. Goodbye."), true);
                         return Err(Stop::Closing);
                     }
                     let parsed = parse_command(&self.input[..len]);

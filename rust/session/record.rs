@@ -184,6 +184,12 @@ impl Tally {
     }
 
     /// The command being answered, as the log names it (`CONNECT` before any).
+    /// The command being answered, upper-case; `None` before the first
+    /// (the greeting) or for a line that was no command.
+    pub(super) fn command(&self) -> Option<String> {
+        self.current.filter(|&index| index != UNKNOWN).map(|index| VERBS[index].to_ascii_uppercase())
+    }
+
     pub(super) fn verb(&self) -> String {
         self.current.map_or_else(|| "CONNECT".into(), |index| VERBS[index].to_ascii_uppercase())
     }
@@ -212,6 +218,21 @@ impl Tally {
 }
 
 impl<S: Transport> Session<S> {
+    /// Log a record of this session. Its JSON fields carry the session's
+    /// `session_id` (the connection metadata's), so that every record of a
+    /// session can be found; text lines stay in Postfix's form.
+    pub(super) fn log<E: Into<LogEntry>>(&self, level: u8, make: impl FnOnce() -> E) {
+        let wanted = self.context.policy.log_fields_wanted();
+        self.context.policy.log(level, || {
+            let entry = make().into();
+            if wanted {
+                entry.with_field("session_id", &self.id)
+            } else {
+                entry
+            }
+        });
+    }
+
     /// A record: its text, and the same as fields (a `json!` object) when
     /// something will read them (not the lines the core writes as text).
     pub(super) fn log_entry(&self, message: String, fields: impl FnOnce() -> Value) -> LogEntry {
@@ -267,7 +288,7 @@ impl<S: Transport> Session<S> {
                 })
             })
         };
-        self.context.policy.log(level, entry);
+        self.log(level, entry);
     }
 
     /// From now on the session is ending for `ending`, unless it already was.
@@ -305,7 +326,7 @@ impl<S: Transport> Session<S> {
                 })
             })
         };
-        self.context.policy.log(LOG_INFO, entry);
+        self.log(LOG_INFO, entry);
     }
 
     /// Postfix's `lost connection after DATA from …`: no reply, so no code nor text.
@@ -321,7 +342,7 @@ impl<S: Transport> Session<S> {
                 })
             })
         };
-        self.context.policy.log(LOG_INFO, entry);
+        self.log(LOG_INFO, entry);
     }
 }
 

@@ -59,7 +59,7 @@ impl<S: Transport> Session<S> {
             None => "self-signed".into(),
         };
         let (certificate, key) = (source(&self.params.tls_certificate), source(&self.params.tls_private_key));
-        self.context.policy.log(LOG_ERROR, || {
+        self.log(LOG_ERROR, || {
             format!(
                 "{} to {} ({}): TLS not available: {reason} (tls_certificate {certificate}, tls_private_key {key})",
                 self.remote, self.local, self.params.hostname
@@ -98,7 +98,7 @@ impl<S: Transport> Session<S> {
     fn handshake_failed(&mut self, reason: &str) -> Stop {
         self.end_as(Ending::TlsFailed);
         metrics::count(&self.context.metrics.tls_failures);
-        self.context.policy.log(LOG_INFO, || format!("{}: TLS handshake failed: {reason}", self.remote));
+        self.log(LOG_INFO, || format!("{}: TLS handshake failed: {reason}", self.remote));
         Stop::Gone
     }
 

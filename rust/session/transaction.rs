@@ -5,13 +5,13 @@
 use super::chunking::Chunks;
 use super::io::MIN_READ;
 use super::record::write_envelope;
-use super::replies::{CLIENT_SPILL_CAP, INSUFFICIENT_STORAGE, NEED_MAIL, NEED_RCPT, STORAGE_FAILED};
+use super::replies::{CLIENT_SPILL_CAP, INSUFFICIENT_STORAGE, NEED_MAIL, NEED_RCPT, POLICY_FAILED, STORAGE_FAILED};
 use super::{Session, Step, Stop};
 use crate::body::{Body, BodyBuffer, BodyLimits, Reservation, SpillError, SpillQuota};
 use crate::events::{Event, EventKind, Response};
 use crate::forward::relay::{Envelope, Relay};
 use crate::log::{LogEntry, LOG_INFO, LOG_WARNING};
-use crate::message::{self, Message, ReceivedHeader, ReceivedInfo, Supplemental};
+use crate::message::{self, Grouping, Message, ReceivedHeader, ReceivedInfo, Supplemental};
 use crate::meta::keys;
 use crate::metrics;
 use crate::params::ListenerDomain;
@@ -409,7 +409,7 @@ impl<S: Transport> Session<S> {
                     }
                     SpillError::Io(_) => (LOG_WARNING, STORAGE_FAILED),
                 };
-                self.context.policy.log(level, log);
+                self.log(level, log);
                 self.answer_message_alike(transaction.recipients.len(), reply)
             }
         }
@@ -600,18 +600,21 @@ impl<S: Transport> Session<S> {
         if let Err(refusal) = self.judge(EventKind::Data, make).await? {
             return self.answer_message_alike(recipients, refusal);
         }
+        let grouping = match self.grouping(&message).await? {
+            Ok(grouping) => grouping,
+            Err(refusal) => return self.answer_message_alike(recipients, refusal),
+        };
         let trace = &self.params.trace_headers;
         let supplemental = trace
             .supplemental_header
             .then(|| Supplemental { header_name: &trace.header_name, include_meta_names: &trace.include_meta_names });
-        let parts = message::split(&message, self.params.batch_handling, supplemental.as_ref(), received.as_ref());
+        let parts = message::split(&message, &grouping, supplemental.as_ref(), received.as_ref());
         let verdicts = self.judge_parts(&parts).await?;
         if let Some(relay) = relay {
             if let Some(Err(refusal)) = verdicts.iter().find(|verdict| verdict.is_err()).filter(|_| !self.lmtp()) {
                 return self.answer_message([refusal.clone()]);
             }
-            let part_of = message::part_of_each_recipient(&message.recipients, self.params.batch_handling);
-            let refusals = part_of.into_iter().map(|index| verdicts[index].clone().err()).collect();
+            let refusals = grouping.part_of().iter().map(|&index| verdicts[index].clone().err()).collect();
             let envelope = Envelope { sender: &message.sender, params: &mail_params };
             return Box::pin(self.forward_message(relay, &envelope, &message, refusals)).await;
         }
@@ -623,13 +626,30 @@ impl<S: Transport> Session<S> {
             });
             return self.answer_message([reply]);
         }
-        let part_of = message::part_of_each_recipient(&message.recipients, self.params.batch_handling);
-        let replies = part_of.into_iter().map(|index| match &verdicts[index] {
+        let replies = grouping.part_of().iter().map(|&index| match &verdicts[index] {
             Ok(()) => Reply::with_text(250, "2.0.0", format!("OK id={}", parts[index].id)),
             Err(refusal) => refusal.clone(),
         });
         let replies: Vec<Reply> = replies.collect();
         self.answer_message(replies)
+    }
+
+    /// How the message is split: as `smtp_server_split_transaction` says when
+    /// it is registered and returns groups, else as `batch_handling` says.
+    /// `Err`: the reply for every recipient (groups that do not place each
+    /// recipient once are a policy failure).
+    async fn grouping(&mut self, message: &Arc<Message>) -> Result<Result<Grouping, Reply>, Stop> {
+        let make = |session: &Self| Event::SplitTransaction { message: message.clone(), meta: session.meta.clone() };
+        let groups = match self.judge(EventKind::SplitTransaction, make).await? {
+            Err(refusal) => return Ok(Err(refusal)),
+            Ok(Response::Groups(groups)) => groups,
+            Ok(_) => return Ok(Ok(Grouping::by(self.params.batch_handling, &message.recipients))),
+        };
+        Ok(Grouping::from_groups(&message.recipients, &groups).map_err(|why| {
+            let id = message.id.clone();
+            self.log(LOG_WARNING, || format!("message {id}: smtp_server_split_transaction: {why}"));
+            POLICY_FAILED
+        }))
     }
 
     /// Ask `smtp_server_message_received` about each part: one verdict per
@@ -661,9 +681,8 @@ impl<S: Transport> Session<S> {
         if accepted.is_empty() {
             return verdicts;
         }
-        let policy = self.context.policy.clone();
         if let Err(error) = self.context.sink.deliver(accepted.clone()).await {
-            policy.log(LOG_WARNING, || format!("message {id} from {}: sink failed: {error}", self.remote));
+            self.log(LOG_WARNING, || format!("message {id} from {}: sink failed: {error}", self.remote));
             for verdict in verdicts.iter_mut().filter(|verdict| verdict.is_ok()) {
                 *verdict = Err(STORAGE_FAILED);
             }
@@ -673,7 +692,7 @@ impl<S: Transport> Session<S> {
         for part in &accepted {
             metrics::count(&metrics.messages);
             metrics.message_bytes.fetch_add(part.len() as u64, Ordering::Relaxed);
-            policy.log(LOG_INFO, || self.stored_entry(part));
+            self.log(LOG_INFO, || self.stored_entry(part));
         }
         verdicts
     }

@@ -136,7 +136,7 @@ async fn no_reply_after_the_data_is_a_451_and_a_possible_duplicate() {
 }
 
 #[tokio::test]
-async fn connections_are_reused_with_rset_between_transactions() {
+async fn connections_are_reused_and_an_abandoned_transaction_is_reset() {
     let upstream = scripted::start(ALL, false, default_answers()).await;
     let (_harness, mut client) = client_of(forwarding(&[&upstream.url], json!({}))).await;
     for _ in 0..3 {
@@ -144,14 +144,37 @@ async fn connections_are_reused_with_rset_between_transactions() {
         assert_eq!(end.0, 250);
     }
     assert_eq!(upstream.transcript.commands("CONNECT").len(), 1, "{:?}", upstream.transcript.lines());
-    // The last RSET is sent in the background, once the client has its reply.
+    assert!(upstream.transcript.commands("RSET").is_empty(), "a transaction answered after its data is over");
+    // The client gives up after RCPT: the upstream's transaction is reset
+    // (in the background, once the client has its reply).
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await.0, 250);
+    assert_eq!(client.code("RCPT TO:<c@d.test>").await.0, 250);
+    assert_eq!(client.code("RSET").await.0, 250);
     for _ in 0..100 {
-        if upstream.transcript.commands("RSET").len() == 3 {
+        if upstream.transcript.commands("RSET").len() == 1 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("{:?}", upstream.transcript.lines());
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_replaced_not_refused() {
+    let mails = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = mails.clone();
+    // The second MAIL, on the pooled connection: the upstream is gone (restarted).
+    let script = answers(move |line| {
+        let second = line.starts_with("MAIL") && counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1;
+        second.then(|| "CLOSE".into())
+    });
+    let upstream = scripted::start(ALL, false, script).await;
+    let (_harness, mut client) = client_of(forwarding(&[&upstream.url], json!({}))).await;
+    for _ in 0..2 {
+        let (rcpts, end) = deliver(&mut client, "MAIL FROM:<a@b.test>", &["RCPT TO:<c@d.test>"], "x\r\n.\r\n").await;
+        assert_eq!((rcpts[0].0, end.0), (250, 250), "{rcpts:?} {end:?}");
+    }
+    assert_eq!(upstream.transcript.commands("CONNECT").len(), 2);
 }
 
 #[tokio::test]

@@ -518,3 +518,60 @@ async fn a_body_may_take_no_longer_than_max_data_duration_whatever_its_pace() {
     assert_eq!(client.reply().await, (421, vec!["4.4.2 mx.test data timeout, closing connection".into()]));
     client.expect_closed().await;
 }
+
+#[tokio::test]
+async fn rewrite_response_changes_what_the_client_is_told() {
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let script = move |event: &Event| match event {
+        Event::RewriteResponse { status, response, command, .. } => {
+            recorder.push(format!("{status} {command:?} {response}"));
+            match (*status, command.as_deref()) {
+                (220, None) => {
+                    Outcome::Done(Response::Rewritten { status: None, response: Some("hello there".into()) })
+                }
+                (550, Some("RCPT")) => {
+                    Outcome::Done(Response::Rewritten { status: Some(450), response: Some("4.7.1 later".into()) })
+                }
+                (250, Some("NOOP")) => Outcome::Failed("the handler raised".into()),
+                _ => Outcome::Done(Response::Nothing),
+            }
+        }
+        _ => nothing(event),
+    };
+    let params = json!({"relay_hosts": []});
+    let harness = harness(params, &[EventKind::RewriteResponse], script);
+    let mut client = Client::new(harness.connect(CLIENT, LOCAL));
+    assert_eq!(client.reply().await, (220, vec!["hello there".to_string()]));
+    client.command("EHLO client.test").await;
+    assert_eq!(client.code("MAIL FROM:<a@b.test>").await, (250, "2.1.0 OK".into()));
+    assert_eq!(client.code("RCPT TO:<c@elsewhere.test>").await, (450, "4.7.1 later".into()));
+    assert_eq!(client.code("NOOP").await, (250, "2.0.0 OK".into()), "a failing handler changes nothing");
+    let seen = seen.take();
+    assert!(seen[0].starts_with("220 None ") && seen[0].ends_with(" ESMTP kumo_listener"), "{seen:?}");
+    assert!(seen.contains(&"550 Some(\"RCPT\") 5.7.1 relaying not permitted".to_string()), "{seen:?}");
+}
+
+#[tokio::test]
+async fn split_transaction_groups_the_recipients_as_policy_says() {
+    let maildir = TestMaildir::new("split-groups");
+    let script = |event: &Event| match event {
+        Event::SplitTransaction { message, .. } if message.recipients.len() == 3 => {
+            Outcome::Done(Response::Groups(vec![vec!["x@a.test".into(), "z@c.test".into()], vec!["y@b.test".into()]]))
+        }
+        Event::SplitTransaction { .. } => Outcome::Done(Response::Groups(vec![vec!["x@a.test".into()]])),
+        _ => nothing(event),
+    };
+    let params = lmtp(json!({"relay_hosts": ["192.0.2.0/24"]}));
+    let harness = Harness::new(params, &[EventKind::SplitTransaction], script, maildir.sink()).unwrap();
+    let mut client = greeted(&harness, CLIENT).await;
+    client.command("LHLO client.test").await;
+    let (_, replies) = send_message(&mut client, &["x@a.test", "y@b.test", "z@c.test"]).await;
+    let ids: Vec<&str> = replies.iter().map(|reply| reply.rsplit('=').next().unwrap()).collect();
+    assert_eq!(ids[0], ids[2], "x and z are one part: {replies:?}");
+    assert_ne!(ids[0], ids[1]);
+    assert_eq!(maildir.recipients(), ["x@a.test", "y@b.test", "z@c.test"]);
+    // Groups that leave a recipient out are a policy failure: 451 for each.
+    let (_, replies) = send_message(&mut client, &["x@a.test", "y@b.test"]).await;
+    assert_eq!(replies, ["451 4.3.0 temporary policy failure, try again later"; 2]);
+}
