@@ -354,3 +354,82 @@ def test_the_port_is_free_as_soon_as_the_server_stops(policy, maildir, raw):
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind((host, port))
         again.listen()
+
+
+# --- KumoMTA's parity events and metadata ------------------------------------------------
+
+
+def test_rewrite_response_changes_status_and_text(policy, listen, raw):
+    seen: list[tuple[int, str, str | None]] = []
+
+    @policy.on("smtp_server_rewrite_response")
+    def rewrite(status, response, command, conn_meta):
+        seen.append((status, response, command))
+        if command == "RCPT" and status == 550:
+            return 451, "4.7.1 greylisted, come back later"
+        if command is None:
+            return None, "welcome, says policy"
+        if command == "NOOP":
+            raise RuntimeError("a failing handler changes nothing")
+        return None
+
+    client = raw(listen(relay_hosts=[]))
+    assert client.reply() == (220, ["welcome, says policy"])
+    client.ehlo()
+    assert client.command("MAIL FROM:<a@b.example>")[0] == 250
+    assert client.command("RCPT TO:<c@elsewhere.example>") == (
+        451,
+        ["4.7.1 greylisted, come back later"],
+    )
+    assert client.command("NOOP") == (250, ["2.0.0 OK"])
+    assert (550, "5.7.1 relaying not permitted", "RCPT") in seen
+
+
+def test_split_transaction_groups_recipients(policy, listen, raw, maildir):
+    parts = []
+
+    @policy.on("smtp_server_split_transaction")
+    def split(message, conn_meta):
+        by_user = sorted(message.recipients, key=lambda r: r.user)
+        return [by_user[:2], [str(by_user[2])]]
+
+    @policy.on("smtp_server_message_received")
+    def received(message, conn_meta):
+        parts.append(sorted(str(r) for r in message.recipients))
+
+    client = raw(listen())
+    client.hello()
+    assert client.command("MAIL FROM:<a@b.example>")[0] == 250
+    for user in ("c", "a", "b"):
+        assert client.command(f"RCPT TO:<{user}@d.example>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    code, texts = client.command(b"Subject: s\r\n\r\nx\r\n.\r\n")
+    assert code == 250 and texts[0].count(",") == 1, texts
+    assert sorted(parts) == [["a@d.example", "b@d.example"], ["c@d.example"]]
+    assert len(delivered(maildir)) == 2, "a file per part"
+
+
+def test_split_transaction_that_loses_a_recipient_is_a_temporary_failure(policy, listen, raw):
+    policy.on("smtp_server_split_transaction", lambda message, meta: [message.recipients[:1]])
+    client = raw(listen())
+    client.hello()
+    client.command("MAIL FROM:<a@b.example>")
+    client.command("RCPT TO:<a@d.example>")
+    client.command("RCPT TO:<b@d.example>")
+    client.command("DATA")
+    assert client.command(b"x\r\n.\r\n") == (
+        451,
+        ["4.3.0 temporary policy failure, try again later"],
+    )
+
+
+def test_session_id_is_in_the_metadata_of_each_connection(policy, listen, raw):
+    ids = []
+    policy.on(
+        "smtp_server_connection_accepted", lambda meta: ids.append(meta.get_meta("session_id"))
+    )
+    address = listen()
+    for _ in range(2):
+        assert raw(address).reply()[0] == 220
+    assert len(ids) == 2 and ids[0] != ids[1]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", session_id) for session_id in ids), ids

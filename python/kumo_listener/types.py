@@ -114,3 +114,11 @@ GetListenerDomain = Callable[[str, str, ConnectionMeta], Returns[dict[str, Any] 
 Data = Callable[[Message, ConnectionMeta], Returns[None]]
 MessageReceived = Callable[[Message, ConnectionMeta], Returns[None]]
 AuthPlain = Callable[[str, str, str, ConnectionMeta], Returns[bool]]
+#: Groups of recipients (``EnvelopeAddress`` or ``str``), each recipient in one.
+SplitTransaction = Callable[
+    [Message, ConnectionMeta], Returns[list[list[EnvelopeAddress | str]] | None]
+]
+#: ``(status, text)``, each ``None`` to keep it, or ``None``.
+RewriteResponse = Callable[
+    [int, str, str | None, ConnectionMeta], Returns[tuple[int | None, str | None] | None]
+]
