@@ -7,9 +7,7 @@
 use super::testing::Harness;
 use crate::events::{Event, EventKind, Outcome, Response};
 use crate::sink::Sink;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -175,58 +173,9 @@ async fn starttls_from(
     client.send(b"STARTTLS\r\nMAIL FROM:<smuggled@x.test>\r\n").await;
     assert_eq!(client.reply().await, (220, vec!["2.0.0 Ready to start TLS".into()]));
     assert!(client.buffer.is_empty());
-    let connector = TlsConnector::from(Arc::new(trusting_client_config()));
+    let connector = TlsConnector::from(crate::forward::tls::unverified());
     let tls = connector.connect(ServerName::try_from("mx.test").unwrap(), client.stream).await.expect("a handshake");
     Client::new(tls)
-}
-
-fn trusting_client_config() -> ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(TrustAnything(provider)))
-        .with_no_client_auth()
-}
-
-/// The server's certificate is self-signed: these tests check the session, not the PKI.
-#[derive(Debug)]
-struct TrustAnything(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for TrustAnything {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// A harness that records what each stored message holds after our
