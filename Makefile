@@ -17,7 +17,7 @@ deps:
 test-rust:
 	cargo test --release --lib $(ARGS)
 
-# One file or test: make test-py ARGS="tests/test_esmtp.py -k pipelining"
+# One file or test: make test-py ARGS="tests/test_esmtp.py -k smtputf8"
 test-py:
 	$(PYTEST) $(ARGS)
 
