@@ -164,7 +164,8 @@ impl SharedLimits {
         let connection = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(|e| format!("redis {label}: {e}"))?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let lease_prefix = format!("{}.{}.{:x}", gethostname::gethostname().to_string_lossy(), std::process::id(), nanos);
+        let lease_prefix =
+            format!("{}.{}.{:x}", gethostname::gethostname().to_string_lossy(), std::process::id(), nanos);
         Ok(Arc::new(Self {
             config,
             label,

@@ -71,10 +71,11 @@ impl PyCore {
             Some(url) => {
                 let timeout = match redis_timeout {
                     None => shared_limits::DEFAULT_TIMEOUT,
-                    Some(seconds) => Duration::try_from_secs_f64(seconds)
-                        .ok()
-                        .filter(|timeout| !timeout.is_zero())
-                        .ok_or_else(|| PyValueError::new_err(format!("redis_timeout: {seconds} is not a duration > 0")))?,
+                    Some(seconds) => {
+                        Duration::try_from_secs_f64(seconds).ok().filter(|timeout| !timeout.is_zero()).ok_or_else(
+                            || PyValueError::new_err(format!("redis_timeout: {seconds} is not a duration > 0")),
+                        )?
+                    }
                 };
                 let config = SharedConfig { url, timeout, fail_closed: redis_fail_closed };
                 let _entered = driver.handle().enter();

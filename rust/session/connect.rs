@@ -12,10 +12,10 @@ use crate::metrics;
 use crate::params::{ListenerConfig, Params};
 use crate::protocol::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
 use crate::protocol::reply::Reply;
+use crate::shared_limits::{Shared, SharedRefusal};
 use crate::stream::Transport;
 use bytes::Buf;
 use std::net::SocketAddr;
-use crate::shared_limits::{Shared, SharedRefusal};
 use std::time::{Duration, Instant};
 
 /// The addresses a Unix socket client and our end of it have, as Postfix's

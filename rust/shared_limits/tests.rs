@@ -19,9 +19,11 @@ impl RedisServer {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is missing: run tools/install-deps.sh");
+        // Killed and waited for when dropped, whatever happens next.
+        let server = Self { child, port };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Self { child, port };
+                return server;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
