@@ -169,7 +169,9 @@ impl<S: Transport> Session<S> {
         // within that (renewed every client_timeout while the session lives).
         let lease_ttl = self.params.client_timeout.saturating_mul(2).max(Duration::from_secs(1));
         let network = slot.network();
-        match shared.admit_connection(network, limits.max_connections, limits.connection_rate, lease_ttl).await {
+        // Boxed: only sessions with Redis pay for its call's state.
+        let admission = shared.admit_connection(network, limits.max_connections, limits.connection_rate, lease_ttl);
+        match Box::pin(admission).await {
             Shared::Allowed(lease) => self.lease = Some(lease),
             Shared::Refused(SharedRefusal::TooManyConnections) => {
                 return Err(self.refuse_client(Refusal::TooManyConnections))

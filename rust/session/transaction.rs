@@ -300,7 +300,8 @@ impl<S: Transport> Session<S> {
             return true;
         };
         if let Some(shared) = &self.context.shared_limits {
-            match shared.admit_message(slot.network(), rate).await {
+            // Boxed: only sessions with Redis pay for its call's state.
+            match Box::pin(shared.admit_message(slot.network(), rate)).await {
                 Shared::Allowed(()) => return true,
                 Shared::Refused(_) => return false,
                 Shared::Unavailable => {}
