@@ -201,6 +201,14 @@ impl ClientSlot {
         self.network
     }
 
+    /// Count a new connection from this client at `now` under `rate`;
+    /// `false` when it does not allow it (for a connection whose shared
+    /// count Redis could not make).
+    pub fn admit_connection(&self, rate: Rate, now: Instant) -> bool {
+        let mut entries = self.table.lock();
+        entries.get_mut(&self.network).is_some_and(|entry| entry.connections.admit(rate, now))
+    }
+
     /// Count a new message (a MAIL command) from this client at `now`;
     /// `false` when `rate` does not allow it (Postfix's message rate).
     pub fn admit_message(&self, rate: Rate, now: Instant) -> bool {

@@ -36,6 +36,7 @@ pub mod protocol;
 mod py;
 pub mod server;
 pub mod session;
+pub mod shared_limits;
 pub mod sink;
 pub mod stream;
 pub mod tls;

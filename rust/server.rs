@@ -15,6 +15,7 @@ use crate::metrics::{self, ListenerMetrics};
 use crate::params::{ListenerConfig, Params};
 use crate::protocol::reply::Reply;
 use crate::session::{self, SessionContext, Shutdown, UNIX_CLIENT};
+use crate::shared_limits::SharedLimits;
 use crate::sink::Sink;
 use crate::stream::Transport;
 use crate::tls::{self, TlsCache};
@@ -39,6 +40,8 @@ pub struct ServerState {
     pub sink: Sink,
     tls: Arc<TlsCache>,
     clients: Arc<ClientTable>,
+    /// The per-client limits shared through Redis, when configured.
+    pub shared_limits: Option<Arc<SharedLimits>>,
     pub forwarder: Arc<Forwarder>,
     /// `Some` once shutdown is asked for: until when messages may finish.
     shutdown: watch::Sender<Option<tokio::time::Instant>>,
@@ -50,13 +53,19 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn new(bridge: Arc<Bridge>, sink: Sink, reuse_port: bool) -> Arc<Self> {
+    pub fn new(
+        bridge: Arc<Bridge>,
+        sink: Sink,
+        reuse_port: bool,
+        shared_limits: Option<Arc<SharedLimits>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             bridge,
             reuse_port,
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             clients: ClientTable::new(CLIENT_TABLE_CAPACITY),
+            shared_limits,
             forwarder: Arc::default(),
             shutdown: watch::Sender::new(None),
             sessions: AtomicUsize::new(0),
@@ -153,6 +162,7 @@ pub fn start_listener(server: Arc<ServerState>, runtime: &Handle, config: Listen
         spool,
         tls: server.tls.clone(),
         clients: server.clients.clone(),
+        shared_limits: server.shared_limits.clone(),
         metrics,
         forwarder: server.forwarder.clone(),
         shutdown: server.shutdown_signal(),

@@ -20,6 +20,7 @@ from ._core import (
     ParamsError,
     validate_overrides,
 )
+from .memoize import invalidate_all as invalidate_memoized
 from .memoize import memoize
 from .policy import EVENTS, Policy, default_policy, on
 from .reject import Reject
@@ -41,6 +42,7 @@ __all__ = [
     "default_policy",
     "default_server",
     "inline",
+    "invalidate_memoized",
     "memoize",
     "on",
     "serde",

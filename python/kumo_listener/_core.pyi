@@ -97,7 +97,14 @@ class Job:
 @final
 class Core:
     def __new__(
-        cls, sink: str, maildir: str | None = None, reuse_port: bool = False, busy_at: int = ...
+        cls,
+        sink: str,
+        maildir: str | None = None,
+        reuse_port: bool = False,
+        busy_at: int = ...,
+        redis: str | None = None,
+        redis_timeout: float | None = None,
+        redis_fail_closed: bool = False,
     ) -> Core: ...
     def start_listener(self, params: dict[str, Any]) -> tuple[str, int] | str: ...
     def set_handlers(self, events: list[str]) -> None:

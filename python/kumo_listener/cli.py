@@ -82,6 +82,25 @@ def _parser() -> argparse.ArgumentParser:
         help="when started as root: run init (which binds the listeners) as root, then "
         "become this user and its groups before any connection is accepted",
     )
+    serve.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share the per-client limits with every server using this Redis,"
+        " redis://HOST:PORT[/DB] (default: counted per process)",
+    )
+    serve.add_argument(
+        "--redis-timeout",
+        metavar="DURATION",
+        type=duration,
+        help="each call to --redis may take this long (seconds, or e.g. 100ms) before this"
+        " process's own counts decide (default 0.1)",
+    )
+    serve.add_argument(
+        "--redis-fail-closed",
+        action="store_true",
+        help="when --redis does not answer, refuse new connections (421 4.3.0) rather than"
+        " count per process",
+    )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate a TOML or JSON overrides file")
     check.add_argument("file")
@@ -93,6 +112,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def duration(text: str) -> float:
+    """Seconds in ``text``: a number, or a duration such as ``100ms``."""
+    try:
+        seconds = _core.duration_seconds(float(text))
+    except ValueError:
+        try:
+            seconds = _core.duration_seconds(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration above zero, got {text}")
+    return seconds
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -119,10 +152,18 @@ def serve(args: argparse.Namespace) -> int:
         maildir=args.maildir,
         reuse_port=args.reuse_port,
         handler_threads=args.handler_threads,
+        redis=args.redis,
+        redis_timeout=args.redis_timeout,
+        redis_fail_closed=args.redis_fail_closed,
     )
     if args.policy and not load_policy(args.policy):
         return 2
-    server = default_server()
+    try:
+        server = default_server()
+    except ValueError as error:
+        # A --redis URL that is no URL.
+        print(f"kumo-listener: {error}", file=sys.stderr)
+        return 2
     if logging_is_the_clis(handler):
         server.write_logs_directly(args.log_format)
     has_init = server.policy.handler("init") is not None
@@ -264,8 +305,12 @@ def worker_arguments(args: argparse.Namespace, index: int) -> list[str]:
         "--handler-threads": args.handler_threads and str(args.handler_threads),
         "--metrics": args.metrics and worker_metrics_address(args.metrics, index),
         "--user": args.user,
+        "--redis": args.redis,
+        "--redis-timeout": args.redis_timeout and str(args.redis_timeout),
     }
     options = [part for name, value in given.items() if value for part in (name, value)]
+    if args.redis_fail_closed:
+        options.append("--redis-fail-closed")
     forwards = [part for url in args.forward_to for part in ("--forward-to", url)]
     return ["serve", *options, *forwards, "--reuse-port"]
 

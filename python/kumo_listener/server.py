@@ -275,6 +275,14 @@ class Server:
     ``handler_threads`` threads, at most a quarter of them for one client's
     calls (see :mod:`kumo_listener.threads`). While ``busy_at`` policy calls wait for
     their handlers, new connections get ``421 4.3.2 service busy``.
+
+    ``redis`` (``"redis://HOST:PORT[/DB]"``) shares the per-client limits
+    (``max_connections_per_client``, ``max_connection_rate_per_client``,
+    ``max_message_rate_per_client``) with every server that points at the
+    same Redis. Each call to it has ``redis_timeout`` (seconds, or a string
+    like ``"100ms"``; 0.1 by default); when Redis does not answer in time,
+    this process's own counts decide, or with ``redis_fail_closed`` new
+    connections get ``421 4.3.0`` (see docs/operations/limits.md).
     """
 
     def __init__(
@@ -287,10 +295,19 @@ class Server:
         reuse_port: bool = False,
         handler_threads: int = DEFAULT_HANDLER_THREADS,
         busy_at: int = _core.DEFAULT_BUSY_AT,
+        redis: str | None = None,
+        redis_timeout: float | str | None = None,
+        redis_fail_closed: bool = False,
     ) -> None:
         self.policy = policy if policy is not None else default_policy
         maildir_path = os.fspath(maildir) if sink == "maildir" else None
-        self._core = _core.Core(sink, maildir_path, reuse_port, busy_at)
+        try:
+            timeout = None if redis_timeout is None else _core.duration_seconds(redis_timeout)
+        except ValueError as error:
+            raise ValueError(f"redis_timeout: {error}") from None
+        self._core = _core.Core(
+            sink, maildir_path, reuse_port, busy_at, redis, timeout, redis_fail_closed
+        )
         self._shutdown_grace = shutdown_grace
         self._handler_threads = handler_threads
         self._listeners: list[Listener] = []
@@ -487,11 +504,21 @@ def configure(
     maildir: str | os.PathLike[str] | None = None,
     reuse_port: bool | None = None,
     handler_threads: int | None = None,
+    redis: str | None = None,
+    redis_timeout: float | str | None = None,
+    redis_fail_closed: bool | None = None,
 ) -> None:
-    """Set up the default server (sink, SO_REUSEPORT, handler threads),
-    before it is first used."""
+    """Set up the default server (sink, SO_REUSEPORT, handler threads, the
+    Redis of the shared per-client limits: see :class:`Server`), before it
+    is first used."""
     if _default is not None:
         raise RuntimeError("the default server is already running; configure it before use")
+    if redis is not None:
+        _default_settings["redis"] = redis
+    if redis_timeout is not None:
+        _default_settings["redis_timeout"] = redis_timeout
+    if redis_fail_closed is not None:
+        _default_settings["redis_fail_closed"] = redis_fail_closed
     if handler_threads is not None:
         _default_settings["handler_threads"] = handler_threads
     if sink is not None:

@@ -16,6 +16,7 @@ use crate::policy_latency::POLICY_CALL_SECONDS;
 use crate::protocol::parser::Mailbox;
 use crate::protocol::sasl::PlainCredentials;
 use crate::server::{self, BoundAddress, ServerState};
+use crate::shared_limits::{self, SharedConfig, SharedLimits, REDIS_METRICS};
 use crate::sink::{Maildir, Sink};
 use crate::tls;
 use ipnet::IpNet;
@@ -39,8 +40,19 @@ pub struct PyCore {
 #[pymethods]
 impl PyCore {
     #[new]
-    #[pyo3(signature = (sink, maildir=None, reuse_port=false, busy_at=DEFAULT_BUSY_AT))]
-    fn new(sink: &str, maildir: Option<PathBuf>, reuse_port: bool, busy_at: usize) -> PyResult<Self> {
+    #[pyo3(signature = (
+        sink, maildir=None, reuse_port=false, busy_at=DEFAULT_BUSY_AT, redis=None, redis_timeout=None,
+        redis_fail_closed=false
+    ))]
+    fn new(
+        sink: &str,
+        maildir: Option<PathBuf>,
+        reuse_port: bool,
+        busy_at: usize,
+        redis: Option<String>,
+        redis_timeout: Option<f64>,
+        redis_fail_closed: bool,
+    ) -> PyResult<Self> {
         let sink = match (sink, maildir) {
             ("discard", _) => Sink::Discard,
             ("maildir", Some(path)) => Sink::Maildir(Arc::new(
@@ -51,12 +63,28 @@ impl PyCore {
                 return Err(PyValueError::new_err(format!("sink: expected \"maildir\" or \"discard\", got {other:?}")))
             }
         };
-        let bridge = Bridge::new().map_err(os_error)?;
+        let bridge = Arc::new(Bridge::new().map_err(os_error)?);
         bridge.set_busy_at(busy_at);
-        Ok(Self {
-            state: ServerState::new(Arc::new(bridge), sink, reuse_port),
-            driver: Driver::new().map_err(os_error)?,
-        })
+        let driver = Driver::new().map_err(os_error)?;
+        let shared_limits = match redis {
+            None => None,
+            Some(url) => {
+                let timeout = match redis_timeout {
+                    None => shared_limits::DEFAULT_TIMEOUT,
+                    Some(seconds) => {
+                        Duration::try_from_secs_f64(seconds).ok().filter(|timeout| !timeout.is_zero()).ok_or_else(
+                            || PyValueError::new_err(format!("redis_timeout: {seconds} is not a duration > 0")),
+                        )?
+                    }
+                };
+                let config = SharedConfig { url, timeout, fail_closed: redis_fail_closed };
+                let _entered = driver.handle().enter();
+                let limits = SharedLimits::new(config, bridge.clone()).map_err(PyValueError::new_err)?;
+                driver.handle().spawn(limits.clone().check());
+                Some(limits)
+            }
+        };
+        Ok(Self { state: ServerState::new(bridge, sink, reuse_port, shared_limits), driver })
     }
 
     /// Validate `params`, bind the listener and start serving it.
@@ -207,6 +235,8 @@ impl PyCore {
             })
             .collect();
         all.set_item(FORWARD_SECONDS.name, forward_latency)?;
+        let redis: Vec<_> = self.state.shared_limits.iter().map(|limits| limits.metrics()).collect();
+        set_samples(&all, REDIS_METRICS, &redis)?;
         Ok(all)
     }
 }

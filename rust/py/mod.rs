@@ -10,6 +10,7 @@ use crate::forward::pool::{FORWARD_SECONDS, UPSTREAM_METRICS};
 use crate::metrics::{MetricInfo, LISTENER_METRICS, REJECTIONS};
 use crate::params::{parse_duration, parse_overrides_partially, ANYWHERE, DEFAULT_LISTEN, TOP_LEVEL_ONLY};
 use crate::policy_latency::POLICY_CALL_SECONDS;
+use crate::shared_limits::REDIS_METRICS;
 use errors::ParamsError;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -22,6 +23,7 @@ fn metrics_table() -> Vec<(&'static str, &'static str, &'static str, Vec<&'stati
         .chain([&REJECTIONS, &POLICY_CALL_SECONDS])
         .chain(UPSTREAM_METRICS)
         .chain([&FORWARD_SECONDS])
+        .chain(REDIS_METRICS)
         .collect();
     all.into_iter().map(|info| (info.name, info.kind.name(), info.help, info.labels.to_vec())).collect()
 }

@@ -12,10 +12,11 @@ use crate::metrics;
 use crate::params::{ListenerConfig, Params};
 use crate::protocol::proxy::{decode_proxy_header, ProxyDecode, ProxyHeader};
 use crate::protocol::reply::Reply;
+use crate::shared_limits::{Shared, SharedRefusal};
 use crate::stream::Transport;
 use bytes::Buf;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The addresses a Unix socket client and our end of it have, as Postfix's
 /// smtpd gives such a client (`localhost[127.0.0.1]`, port 0): peer and via
@@ -24,6 +25,9 @@ pub const UNIX_CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::ne
 
 /// Load shedding: new sessions are refused, the ones in progress carry on.
 const BUSY: Reply = Reply::new(421, "4.3.2", "service busy, try again later");
+
+/// `redis_fail_closed`, and Redis does not answer.
+const REDIS_UNAVAILABLE: Reply = Reply::new(421, "4.3.0", "temporarily unable to check limits, try again later");
 
 fn canonical(address: SocketAddr) -> SocketAddr {
     SocketAddr::new(crate::cidr::canonical_ip(address.ip()), address.port())
@@ -70,7 +74,7 @@ impl<S: Transport> Session<S> {
             self.read_proxy_header().await?;
             self.apply_parameters().await?;
         } else {
-            self.admit_client()?;
+            self.admit_client().await?;
             self.apply_dynamic_parameters().await?;
         }
         if self.context.config.implicit_tls {
@@ -123,15 +127,19 @@ impl<S: Transport> Session<S> {
     /// `meta` into the connection metadata.
     pub(super) async fn apply_parameters(&mut self) -> Step {
         self.adopt(static_parameters(&self.context.config, self.remote, self.local));
-        self.admit_client()?;
+        self.admit_client().await?;
         self.apply_dynamic_parameters().await
     }
 
     /// Count this session against its client address's limits (Postfix's
     /// anvil), from the static parameters; `relay_hosts` are exempt, as
     /// Postfix exempts `$mynetworks`. A session that changes its client
-    /// (XCLIENT) gives up the previous address's slot first.
-    fn admit_client(&mut self) -> Step {
+    /// (XCLIENT) gives up the previous address's slot first. With Redis
+    /// (`--redis`), the concurrent count and the connection rate are the
+    /// cluster's; when Redis does not answer, this process's (or a 421 with
+    /// `redis_fail_closed`).
+    async fn admit_client(&mut self) -> Step {
+        self.lease = None;
         self.client = None;
         let ip = self.remote.ip();
         if self.params.relay_hosts.contains(ip) || self.on_unix_socket() {
@@ -143,18 +151,58 @@ impl<S: Transport> Session<S> {
             auth_failures: self.params.max_auth_failures_per_client,
             ipv6_prefix_length: self.params.client_ipv6_prefix_length,
         };
-        let refusal = match self.context.clients.admit(ip, limits, Instant::now()) {
-            Ok(slot) => {
-                self.client = Some(slot);
-                return Ok(());
+        let Some(shared) = self.context.shared_limits.clone() else {
+            return match self.context.clients.admit(ip, limits, Instant::now()) {
+                Ok(slot) => {
+                    self.client = Some(slot);
+                    Ok(())
+                }
+                Err(refusal) => Err(self.refuse_client(refusal)),
+            };
+        };
+        // This process's sessions are among the cluster's: its own count
+        // is a floor of the shared one. The rate is counted here only when
+        // Redis does not answer.
+        let local = ClientLimits { connection_rate: None, ..limits };
+        let slot = self.context.clients.admit(ip, local, Instant::now()).map_err(|r| self.refuse_client(r))?;
+        // Twice client_timeout: a host that dies frees its clients' slots
+        // within that (renewed every client_timeout while the session lives).
+        let lease_ttl = self.params.client_timeout.saturating_mul(2).max(Duration::from_secs(1));
+        let network = slot.network();
+        // Boxed: only sessions with Redis pay for its call's state.
+        let admission = shared.admit_connection(network, limits.max_connections, limits.connection_rate, lease_ttl);
+        match Box::pin(admission).await {
+            Shared::Allowed(lease) => self.lease = Some(lease),
+            Shared::Refused(SharedRefusal::TooManyConnections) => {
+                return Err(self.refuse_client(Refusal::TooManyConnections))
             }
-            Err(Refusal::TooManyConnections) => "too many connections from your address",
-            Err(Refusal::ConnectionRate) => "too many connections from your address in a short time, try again later",
+            Shared::Refused(SharedRefusal::Rate) => return Err(self.refuse_client(Refusal::ConnectionRate)),
+            Shared::Unavailable if shared.fail_closed() => {
+                let remote = self.remote;
+                self.log(LOG_WARNING, || format!("{remote}: refused, Redis unavailable (redis_fail_closed)"));
+                return Err(self.close(REDIS_UNAVAILABLE));
+            }
+            Shared::Unavailable => {
+                let rate_allows = limits.connection_rate.is_none_or(|rate| slot.admit_connection(rate, Instant::now()));
+                if !rate_allows {
+                    return Err(self.refuse_client(Refusal::ConnectionRate));
+                }
+            }
+        }
+        self.client = Some(slot);
+        Ok(())
+    }
+
+    /// Close with the `421 4.7.0` of a per-client limit.
+    fn refuse_client(&mut self, refusal: Refusal) -> Stop {
+        let refusal = match refusal {
+            Refusal::TooManyConnections => "too many connections from your address",
+            Refusal::ConnectionRate => "too many connections from your address in a short time, try again later",
         };
         metrics::count(&self.context.metrics.client_limit_refusals);
         let remote = self.remote;
         self.log(LOG_INFO, || format!("{remote}: refused, {refusal}"));
-        Err(self.close(Reply::new(421, "4.7.0", refusal)))
+        self.close(Reply::new(421, "4.7.0", refusal))
     }
 
     /// A client of a Unix socket listener, with no address given by a PROXY

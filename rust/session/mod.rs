@@ -39,6 +39,7 @@ use crate::params::{ListenerConfig, Params, Protocol};
 use crate::protocol::framing::LineFramer;
 use crate::protocol::parser::{is_http_request, parse_command, Command, ParseError};
 use crate::protocol::reply::Reply;
+use crate::shared_limits::{Lease, SharedLimits};
 use crate::sink::Sink;
 use crate::stream::{Stream, Transport};
 use crate::tls::TlsCache;
@@ -68,6 +69,8 @@ pub struct SessionContext {
     pub tls: Arc<TlsCache>,
     /// Per-client-address counts, shared by the listeners of a server.
     pub clients: Arc<ClientTable>,
+    /// The per-client limits shared through Redis (`--redis`), if any.
+    pub shared_limits: Option<Arc<SharedLimits>>,
     /// This listener's counters.
     pub metrics: Arc<ListenerMetrics>,
     /// The pools of upstream connections, shared by the listeners of a server.
@@ -145,6 +148,8 @@ pub struct Session<S> {
     authenticated: Option<String>,
     /// This session's place in its client address's count.
     client: Option<ClientSlot>,
+    /// Its place among its client's connections in Redis, when shared.
+    lease: Option<Lease>,
     /// Boxed: an idle session does not carry a transaction's 700 bytes.
     transaction: Option<Box<Transaction>>,
     /// Replies waiting for `smtp_server_rewrite_response` (with their
@@ -190,6 +195,7 @@ impl<S: Transport> Session<S> {
             esmtp: false,
             authenticated: None,
             client: None,
+            lease: None,
             transaction: None,
             rewrites: Vec::new(),
             transactions_started: 0,

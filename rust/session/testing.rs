@@ -55,6 +55,7 @@ impl Harness {
             sink,
             tls: Arc::new(TlsCache::new(tls::CACHE_TTL, tls::CACHE_CAPACITY)),
             clients: ClientTable::new(CLIENT_TABLE_CAPACITY),
+            shared_limits: None,
             metrics,
             forwarder: Arc::default(),
             shutdown: Shutdown::new(shutdown.subscribe()),

@@ -18,6 +18,7 @@ use crate::params::ListenerDomain;
 use crate::protocol::framing::{DataFramer, DataLimits, DataVerdict, MESSAGE_TOO_BIG};
 use crate::protocol::parser::{self, MailParams, Mailbox, ReversePath};
 use crate::protocol::reply::Reply;
+use crate::shared_limits::Shared;
 use crate::stream::Transport;
 use bytes::{Buf, Bytes};
 use serde_json::json;
@@ -220,7 +221,7 @@ impl<S: Transport> Session<S> {
             self.send(&INSUFFICIENT_STORAGE);
             return Ok(());
         }
-        if !self.message_rate_allows() {
+        if !self.message_rate_allows().await {
             metrics::count(&self.context.metrics.client_limit_refusals);
             self.send(&Reply::new(452, "4.7.0", "too many messages from your address, try again later"));
             return Ok(());
@@ -291,12 +292,22 @@ impl<S: Transport> Session<S> {
     }
 
     /// `max_message_rate_per_client`, counted per client address across its
-    /// sessions (clients exempt from the per-client limits have no slot).
-    fn message_rate_allows(&self) -> bool {
-        match (self.params.max_message_rate_per_client, &self.client) {
-            (Some(rate), Some(slot)) => slot.admit_message(rate, std::time::Instant::now()),
-            _ => true,
+    /// sessions (clients exempt from the per-client limits have no slot):
+    /// across the cluster with Redis, else (or when it does not answer) in
+    /// this process.
+    async fn message_rate_allows(&self) -> bool {
+        let (Some(rate), Some(slot)) = (self.params.max_message_rate_per_client, &self.client) else {
+            return true;
+        };
+        if let Some(shared) = &self.context.shared_limits {
+            // Boxed: only sessions with Redis pay for its call's state.
+            match Box::pin(shared.admit_message(slot.network(), rate)).await {
+                Shared::Allowed(()) => return true,
+                Shared::Refused(_) => return false,
+                Shared::Unavailable => {}
+            }
         }
+        slot.admit_message(rate, std::time::Instant::now())
     }
 
     /// As in KumoMTA, an authenticated client may relay like a relay host.
