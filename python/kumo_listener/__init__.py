@@ -23,7 +23,15 @@ from ._core import (
 from .memoize import memoize
 from .policy import EVENTS, Policy, default_policy, on
 from .reject import Reject
-from .server import Listener, Server, configure, default_server, serve, start_esmtp_listener
+from .server import (
+    Listener,
+    Server,
+    configure,
+    configure_dns,
+    default_server,
+    serve,
+    start_esmtp_listener,
+)
 from .threads import inline
 
 __all__ = [
@@ -38,6 +46,7 @@ __all__ = [
     "Reject",
     "Server",
     "configure",
+    "configure_dns",
     "default_policy",
     "default_server",
     "inline",

@@ -317,7 +317,8 @@ async fn verify_message(resolver: &Resolver, bytes: &[u8], input: &MessageInput)
 
 fn dkim_props(mut result: AuthResult, signature: &mail_auth::dkim::Signature) -> AuthResult {
     result = result.prop("header.d", signature.d.clone());
-    if !signature.i.is_empty() {
+    // mail-auth fills an absent i= with its default, `@` and the domain.
+    if !signature.i.is_empty() && signature.i.strip_prefix('@') != Some(signature.d.as_str()) {
         result = result.prop("header.i", signature.i.clone());
     }
     result = result.prop("header.s", signature.s.clone());

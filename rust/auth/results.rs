@@ -2,6 +2,7 @@
 //! "props"}`) and as the `Authentication-Results:` header writes them
 //! (RFC 8601); the removal of incoming headers that claim to be ours.
 
+use crate::metrics::{AUTH_METHOD_NAMES, AUTH_RESULT_NAMES};
 use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
 
@@ -19,9 +20,6 @@ pub struct AuthResult {
     pub props: Vec<(&'static str, String)>,
 }
 
-/// The methods and results a metric counts (anything else is not made).
-pub const METHODS: [&str; 5] = ["spf", "dkim", "dmarc", "arc", "iprev"];
-pub const RESULTS: [&str; 8] = ["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror", "policy"];
 
 /// Longest reason written: what mail-auth says of an error, or a DNS error's text.
 const MAX_REASON: usize = 200;
@@ -51,8 +49,8 @@ impl AuthResult {
 
     /// `(method index, result index)` for the metric.
     pub fn metric_index(&self) -> Option<(usize, usize)> {
-        let method = METHODS.iter().position(|m| *m == self.method)?;
-        let result = RESULTS.iter().position(|r| *r == self.result)?;
+        let method = AUTH_METHOD_NAMES.iter().position(|m| *m == self.method)?;
+        let result = AUTH_RESULT_NAMES.iter().position(|r| *r == self.result)?;
         Some((method, result))
     }
 
