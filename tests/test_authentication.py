@@ -243,7 +243,7 @@ def test_dkim_results_for_each_kind_of_signature(zone, listen, received):
     assert by_selector["s5"]["result"] in ("fail", "permerror")
     reasons = [r["reason"] or "" for r in results_of(received[0], "dkim") if r["result"] == "neutral"]
     assert any("rsa-sha1" in reason for reason in reasons), reasons
-    assert any("length" in reason.lower() for reason in reasons), reasons
+    assert any("'l='" in reason for reason in reasons), reasons
 
 
 def test_a_tampered_body_is_not_a_pass(zone, listen, received):
