@@ -20,7 +20,6 @@ pub struct AuthResult {
     pub props: Vec<(&'static str, String)>,
 }
 
-
 /// Longest reason written: what mail-auth says of an error, or a DNS error's text.
 const MAX_REASON: usize = 200;
 

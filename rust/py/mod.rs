@@ -61,7 +61,9 @@ fn configure_dns(servers: Vec<String>, timeout: f64, attempts: usize, budget: f6
             server
                 .parse::<std::net::SocketAddr>()
                 .or_else(|_| server.parse::<std::net::IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
-                .map_err(|_| PyValueError::new_err(format!("DNS server {server:?}: expected HOST:PORT or an IP address")))
+                .map_err(|_| {
+                    PyValueError::new_err(format!("DNS server {server:?}: expected HOST:PORT or an IP address"))
+                })
         })
         .collect::<PyResult<Vec<_>>>()?;
     if attempts == 0 {
