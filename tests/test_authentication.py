@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dns_zone import SERVFAIL, TIMEOUT, ZoneServer
-from support import wait_until
+from support import run_kumo, wait_until
 
 HOSTNAME = "mx.test.example"
 
@@ -382,3 +382,39 @@ def test_configure_dns_checks_its_arguments():
         kumo.configure_dns(["not an address"])
     with pytest.raises(ValueError, match="timeout"):
         kumo.configure_dns([], timeout=0)
+
+
+def test_serve_dns_server_points_the_checks_at_the_given_resolver(zone, test_dns, serve, tmp_path):
+    spf_zone(zone)
+    policy = tmp_path / "policy.py"
+    policy.write_text(
+        "import kumo_listener as kumo\n\n"
+        "@kumo.on('init')\n"
+        "def init():\n"
+        "    kumo.start_esmtp_listener(listen='127.0.0.1:0', hostname='mx.test.example',\n"
+        "        authentication={'spf': 'enforce'})\n"
+    )
+    served = serve(
+        "--policy",
+        str(policy),
+        "--sink",
+        "discard",
+        "--dns-server",
+        test_dns.address,
+        "--dns-timeout",
+        "0.5",
+        "--dns-attempts",
+        "1",
+    )
+    refused = send(served.address, message("x@forged.example"), sender="x@forged.example")
+    assert isinstance(refused, smtplib.SMTPSenderRefused)
+    assert (refused.smtp_code, refused.smtp_error[:6]) == (550, b"5.7.23")
+    assert send(served.address, message()) is None
+    assert ("forged.example", "TXT") in zone.queries
+    assert served.stop() == 0
+
+
+def test_serve_refuses_a_bad_dns_server(tmp_path):
+    result = run_kumo("serve", "--dns-server", "nowhere", cwd=tmp_path)
+    assert result.returncode == 2
+    assert 'DNS server "nowhere": expected HOST:PORT or an IP address' in result.stderr
