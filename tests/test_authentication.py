@@ -418,3 +418,61 @@ def test_serve_refuses_a_bad_dns_server(tmp_path):
     result = run_kumo("serve", "--dns-server", "nowhere", cwd=tmp_path)
     assert result.returncode == 2
     assert 'DNS server "nowhere": expected HOST:PORT or an IP address' in result.stderr
+
+
+def arc_sealed(keys: Keys, data: bytes, domain: str = "forwarder.example") -> bytes:
+    """``data`` as a forwarder passes it on: its results, then an ARC set sealed by dkimpy."""
+    with_results = (
+        f"Authentication-Results: {domain}; spf=pass smtp.mailfrom=alice@example.com\r\n".encode()
+        + data
+    )
+    headers = dkim.arc_sign(
+        with_results,
+        b"arc",
+        domain.encode(),
+        keys.private,
+        domain.encode(),
+        include_headers=[b"from", b"to", b"subject", b"date"],
+    )
+    return b"".join(headers) + with_results
+
+
+def test_arc_sets_sealed_by_dkimpy(zone, listen, received):
+    zone.txt("arc._domainkey.forwarder.example", RSA_2048.record)
+    address = listen(
+        listen="0.0.0.0:0",
+        authentication={"arc": "annotate"},
+        via={"127.0.0.2": {"authentication": {"arc": "enforce"}}},
+    )
+    sealed = arc_sealed(RSA_2048, message())
+    assert send(address, sealed) is None
+    wait_until(lambda: received)
+    (arc_result,) = results_of(received[0], "arc")
+    assert arc_result["result"] == "pass", arc_result
+    assert "arc=pass" in header_of(received[0]["data"])
+    # Changed after sealing: the chain fails, and enforce refuses with 5.7.29.
+    tampered = sealed.replace(b"Subject: test", b"Subject: changed")
+    received.clear()
+    assert send(address, tampered) is None
+    wait_until(lambda: received)
+    assert results_of(received[0], "arc")[0]["result"] == "fail"
+    refused = send(("127.0.0.2", address[1]), tampered)
+    assert isinstance(refused, smtplib.SMTPDataError)
+    assert (refused.smtp_code, refused.smtp_error[:6]) == (550, b"5.7.29")
+
+
+def test_iprev_is_recorded_and_never_refuses(zone, listen, received):
+    # hickory answers the reverse names of loopback itself (RFC 6761:
+    # `localhost.`), without asking our server: only what comes of that is
+    # checked here, not the DNS cases.
+    address = listen(
+        listen="0.0.0.0:0", relay_hosts=["127.0.0.0/8"], authentication={"iprev": "enforce"}
+    )
+    for source, word in (("127.0.0.1", "pass"), ("127.0.0.4", "fail")):
+        received.clear()
+        assert send(address, message(), source=source) is None
+        wait_until(lambda: received)
+        (iprev,) = results_of(received[0], "iprev")
+        assert (iprev["result"], iprev["props"]["policy.iprev"]) == (word, source), iprev
+        assert f"iprev={word}" in header_of(received[0]["data"])
+    assert not any(name.endswith("in-addr.arpa") for name, _ in zone.queries)
