@@ -8,7 +8,7 @@ import socketserver
 import threading
 from collections.abc import Iterable
 
-from dnslib import PTR, QTYPE, RCODE, RR, TXT, A, DNSError, DNSRecord
+from dnslib import PTR, QTYPE, RCODE, RR, SOA, TXT, A, DNSError, DNSRecord
 from dnslib.server import DNSHandler, DNSServer
 
 TIMEOUT = "timeout"
@@ -87,6 +87,11 @@ class Zone:
                 continue
             rdata = {"TXT": lambda v: TXT(txt_strings(v)), "A": A, "PTR": PTR}[kind](value)
             reply.add_answer(RR(question.qname, question.qtype, rdata=rdata, ttl=60))
+        if not reply.rr:
+            # As a real server answers: the SOA, whose minimum is how long the
+            # negative answer may be cached (RFC 2308).
+            soa = SOA("ns.test.", "hostmaster.test.", (1, 3600, 600, 86400, 60))
+            reply.add_auth(RR("test.", QTYPE.SOA, rdata=soa, ttl=60))
         return reply
 
 
