@@ -6,6 +6,7 @@ by smtplib."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import smtplib
 import time
 from collections.abc import Iterator
@@ -29,7 +30,9 @@ def test_dns() -> Iterator[ZoneServer]:
     kumo.configure_dns([server.address], timeout=0.5, attempts=1, budget=3.0)
     yield server
     server.stop()
-    kumo.configure_dns([])
+    # Back to the system's resolver (a machine without /etc/resolv.conf keeps ours).
+    with contextlib.suppress(ValueError):
+        kumo.configure_dns([])
 
 
 @pytest.fixture
