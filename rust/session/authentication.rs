@@ -49,10 +49,10 @@ impl<T: Clone> Pending<T> {
 /// while their inputs stay the same.
 #[derive(Default)]
 pub(super) struct AuthState {
-    /// The HELO name and its SPF.
-    helo: Option<(String, Pending<Spf>)>,
-    /// The HELO name and MAIL FROM address of the last MAIL FROM check.
-    mail_from: Option<(String, String, Pending<Spf>)>,
+    /// The client address (XCLIENT may change it), the HELO name and its SPF.
+    helo: Option<(IpAddr, String, Pending<Spf>)>,
+    /// The client address, HELO name and MAIL FROM address of the last MAIL FROM check.
+    mail_from: Option<(IpAddr, String, String, Pending<Spf>)>,
     /// The client address and its iprev.
     iprev: Option<(IpAddr, Pending<AuthResult>)>,
 }
@@ -104,9 +104,9 @@ impl<S: Transport> Session<S> {
         let ip = self.remote.ip();
         let hostname = self.params.hostname.clone();
         let state = self.auth_state();
-        if settings.spf.is_on() && state.helo.as_ref().is_none_or(|(name, _)| name != helo) {
+        if settings.spf.is_on() && state.helo.as_ref().is_none_or(|(at, name, _)| (*at, name.as_str()) != (ip, helo)) {
             let check = auth::checks::spf(ip, helo.to_owned(), hostname, Identity::Helo);
-            state.helo = Some((helo.to_owned(), Pending::Running(auth::engine::start(check))));
+            state.helo = Some((ip, helo.to_owned(), Pending::Running(auth::engine::start(check))));
         }
         if settings.iprev.is_on() && state.iprev.as_ref().is_none_or(|(checked, _)| *checked != ip) {
             state.iprev = Some((ip, Pending::Running(auth::engine::start(auth::checks::iprev(ip)))));
@@ -127,16 +127,16 @@ impl<S: Transport> Session<S> {
         let hostname = self.params.hostname.clone();
         if settings.spf.is_on() {
             let state = self.auth_state();
-            let cached = state.mail_from.as_ref().is_some_and(|(h, s, _)| *h == helo && s == sender);
+            let cached = state.mail_from.as_ref().is_some_and(|(at, h, s, _)| *at == ip && *h == helo && s == sender);
             if !cached {
                 let identity = Identity::MailFrom(sender.to_owned());
                 let check = auth::engine::start(auth::checks::spf(ip, helo.clone(), hostname, identity));
-                state.mail_from = Some((helo, sender.to_owned(), Pending::Running(check)));
+                state.mail_from = Some((ip, helo, sender.to_owned(), Pending::Running(check)));
             }
         }
         let mut refusal = None;
         if settings.spf.enforces() {
-            if let Some((_, _, pending)) = &mut self.auth_state().mail_from {
+            if let Some((_, _, _, pending)) = &mut self.auth_state().mail_from {
                 let spf = pending.get(spf_failed).await;
                 refusal = match spf.result.result {
                     "fail" => Some(SPF_FAIL),
@@ -156,11 +156,11 @@ impl<S: Transport> Session<S> {
             return Vec::new();
         };
         let mut known = Vec::new();
-        if let Some((_, _, pending)) = &mut state.mail_from {
+        if let Some((_, _, _, pending)) = &mut state.mail_from {
             let spf = if wait { Some(pending.get(spf_failed).await) } else { pending.if_done(spf_failed).await };
             known.extend(spf.map(|spf| spf.result));
         }
-        if let Some((_, pending)) = &mut state.helo {
+        if let Some((_, _, pending)) = &mut state.helo {
             let spf = if wait { Some(pending.get(spf_failed).await) } else { pending.if_done(spf_failed).await };
             known.extend(spf.map(|spf| spf.result));
         }
@@ -191,7 +191,7 @@ impl<S: Transport> Session<S> {
         let rewritten;
         if settings.checks_message() {
             let spf = match &mut self.auth_state().mail_from {
-                Some((_, checked, pending)) if *checked == sender => Some(pending.get(spf_failed).await.output),
+                Some((_, _, checked, pending)) if *checked == sender => Some(pending.get(spf_failed).await.output),
                 _ => None,
             };
             let input = MessageInput {
