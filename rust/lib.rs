@@ -17,6 +17,7 @@
 //! `py` is the binding, built with the `python` feature (maturin turns it
 //! on), so that unit tests, benches and fuzz targets need no libpython.
 
+pub mod auth;
 pub mod body;
 pub mod bridge;
 pub mod cidr;

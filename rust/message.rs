@@ -168,12 +168,14 @@ impl Grouping {
 /// as `grouping` says. Each part gets its own id and a copy of the
 /// transaction's metadata, and shares the transaction's `data`. Its `head`:
 /// the supplemental header, then `received` (when the `Received:` header is
-/// not already in `data`) naming the part's recipient when it has only one.
+/// not already in `data`) naming the part's recipient when it has only one,
+/// then `authentication_results` (the `Authentication-Results:` header).
 pub fn split(
     transaction: &Message,
     grouping: &Grouping,
     supplemental: Option<&Supplemental>,
     received: Option<&ReceivedHeader>,
+    authentication_results: Option<&str>,
 ) -> Vec<Arc<Message>> {
     let mut groups: Vec<Vec<Mailbox>> = vec![Vec::new(); grouping.parts()];
     for (recipient, &part) in transaction.recipients.iter().zip(grouping.part_of()) {
@@ -199,6 +201,7 @@ pub fn split(
                 };
                 head.push_str(&received.render(&id, only));
             }
+            head.push_str(authentication_results.unwrap_or_default());
             Arc::new(Message {
                 id,
                 sender: transaction.sender.clone(),
@@ -500,6 +503,7 @@ mod tests {
                 .unwrap(),
             None,
             None,
+            None,
         );
         assert_eq!(parts.len(), 1);
         let missing = Grouping::from_groups(&message.recipients, &groups(&[&["1@a.example", "2@b.example"]]));
@@ -514,7 +518,7 @@ mod tests {
         supplemental: Option<&Supplemental>,
         received: Option<&ReceivedHeader>,
     ) -> Vec<Arc<Message>> {
-        split(message, &Grouping::by(handling, &message.recipients), supplemental, received)
+        split(message, &Grouping::by(handling, &message.recipients), supplemental, received, None)
     }
 
     fn same_bytes(a: &Body, b: &Body) -> bool {

@@ -21,6 +21,9 @@ pub mod keys {
     pub const TLS_PEER_SUBJECT_NAME: &str = "tls_peer_subject_name";
     /// Unique per connection; the `session=` of its log lines.
     pub const SESSION_ID: &str = "session_id";
+    /// The `authentication` results: the connection's (SPF, iprev) on the
+    /// connection, all of them on a message.
+    pub const AUTHENTICATION_RESULTS: &str = "authentication_results";
     /// The upstream the connection's last transaction was forwarded to.
     pub const FORWARDED_TO: &str = "forwarded_to";
     /// On a copy kept in our sink: the upstream's refusal after the data.

@@ -86,7 +86,11 @@ macro_rules! metric_table {
 metric_table! {
     /// What happened on one listener.
     ListenerMetrics, LISTENER_METRICS, "listener",
-    extra { refusals: [AtomicU64; REFUSAL_CODES] = std::array::from_fn(|_| AtomicU64::new(0)) }
+    extra {
+        refusals: [AtomicU64; REFUSAL_CODES] = std::array::from_fn(|_| AtomicU64::new(0)),
+        authentication: [[AtomicU64; AUTH_RESULTS]; AUTH_METHODS] =
+            std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+    }
     rows {
     Counter connections: "kumo_listener_connections", "Connections accepted.";
     Gauge active: "kumo_listener_connections_active", "Sessions open now.";
@@ -113,6 +117,21 @@ pub const REJECTIONS: MetricInfo = MetricInfo {
     help: "Replies with a 4xx or 5xx code, by code.",
     labels: &["listener", "code"],
 };
+
+/// [`ListenerMetrics::authentication`], by listener, method and result.
+pub const AUTHENTICATION_RESULTS: MetricInfo = MetricInfo {
+    name: "kumo_listener_authentication_results",
+    kind: MetricKind::Counter,
+    help: "Results of the authentication parameter's checks, by method and result (one per DKIM signature).",
+    labels: &["listener", "method", "result"],
+};
+
+/// The methods and the results [`AUTHENTICATION_RESULTS`] counts.
+pub const AUTH_METHOD_NAMES: [&str; AUTH_METHODS] = ["spf", "dkim", "dmarc", "arc", "iprev"];
+pub const AUTH_RESULT_NAMES: [&str; AUTH_RESULTS] =
+    ["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror", "policy"];
+const AUTH_METHODS: usize = 5;
+const AUTH_RESULTS: usize = 8;
 
 /// What the rows of a [`metric_table!`] hold now.
 pub trait MetricValues {
@@ -175,6 +194,28 @@ impl ListenerMetrics {
         if let Some(counter) = code.checked_sub(FIRST_REFUSAL).and_then(|index| self.refusals.get(usize::from(index))) {
             count(counter);
         }
+    }
+
+    /// Count an authentication result, `(method, result)` indices into
+    /// [`AUTH_METHOD_NAMES`] and [`AUTH_RESULT_NAMES`].
+    pub fn count_authentication(&self, index: Option<(usize, usize)>) {
+        if let Some(counter) = index.and_then(|(method, result)| self.authentication.get(method)?.get(result)) {
+            count(counter);
+        }
+    }
+
+    /// `(method, result, count)` for every result counted at least once.
+    pub fn authentication_results(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut all = Vec::new();
+        for (method, counters) in AUTH_METHOD_NAMES.iter().zip(&self.authentication) {
+            for (result, counter) in AUTH_RESULT_NAMES.iter().zip(counters) {
+                let value = counter.load(Ordering::Relaxed);
+                if value > 0 {
+                    all.push((*method, *result, value));
+                }
+            }
+        }
+        all
     }
 
     /// `(code, count)` for every code refused at least once.

@@ -7,7 +7,12 @@ import textwrap
 from pathlib import Path
 
 from kumo_listener import _core
-from kumo_listener.types import ForwardOptions, ListenerParameters, OverrideParameters
+from kumo_listener.types import (
+    Authentication,
+    ForwardOptions,
+    ListenerParameters,
+    OverrideParameters,
+)
 from mypy import api as mypy_api
 
 
@@ -18,6 +23,7 @@ def test_the_typed_dicts_have_every_parameter_of_the_core_in_its_place():
     assert set(ListenerParameters.__annotations__) | anywhere == set(scopes)
     assert set(ListenerParameters.__optional_keys__) == set(scopes)
     assert set(ForwardOptions.__annotations__) == set(_core.FORWARD_OPTIONS)
+    assert set(Authentication.__annotations__) == set(_core.AUTHENTICATION_FIELDS)
 
 
 POLICY = """

@@ -24,7 +24,15 @@ from .memoize import invalidate_all as invalidate_memoized
 from .memoize import memoize
 from .policy import EVENTS, Policy, default_policy, on
 from .reject import Reject
-from .server import Listener, Server, configure, default_server, serve, start_esmtp_listener
+from .server import (
+    Listener,
+    Server,
+    configure,
+    configure_dns,
+    default_server,
+    serve,
+    start_esmtp_listener,
+)
 from .threads import inline
 
 __all__ = [
@@ -39,6 +47,7 @@ __all__ = [
     "Reject",
     "Server",
     "configure",
+    "configure_dns",
     "default_policy",
     "default_server",
     "inline",

@@ -5,7 +5,9 @@ from typing import Any, BinaryIO, final
 # PyO3 sets the module's __all__ to everything it adds; stubtest checks this
 # list against it.
 __all__ = [
+    "AUTHENTICATION_FIELDS",
     "DEFAULT_BUSY_AT",
+    "DEFAULT_DNS",
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_CONNECTIONS",
     "EVENTS",
@@ -20,6 +22,7 @@ __all__ = [
     "Message",
     "ParamsError",
     "check_event",
+    "configure_dns",
     "duration_seconds",
     "validate_overrides",
 ]
@@ -40,6 +43,10 @@ METRICS: list[tuple[str, str, str, list[str]]]
 PARAMETERS: list[tuple[str, str]]
 #: The fields of the ``forward_options`` table.
 FORWARD_OPTIONS: list[str]
+#: The fields of the ``authentication`` table.
+AUTHENTICATION_FIELDS: list[str]
+#: ``(timeout, attempts, budget)`` of the resolver when none are given.
+DEFAULT_DNS: tuple[float, int, float]
 
 class ParamsError(ValueError):
     """Invalid listener parameters; the message lists every error with its key path."""
@@ -70,6 +77,10 @@ class Message:
     def recipients(self) -> list[EnvelopeAddress]: ...
     @property
     def data(self) -> bytes: ...
+    @property
+    def authentication_results(self) -> list[dict[str, Any]]:
+        """The ``authentication`` parameter's results, each
+        ``{"method", "result", "reason", "props"}``."""
     def open(self) -> BinaryIO: ...
     def get_meta(self, name: str) -> Any: ...
     def set_meta(self, name: str, value: Any) -> None: ...
@@ -126,3 +137,6 @@ def validate_overrides(value: Any) -> list[str]: ...
 def duration_seconds(value: float | str) -> float: ...
 def check_event(name: str) -> None:
     """Raise ``ValueError`` unless ``name`` is an event, suggesting the closest."""
+
+def configure_dns(servers: list[str], timeout: float, attempts: int, budget: float) -> None:
+    """Point the process's resolver at ``servers`` (none: the system's)."""

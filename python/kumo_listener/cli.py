@@ -18,7 +18,7 @@ from typing import Any
 
 from . import _core, privileges
 from .logs import JsonFormatter
-from .server import Server, configure, default_server
+from .server import Server, configure, configure_dns, default_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +101,26 @@ def _parser() -> argparse.ArgumentParser:
         help="when --redis does not answer, refuse new connections (421 4.3.0) rather than"
         " count per process",
     )
+    serve.add_argument(
+        "--dns-server",
+        metavar="HOST:PORT",
+        action="append",
+        default=[],
+        help="a name server for the authentication checks (SPF, DKIM, DMARC, ARC, iprev),"
+        " instead of the system's; repeat for several",
+    )
+    serve.add_argument(
+        "--dns-timeout",
+        type=float,
+        default=_core.DEFAULT_DNS[0],
+        help=f"seconds a DNS query waits for a server (default {_core.DEFAULT_DNS[0]:g})",
+    )
+    serve.add_argument(
+        "--dns-attempts",
+        type=positive_int,
+        default=_core.DEFAULT_DNS[1],
+        help=f"times a DNS query is sent (default {_core.DEFAULT_DNS[1]})",
+    )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate a TOML or JSON overrides file")
     check.add_argument("file")
@@ -147,6 +167,11 @@ def serve(args: argparse.Namespace) -> int:
             print("kumo-listener: a Unix socket cannot be shared by --workers", file=sys.stderr)
             return 2
         return supervise_workers(args, become)
+    try:
+        configure_dns(args.dns_server, timeout=args.dns_timeout, attempts=args.dns_attempts)
+    except ValueError as error:
+        print(f"kumo-listener: {error}", file=sys.stderr)
+        return 2
     configure(
         sink=args.sink,
         maildir=args.maildir,
@@ -307,12 +332,15 @@ def worker_arguments(args: argparse.Namespace, index: int) -> list[str]:
         "--user": args.user,
         "--redis": args.redis,
         "--redis-timeout": args.redis_timeout and str(args.redis_timeout),
+        "--dns-timeout": str(args.dns_timeout),
+        "--dns-attempts": str(args.dns_attempts),
     }
     options = [part for name, value in given.items() if value for part in (name, value)]
     if args.redis_fail_closed:
         options.append("--redis-fail-closed")
     forwards = [part for url in args.forward_to for part in ("--forward-to", url)]
-    return ["serve", *options, *forwards, "--reuse-port"]
+    dns = [part for server in args.dns_server for part in ("--dns-server", server)]
+    return ["serve", *options, *forwards, *dns, "--reuse-port"]
 
 
 def worker_metrics_address(address: str, index: int) -> str:

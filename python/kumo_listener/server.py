@@ -25,7 +25,7 @@ import signal
 import threading
 import traceback
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Unpack
@@ -527,6 +527,27 @@ def configure(
         _default_settings["maildir"] = maildir
     if reuse_port is not None:
         _default_settings["reuse_port"] = reuse_port
+
+
+def configure_dns(
+    servers: Sequence[str] = (),
+    *,
+    timeout: float = _core.DEFAULT_DNS[0],
+    attempts: int = _core.DEFAULT_DNS[1],
+    budget: float = _core.DEFAULT_DNS[2],
+) -> None:
+    """Set up the process's one resolver, which the ``authentication``
+    checks of every server use (docs/operations/authentication.md).
+
+    ``servers``: ``"HOST:PORT"`` or IP addresses (port 53) of the name
+    servers to ask, UDP then TCP; none: the system's (``/etc/resolv.conf``).
+    ``timeout``: seconds one query waits for one server; ``attempts``: how
+    many times a query is sent; ``budget``: seconds one check may take in
+    all (SPF at MAIL FROM, or the checks of a message), past which what is
+    left is ``temperror``. Takes effect for the checks started after it,
+    with an empty cache. Raises ``ValueError`` for a bad address or value.
+    """
+    _core.configure_dns(list(servers), timeout, attempts, budget)
 
 
 def default_server() -> Server:

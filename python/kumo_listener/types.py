@@ -51,6 +51,29 @@ class ForwardOptions(TypedDict, total=False):
     backoff: Duration
 
 
+#: What one authentication method does.
+AuthMode = Literal["off", "annotate", "enforce"]
+
+
+class Authentication(TypedDict, total=False):
+    """The methods checked at reception (docs/operations/authentication.md)."""
+
+    spf: AuthMode
+    dkim: AuthMode
+    dmarc: AuthMode
+    arc: AuthMode
+    iprev: AuthMode
+
+
+class AuthenticationResult(TypedDict):
+    """One result of ``message.authentication_results`` (KumoMTA's shape)."""
+
+    method: Literal["spf", "dkim", "dmarc", "arc", "iprev"]
+    result: str
+    reason: str | None
+    props: dict[str, str]
+
+
 class OverrideParameters(TypedDict, total=False):
     """Parameters allowed anywhere: at the top level, in ``peer`` and ``via``
     blocks, and in what ``smtp_server_get_dynamic_parameters`` returns."""
@@ -86,6 +109,7 @@ class OverrideParameters(TypedDict, total=False):
     client_ipv6_prefix_length: int
     max_spilled_bytes_per_client: Size
     max_data_duration: Duration
+    authentication: Authentication
 
 
 class ListenerParameters(OverrideParameters, total=False):

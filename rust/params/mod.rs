@@ -12,6 +12,7 @@
 
 #[macro_use]
 mod macros;
+mod authentication;
 mod forward;
 mod parse;
 
@@ -19,6 +20,8 @@ use crate::cidr::{parse_cidr, CidrMap, CidrSet};
 use crate::client_limits::{Rate, DEFAULT_IPV6_PREFIX_LENGTH};
 use crate::forward::upstream::Upstream;
 use crate::protocol::framing::LineEndings;
+use authentication::{authentication, AuthenticationLayer};
+pub use authentication::{AuthMode, Authentication};
 pub use forward::ForwardOptions;
 use forward::{forward_options, ForwardOptionsLayer};
 use parse::{
@@ -96,6 +99,8 @@ listener_params! {
         max_spilled_bytes_per_client: usize = 100 * 1024 * 1024, value size, set;
         /// The longest one message's bytes may take to arrive (DATA, or BDAT from the first chunk).
         max_data_duration: Duration = Duration::from_secs(600), value parse_duration, set;
+        /// SPF, DKIM, DMARC, ARC and iprev at reception, each off, annotate or enforce.
+        authentication: Authentication = Authentication::default(), tree authentication, fields(AuthenticationLayer);
     }
 }
 
@@ -497,6 +502,32 @@ mod tests {
     }
 
     #[test]
+    fn authentication_merges_field_by_field_and_names_bad_values() {
+        let base = json!({"authentication": {"spf": "annotate", "dkim": "annotate"},
+            "via": {"127.0.0.2": {"authentication": {"spf": "enforce", "dmarc": "enforce"}}}});
+        let auth = effective(&[&base], "10.0.0.1", "127.0.0.2").authentication;
+        assert_eq!(
+            (auth.spf, auth.dkim, auth.dmarc, auth.arc),
+            (AuthMode::Enforce, AuthMode::Annotate, AuthMode::Enforce, AuthMode::Off)
+        );
+        let auth = effective(&[&base], "10.0.0.1", "127.0.0.3").authentication;
+        assert_eq!((auth.spf, auth.dmarc), (AuthMode::Annotate, AuthMode::Off));
+        assert!(auth.any() && auth.checks_message());
+        assert!(!Params::default().authentication.any());
+        let errors = errors_of(parse_overrides(
+            &json!({"authentication": {"spf": "strict", "dkm": "off"}, "via": {"::1": {"authentication": 1}}}),
+            "",
+        ));
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors[0].starts_with("authentication.spf: expected one of \"off\", \"annotate\", \"enforce\""),
+            "{errors:?}"
+        );
+        assert!(errors[1].starts_with("authentication.dkm: unknown parameter; did you mean dkim?"), "{errors:?}");
+        assert!(errors[2].starts_with("via.'::1'.authentication: expected a table"), "{errors:?}");
+    }
+
+    #[test]
     fn forward_to_errors_name_each_entry() {
         let errors = errors_of(parse_overrides(
             &json!({"forward_to": ["smtp://ok.example", "mx.example", 5], "forward_options": {"tls": "maybe", "pool_sise": 1}}),
@@ -539,6 +570,7 @@ mod tests {
             "forward_options": {"tls": "verify", "tls_ca": "ca.pem", "connect_timeout": 1, "pool_size": 4},
             "max_auth_failures_per_client": "5/hour", "client_ipv6_prefix_length": 64,
             "max_spilled_bytes_per_client": "50 MiB", "max_data_duration": "5 minutes",
+            "authentication": {"spf": "enforce", "dkim": "annotate"},
         });
         let mut keys: Vec<&str> = valid.as_object().unwrap().keys().map(String::as_str).collect();
         let mut known = ANYWHERE.to_vec();

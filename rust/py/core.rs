@@ -10,7 +10,7 @@ use crate::forward::pool::{FORWARD_SECONDS, UPSTREAM_METRICS};
 use crate::log::{self, LogFormat, LogRecord};
 use crate::message::Message;
 use crate::meta::MetaStore;
-use crate::metrics::{MetricInfo, MetricValues, LISTENER_METRICS, REJECTIONS};
+use crate::metrics::{MetricInfo, MetricValues, AUTHENTICATION_RESULTS, LISTENER_METRICS, REJECTIONS};
 use crate::params::{parse_listener_config, parse_listener_domain, parse_overrides, ParamErrors};
 use crate::policy_latency::POLICY_CALL_SECONDS;
 use crate::protocol::parser::Mailbox;
@@ -216,6 +216,12 @@ impl PyCore {
             rejections.extend(metrics.refusals().into_iter().map(|(code, count)| ((&**name, code.to_string()), count)));
         }
         all.set_item(REJECTIONS.name, rejections)?;
+        let mut authentication = Vec::new();
+        for (name, metrics) in &listeners {
+            let results = metrics.authentication_results().into_iter();
+            authentication.extend(results.map(|(method, result, count)| ((&**name, method, result), count)));
+        }
+        all.set_item(AUTHENTICATION_RESULTS.name, authentication)?;
         let latency: Vec<((&str,), Histogram)> = self
             .state
             .bridge

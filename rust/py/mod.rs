@@ -7,7 +7,7 @@ mod objects;
 
 use crate::events;
 use crate::forward::pool::{FORWARD_SECONDS, UPSTREAM_METRICS};
-use crate::metrics::{MetricInfo, LISTENER_METRICS, REJECTIONS};
+use crate::metrics::{MetricInfo, AUTHENTICATION_RESULTS, LISTENER_METRICS, REJECTIONS};
 use crate::params::{parse_duration, parse_overrides_partially, ANYWHERE, DEFAULT_LISTEN, TOP_LEVEL_ONLY};
 use crate::policy_latency::POLICY_CALL_SECONDS;
 use crate::shared_limits::REDIS_METRICS;
@@ -20,7 +20,7 @@ use pyo3::types::PyFrozenSet;
 fn metrics_table() -> Vec<(&'static str, &'static str, &'static str, Vec<&'static str>)> {
     let all: Vec<&MetricInfo> = LISTENER_METRICS
         .iter()
-        .chain([&REJECTIONS, &POLICY_CALL_SECONDS])
+        .chain([&REJECTIONS, &AUTHENTICATION_RESULTS, &POLICY_CALL_SECONDS])
         .chain(UPSTREAM_METRICS)
         .chain([&FORWARD_SECONDS])
         .chain(REDIS_METRICS)
@@ -43,6 +43,41 @@ fn validate_overrides(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
 fn duration_seconds(value: &Bound<'_, PyAny>) -> PyResult<f64> {
     let value = convert::to_json(value, "")?;
     parse_duration(&value).map(|d| d.as_secs_f64()).map_err(PyValueError::new_err)
+}
+
+/// Point the process's resolver (the `authentication` checks') at
+/// `servers` (`"HOST:PORT"` or an IP, port 53; none: the system's), with a
+/// per-query `timeout` and `attempts`, and a `budget` per check, in seconds.
+#[pyfunction]
+#[pyo3(signature = (servers, timeout, attempts, budget))]
+fn configure_dns(servers: Vec<String>, timeout: f64, attempts: usize, budget: f64) -> PyResult<()> {
+    let seconds = |value: f64, name: &str| {
+        std::time::Duration::try_from_secs_f64(value)
+            .ok()
+            .filter(|duration| !duration.is_zero())
+            .ok_or_else(|| PyValueError::new_err(format!("{name}: expected a positive number of seconds, got {value}")))
+    };
+    let servers = servers
+        .iter()
+        .map(|server| {
+            server
+                .parse::<std::net::SocketAddr>()
+                .or_else(|_| server.parse::<std::net::IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
+                .map_err(|_| {
+                    PyValueError::new_err(format!("DNS server {server:?}: expected HOST:PORT or an IP address"))
+                })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    if attempts == 0 {
+        return Err(PyValueError::new_err("attempts: expected a positive integer"));
+    }
+    let config = crate::auth::DnsConfig {
+        servers,
+        timeout: seconds(timeout, "timeout")?,
+        attempts,
+        budget: seconds(budget, "budget")?,
+    };
+    crate::auth::configure(config).map_err(PyValueError::new_err)
 }
 
 /// Raise `ValueError` unless `name` is an event a handler may be registered
@@ -68,6 +103,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate_overrides, m)?)?;
     m.add_function(wrap_pyfunction!(duration_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(check_event, m)?)?;
+    m.add_function(wrap_pyfunction!(configure_dns, m)?)?;
+    m.add("AUTHENTICATION_FIELDS", crate::params::Authentication::FIELDS.to_vec())?;
+    let dns = crate::auth::DnsConfig::default();
+    m.add("DEFAULT_DNS", (dns.timeout.as_secs_f64(), dns.attempts, dns.budget.as_secs_f64()))?;
     m.add("EVENTS", PyFrozenSet::new(m.py(), events::names())?)?;
     m.add("DEFAULT_LISTEN", DEFAULT_LISTEN)?;
     m.add("DEFAULT_MAX_CONNECTIONS", crate::params::DEFAULT_MAX_CONNECTIONS)?;

@@ -163,6 +163,15 @@ impl PyMessage {
         get_meta(py, &self.message.meta, name)
     }
 
+    /// The `authentication` parameter's results (the metadata's
+    /// `authentication_results`): a list of `{"method", "result", "reason",
+    /// "props"}`; empty when nothing was checked.
+    #[getter]
+    fn authentication_results<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let results = self.message.meta.get(crate::meta::keys::AUTHENTICATION_RESULTS);
+        crate::py::convert::to_python(py, &results.unwrap_or_else(|| serde_json::Value::Array(Vec::new())))
+    }
+
     fn set_meta(&self, name: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
         set_meta(&self.message.meta, name, value)
     }

@@ -229,13 +229,21 @@ impl<S: Transport> Session<S> {
                 self.remote,
                 LogText(&replies)
             );
+            let authentication = super::transaction::authentication_summary(message);
+            if let Some(summary) = &authentication {
+                let _ = write!(text, " auth={summary}");
+            }
             self.log_entry(text, || {
                 let recipients: Vec<String> = wanted.iter().map(ToString::to_string).collect();
-                json!({
+                let mut record = json!({
                     "event": "forwarded", "id": message.id, "sender": message.sender.to_string(),
                     "recipients": recipients, "size": message.len(), "client": self.remote.to_string(),
                     "via": self.local.to_string(), "upstream": upstream, "replies": summaries,
-                })
+                });
+                if let Some(summary) = authentication {
+                    record["authentication"] = summary.into();
+                }
+                record
             })
         });
     }

@@ -12,6 +12,7 @@
 //! `chunking` (BDAT), `starttls`, `auth` and `xclient`.
 
 mod auth;
+mod authentication;
 mod chunking;
 mod connect;
 mod forward;
@@ -161,6 +162,8 @@ pub struct Session<S> {
     tally: record::Tally,
     /// Why the session ends, once known (the first cause wins).
     ending: Option<Ending>,
+    /// The `authentication` checks of this connection, once one ran.
+    auth: Option<Box<authentication::AuthState>>,
 }
 
 /// Serve one accepted connection to the end.
@@ -202,6 +205,7 @@ impl<S: Transport> Session<S> {
             errors: 0,
             tally: record::Tally::new(),
             ending: None,
+            auth: None,
         };
         session.set_addresses(remote, local);
         session.meta.set(keys::HOSTNAME, session.params.hostname.clone());

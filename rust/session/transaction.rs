@@ -175,6 +175,7 @@ impl<S: Transport> Session<S> {
             text.push('\n');
             text.push_str(extension);
         }
+        self.start_authentication_at_hello(&domain);
         self.helo = Some(domain);
         // RFC 2034: the EHLO reply lists extensions, not status codes.
         self.send(&Reply::bare(250, text));
@@ -224,6 +225,10 @@ impl<S: Transport> Session<S> {
         if !self.message_rate_allows().await {
             metrics::count(&self.context.metrics.client_limit_refusals);
             self.send(&Reply::new(452, "4.7.0", "too many messages from your address, try again later"));
+            return Ok(());
+        }
+        if let Some(refusal) = self.authenticate_mail_from(&sender.to_string()).await {
+            self.send(&refusal);
             return Ok(());
         }
         let make = |session: &Self| Event::MailFrom { sender: sender.clone(), meta: session.meta.clone() };
@@ -465,7 +470,8 @@ impl<S: Transport> Session<S> {
     pub(super) fn trace_placement(&self, transaction: &Transaction, id: &str) -> (String, Option<ReceivedHeader>) {
         let received = self.trace_header(transaction);
         match (received, transaction.recipients.as_slice()) {
-            (Some(received), [only]) => (received.render(id, Some(only)), None),
+            // `Authentication-Results:` goes below it: both go before the body.
+            (Some(received), [only]) if !self.params.authentication.any() => (received.render(id, Some(only)), None),
             (received, _) => (String::new(), received),
         }
     }
@@ -591,16 +597,28 @@ impl<S: Transport> Session<S> {
         &mut self,
         id: String,
         mut transaction: Transaction,
-        data: Body,
+        mut data: Body,
         received: Option<ReceivedHeader>,
     ) -> Step {
         let recipients = transaction.recipients.len();
+        let authentication = self.authenticate_message(&transaction, &data).await?;
+        if let Some(refusal) = authentication.as_ref().and_then(|done| done.refusal.clone()) {
+            return self.answer_message_alike(recipients, refusal);
+        }
+        if let Some(rewritten) = authentication.as_ref().and_then(|done| done.rewritten.clone()) {
+            data = Body::Memory(rewritten);
+        }
+        let auth_header = authentication.as_ref().map(|done| done.header.as_str());
         let relay = transaction.relay.take();
         let mail_params = std::mem::take(&mut transaction.params);
-        let head = received.as_ref().map_or_else(Bytes::new, |received| Bytes::from(received.render(&id, None)));
-        let message = Message::with_head(id, transaction.sender, transaction.recipients, head, data);
+        let mut head = received.as_ref().map_or_else(String::new, |received| received.render(&id, None));
+        head.push_str(auth_header.unwrap_or_default());
+        let message = Message::with_head(id, transaction.sender, transaction.recipients, Bytes::from(head), data);
         // As in KumoMTA, a message starts with a copy of its connection's metadata.
         message.meta.copy_from(&self.meta);
+        if let Some(done) = &authentication {
+            message.meta.set(keys::AUTHENTICATION_RESULTS, crate::auth::results::to_json(&done.results));
+        }
         if mail_params.smtputf8 {
             message.meta.set(keys::RECEPTION_PROTOCOL, self.protocol_of(true));
         }
@@ -619,7 +637,7 @@ impl<S: Transport> Session<S> {
         let supplemental = trace
             .supplemental_header
             .then(|| Supplemental { header_name: &trace.header_name, include_meta_names: &trace.include_meta_names });
-        let parts = message::split(&message, &grouping, supplemental.as_ref(), received.as_ref());
+        let parts = message::split(&message, &grouping, supplemental.as_ref(), received.as_ref(), auth_header);
         let verdicts = self.judge_parts(&parts).await?;
         if let Some(relay) = relay {
             if let Some(Err(refusal)) = verdicts.iter().find(|verdict| verdict.is_err()).filter(|_| !self.lmtp()) {
@@ -720,13 +738,21 @@ impl<S: Transport> Session<S> {
         if let Some(version) = &tls {
             let _ = write!(text, " tls={version}");
         }
+        let authentication = authentication_summary(message);
+        if let Some(summary) = &authentication {
+            let _ = write!(text, " auth={summary}");
+        }
         self.log_entry(text, || {
             let recipients: Vec<String> = message.recipients.iter().map(ToString::to_string).collect();
-            json!({
+            let mut record = json!({
                 "event": "stored", "id": message.id, "sender": message.sender.to_string(), "recipients": recipients,
                 "size": bytes, "client": self.remote.to_string(), "via": self.local.to_string(),
                 "hostname": self.params.hostname, "tls_protocol_version": tls,
-            })
+            });
+            if let Some(summary) = authentication {
+                record["authentication"] = summary.into();
+            }
+            record
         })
     }
 
@@ -743,4 +769,11 @@ impl<S: Transport> Session<S> {
             protocol: &protocol,
         }))
     }
+}
+
+/// `spf:pass,dkim:pass,...` of a message's authentication results, for its
+/// log line; None when none were checked.
+pub(super) fn authentication_summary(message: &Message) -> Option<String> {
+    let results = message.meta.get(keys::AUTHENTICATION_RESULTS)?;
+    crate::auth::results::summary_of_json(&results)
 }

@@ -1,0 +1,12 @@
+//! Message authentication at reception: SPF, DKIM, DMARC, ARC and iprev
+//! with Stalwart's mail-auth (pinned to 0.13.3), on a runtime of their own
+//! with the process's one resolver; the results as policy sees them and as
+//! the `Authentication-Results:` header (RFC 8601) writes them.
+
+pub mod checks;
+pub mod engine;
+pub mod results;
+
+pub use checks::{Identity, MessageInput, MessageOutcome, Spf};
+pub use engine::{configure, DnsConfig};
+pub use results::AuthResult;
