@@ -310,3 +310,27 @@ def test_check_reports_forward_errors(tmp_path: Path):
     )
     assert result.returncode == 1
     assert "forward_to[0]" in result.stderr and "forward_options.pool_size" in result.stderr
+
+
+@pytest.mark.slow
+def test_routing_per_via_from_a_dynamic_result(policy, listen, sink_with):
+    first, second = sink_with(), sink_with()
+
+    @policy.on("smtp_server_get_dynamic_parameters")
+    def dynamic(listener, conn_meta):
+        return {
+            "forward_options": FAST,
+            "via": {
+                "127.0.0.2": {"forward_to": [first.url]},
+                "127.0.0.3": {"forward_to": [second.url]},
+            },
+        }
+
+    seen = []
+    policy.on(
+        "smtp_server_message_received", lambda m, meta: seen.append(meta.get_meta("forwarded_to"))
+    )
+    _, port = listen(listen="0.0.0.0:0")
+    for host in ("127.0.0.2", "127.0.0.3", "127.0.0.2"):
+        assert send_raw(host, port)[1] == 250
+    assert seen == [first.url, second.url, first.url]
