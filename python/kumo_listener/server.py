@@ -513,20 +513,16 @@ def configure(
     is first used."""
     if _default is not None:
         raise RuntimeError("the default server is already running; configure it before use")
-    if redis is not None:
-        _default_settings["redis"] = redis
-    if redis_timeout is not None:
-        _default_settings["redis_timeout"] = redis_timeout
-    if redis_fail_closed is not None:
-        _default_settings["redis_fail_closed"] = redis_fail_closed
-    if handler_threads is not None:
-        _default_settings["handler_threads"] = handler_threads
-    if sink is not None:
-        _default_settings["sink"] = sink
-    if maildir is not None:
-        _default_settings["maildir"] = maildir
-    if reuse_port is not None:
-        _default_settings["reuse_port"] = reuse_port
+    given = {
+        "sink": sink,
+        "maildir": maildir,
+        "reuse_port": reuse_port,
+        "handler_threads": handler_threads,
+        "redis": redis,
+        "redis_timeout": redis_timeout,
+        "redis_fail_closed": redis_fail_closed,
+    }
+    _default_settings.update((name, value) for name, value in given.items() if value is not None)
 
 
 def configure_dns(
