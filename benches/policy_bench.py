@@ -14,6 +14,11 @@ come from the environment:
   counter then counts messages handed on (``smtp_server_message_received``
   runs before the upstream is given the data: the upstream's own count is
   what says they arrived).
+- ``KUMO_BENCH_HOOKS``: how the hooks are written: ``inline`` (default:
+  memoized and ``@kumo.inline``, the fast path), ``def`` (the same as plain
+  ``def`` functions, as a user writes them first) or ``seed`` (plain ``def``,
+  the dynamic hook returning ``kumo.serde.toml_load(path)`` per connection,
+  exactly as the seed's documentation shows it).
 
 The dynamic hook gives each of two local addresses, 127.0.0.1 and 127.0.0.2, its
 own identity (hostname, banner, certificate), like the seed's ``via`` table.
@@ -22,8 +27,10 @@ own identity (hostname, banner, certificate), like the seed's ``via`` table.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
+import tempfile
 from typing import Any
 
 import kumo_listener as kumo
@@ -89,14 +96,41 @@ def load_via_table(listener: str) -> kumo.ListenerParams:
 cached_via_table = kumo.memoize(load_via_table, name="via_table", ttl="5 minutes", capacity=16)
 
 
-@kumo.on("smtp_server_get_dynamic_parameters")
-@kumo.inline  # a memoized lookup never blocks: no thread hop
-def dynamic_parameters(listener: str, conn_meta: kumo.ConnectionMeta) -> kumo.ListenerParams:
+def memoized_parameters(listener: str, conn_meta: kumo.ConnectionMeta) -> kumo.ListenerParams:
     return cached_via_table(listener)
 
 
-@kumo.on("smtp_server_message_received")
-@kumo.inline
-def message_received(message: kumo.Message, conn_meta: kumo.ConnectionMeta) -> None:
+def count_message(message: kumo.Message, conn_meta: kumo.ConnectionMeta) -> None:
     global received
     received += 1
+
+
+def write_via_table_file() -> str:
+    """The seed's ``listener_params.toml``: the ``via`` table as an operator writes it."""
+    lines = []
+    for address, params in VIA_TABLE["via"].items():
+        lines.append(f'[via."{address}"]')
+        lines += [f"{name} = {json.dumps(value)}" for name, value in params.items()]
+    path = os.path.join(tempfile.mkdtemp(prefix="kumo-bench-"), "listener_params.toml")
+    with open(path, "w", encoding="utf-8") as file:
+        file.write("\n".join(lines) + "\n")
+    return path
+
+
+HOOKS = os.environ.get("KUMO_BENCH_HOOKS", "inline")
+if HOOKS == "inline":
+    kumo.on("smtp_server_get_dynamic_parameters")(kumo.inline(memoized_parameters))
+    kumo.on("smtp_server_message_received")(kumo.inline(count_message))
+elif HOOKS == "def":
+    kumo.on("smtp_server_get_dynamic_parameters")(memoized_parameters)
+    kumo.on("smtp_server_message_received")(count_message)
+elif HOOKS == "seed":
+    LISTENER_PARAMS = write_via_table_file()
+
+    @kumo.on("smtp_server_get_dynamic_parameters")
+    def dynamic(listener: str, conn_meta: kumo.ConnectionMeta) -> dict[str, Any] | None:
+        return kumo.serde.toml_load(LISTENER_PARAMS)
+
+    kumo.on("smtp_server_message_received")(count_message)
+else:
+    raise SystemExit(f"KUMO_BENCH_HOOKS: {HOOKS!r} is not inline, def or seed")

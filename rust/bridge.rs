@@ -9,6 +9,7 @@
 //! reach Python's `logging`. What a call carries is in [`crate::events`].
 
 use crate::events::{Event, EventKind, Outcome};
+use crate::handler_threads::{HandlerThreads, Taken};
 use crate::log::{self, LogEntry, LogFormat, LogLevel, LogRecord, LogRecords, LOG_ERROR};
 use crate::policy_latency::PolicyLatency;
 use ipnet::IpNet;
@@ -20,6 +21,11 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::futures::Notified;
 use tokio::sync::{oneshot, Notify};
+
+thread_local! {
+    /// Whether this thread drives the runtime (see [`Bridge::finish`]).
+    static DRIVES_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// One queued policy call, completed exactly once by the Python side.
 #[derive(Debug)]
@@ -64,6 +70,10 @@ pub struct Bridge {
     wake_writer: UnixStream,
     wake_reader: UnixStream,
     registered: AtomicU32,
+    /// The events whose handlers run on the handler threads (plain `def`).
+    threaded: AtomicU32,
+    /// Where their calls wait; set once, by the Python side.
+    handler_threads: std::sync::OnceLock<HandlerThreads<IpNet, Call>>,
     log_level: LogLevel,
     /// Whether records need their fields: not when the core writes them as text.
     log_fields_wanted: AtomicBool,
@@ -106,6 +116,8 @@ impl Bridge {
             wake_writer,
             wake_reader,
             registered: AtomicU32::new(0),
+            threaded: AtomicU32::new(0),
+            handler_threads: std::sync::OnceLock::new(),
             log_level: LogLevel::default(),
             log_fields_wanted: AtomicBool::new(true),
             waiting: AtomicUsize::new(0),
@@ -156,13 +168,54 @@ impl Bridge {
         self.registered.load(Ordering::Acquire) & kind.bit() != 0
     }
 
+    /// Give the calls of `kinds` to the handler threads rather than to the
+    /// Python loop (once [`Bridge::start_handler_threads`] made them).
+    pub fn set_threaded(&self, kinds: impl IntoIterator<Item = EventKind>) {
+        let mask = kinds.into_iter().fold(0, |mask, kind| mask | kind.bit());
+        self.threaded.store(mask, Ordering::Release);
+    }
+
+    /// Make the queue of at most `size` handler threads; `false` if it exists.
+    pub fn start_handler_threads(&self, size: usize) -> bool {
+        self.handler_threads.set(HandlerThreads::new(size)).is_ok()
+    }
+
+    pub fn handler_threads(&self) -> Option<&HandlerThreads<IpNet, Call>> {
+        self.handler_threads.get()
+    }
+
+    /// Queue `call` for a handler thread (see [`crate::handler_threads`]);
+    /// given back when there are none.
+    pub fn run_on_handler_thread(&self, call: Call) -> Result<(), Call> {
+        match self.handler_threads.get() {
+            Some(threads) => {
+                threads.push(call.client, call);
+                Ok(())
+            }
+            None => Err(call),
+        }
+    }
+
+    /// Wait (blocking) for a call for a handler thread, having finished one
+    /// of `finished`'s, if any; `None` once the threads are closed.
+    pub fn take_for_handler_thread(&self, finished: Option<Option<IpNet>>) -> Option<Taken<IpNet, Call>> {
+        self.handler_threads.get()?.take(finished, Call::is_abandoned)
+    }
+
     /// Queue `event` for Python and wait up to `timeout` for its outcome.
     /// Dropping the future abandons the call (see [`Call::is_abandoned`]).
     pub async fn call(&self, event: Event, client: Option<IpNet>, timeout: Duration) -> Outcome {
         let kind = event.kind();
         let _waiting = Waiting::count(&self.waiting);
         let (reply, outcome) = oneshot::channel();
-        self.push(|queue| queue.calls.push(Call { event, client, reply }));
+        let call = Call { event, client, reply };
+        let call = match self.threaded.load(Ordering::Acquire) & kind.bit() {
+            0 => Err(call),
+            _ => self.run_on_handler_thread(call),
+        };
+        if let Err(call) = call {
+            self.push(|queue| queue.calls.push(call));
+        }
         let started = std::time::Instant::now();
         let answered = tokio::time::timeout(timeout, outcome).await;
         self.latency.observe(kind, started.elapsed());
@@ -219,18 +272,22 @@ impl Bridge {
         self.lock().logs.take_quiet(level)
     }
 
-    /// Complete a call. While Python drives the runtime, the outcome waits
-    /// for the next drive, which hands it over from inside the runtime:
-    /// there, waking the session costs no system call.
+    /// Complete a call. On the thread that drives the runtime, the outcome
+    /// waits for the next drive, which hands it over from inside the
+    /// runtime: there, waking the session costs no system call. From any
+    /// other thread (a handler thread's), it goes at once: the session's
+    /// wake-up wakes the runtime, and the driving thread need not.
     pub fn finish(&self, call: Call, outcome: Outcome) {
-        if self.wake_socket_watched.load(Ordering::Acquire) {
+        if self.wake_socket_watched.load(Ordering::Acquire) || !DRIVES_HERE.get() {
             call.finish(outcome);
         } else {
             self.lock().finished.push((call, outcome));
         }
     }
 
+    /// Called by the thread that drives the runtime, before it runs the sessions.
     pub fn hand_over_finished(&self) {
+        DRIVES_HERE.set(true);
         let finished = std::mem::take(&mut self.lock().finished);
         for (call, outcome) in finished {
             call.finish(outcome);

@@ -26,6 +26,7 @@ pub mod driver;
 pub mod escape;
 pub mod events;
 pub mod forward;
+pub mod handler_threads;
 pub mod log;
 pub mod message;
 pub mod meta;

@@ -16,8 +16,8 @@ drives it and calls arrive through a wake-up socket.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
+import itertools
 import logging
 import os
 import selectors
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Unpack
 from . import _core
 from .policy import Policy, default_policy
 from .reject import Reject
-from .threads import DEFAULT_HANDLER_THREADS, HandlerThreads, runs_on_loop
+from .threads import DEFAULT_HANDLER_THREADS, runs_on_loop
 
 if TYPE_CHECKING:
     from .metrics import Collector
@@ -122,7 +122,8 @@ class _Dispatcher:
         self._policy = policy
         self._loop = loop
         self._selector = selector
-        self._threads = HandlerThreads(handler_threads, loop)
+        self._handler_threads = handler_threads
+        self._thread_numbers = itertools.count(1)
         # Handler → whether it runs on the loop, found out once per handler.
         self._on_loop: dict[Callable[..., Any], bool] = {}
         self._wake_fd: int | None = None
@@ -134,6 +135,8 @@ class _Dispatcher:
         """Dispatch queued calls from now on; without ``run_handlers``, fail
         them without running any handler (a server that failed to start)."""
         self._run_handlers = run_handlers
+        self._core.start_handler_threads(self._handler_threads)
+        self._start_handler_thread()
         if self._selector is not None:
             self._selector.on_work = self._drain
         else:
@@ -150,7 +153,7 @@ class _Dispatcher:
         if self._tick is not None:
             self._tick.cancel()
         self._drain()
-        self._threads.close()
+        self._core.close_handler_threads()
 
     def _drain_periodically(self) -> None:
         self.log(self._core.refresh_log_level(logger.getEffectiveLevel()))
@@ -169,7 +172,14 @@ class _Dispatcher:
             # The fields reach a formatter as `record.kumo` (see `logs.JsonFormatter`).
             logger.log(level, "%s", message, extra=None if fields is None else {"kumo": fields})
 
+    def _runs_on_loop(self, handler: Callable[..., Any]) -> bool:
+        on_loop = self._on_loop.get(handler)
+        if on_loop is None:
+            on_loop = self._on_loop[handler] = runs_on_loop(handler)
+        return on_loop
+
     def _run(self, job: _core.Job) -> None:
+        """Run a job the loop took (the core gives the threads theirs directly)."""
         if not self._run_handlers:
             job.fail(f"{job.event}: the server failed to start")
             return
@@ -177,12 +187,9 @@ class _Dispatcher:
         if handler is None:
             job.complete(None)
             return
-        on_loop = self._on_loop.get(handler)
-        if on_loop is None:
-            on_loop = self._on_loop[handler] = runs_on_loop(handler)
-        if not on_loop:
-            done = functools.partial(self._ran, job)
-            self._threads.submit(handler, job.args, done, job.client, _abandoned(job))
+        if not self._runs_on_loop(handler):
+            # Made a `def` handler since the core was told (`Server._sync_handlers`).
+            self._core.run_on_handler_thread(job)
             return
         try:
             result = handler(*job.args)
@@ -191,8 +198,46 @@ class _Dispatcher:
             return
         self._finish(job, result)
 
+    def _start_handler_thread(self) -> None:
+        name = f"kumo-handler-{next(self._thread_numbers)}"
+        threading.Thread(target=self._serve_handler_calls, name=name, daemon=True).start()
+
+    def _serve_handler_calls(self) -> None:
+        """A handler thread's life: the calls the core gives it, until it closes.
+
+        Daemon threads: a handler that never returns must not keep the
+        process from exiting (its session got a 4xx at ``data_processing_timeout``).
+        """
+        job = None
+        while (taken := self._core.next_handler_job(job)) is not None:
+            job, start_another = taken
+            if start_another:
+                self._start_handler_thread()
+            self._run_on_thread(job)
+
+    def _run_on_thread(self, job: _core.Job) -> None:
+        handler = self._policy.handler(job.event) if self._run_handlers else None
+        if handler is not None and self._runs_on_loop(handler):
+            # Made inline or async since the core was told: its place is the loop.
+            try:
+                self._loop.call_soon_threadsafe(self._run, job)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                job.fail(f"{job.event}: the server stopped")
+            return
+        if handler is None:
+            self._run(job)  # nothing to run, or the server failed to start
+            return
+        try:
+            result = handler(*job.args)
+        except BaseException as error:  # reported like a task's exception
+            self._ran(job, error, None)
+        else:
+            self._ran(job, None, result)
+
     def _ran(self, job: _core.Job, error: BaseException | None, result: Any) -> None:
-        """A handler run on a thread has returned (or raised)."""
+        """A handler run on a thread has returned (or raised): its job is
+        finished from that thread (a job is thread-safe), without waking the
+        loop, unless the handler returned an awaitable."""
         if job.abandoned:
             logger.warning(
                 "%s handler for %s returned after its session stopped waiting",
@@ -201,8 +246,13 @@ class _Dispatcher:
             )
         if error is not None:
             self._fail(job, error)
+        elif result is not None and inspect.isawaitable(result):
+            try:
+                self._loop.call_soon_threadsafe(self._await, job, result)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                job.fail(f"{job.event}: the server stopped")
         else:
-            self._finish(job, result)
+            self._complete(job, result)
 
     def _finish(self, job: _core.Job, result: Any) -> None:
         # `None` first: most handlers return it, and isawaitable is slow to say no.
@@ -309,6 +359,8 @@ class Server:
             sink, maildir_path, reuse_port, busy_at, redis, timeout, redis_fail_closed
         )
         self._shutdown_grace = shutdown_grace
+        if handler_threads < 1:
+            raise ValueError(f"handler_threads must be at least 1, got {handler_threads}")
         self._handler_threads = handler_threads
         self._listeners: list[Listener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -356,7 +408,11 @@ class Server:
         return Collector(self._core.metrics)
 
     def _sync_handlers(self) -> None:
-        self._core.set_handlers(self.policy.events())
+        """Tell the core which events have handlers, and which of them run
+        on the handler threads (its queue gives those calls to them directly)."""
+        handlers = {event: self.policy.handler(event) for event in self.policy.events()}
+        threaded = [event for event, fn in handlers.items() if fn and not runs_on_loop(fn)]
+        self._core.set_handlers(list(handlers), threaded)
 
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         """An asyncio loop that runs this server's sessions while it waits, so

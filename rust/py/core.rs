@@ -104,20 +104,63 @@ impl PyCore {
         })
     }
 
-    /// Tell the core which events have handlers, so it skips the others.
-    /// `init` is accepted and ignored (Python runs it); any other name that
-    /// is not an event raises `ValueError`.
-    fn set_handlers(&self, events: Vec<String>) -> PyResult<()> {
-        let mut kinds = Vec::with_capacity(events.len());
-        for name in &events {
-            match EventKind::from_name(name) {
-                Some(kind) => kinds.push(kind),
-                None if name == events::INIT => {}
-                None => return Err(PyValueError::new_err(events::unknown(name))),
-            }
-        }
-        self.state.bridge.set_registered(kinds);
+    /// Tell the core which events have handlers, so it skips the others,
+    /// and which of them run on the handler threads (plain `def`). `init`
+    /// is accepted and ignored (Python runs it); any other name that is not
+    /// an event raises `ValueError`.
+    #[pyo3(signature = (events, threaded=Vec::new()))]
+    fn set_handlers(&self, events: Vec<String>, threaded: Vec<String>) -> PyResult<()> {
+        self.state.bridge.set_registered(event_kinds(&events)?);
+        self.state.bridge.set_threaded(event_kinds(&threaded)?);
         Ok(())
+    }
+
+    /// Make the queue of at most `size` handler threads, counting the one
+    /// the caller starts now; each then calls [`PyCore::next_handler_job`].
+    fn start_handler_threads(&self, size: usize) -> PyResult<()> {
+        if size < 1 {
+            return Err(PyValueError::new_err(format!("handler_threads must be at least 1, got {size}")));
+        }
+        if !self.state.bridge.start_handler_threads(size) {
+            return Err(PyRuntimeError::new_err("the handler threads are started already"));
+        }
+        self.state.bridge.handler_threads().expect("made above").thread_started();
+        Ok(())
+    }
+
+    /// For a handler thread: wait (GIL released) for the next call, having
+    /// finished `finished`. Returns the job and whether to start one more
+    /// thread first; `None` when the thread should end.
+    #[pyo3(signature = (finished=None))]
+    fn next_handler_job(&self, py: Python<'_>, finished: Option<&PyJob>) -> Option<(PyJob, bool)> {
+        let bridge = &self.state.bridge;
+        let finished = finished.map(|job| job.client);
+        let taken = py.detach(|| bridge.take_for_handler_thread(finished))?;
+        Some((PyJob::new(taken.item, bridge.clone()), taken.start_another))
+    }
+
+    /// Hand `job` (taken from the loop's queue) to the handler threads.
+    fn run_on_handler_thread(&self, job: &PyJob) -> PyResult<()> {
+        let call = job.take_call()?;
+        self.state.bridge.run_on_handler_thread(call).map_err(|call| {
+            let message = format!("{}: the handler threads are not started", call.event.kind().name());
+            call.finish(Outcome::Failed(message.clone()));
+            PyRuntimeError::new_err(message)
+        })
+    }
+
+    /// Let the handler threads end once the calls queued are done.
+    fn close_handler_threads(&self) {
+        if let Some(threads) = self.state.bridge.handler_threads() {
+            threads.close();
+        }
+    }
+
+    /// Calls dropped unrun because their sessions stopped waiting before a
+    /// handler thread was free.
+    #[getter]
+    fn handler_calls_dropped(&self) -> u64 {
+        self.state.bridge.handler_threads().map_or(0, |threads| threads.dropped())
     }
 
     /// Tell the core the `kumo_listener` logger's level (Python's numbering):
@@ -268,6 +311,19 @@ type Histogram = (Vec<(f64, u64)>, f64);
 /// A log record for Python: `(level, message, fields or None)`.
 type LogTuple<'py> = (u8, String, Option<Bound<'py, PyAny>>);
 
+/// The events named, `init` left out; `ValueError` for a name that is no event.
+fn event_kinds(names: &[String]) -> PyResult<Vec<EventKind>> {
+    let mut kinds = Vec::with_capacity(names.len());
+    for name in names {
+        match EventKind::from_name(name) {
+            Some(kind) => kinds.push(kind),
+            None if name == events::INIT => {}
+            None => return Err(PyValueError::new_err(events::unknown(name))),
+        }
+    }
+    Ok(kinds)
+}
+
 fn log_tuple(py: Python<'_>, record: LogRecord) -> PyResult<LogTuple<'_>> {
     let fields = record.fields.map(|fields| to_python(py, &Value::Object(fields))).transpose()?;
     Ok((record.level, record.message, fields))
@@ -288,10 +344,13 @@ impl PyJob {
     }
 
     fn finish(&self, outcome: Outcome) -> PyResult<()> {
-        let call = self.call.lock().map_err(|_| PyRuntimeError::new_err("job lock poisoned"))?.take();
-        let call = call.ok_or_else(|| PyRuntimeError::new_err("job already finished"))?;
-        self.bridge.finish(call, outcome);
+        self.bridge.finish(self.take_call()?, outcome);
         Ok(())
+    }
+
+    fn take_call(&self) -> PyResult<Call> {
+        let call = self.call.lock().map_err(|_| PyRuntimeError::new_err("job lock poisoned"))?.take();
+        call.ok_or_else(|| PyRuntimeError::new_err("job already finished"))
     }
 
     fn with_event<R>(&self, read: impl FnOnce(&Event) -> PyResult<R>) -> PyResult<R> {

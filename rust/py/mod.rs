@@ -111,6 +111,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_LISTEN", DEFAULT_LISTEN)?;
     m.add("DEFAULT_MAX_CONNECTIONS", crate::params::DEFAULT_MAX_CONNECTIONS)?;
     m.add("DEFAULT_BUSY_AT", crate::bridge::DEFAULT_BUSY_AT)?;
+    m.add("DEFAULT_HANDLER_THREADS", crate::handler_threads::DEFAULT_HANDLER_THREADS)?;
     m.add("METRICS", metrics_table())?;
     let scopes = TOP_LEVEL_ONLY.iter().map(|name| (*name, "top_level"));
     m.add("FORWARD_OPTIONS", crate::params::ForwardOptions::FIELDS.to_vec())?;
