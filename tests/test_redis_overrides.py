@@ -7,6 +7,7 @@ Redis once for many connections after an invalidation."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import socket
@@ -22,7 +23,7 @@ import kumo_listener as kumo
 import pytest
 from kumo_listener.redis_overrides import DEFAULT_CHANNEL, DEFAULT_KEY_PREFIX, RedisOverrides
 from peers import Redis
-from support import RawClient, free_port, logged, wait_until
+from support import RawClient, free_port, logged, run_kumo, wait_until
 
 NAME = "127.0.0.1:0"  # the listener's `listen`, the hook's key
 KEY = DEFAULT_KEY_PREFIX + NAME
@@ -140,6 +141,35 @@ def test_nested_values_and_the_publish_helper(redis: Redis, hosts):
     serves(host, "mx.set.example")
     with pytest.raises(kumo.ParamsError, match="hostname"):
         asyncio.run(operator.set(NAME, {"hostname": 7}))
+
+
+def test_the_command_line_sets_shows_and_deletes(redis: Redis, hosts, tmp_path: Path):
+    host = hosts(redis.url, ttl=LONG_TTL)
+    command = ("overrides", "--redis", redis.url)
+    assignments = [
+        "hostname=mx.cli.example",
+        'meta={"tier": "gold"}',
+        "max_recipients_per_message=5",
+    ]
+    result = run_kumo(*command, "set", NAME, *assignments, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    serves(host, "mx.cli.example")
+    shown = run_kumo(*command, "show", NAME, cwd=tmp_path)
+    expected = {
+        "hostname": "mx.cli.example",
+        "meta": {"tier": "gold"},
+        "max_recipients_per_message": 5,
+    }
+    assert json.loads(shown.stdout) == expected
+    refused = run_kumo(*command, "set", NAME, "hostname=7", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"kumo-listener: overrides set {NAME}: hostname: ")
+    assert run_kumo(*command, "delete", NAME, "hostname", cwd=tmp_path).returncode == 0
+    serves(host, BASE)
+    assert json.loads(run_kumo(*command, "show", NAME, cwd=tmp_path).stdout) == {
+        "meta": {"tier": "gold"},
+        "max_recipients_per_message": 5,
+    }
 
 
 def test_a_redis_outage_keeps_the_last_good_overrides(redis: Redis, hosts, caplog):

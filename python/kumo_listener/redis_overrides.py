@@ -56,16 +56,21 @@ def _redis_asyncio() -> Any:
     return redis.asyncio
 
 
+def _json_field(name: str, field: bytes | str, raw: bytes | str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        key = field.decode() if isinstance(field, bytes) else field
+        raise ValueError(f"overrides {name!r}: field {key!r} is not JSON: {error}") from None
+
+
 def _decode(name: str, fields: Mapping[bytes | str, bytes | str]) -> ListenerParams:
     """The hash's fields as validated overrides; ``ValueError`` says which
     field is not JSON, ``ParamsError`` which parameter is invalid."""
-    params: dict[str, Any] = {}
-    for field, raw in fields.items():
-        key = field.decode() if isinstance(field, bytes) else field
-        try:
-            params[key] = json.loads(raw)
-        except ValueError as error:
-            raise ValueError(f"overrides {name!r}: field {key!r} is not JSON: {error}") from None
+    params = {
+        (field.decode() if isinstance(field, bytes) else field): _json_field(name, field, raw)
+        for field, raw in fields.items()
+    }
     return ListenerParams(params)
 
 
@@ -127,6 +132,15 @@ class RedisOverrides:
         """Return once the subscriber listens on ``channel`` (starting it)."""
         self._start()
         await asyncio.wait_for(self._subscribed.wait(), timeout)
+
+    async def load(self, name: str) -> dict[str, Any]:
+        """The overrides of ``name`` as stored, read now (not memoized, not
+        validated); ``ValueError`` for a field that is not JSON."""
+        fields = await self._connection().hgetall(self.key_prefix + name)
+        return {
+            (key.decode() if isinstance(key, bytes) else key): _json_field(name, key, raw)
+            for key, raw in fields.items()
+        }
 
     async def set(self, name: str, params: Mapping[str, Any], *, replace: bool = False) -> None:
         """Validate ``params`` and store them as the overrides of ``name``
