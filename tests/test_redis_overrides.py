@@ -23,7 +23,7 @@ import kumo_listener as kumo
 import pytest
 from kumo_listener.redis_overrides import DEFAULT_CHANNEL, DEFAULT_KEY_PREFIX, RedisOverrides
 from peers import Redis
-from support import RawClient, free_port, logged, run_kumo, wait_until
+from support import RawClient, free_port, logged, require_tool, run_kumo, wait_until
 
 NAME = "127.0.0.1:0"  # the listener's `listen`, the hook's key
 KEY = DEFAULT_KEY_PREFIX + NAME
@@ -230,7 +230,8 @@ def test_many_connections_after_an_invalidation_read_redis_once(redis: Redis, ho
     redis.command("CONFIG", "RESETSTAT")
     # Redis busy for two seconds: the one read waits, the connections don't.
     sleeper = subprocess.Popen(
-        ["redis-cli", "-p", str(redis.port), "DEBUG", "SLEEP", "2"], stdout=subprocess.DEVNULL
+        [require_tool("redis-cli", "redis-tools"), "-p", str(redis.port), "DEBUG", "SLEEP", "2"],
+        stdout=subprocess.DEVNULL,
     )
     try:
         wait_until(lambda: sleeping(redis), within=5, what="Redis to sleep")
