@@ -19,6 +19,11 @@ come from the environment:
   ``def`` functions, as a user writes them first) or ``seed`` (plain ``def``,
   the dynamic hook returning ``kumo.serde.toml_load(path)`` per connection,
   exactly as the seed's documentation shows it).
+- ``KUMO_BENCH_CLIENT_LIMITS``: when set (to anything), the per-client limits
+  apply to loopback too (``max_connections_per_client``,
+  ``max_connection_rate_per_client``, ``max_message_rate_per_client``, high
+  enough never to refuse): ``relay_hosts`` is then empty, since its clients
+  are exempt, and ``get_listener_domain`` lets every recipient be relayed.
 
 The dynamic hook gives each of two local addresses, 127.0.0.1 and 127.0.0.2, its
 own identity (hostname, banner, certificate), like the seed's ``via`` table.
@@ -39,6 +44,7 @@ PORT = int(os.environ["KUMO_BENCH_PORT"])
 MAX_CONNECTIONS = int(os.environ.get("KUMO_BENCH_MAX_CONNECTIONS", "32768"))
 COUNT_FILE = os.environ.get("KUMO_BENCH_COUNT_FILE")
 FORWARD_TO = os.environ.get("KUMO_BENCH_FORWARD_TO")
+CLIENT_LIMITS = "KUMO_BENCH_CLIENT_LIMITS" in os.environ
 
 TLS_DIR = os.environ.get("KUMO_BENCH_TLS_DIR")
 DEFAULT_HOSTNAME = "bench.example"
@@ -75,16 +81,35 @@ signal.signal(signal.SIGUSR1, write_count)
 atexit.register(write_count)
 
 
+# Counted for every client (none in relay_hosts), never reached by the load.
+LIMITS: dict[str, Any] = {
+    "relay_hosts": [],
+    "max_connections_per_client": 100_000,
+    "max_connection_rate_per_client": "1000000/s",
+    "max_message_rate_per_client": "1000000/s",
+}
+
+
 @kumo.on("init")
 def init() -> None:
     forwarding: dict[str, Any] = {"forward_to": [FORWARD_TO]} if FORWARD_TO else {}
     kumo.start_esmtp_listener(
         listen=f"0.0.0.0:{PORT}",
-        relay_hosts=["127.0.0.0/8"],
         max_connections=MAX_CONNECTIONS,
         **identity(DEFAULT_HOSTNAME),
         **forwarding,
+        **(LIMITS if CLIENT_LIMITS else {"relay_hosts": ["127.0.0.0/8"]}),
     )
+
+
+if CLIENT_LIMITS:
+
+    @kumo.on("get_listener_domain")
+    @kumo.inline
+    def relay_everything(
+        domain: str, listener: str, conn_meta: kumo.ConnectionMeta
+    ) -> dict[str, bool]:
+        return {"relay_to": True}
 
 
 def load_via_table(listener: str) -> kumo.ListenerParams:

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from support import free_port, require_tool, wait_until
@@ -265,3 +265,66 @@ class Dovecot:
         deadline = time.monotonic() + 10
         while self.listening() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+# Nothing written to disk.
+REDIS_PRIVATE = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"]
+
+
+class Redis:
+    """A private ``redis-server`` on a free port (or `port`), restartable on
+    it, with these extra `options` (e.g. ``["--enable-debug-command", "local"]``)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        start: bool = True,
+        options: Sequence[str] = (),
+    ) -> None:
+        self.binary = require_tool("redis-server")
+        self.options = list(options)
+        self.port = port if port is not None else free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        if start:
+            self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                *REDIS_PRIVATE,
+                str(self.workdir),
+                *self.options,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, within=10, what="redis-server to answer")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                return probe.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def command(self, *args: str) -> str:
+        cli = require_tool("redis-cli", "redis-tools")
+        result = subprocess.run(
+            [cli, "-p", str(self.port), *args], capture_output=True, text=True, timeout=10
+        )
+        return result.stdout.strip()

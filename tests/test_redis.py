@@ -9,7 +9,6 @@ import re
 import signal
 import smtplib
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,57 +16,11 @@ from pathlib import Path
 import kumo_listener as kumo
 import pytest
 from kumo_listener.cli import _parser, worker_arguments
-from support import RawClient, Served, free_port, require_tool, run_kumo, wait_until
+from peers import Redis
+from support import RawClient, Served, free_port, run_kumo, wait_until
 
 TOO_MANY = (421, ["4.7.0 mx.test.example too many connections from your address"])
 OUTAGE = r"WARNING kumo_listener: redis: redis://127\.0\.0\.1:\d+/0 unavailable \(.*\): "
-
-
-# Nothing written to disk.
-PRIVATE = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"]
-
-
-class Redis:
-    """A private ``redis-server`` on a free port, restartable on it."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.binary = require_tool("redis-server")
-        self.port = free_port()
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), *PRIVATE, str(self.workdir)],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_until(self._answers, within=10, what="redis-server to answer")
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
-                probe.sendall(b"PING\r\n")
-                return probe.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
-
-    def command(self, *args: str) -> str:
-        cli = require_tool("redis-cli", "redis-tools")
-        result = subprocess.run(
-            [cli, "-p", str(self.port), *args], capture_output=True, text=True, timeout=10
-        )
-        return result.stdout.strip()
 
 
 @pytest.fixture

@@ -7,8 +7,15 @@
 #   no system mail service is set up; the harness runs its own instance.
 # - aiosmtpd (the Python server compared) and cryptography (its certificates).
 # - benches/starttls-load, the Rust STARTTLS load client (its own workspace).
+# - Debian's redis-server, for the shared per-client limits (the harness starts
+#   its own on loopback; the system's service may stay stopped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! dpkg -s redis-server >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
 
 if ! dpkg -s postfix >/dev/null 2>&1; then
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections

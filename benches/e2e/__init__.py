@@ -4,10 +4,10 @@ The package: ``__main__`` (the command line and the run), ``servers`` (kumo_list
 aiosmtpd, smtp-sink), ``postfix`` (the private Postfix), ``processes`` (a server's
 process tree), ``prerequisites`` (tools, certificates), ``conditions`` (what a run
 was measured on), one module per measurement (``throughput``, ``forwarding``,
-``starttls``, ``idle_memory``, ``durable``, ``body_memory``), and ``report``: the Markdown
-report made from the JSON document alone (``render_markdown``), which the docs'
-performance page renders from ``docs/performance/e2e.json``. Importing any of
-them starts nothing.
+``shared_limits``, ``starttls``, ``idle_memory``, ``durable``, ``body_memory``), and
+``report``: the Markdown report made from the JSON document alone
+(``render_markdown``), which the docs' performance page renders from
+``docs/performance/e2e.json``. Importing any of them starts nothing.
 
 Usage::
 

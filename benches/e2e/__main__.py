@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import body_memory, durable, forwarding, idle_memory, starttls, throughput
+from . import body_memory, durable, forwarding, idle_memory, shared_limits, starttls, throughput
 from .common import MEASUREMENTS, Settings
 from .conditions import conditions
 from .prerequisites import check_tools, make_certificates, raise_open_file_limit
@@ -22,6 +22,7 @@ from .report import failures, render_markdown
 MODULES = {
     "throughput": throughput,
     "forwarding": forwarding,
+    "shared_limits": shared_limits,
     "starttls": starttls,
     "idle_memory": idle_memory,
     "durable": durable,

@@ -52,16 +52,37 @@ KUMO_FORWARD_OBSERVED = ServerKind(
 )
 POSTFIX_PROXY = ServerKind("postfix_proxy", "Postfix (smtpd_proxy_filter)")
 AIOSMTPD_PROXY = ServerKind("aiosmtpd_proxy", "aiosmtpd (Proxy handler)")
+# The per-client limits on (for loopback too), counted per process or in Redis.
+KUMO_LIMITS_LOCAL = ServerKind(
+    "kumo_limits_local", "kumo_listener (per-client limits, per process)"
+)
+KUMO_LIMITS_REDIS = ServerKind("kumo_limits_redis", "kumo_listener (per-client limits, --redis)")
+KUMO_LIMITED = (KUMO_LIMITS_LOCAL, KUMO_LIMITS_REDIS)
 FORWARDERS = (KUMO_FORWARD, KUMO_FORWARD_OBSERVED, POSTFIX_PROXY, AIOSMTPD_PROXY)
 """The servers that need an upstream to start."""
-KUMO_SERVERS = (KUMO_DISCARD, KUMO_OBSERVED, KUMO_MAILDIR, KUMO_FORWARD, KUMO_FORWARD_OBSERVED)
+KUMO_SERVERS = (
+    KUMO_DISCARD,
+    KUMO_OBSERVED,
+    KUMO_MAILDIR,
+    KUMO_FORWARD,
+    KUMO_FORWARD_OBSERVED,
+    *KUMO_LIMITED,
+)
 COUNTED = (*KUMO_SERVERS, AIOSMTPD, AIOSMTPD_PROXY)
 """The servers that count the messages they receive (asked with SIGUSR1);
 aiosmtpd's Proxy handler counts those its upstream took."""
 PROBED = (SMTP_SINK, UPSTREAM_SINK, POSTFIX_QUEUE, POSTFIX_PROXY)
 """The servers that print no ``listening on`` line: ready when they greet."""
 
-MEASUREMENTS = ("throughput", "forwarding", "starttls", "idle_memory", "durable", "body_memory")
+MEASUREMENTS = (
+    "throughput",
+    "forwarding",
+    "shared_limits",
+    "starttls",
+    "idle_memory",
+    "durable",
+    "body_memory",
+)
 
 
 class BenchError(Exception):

@@ -36,6 +36,8 @@ def check_tools(settings: Settings) -> Tools:
     missing += [f"the command {name}" for name in commands if shutil.which(name) is None]
     modules = ["aiosmtpd", "cryptography"]
     missing += [f"the Python package {name}" for name in modules if not importable(name)]
+    if "shared_limits" not in settings.skip and shutil.which("redis-server") is None:
+        missing.append("redis-server (the Debian package; or skip it: --skip shared_limits)")
     starttls_load = None
     if "starttls" not in settings.skip:
         starttls_load = starttls_load_path()

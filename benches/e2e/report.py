@@ -27,6 +27,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         ("throughput", cpu_table),
         ("throughput", cpu_ratio_table),
         ("forwarding", forwarding_table),
+        ("shared_limits", shared_limits_table),
         ("idle_memory", idle_memory_table),
         ("durable", durable_table),
         ("body_memory", body_memory_table),
@@ -219,6 +220,51 @@ def forwarding_table(data: dict[str, Any]) -> list[str]:
     return [note, "", *table(header, rates), "", *table(cpu_header, cpu_rows)]
 
 
+def shared_limits_table(data: dict[str, Any]) -> list[str]:
+    """The per-client limits counted in Redis against per process: rates, CPU
+    per message and their ratios, then Redis's calls per connection and message."""
+    shapes = data["results"]["shared_limits"]
+    titles = server_titles(shapes)
+    header = [
+        "shared limits (msgs/s, median)",
+        *titles.values(),
+        "Redis/per process (target ≥ 0.9x)",
+    ]
+    rates = rate_rows(shapes, titles, "kumo_limits_redis", ("kumo_limits_local",))
+    cpu_header = ["shared limits: CPU µs per message (median), server / load generator"]
+    cpu_header += [*titles.values(), "server CPU, Redis/per process (target ≤ 1.15x)"]
+    cpu_rows = []
+    notes = []
+    for shape in shapes.values():
+        servers = shape["servers"]
+        top, bottom = (
+            cpu_of(servers.get("kumo_limits_redis")),
+            cpu_of(servers.get("kumo_limits_local")),
+        )
+        value = None if top is None or bottom is None else ratio(top[0], bottom[0])
+        cells = [cpu_cell(servers.get(key)) for key in titles]
+        cpu_rows.append([shape["title"], *cells, ratio_cell(value)])
+        notes.append(round_trips_line(shape.get("redis_round_trips") or {}))
+    note = (
+        "Shared limits: max_connections_per_client, max_connection_rate_per_client and "
+        "max_message_rate_per_client set (never reached; relay_hosts empty, since its clients "
+        "are exempt), counted per process or in a Redis on loopback (--redis). Server CPU: the "
+        "listener's process, not Redis's."
+    )
+    return [note, "", *table(header, rates), "", *table(cpu_header, cpu_rows), "", *notes]
+
+
+def round_trips_line(trips: Section) -> str:
+    if not trips or trips.get("error"):
+        return f"Redis round trips: not counted ({trips.get('error') or 'no data'})."
+    commands = ", ".join(name.upper() for name in trips["commands"])
+    return (
+        f"Redis round trips ({commands}, from INFO commandstats around a counted run of each "
+        f"shape): {trips['per_connection']:.2f} per connection, {trips['per_message']:.2f} "
+        "per message."
+    )
+
+
 def idle_memory_table(data: dict[str, Any]) -> list[str]:
     idle = data["conditions"]["settings"]["idle_connections"]
     header = ["server", "RSS before (MiB)", f"RSS, {idle} idle connections (MiB)"]
@@ -279,7 +325,12 @@ def body_memory_table(data: dict[str, Any]) -> list[str]:
 
 def measurements(results: dict[str, Any]) -> Iterator[tuple[str, Section]]:
     """Every measured item with a label naming it: (label, its JSON)."""
-    shaped = (("throughput", ""), ("forwarding", "forwarding, "), ("durable", "durable, "))
+    shaped = (
+        ("throughput", ""),
+        ("forwarding", "forwarding, "),
+        ("shared_limits", "shared limits, "),
+        ("durable", "durable, "),
+    )
     for name, prefix in shaped:
         for shape in results.get(name, {}).values():
             for item in shape["servers"].values():

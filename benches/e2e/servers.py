@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .common import (
@@ -23,6 +23,7 @@ from .common import (
     COUNTED,
     FORWARDERS,
     KUMO_FORWARD_OBSERVED,
+    KUMO_LIMITED,
     KUMO_MAILDIR,
     KUMO_OBSERVED,
     KUMO_SERVERS,
@@ -85,8 +86,10 @@ def running_server(
     settings: Settings,
     max_connections: int = 32768,
     upstream: RunningServer | None = None,
+    extra_arguments: Sequence[str] = (),
 ) -> Iterator[RunningServer]:
-    """Start the server of ``kind`` (a forwarding one: to ``upstream``), stop it after."""
+    """Start the server of ``kind`` (a forwarding one: to ``upstream``; with
+    ``extra_arguments`` on its command line), stop it after."""
     arguments = upstream_arguments(kind, upstream)
     if kind is POSTFIX_QUEUE:
         with running_postfix_queue() as server:
@@ -108,12 +111,15 @@ def running_server(
         "KUMO_BENCH_COUNT_FILE": str(count_file),
         "KUMO_BENCH_TLS_DIR": str(settings.tls_dir),
     }
-    forwarding = {}  # the policy's forward_to
+    policy_settings = {}  # shown in the log: the policy's forward_to and limits
     if upstream is not None and kind in KUMO_SERVERS:
-        forwarding["KUMO_BENCH_FORWARD_TO"] = f"smtp://{LOOPBACK}:{upstream.port}"
-    env.update(forwarding)
-    command = server_command(kind, tools, settings, port, count_file, maildir) + arguments
-    shown = [f"{name}={value}" for name, value in forwarding.items()] + command
+        policy_settings["KUMO_BENCH_FORWARD_TO"] = f"smtp://{LOOPBACK}:{upstream.port}"
+    if kind in KUMO_LIMITED:
+        policy_settings["KUMO_BENCH_CLIENT_LIMITS"] = "1"
+    env.update(policy_settings)
+    command = server_command(kind, tools, settings, port, count_file, maildir)
+    command += [*arguments, *extra_arguments]
+    shown = [f"{name}={value}" for name, value in policy_settings.items()] + command
     log(f"e2e: starting {kind.title}: {shlex.join(shown)}")
     stdout_path, stderr_path = workdir / "stdout", workdir / "stderr"
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:

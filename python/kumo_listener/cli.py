@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 
 from . import _core, privileges
 from .logs import JsonFormatter
+from .redis_overrides import DEFAULT_CHANNEL, DEFAULT_KEY_PREFIX, RedisOverrides
 from .server import Server, configure, configure_dns, default_server
 
 
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check":
         return check(Path(args.file))
+    if args.command == "overrides":
+        return overrides(args)
     return serve(args)
 
 
@@ -124,7 +128,31 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate a TOML or JSON overrides file")
     check.add_argument("file")
+    add_overrides_parser(commands)
     return parser
+
+
+def add_overrides_parser(commands: Any) -> None:
+    """``kumo-listener overrides``: the overrides kept in Redis (redis_overrides)."""
+    parser = commands.add_parser("overrides", help="show or change the overrides kept in Redis")
+    parser.add_argument("--redis", required=True, metavar="URL", help="redis://HOST:PORT[/DB]")
+    parser.add_argument("--key-prefix", default=DEFAULT_KEY_PREFIX, help="%(default)s")
+    parser.add_argument("--channel", default=DEFAULT_CHANNEL, help="%(default)s")
+    actions = parser.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="print the overrides of NAME as JSON")
+    show.add_argument("name")
+    change = actions.add_parser("set", help="validate, store and publish overrides of NAME")
+    change.add_argument("name")
+    change.add_argument(
+        "assignments",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="a parameter and its value: JSON, or else a string",
+    )
+    change.add_argument("--replace", action="store_true", help="drop the other parameters")
+    delete = actions.add_parser("delete", help="remove parameters (or all) of NAME, publish")
+    delete.add_argument("name")
+    delete.add_argument("fields", nargs="*", metavar="KEY")
 
 
 def positive_int(text: str) -> int:
@@ -385,6 +413,47 @@ def check(path: Path) -> int:
     if not errors:
         print(f"{path}: OK")
     return 1 if errors else 0
+
+
+def overrides(args: argparse.Namespace) -> int:
+    try:
+        store = RedisOverrides(args.redis, key_prefix=args.key_prefix, channel=args.channel)
+        given = args.assignments if args.action == "set" else []
+        params = dict(assignment(text) for text in given)
+        asyncio.run(overrides_action(store, args, params))
+    except ImportError as error:
+        print(f"kumo-listener: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        # Invalid parameters, a field that is not JSON, Redis unreachable.
+        print(f"kumo-listener: overrides {args.action} {args.name}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``: the value as JSON when it is JSON, else the string."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+async def overrides_action(
+    store: RedisOverrides, args: argparse.Namespace, params: dict[str, Any]
+) -> None:
+    try:
+        if args.action == "show":
+            print(json.dumps(await store.load(args.name), indent=2, sort_keys=True))
+        elif args.action == "set":
+            await store.set(args.name, params, replace=args.replace)
+        else:
+            await store.delete(args.name, *args.fields)
+    finally:
+        await store.aclose()
 
 
 if __name__ == "__main__":
