@@ -10,6 +10,7 @@ refusal at the greeting, and when each session opened and closed."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import random
 import smtplib
@@ -73,10 +74,8 @@ class Client:
 
     def run_thread(self, source: str) -> None:
         while not self.done():
-            try:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
                 self.session(source)
-            except (OSError, smtplib.SMTPException):
-                pass
             time.sleep(random.uniform(0.0, 0.05))
 
     def session(self, source: str) -> None:

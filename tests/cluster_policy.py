@@ -55,7 +55,7 @@ async def watch_overrides() -> None:
                     found = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if found is not None:
                         overrides.invalidate_all()
-        except Exception as error:  # noqa: BLE001 - any trouble: subscribe again
+        except Exception as error:  # any trouble: subscribe again
             logger.warning("overrides: %s: subscribing again", error)
             await asyncio.sleep(0.5)
         finally:

@@ -63,7 +63,9 @@ class Lab:
         connections come from); its name."""
         name = self.namespace(host)
         self._add_namespace(name)
-        self._run("-n", self.core, "link", "add", host, "type", "veth", "peer", "eth0", "netns", name)
+        self._run(
+            "-n", self.core, "link", "add", host, "type", "veth", "peer", "eth0", "netns", name
+        )
         self._run("-n", self.core, "link", "set", host, "master", "br0", "up")
         for address in addresses:
             self._run("-n", name, "addr", "add", f"{address}/{SUBNET_BITS}", "dev", "eth0")
