@@ -136,7 +136,11 @@ class Client:
                 self.retry.append(number)
 
     def progress(self) -> None:
-        Path(self.config["progress_file"]).write_text(str(len(self.accepted)))
+        """The count of messages acknowledged so far, replaced whole (never read half-written)."""
+        progress = Path(self.config["progress_file"])
+        partial = progress.with_suffix(".partial")
+        partial.write_text(str(len(self.accepted)))
+        partial.replace(progress)
 
     def result(self) -> dict[str, Any]:
         return {

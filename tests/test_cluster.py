@@ -292,42 +292,13 @@ def test_a_cluster_keeps_every_acknowledged_message_and_its_limits_under_faults(
     sampler = LeaseSampler(cluster.lab)
     cluster.samplers.append(sampler)
     timeline = Timeline()
-    accepted_by = lambda count: lambda: int(progress.read_text() or 0) >= count  # noqa: E731
-    wait_until(accepted_by(100), within=30, what="the client's first 100 messages")
-
-    # A host dies (SIGKILL) under load; HAProxy takes it out; it comes back.
-    killed = time.monotonic()
-    cluster.listeners["mx1"].process.send_signal(signal.SIGKILL)
-    cluster.listeners["mx1"].process.wait(timeout=10)
-    taken_out = cluster.wait_status("mx1", "DOWN", within=10)
-    cluster.start_listener("mx1")
-    cluster.wait_status("mx1", "UP", within=10)
-    timeline.mark("kill", killed, time.monotonic())
-
-    # A host is cut off for longer than a lease.
-    cut = time.monotonic()
-    cluster.lab.set_link("mx2", up=False)
-    cut_out = cluster.wait_status("mx2", "DOWN", within=10)
-    time.sleep(max(0.0, LEASE + 2 - (time.monotonic() - cut)))
-    cluster.lab.set_link("mx2", up=True)
-    cluster.wait_status("mx2", "UP", within=10)
-    timeline.mark("cut", cut, time.monotonic())
-
-    # Redis stops answering for several seconds; mail keeps flowing meanwhile.
-    assert cluster.redis is not None
-    before_outage = int(progress.read_text())
-    stopped = time.monotonic()
-    cluster.redis.send_signal(signal.SIGSTOP)
-    time.sleep(LEASE)
-    during_outage = int(progress.read_text()) - before_outage
-    cluster.redis.send_signal(signal.SIGCONT)
-    timeline.mark("redis", stopped, time.monotonic())
-
-    # An override changes in Redis: every live host serves it.
+    wait_acknowledged(progress, 100)
+    taken_out = kill_and_restart(cluster, "mx1", timeline)
+    cut_out = cut_off(cluster, "mx2", timeline)
+    during_outage = stop_redis(cluster, progress, timeline)
     delays = change_banner(cluster)
     through_haproxy = [cluster.banner_through_haproxy() for _ in range(6)]
-
-    wait_until(accepted_by(MESSAGES), within=60, what=f"the client's first {MESSAGES} messages")
+    wait_acknowledged(progress, MESSAGES)
     (tmp_path / "stop").touch()
     assert client.wait(timeout=60) == 0
     sampler.stop()
@@ -344,6 +315,59 @@ def test_a_cluster_keeps_every_acknowledged_message_and_its_limits_under_faults(
         assert OUTAGE in served.errors(), f"{host} did not see Redis stop"
     assert all(NEW_BANNER in greeting for greeting in through_haproxy), through_haproxy
     check_limit(sampler.samples, result, timeline)
+
+
+def acknowledged(progress: Path) -> int:
+    return int(progress.read_text())
+
+
+def wait_acknowledged(progress: Path, count: int) -> None:
+    wait_until(
+        lambda: acknowledged(progress) >= count,
+        within=60,
+        what=lambda: f"{count} messages acknowledged (now {acknowledged(progress)})",
+        interval=0.1,
+    )
+
+
+def kill_and_restart(cluster: Cluster, host: str, timeline: Timeline) -> float:
+    """SIGKILL `host` under load, and start it again once HAProxy has taken
+    it out: the seconds HAProxy took."""
+    killed = time.monotonic()
+    cluster.listeners[host].process.send_signal(signal.SIGKILL)
+    cluster.listeners[host].process.wait(timeout=10)
+    taken_out = cluster.wait_status(host, "DOWN", within=10)
+    cluster.start_listener(host)
+    cluster.wait_status(host, "UP", within=10)
+    timeline.mark("kill", killed, time.monotonic())
+    return taken_out
+
+
+def cut_off(cluster: Cluster, host: str, timeline: Timeline) -> float:
+    """`host`'s link down for longer than a lease, then up again: the seconds
+    HAProxy took to take it out."""
+    cut = time.monotonic()
+    cluster.lab.set_link(host, up=False)
+    taken_out = cluster.wait_status(host, "DOWN", within=10)
+    time.sleep(max(0.0, LEASE + 2 - (time.monotonic() - cut)))
+    cluster.lab.set_link(host, up=True)
+    cluster.wait_status(host, "UP", within=10)
+    timeline.mark("cut", cut, time.monotonic())
+    return taken_out
+
+
+def stop_redis(cluster: Cluster, progress: Path, timeline: Timeline) -> int:
+    """Redis stopped (SIGSTOP: it answers nothing) for a lease time: the
+    messages acknowledged meanwhile."""
+    assert cluster.redis is not None
+    before = acknowledged(progress)
+    stopped = time.monotonic()
+    cluster.redis.send_signal(signal.SIGSTOP)
+    time.sleep(LEASE)
+    during = acknowledged(progress) - before
+    cluster.redis.send_signal(signal.SIGCONT)
+    timeline.mark("redis", stopped, time.monotonic())
+    return during
 
 
 def start_client(cluster: Cluster, workdir: Path, run: str) -> tuple[subprocess.Popen[bytes], Path]:
