@@ -253,10 +253,12 @@ class Served:
         cwd: Path,
         log: Path | None = None,
         preexec_fn: Callable[[], object] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
-        """`preexec_fn` runs in the child before the command (e.g. to set limits)."""
+        """`preexec_fn` runs in the child before the command (e.g. to set
+        limits); `prefix` runs the command (e.g. ``ip netns exec NS``)."""
         self.log = log
-        command = [*KUMO, "serve", *args]
+        command = [*(prefix or []), *KUMO, "serve", *args]
         if log is None:
             self.process = subprocess.Popen(
                 command,

@@ -4,7 +4,8 @@
 # a tool missing fails and names this script (tests/support.py), never skips.
 # - Debian: swaks (and its TLS modules), HAProxy, Postfix (configured as "No
 #   configuration"), Dovecot's LMTP server, openssl: the tests run private
-#   instances, never the system's.
+#   instances, never the system's. iproute2's `ip` makes the network
+#   namespaces of the cluster test (tests/netns.py).
 # - The package itself with its test and docs extras (pytest, ruff, mypy,
 #   cryptography, MkDocs Material), built from this tree.
 # - Exim, unpacked beside Postfix (tools/exim.sh), and what the end-to-end
@@ -12,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(swaks libnet-ssleay-perl libio-socket-ssl-perl haproxy postfix openssl dovecot-core dovecot-lmtpd redis-server)
+debian_packages=(swaks libnet-ssleay-perl libio-socket-ssl-perl haproxy postfix openssl dovecot-core dovecot-lmtpd redis-server iproute2)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
