@@ -479,3 +479,90 @@ def test_iprev_is_recorded_and_never_refuses(zone, listen, received):
         assert (iprev["result"], iprev["props"]["policy.iprev"]) == (word, source), iprev
         assert f"iprev={word}" in header_of(received[0]["data"])
     assert not any(name.endswith("in-addr.arpa") for name, _ in zone.queries)
+
+
+# The checks on demand: kumo.check_authentication with the parameter off.
+
+
+def stored_messages(maildir) -> list[bytes]:
+    return [path.read_bytes() for path in sorted((maildir / "new").glob("*"))]
+
+
+def test_policy_checks_on_demand_from_a_def_handler(zone, listen, policy):
+    spf_zone(zone)
+    zone.txt("s1._domainkey.example.com", RSA_2048.record)
+    zone.txt("_dmarc.example.com", "v=DMARC1; p=reject")
+    zone.txt("_dmarc.forged.example", "v=DMARC1; p=reject")
+    checked: list[list[dict[str, Any]]] = []
+    annotated: list[list[dict[str, Any]]] = []
+
+    @policy.on("smtp_server_message_received")
+    def judge(msg: kumo.Message, conn_meta: kumo.ConnectionMeta) -> None:
+        results = kumo.check_authentication(msg, conn_meta)
+        checked.append(results)
+        annotated.append(msg.authentication_results)
+        if any(r["method"] == "spf" and r["result"] == "fail" for r in results):
+            raise kumo.Reject(550, "5.7.23 our own SPF rule")
+
+    address = listen()  # `authentication` off: only the policy checks
+    assert send(address, RSA_2048.sign(message(), "example.com")) is None
+    words = {r["method"]: r["result"] for r in checked[0]}
+    assert words == {"spf": "pass", "iprev": "pass", "dkim": "pass", "arc": "none", "dmarc": "pass"}
+    assert [r["method"] for r in checked[0]] == ["spf", "iprev", "dkim", "arc", "dmarc"]
+    assert all(set(r) == {"method", "result", "reason", "props"} for r in checked[0])
+    assert checked[0][0]["props"] == {"smtp.mailfrom": "alice@example.com"}
+    assert checked[0][2]["props"]["header.d"] == "example.com"
+    assert annotated[0] == [], "the parameter is off: nothing of its own"
+    refused = send(address, message("x@forged.example"), sender="x@forged.example")
+    assert isinstance(refused, smtplib.SMTPDataError), refused
+    assert (refused.smtp_code, refused.smtp_error) == (550, b"5.7.23 our own SPF rule")
+    words = {r["method"]: r["result"] for r in checked[1]}
+    assert words == {"spf": "fail", "iprev": "pass", "dkim": "none", "arc": "none", "dmarc": "fail"}
+
+
+def test_policy_checks_on_demand_from_an_async_handler_and_adds_the_header(
+    zone, listen, policy, maildir
+):
+    spf_zone(zone)
+    zone.txt("s1._domainkey.example.com", RSA_2048.record)
+    zone.misbehave(["_dmarc.example.com"], SERVFAIL)
+    checked: list[list[dict[str, Any]]] = []
+
+    @policy.on("smtp_server_message_received")
+    async def judge(msg: kumo.Message, conn_meta: kumo.ConnectionMeta) -> None:
+        results = await kumo.check_authentication_async(
+            msg, conn_meta, spf=False, iprev=False, arc=False, add_header=True
+        )
+        checked.append(results)
+
+    address = listen()
+    signed = RSA_2048.sign(message(), "example.com").replace(b"Hello.", b"Hullo.")
+    assert send(address, signed) is None
+    assert [(r["method"], r["result"]) for r in checked[0]] == [
+        ("dkim", "neutral"),
+        ("dmarc", "temperror"),
+    ]
+    (stored,) = wait_until(lambda: stored_messages(maildir))
+    # Prepended: at the top of the message (below the Maildir's envelope), above our Received:.
+    top = stored.split(b"\r\n")[2]
+    assert top == f"Authentication-Results: {HOSTNAME};".encode(), stored[:300]
+    header = header_of(stored)
+    assert "dkim=neutral" in header and "dmarc=temperror" in header and "spf=" not in header
+    assert b"\r\nReceived: " in stored.split(b"\r\n\r\n", 1)[0]
+
+
+def test_policy_checks_on_demand_see_the_xclient_address_and_the_null_sender(
+    zone, listen, policy
+):
+    zone.txt("helo.example", "v=spf1 ip4:127.0.0.1 -all")
+    checked: list[list[dict[str, Any]]] = []
+
+    @policy.on("smtp_server_data")
+    def judge(msg: kumo.Message, conn_meta: kumo.ConnectionMeta) -> None:
+        checked.append(kumo.check_authentication(msg, conn_meta, dkim=False, dmarc=False))
+
+    address = listen()
+    assert send(address, message(), sender="", helo="helo.example") is None
+    spf, iprev, arc = checked[0]
+    assert (spf["result"], spf["props"]) == ("pass", {"smtp.mailfrom": "postmaster@helo.example"})
+    assert (iprev["method"], arc["method"]) == ("iprev", "arc")
