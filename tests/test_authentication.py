@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dns_zone import SERVFAIL, TIMEOUT, ZoneServer
-from support import run_kumo, wait_until
+from support import run_kumo, swaks, wait_until
 
 HOSTNAME = "mx.test.example"
 
@@ -551,9 +551,7 @@ def test_policy_checks_on_demand_from_an_async_handler_and_adds_the_header(
     assert b"\r\nReceived: " in stored.split(b"\r\n\r\n", 1)[0]
 
 
-def test_policy_checks_on_demand_see_the_xclient_address_and_the_null_sender(
-    zone, listen, policy
-):
+def test_policy_checks_on_demand_see_the_xclient_address_and_the_null_sender(zone, listen, policy):
     zone.txt("helo.example", "v=spf1 ip4:127.0.0.1 -all")
     checked: list[list[dict[str, Any]]] = []
 
@@ -566,3 +564,53 @@ def test_policy_checks_on_demand_see_the_xclient_address_and_the_null_sender(
     spf, iprev, arc = checked[0]
     assert (spf["result"], spf["props"]) == ("pass", {"smtp.mailfrom": "postmaster@helo.example"})
     assert (iprev["method"], arc["method"]) == ("iprev", "arc")
+
+
+# swaks, per via: 127.0.0.2 enforcing, 127.0.0.3 annotating, one listener.
+
+
+def swaks_send(server: str, port: int, sender: str, data: bytes) -> str:
+    """swaks's transcript of one message to bob@example.net."""
+    done = swaks(
+        "--server", server, "--port", str(port), "--helo", "client.example.com",
+        "--from", sender, "--to", "bob@example.net", "--data", data.decode(),
+        "--timeout", "20",
+    )  # fmt: skip
+    return done.stdout + done.stderr
+
+
+def test_swaks_gets_the_replies_of_enforce_and_annotate_per_via(zone, listen, received):
+    spf_zone(zone)
+    zone.txt("s1._domainkey.dmarc.example", RSA_2048.record)
+    zone.txt("dmarc.example", "v=spf1 ip4:192.0.2.1 -all")
+    zone.txt("_dmarc.dmarc.example", "v=DMARC1; p=reject")
+    enforce = {"spf": "enforce", "dkim": "annotate", "dmarc": "enforce"}
+    port = listen(
+        listen="0.0.0.0:0",
+        via={
+            "127.0.0.2": {"authentication": enforce},
+            "127.0.0.3": {"authentication": ALL_ANNOTATE},
+        },
+    )[1]
+    forged = message("x@forged.example")
+    transcript = swaks_send("127.0.0.2", port, "x@forged.example", forged)
+    assert "<** 550 5.7.23 " in transcript, transcript
+    transcript = swaks_send("127.0.0.3", port, "x@forged.example", forged)
+    assert "<-  250 " in transcript and "<** " not in transcript, transcript
+    wait_until(lambda: received)
+    assert "spf=fail" in header_of(received[0]["data"])
+    for name in ("slow.example", "broken.example"):
+        transcript = swaks_send("127.0.0.2", port, f"x@{name}", message(f"x@{name}"))
+        assert "<** 451 4.7.24 " in transcript, transcript
+        assert "<** 5" not in transcript, transcript
+    # DMARC p=reject, nothing aligned passing (SPF of a softfailing MAIL FROM
+    # domain that is not the From domain; the From domain's signature broken).
+    unaligned = RSA_2048.sign(message("x@dmarc.example"), "dmarc.example")
+    unaligned = unaligned.replace(b"Hello.", b"Hullo.")
+    transcript = swaks_send("127.0.0.2", port, "x@soft.example", unaligned)
+    assert "<** 550 5.7.1 " in transcript, transcript
+    received.clear()
+    transcript = swaks_send("127.0.0.3", port, "x@soft.example", unaligned)
+    assert "<** " not in transcript, transcript
+    wait_until(lambda: received)
+    assert "dmarc=fail" in header_of(received[0]["data"])
