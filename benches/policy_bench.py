@@ -14,6 +14,9 @@ come from the environment:
   counter then counts messages handed on (``smtp_server_message_received``
   runs before the upstream is given the data: the upstream's own count is
   what says they arrived).
+- ``KUMO_BENCH_AUTHENTICATION``: ``annotate`` or ``enforce`` for every method
+  of the ``authentication`` parameter (default: off); the resolver is given
+  with ``--dns-server``.
 
 The dynamic hook gives each of two local addresses, 127.0.0.1 and 127.0.0.2, its
 own identity (hostname, banner, certificate), like the seed's ``via`` table.
@@ -32,6 +35,7 @@ PORT = int(os.environ["KUMO_BENCH_PORT"])
 MAX_CONNECTIONS = int(os.environ.get("KUMO_BENCH_MAX_CONNECTIONS", "32768"))
 COUNT_FILE = os.environ.get("KUMO_BENCH_COUNT_FILE")
 FORWARD_TO = os.environ.get("KUMO_BENCH_FORWARD_TO")
+AUTHENTICATION = os.environ.get("KUMO_BENCH_AUTHENTICATION")
 
 TLS_DIR = os.environ.get("KUMO_BENCH_TLS_DIR")
 DEFAULT_HOSTNAME = "bench.example"
@@ -71,6 +75,9 @@ atexit.register(write_count)
 @kumo.on("init")
 def init() -> None:
     forwarding: dict[str, Any] = {"forward_to": [FORWARD_TO]} if FORWARD_TO else {}
+    if AUTHENTICATION:
+        methods = ("spf", "dkim", "dmarc", "arc", "iprev")
+        forwarding["authentication"] = dict.fromkeys(methods, AUTHENTICATION)
     kumo.start_esmtp_listener(
         listen=f"0.0.0.0:{PORT}",
         relay_hosts=["127.0.0.0/8"],

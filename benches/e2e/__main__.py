@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import body_memory, durable, forwarding, idle_memory, starttls, throughput
+from . import authentication, body_memory, durable, forwarding, idle_memory, starttls, throughput
 from .common import MEASUREMENTS, Settings
 from .conditions import conditions
 from .prerequisites import check_tools, make_certificates, raise_open_file_limit
@@ -26,6 +26,7 @@ MODULES = {
     "idle_memory": idle_memory,
     "durable": durable,
     "body_memory": body_memory,
+    "authentication": authentication,
 }
 assert tuple(MODULES) == MEASUREMENTS
 

@@ -50,18 +50,38 @@ KUMO_FORWARD = ServerKind("kumo_forward", "kumo_listener (forward_to)")
 KUMO_FORWARD_OBSERVED = ServerKind(
     "kumo_forward_observed", "kumo_listener (forward_to, INFO logs, metrics)"
 )
+# The authentication benchmark: `annotate` for every method, against the same
+# policy without it (KUMO_DISCARD).
+KUMO_AUTHENTICATION = ServerKind(
+    "kumo_authentication", "kumo_listener (discard, authentication annotate)"
+)
 POSTFIX_PROXY = ServerKind("postfix_proxy", "Postfix (smtpd_proxy_filter)")
 AIOSMTPD_PROXY = ServerKind("aiosmtpd_proxy", "aiosmtpd (Proxy handler)")
 FORWARDERS = (KUMO_FORWARD, KUMO_FORWARD_OBSERVED, POSTFIX_PROXY, AIOSMTPD_PROXY)
 """The servers that need an upstream to start."""
-KUMO_SERVERS = (KUMO_DISCARD, KUMO_OBSERVED, KUMO_MAILDIR, KUMO_FORWARD, KUMO_FORWARD_OBSERVED)
+KUMO_SERVERS = (
+    KUMO_DISCARD,
+    KUMO_OBSERVED,
+    KUMO_MAILDIR,
+    KUMO_FORWARD,
+    KUMO_FORWARD_OBSERVED,
+    KUMO_AUTHENTICATION,
+)
 COUNTED = (*KUMO_SERVERS, AIOSMTPD, AIOSMTPD_PROXY)
 """The servers that count the messages they receive (asked with SIGUSR1);
 aiosmtpd's Proxy handler counts those its upstream took."""
 PROBED = (SMTP_SINK, UPSTREAM_SINK, POSTFIX_QUEUE, POSTFIX_PROXY)
 """The servers that print no ``listening on`` line: ready when they greet."""
 
-MEASUREMENTS = ("throughput", "forwarding", "starttls", "idle_memory", "durable", "body_memory")
+MEASUREMENTS = (
+    "throughput",
+    "forwarding",
+    "starttls",
+    "idle_memory",
+    "durable",
+    "body_memory",
+    "authentication",
+)
 
 
 class BenchError(Exception):

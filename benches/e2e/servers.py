@@ -22,6 +22,7 @@ from .common import (
     BENCHES,
     COUNTED,
     FORWARDERS,
+    KUMO_AUTHENTICATION,
     KUMO_FORWARD_OBSERVED,
     KUMO_MAILDIR,
     KUMO_OBSERVED,
@@ -85,8 +86,10 @@ def running_server(
     settings: Settings,
     max_connections: int = 32768,
     upstream: RunningServer | None = None,
+    dns_server: str | None = None,
 ) -> Iterator[RunningServer]:
-    """Start the server of ``kind`` (a forwarding one: to ``upstream``), stop it after."""
+    """Start the server of ``kind`` (a forwarding one: to ``upstream``; the
+    authentication one with ``dns_server``), stop it after."""
     arguments = upstream_arguments(kind, upstream)
     if kind is POSTFIX_QUEUE:
         with running_postfix_queue() as server:
@@ -113,6 +116,11 @@ def running_server(
         forwarding["KUMO_BENCH_FORWARD_TO"] = f"smtp://{LOOPBACK}:{upstream.port}"
     env.update(forwarding)
     command = server_command(kind, tools, settings, port, count_file, maildir) + arguments
+    if kind is KUMO_AUTHENTICATION:
+        if dns_server is None:
+            raise BenchError(f"{kind.title}: a DNS server is needed")
+        env["KUMO_BENCH_AUTHENTICATION"] = "annotate"
+        command += ["--dns-server", dns_server]
     shown = [f"{name}={value}" for name, value in forwarding.items()] + command
     log(f"e2e: starting {kind.title}: {shlex.join(shown)}")
     stdout_path, stderr_path = workdir / "stdout", workdir / "stderr"
