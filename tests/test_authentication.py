@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import smtplib
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dns_zone import SERVFAIL, TIMEOUT, ZoneServer
-from support import run_kumo, swaks, wait_until
+from support import require_tool, run_kumo, swaks, wait_until
 
 HOSTNAME = "mx.test.example"
 
@@ -614,3 +615,65 @@ def test_swaks_gets_the_replies_of_enforce_and_annotate_per_via(zone, listen, re
     assert "<** " not in transcript, transcript
     wait_until(lambda: received)
     assert "dmarc=fail" in header_of(received[0]["data"])
+
+
+def weak_rsa_keys(bits: int = 512) -> Keys:
+    """RSA keys too short to trust, by openssl (cryptography makes none under 1024 bits)."""
+    require_tool("openssl")
+    private = subprocess.run(
+        ["openssl", "genrsa", "-traditional", str(bits)], capture_output=True, check=True
+    ).stdout
+    key = serialization.load_pem_private_key(private, password=None)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    keys = Keys("rsa", 1024)
+    keys.private = private
+    keys.record = f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}"
+    return keys
+
+
+class ExpiredDKIM(dkim.DKIM):
+    """dkimpy's signer, its signature given `x=` (and `t=`) in the past."""
+
+    def gen_header(self, fields, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fields = [(name, value) for name, value in fields if name not in (b"t", b"x")]
+        at = [name for name, _ in fields].index(b"b")
+        fields[at:at] = [(b"t", b"1000000000"), (b"x", b"1000000100")]
+        return super().gen_header(fields, *args, **kwargs)
+
+
+def test_guards_expired_weak_many_and_sha1_signatures(zone, listen, received):
+    zone.txt("s1._domainkey.example.com", RSA_2048.record)
+    weak = weak_rsa_keys()
+    zone.txt("weak._domainkey.example.com", weak.record)
+    address = listen(authentication={"dkim": "annotate"})
+    plain = message()
+    signer = ExpiredDKIM(plain)
+    expired = signer.sign(b"s1", b"example.com", RSA_2048.private, include_headers=[b"from"])
+    cases = {
+        "expired": expired + plain,
+        "rsa-512": weak.sign(plain, "example.com", selector="weak"),
+        "rsa-sha1": RSA_2048.sign(plain, "example.com", algorithm=b"rsa-sha1"),
+    }
+    many = plain
+    for _ in range(12):
+        many = RSA_2048.sign(many, "example.com")
+    cases["twelve"] = many
+    found = {}
+    for name, data in cases.items():
+        received.clear()
+        assert send(address, data) is None
+        wait_until(lambda: received)
+        found[name] = results_of(received[0], "dkim")
+    (expired_result,) = found["expired"]
+    assert expired_result["result"] != "pass", expired_result
+    assert "expired" in (expired_result["reason"] or "").lower(), expired_result
+    (weak_result,) = found["rsa-512"]
+    assert weak_result["result"] != "pass", weak_result
+    (sha1_result,) = found["rsa-sha1"]
+    assert sha1_result["result"] == "neutral" and "rsa-sha1" in sha1_result["reason"]
+    words = [r["result"] for r in found["twelve"]]
+    assert words.count("pass") == 10, found["twelve"]
+    not_checked = [r for r in found["twelve"] if "not checked" in (r["reason"] or "")]
+    assert len(not_checked) == 2, found["twelve"]
