@@ -677,3 +677,44 @@ def test_guards_expired_weak_many_and_sha1_signatures(zone, listen, received):
     assert words.count("pass") == 10, found["twelve"]
     not_checked = [r for r in found["twelve"] if "not checked" in (r["reason"] or "")]
     assert len(not_checked) == 2, found["twelve"]
+
+
+def test_signatures_of_opendkim_and_mail_dkim(zone, listen, received, tmp_path):
+    """Two signers independent of dkimpy and of us: OpenDKIM's
+    opendkim-testmsg (which signs rsa-sha1 only: dropped, RFC 8301) and
+    Perl's Mail::DKIM (dkimproxy-sign, rsa-sha256: a pass; tampered: not)."""
+    testmsg = require_tool("opendkim-testmsg", "opendkim-tools")
+    mail_dkim = require_tool("dkimproxy-sign", "libmail-dkim-perl")
+    key = tmp_path / "key.pem"
+    key.write_bytes(RSA_2048.private)
+    zone.txt("od._domainkey.example.com", RSA_2048.record)
+    zone.txt("pm._domainkey.example.com", RSA_2048.record)
+    plain = message()
+    by_opendkim = subprocess.run(
+        [testmsg, "-C", "-d", "example.com", "-k", str(key), "-s", "od"],
+        input=plain, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    field = subprocess.run(
+        [mail_dkim, "--key", str(key), "--selector", "pm", "--domain", "example.com",
+         "--method", "relaxed", "--algorithm", "rsa-sha256"],
+        input=plain, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    by_mail_dkim = field.rstrip(b"\r\n") + b"\r\n" + plain
+    address = listen(authentication={"dkim": "annotate"})
+    found = {}
+    cases = {
+        "opendkim": by_opendkim,
+        "mail-dkim": by_mail_dkim,
+        "mail-dkim-tampered": by_mail_dkim.replace(b"Hello.", b"Hullo."),
+    }
+    for name, data in cases.items():
+        received.clear()
+        assert send(address, data) is None
+        wait_until(lambda: received)
+        (found[name],) = results_of(received[0], "dkim")
+    assert found["opendkim"]["props"]["header.a"] == "rsa-sha1", found["opendkim"]
+    assert found["opendkim"]["result"] == "neutral" and "rsa-sha1" in found["opendkim"]["reason"]
+    assert found["mail-dkim"]["result"] == "pass", found["mail-dkim"]
+    assert found["mail-dkim"]["props"]["header.s"] == "pm"
+    assert found["mail-dkim-tampered"]["result"] not in ("pass", "none"), found
+    assert "body hash" in found["mail-dkim-tampered"]["reason"].lower()
