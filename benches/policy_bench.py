@@ -24,6 +24,9 @@ come from the environment:
   ``max_connection_rate_per_client``, ``max_message_rate_per_client``, high
   enough never to refuse): ``relay_hosts`` is then empty, since its clients
   are exempt, and ``get_listener_domain`` lets every recipient be relayed.
+- ``KUMO_BENCH_AUTHENTICATION``: ``annotate`` or ``enforce`` for every method
+  of the ``authentication`` parameter (default: off); the resolver is given
+  with ``--dns-server``.
 
 The dynamic hook gives each of two local addresses, 127.0.0.1 and 127.0.0.2, its
 own identity (hostname, banner, certificate), like the seed's ``via`` table.
@@ -45,6 +48,7 @@ MAX_CONNECTIONS = int(os.environ.get("KUMO_BENCH_MAX_CONNECTIONS", "32768"))
 COUNT_FILE = os.environ.get("KUMO_BENCH_COUNT_FILE")
 FORWARD_TO = os.environ.get("KUMO_BENCH_FORWARD_TO")
 CLIENT_LIMITS = "KUMO_BENCH_CLIENT_LIMITS" in os.environ
+AUTHENTICATION = os.environ.get("KUMO_BENCH_AUTHENTICATION")
 
 TLS_DIR = os.environ.get("KUMO_BENCH_TLS_DIR")
 DEFAULT_HOSTNAME = "bench.example"
@@ -92,12 +96,15 @@ LIMITS: dict[str, Any] = {
 
 @kumo.on("init")
 def init() -> None:
-    forwarding: dict[str, Any] = {"forward_to": [FORWARD_TO]} if FORWARD_TO else {}
+    chosen: dict[str, Any] = {"forward_to": [FORWARD_TO]} if FORWARD_TO else {}
+    if AUTHENTICATION:
+        methods = ("spf", "dkim", "dmarc", "arc", "iprev")
+        chosen["authentication"] = dict.fromkeys(methods, AUTHENTICATION)
     kumo.start_esmtp_listener(
         listen=f"0.0.0.0:{PORT}",
         max_connections=MAX_CONNECTIONS,
         **identity(DEFAULT_HOSTNAME),
-        **forwarding,
+        **chosen,
         **(LIMITS if CLIENT_LIMITS else {"relay_hosts": ["127.0.0.0/8"]}),
     )
 

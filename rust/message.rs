@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// One message: the whole transaction (before splitting) or one split part.
@@ -31,6 +31,10 @@ pub struct Message {
     /// part's supplemental header and its `Received:` header when the
     /// transaction had several recipients. Often empty.
     pub head: Bytes,
+    /// Header fields policy prepended (`check_authentication(...,
+    /// add_header=True)`), written before `head`; a split part starts with
+    /// those of its transaction.
+    prepended: Mutex<Bytes>,
     /// The message as received (after a `Received:` header when the
     /// transaction had one recipient). Split parts share the transaction's
     /// bytes: no part copies the body.
@@ -50,12 +54,35 @@ impl Message {
         head: Bytes,
         data: impl Into<Body>,
     ) -> Arc<Self> {
-        Arc::new(Self { id, sender, recipients, head, data: data.into(), meta: MetaStore::new() })
+        let prepended = Mutex::default();
+        Arc::new(Self { id, sender, recipients, head, prepended, data: data.into(), meta: MetaStore::new() })
+    }
+
+    fn prepended(&self) -> Bytes {
+        self.prepended.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Put `field` (CRLF-terminated) at the top of the message.
+    pub fn prepend(&self, field: &str) {
+        let mut prepended = self.prepended.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut both = Vec::with_capacity(field.len() + prepended.len());
+        both.extend_from_slice(field.as_bytes());
+        both.extend_from_slice(&prepended);
+        *prepended = Bytes::from(both);
+    }
+
+    /// What is written before `data`: the fields policy prepended, then `head`.
+    pub fn full_head(&self) -> Bytes {
+        let prepended = self.prepended();
+        if prepended.is_empty() {
+            return self.head.clone();
+        }
+        Bytes::from([prepended.as_ref(), self.head.as_ref()].concat())
     }
 
     /// The whole message, trace headers first, as policy sees it.
     pub fn len(&self) -> usize {
-        self.head.len() + self.data.len()
+        self.prepended().len() + self.head.len() + self.data.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,8 +92,9 @@ impl Message {
     /// Write `head` then `data` into `out`, of [`Self::len`] bytes (reading
     /// `data` from its file if it was spilled).
     pub fn read_into(&self, out: &mut [u8]) -> std::io::Result<()> {
-        let (head, data) = out.split_at_mut(self.head.len());
-        head.copy_from_slice(&self.head);
+        let full_head = self.full_head();
+        let (head, data) = out.split_at_mut(full_head.len());
+        head.copy_from_slice(&full_head);
         self.data.read_into(data)
     }
 }
@@ -186,11 +214,12 @@ pub fn split(
     // metadata store (nobody sees the transaction after the split).
     let single = groups.len() == 1;
     let meta = if supplemental.is_some() { transaction.meta.snapshot() } else { Map::new() };
+    let prepended = transaction.prepended();
     groups
         .into_iter()
         .map(|recipients| {
             let id = if single { transaction.id.clone() } else { new_message_id() };
-            let mut head = String::new();
+            let mut head = String::from_utf8_lossy(&prepended).into_owned();
             if let Some(supplemental) = supplemental {
                 head.push_str(&supplemental_header(supplemental, &recipients, &meta));
             }
@@ -207,6 +236,7 @@ pub fn split(
                 sender: transaction.sender.clone(),
                 recipients,
                 head: Bytes::from(head),
+                prepended: Mutex::default(),
                 data: transaction.data.clone(),
                 meta: if single { transaction.meta.clone() } else { transaction.meta.copy() },
             })

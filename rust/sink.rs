@@ -290,8 +290,9 @@ fn answer(to: Answer, result: io::Result<()>) {
 /// `Delivered-To:` for each recipient of this file; then the message's own
 /// trace headers.
 fn envelope_and_head(message: &Message) -> Vec<u8> {
-    let mut out = envelope(&message.sender, &message.recipients, message.head.len());
-    out.extend_from_slice(&message.head);
+    let head = message.full_head();
+    let mut out = envelope(&message.sender, &message.recipients, head.len());
+    out.extend_from_slice(&head);
     out
 }
 

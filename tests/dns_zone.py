@@ -96,14 +96,16 @@ class Zone:
 
 
 class ZoneServer:
-    """The zone served over UDP and TCP on one loopback port."""
+    """The zone served over UDP and TCP on one loopback port; `resolver`
+    answers instead of a :class:`Zone` when given (dnslib's ``resolve``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, resolver: object | None = None) -> None:
         self.zone = Zone()
-        self.udp = DNSServer(self.zone, "127.0.0.1", 0, logger=_Quiet(), server=_ThreadingUDPServer)
+        answers = resolver or self.zone
+        self.udp = DNSServer(answers, "127.0.0.1", 0, logger=_Quiet(), server=_ThreadingUDPServer)
         self.port = self.udp.server.server_address[1]
         self.tcp = DNSServer(
-            self.zone, "127.0.0.1", self.port, tcp=True, logger=_Quiet(), server=_ThreadingTCPServer
+            answers, "127.0.0.1", self.port, tcp=True, logger=_Quiet(), server=_ThreadingTCPServer
         )
         self.udp.start_thread()
         self.tcp.start_thread()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import smtplib
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dns_zone import SERVFAIL, TIMEOUT, ZoneServer
-from support import run_kumo, wait_until
+from support import require_tool, run_kumo, swaks, wait_until
 
 HOSTNAME = "mx.test.example"
 
@@ -479,3 +480,241 @@ def test_iprev_is_recorded_and_never_refuses(zone, listen, received):
         assert (iprev["result"], iprev["props"]["policy.iprev"]) == (word, source), iprev
         assert f"iprev={word}" in header_of(received[0]["data"])
     assert not any(name.endswith("in-addr.arpa") for name, _ in zone.queries)
+
+
+# The checks on demand: kumo.check_authentication with the parameter off.
+
+
+def stored_messages(maildir) -> list[bytes]:
+    return [path.read_bytes() for path in sorted((maildir / "new").glob("*"))]
+
+
+def test_policy_checks_on_demand_from_a_def_handler(zone, listen, policy):
+    spf_zone(zone)
+    zone.txt("s1._domainkey.example.com", RSA_2048.record)
+    zone.txt("_dmarc.example.com", "v=DMARC1; p=reject")
+    zone.txt("_dmarc.forged.example", "v=DMARC1; p=reject")
+    checked: list[list[dict[str, Any]]] = []
+    annotated: list[list[dict[str, Any]]] = []
+
+    @policy.on("smtp_server_message_received")
+    def judge(msg: kumo.Message, conn_meta: kumo.ConnectionMeta) -> None:
+        results = kumo.check_authentication(msg, conn_meta)
+        checked.append(results)
+        annotated.append(msg.authentication_results)
+        if any(r["method"] == "spf" and r["result"] == "fail" for r in results):
+            raise kumo.Reject(550, "5.7.23 our own SPF rule")
+
+    address = listen()  # `authentication` off: only the policy checks
+    assert send(address, RSA_2048.sign(message(), "example.com")) is None
+    words = {r["method"]: r["result"] for r in checked[0]}
+    assert words == {"spf": "pass", "iprev": "pass", "dkim": "pass", "arc": "none", "dmarc": "pass"}
+    assert [r["method"] for r in checked[0]] == ["spf", "iprev", "dkim", "arc", "dmarc"]
+    assert all(set(r) == {"method", "result", "reason", "props"} for r in checked[0])
+    assert checked[0][0]["props"] == {"smtp.mailfrom": "alice@example.com"}
+    assert checked[0][2]["props"]["header.d"] == "example.com"
+    assert annotated[0] == [], "the parameter is off: nothing of its own"
+    refused = send(address, message("x@forged.example"), sender="x@forged.example")
+    assert isinstance(refused, smtplib.SMTPDataError), refused
+    assert (refused.smtp_code, refused.smtp_error) == (550, b"5.7.23 our own SPF rule")
+    words = {r["method"]: r["result"] for r in checked[1]}
+    assert words == {"spf": "fail", "iprev": "pass", "dkim": "none", "arc": "none", "dmarc": "fail"}
+
+
+def test_policy_checks_on_demand_from_an_async_handler_and_adds_the_header(
+    zone, listen, policy, maildir
+):
+    spf_zone(zone)
+    zone.txt("s1._domainkey.example.com", RSA_2048.record)
+    zone.misbehave(["_dmarc.example.com"], SERVFAIL)
+    checked: list[list[dict[str, Any]]] = []
+
+    @policy.on("smtp_server_message_received")
+    async def judge(msg: kumo.Message, conn_meta: kumo.ConnectionMeta) -> None:
+        results = await kumo.check_authentication_async(
+            msg, conn_meta, spf=False, iprev=False, arc=False, add_header=True
+        )
+        checked.append(results)
+
+    address = listen()
+    signed = RSA_2048.sign(message(), "example.com").replace(b"Hello.", b"Hullo.")
+    assert send(address, signed) is None
+    assert [(r["method"], r["result"]) for r in checked[0]] == [
+        ("dkim", "neutral"),
+        ("dmarc", "temperror"),
+    ]
+    (stored,) = wait_until(lambda: stored_messages(maildir))
+    # Prepended: at the top of the message (below the Maildir's envelope), above our Received:.
+    top = stored.split(b"\r\n")[2]
+    assert top == f"Authentication-Results: {HOSTNAME};".encode(), stored[:300]
+    header = header_of(stored)
+    assert "dkim=neutral" in header and "dmarc=temperror" in header and "spf=" not in header
+    assert b"\r\nReceived: " in stored.split(b"\r\n\r\n", 1)[0]
+
+
+def test_policy_checks_on_demand_see_the_xclient_address_and_the_null_sender(zone, listen, policy):
+    zone.txt("helo.example", "v=spf1 ip4:127.0.0.1 -all")
+    checked: list[list[dict[str, Any]]] = []
+
+    @policy.on("smtp_server_data")
+    def judge(msg: kumo.Message, conn_meta: kumo.ConnectionMeta) -> None:
+        checked.append(kumo.check_authentication(msg, conn_meta, dkim=False, dmarc=False))
+
+    address = listen()
+    assert send(address, message(), sender="", helo="helo.example") is None
+    spf, iprev, arc = checked[0]
+    assert (spf["result"], spf["props"]) == ("pass", {"smtp.mailfrom": "postmaster@helo.example"})
+    assert (iprev["method"], arc["method"]) == ("iprev", "arc")
+
+
+# swaks, per via: 127.0.0.2 enforcing, 127.0.0.3 annotating, one listener.
+
+
+def swaks_send(server: str, port: int, sender: str, data: bytes) -> str:
+    """swaks's transcript of one message to bob@example.net."""
+    done = swaks(
+        "--server", server, "--port", str(port), "--helo", "client.example.com",
+        "--from", sender, "--to", "bob@example.net", "--data", data.decode(),
+        "--timeout", "20",
+    )  # fmt: skip
+    return done.stdout + done.stderr
+
+
+def test_swaks_gets_the_replies_of_enforce_and_annotate_per_via(zone, listen, received):
+    spf_zone(zone)
+    zone.txt("s1._domainkey.dmarc.example", RSA_2048.record)
+    zone.txt("dmarc.example", "v=spf1 ip4:192.0.2.1 -all")
+    zone.txt("_dmarc.dmarc.example", "v=DMARC1; p=reject")
+    enforce = {"spf": "enforce", "dkim": "annotate", "dmarc": "enforce"}
+    port = listen(
+        listen="0.0.0.0:0",
+        via={
+            "127.0.0.2": {"authentication": enforce},
+            "127.0.0.3": {"authentication": ALL_ANNOTATE},
+        },
+    )[1]
+    forged = message("x@forged.example")
+    transcript = swaks_send("127.0.0.2", port, "x@forged.example", forged)
+    assert "<** 550 5.7.23 " in transcript, transcript
+    transcript = swaks_send("127.0.0.3", port, "x@forged.example", forged)
+    assert "<-  250 " in transcript and "<** " not in transcript, transcript
+    wait_until(lambda: received)
+    assert "spf=fail" in header_of(received[0]["data"])
+    for name in ("slow.example", "broken.example"):
+        transcript = swaks_send("127.0.0.2", port, f"x@{name}", message(f"x@{name}"))
+        assert "<** 451 4.7.24 " in transcript, transcript
+        assert "<** 5" not in transcript, transcript
+    # DMARC p=reject, nothing aligned passing (SPF of a softfailing MAIL FROM
+    # domain that is not the From domain; the From domain's signature broken).
+    unaligned = RSA_2048.sign(message("x@dmarc.example"), "dmarc.example")
+    unaligned = unaligned.replace(b"Hello.", b"Hullo.")
+    transcript = swaks_send("127.0.0.2", port, "x@soft.example", unaligned)
+    assert "<** 550 5.7.1 " in transcript, transcript
+    received.clear()
+    transcript = swaks_send("127.0.0.3", port, "x@soft.example", unaligned)
+    assert "<** " not in transcript, transcript
+    wait_until(lambda: received)
+    assert "dmarc=fail" in header_of(received[0]["data"])
+
+
+def weak_rsa_keys(bits: int = 512) -> Keys:
+    """RSA keys too short to trust, by openssl (cryptography makes none under 1024 bits)."""
+    require_tool("openssl")
+    private = subprocess.run(
+        ["openssl", "genrsa", "-traditional", str(bits)], capture_output=True, check=True
+    ).stdout
+    key = serialization.load_pem_private_key(private, password=None)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    keys = Keys("rsa", 1024)
+    keys.private = private
+    keys.record = f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}"
+    return keys
+
+
+class ExpiredDKIM(dkim.DKIM):
+    """dkimpy's signer, its signature given `x=` (and `t=`) in the past."""
+
+    def gen_header(self, fields, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fields = [(name, value) for name, value in fields if name not in (b"t", b"x")]
+        at = [name for name, _ in fields].index(b"b")
+        fields[at:at] = [(b"t", b"1000000000"), (b"x", b"1000000100")]
+        return super().gen_header(fields, *args, **kwargs)
+
+
+def test_guards_expired_weak_many_and_sha1_signatures(zone, listen, received):
+    zone.txt("s1._domainkey.example.com", RSA_2048.record)
+    weak = weak_rsa_keys()
+    zone.txt("weak._domainkey.example.com", weak.record)
+    address = listen(authentication={"dkim": "annotate"})
+    plain = message()
+    signer = ExpiredDKIM(plain)
+    expired = signer.sign(b"s1", b"example.com", RSA_2048.private, include_headers=[b"from"])
+    cases = {
+        "expired": expired + plain,
+        "rsa-512": weak.sign(plain, "example.com", selector="weak"),
+        "rsa-sha1": RSA_2048.sign(plain, "example.com", algorithm=b"rsa-sha1"),
+    }
+    many = plain
+    for _ in range(12):
+        many = RSA_2048.sign(many, "example.com")
+    cases["twelve"] = many
+    found = {}
+    for name, data in cases.items():
+        received.clear()
+        assert send(address, data) is None
+        wait_until(lambda: received)
+        found[name] = results_of(received[0], "dkim")
+    (expired_result,) = found["expired"]
+    assert expired_result["result"] != "pass", expired_result
+    assert "expired" in (expired_result["reason"] or "").lower(), expired_result
+    (weak_result,) = found["rsa-512"]
+    assert weak_result["result"] != "pass", weak_result
+    (sha1_result,) = found["rsa-sha1"]
+    assert sha1_result["result"] == "neutral" and "rsa-sha1" in sha1_result["reason"]
+    words = [r["result"] for r in found["twelve"]]
+    assert words.count("pass") == 10, found["twelve"]
+    not_checked = [r for r in found["twelve"] if "not checked" in (r["reason"] or "")]
+    assert len(not_checked) == 2, found["twelve"]
+
+
+def test_signatures_of_opendkim_and_mail_dkim(zone, listen, received, tmp_path):
+    """Two signers independent of dkimpy and of us: OpenDKIM's
+    opendkim-testmsg (which signs rsa-sha1 only: dropped, RFC 8301) and
+    Perl's Mail::DKIM (dkimproxy-sign, rsa-sha256: a pass; tampered: not)."""
+    testmsg = require_tool("opendkim-testmsg", "opendkim-tools")
+    mail_dkim = require_tool("dkimproxy-sign", "libmail-dkim-perl")
+    key = tmp_path / "key.pem"
+    key.write_bytes(RSA_2048.private)
+    zone.txt("od._domainkey.example.com", RSA_2048.record)
+    zone.txt("pm._domainkey.example.com", RSA_2048.record)
+    plain = message()
+    by_opendkim = subprocess.run(
+        [testmsg, "-C", "-d", "example.com", "-k", str(key), "-s", "od"],
+        input=plain, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    field = subprocess.run(
+        [mail_dkim, "--key", str(key), "--selector", "pm", "--domain", "example.com",
+         "--method", "relaxed", "--algorithm", "rsa-sha256"],
+        input=plain, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    by_mail_dkim = field.rstrip(b"\r\n") + b"\r\n" + plain
+    address = listen(authentication={"dkim": "annotate"})
+    found = {}
+    cases = {
+        "opendkim": by_opendkim,
+        "mail-dkim": by_mail_dkim,
+        "mail-dkim-tampered": by_mail_dkim.replace(b"Hello.", b"Hullo."),
+    }
+    for name, data in cases.items():
+        received.clear()
+        assert send(address, data) is None
+        wait_until(lambda: received)
+        (found[name],) = results_of(received[0], "dkim")
+    assert found["opendkim"]["props"]["header.a"] == "rsa-sha1", found["opendkim"]
+    assert found["opendkim"]["result"] == "neutral" and "rsa-sha1" in found["opendkim"]["reason"]
+    assert found["mail-dkim"]["result"] == "pass", found["mail-dkim"]
+    assert found["mail-dkim"]["props"]["header.s"] == "pm"
+    assert found["mail-dkim-tampered"]["result"] not in ("pass", "none"), found
+    assert "body hash" in found["mail-dkim-tampered"]["reason"].lower()

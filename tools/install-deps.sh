@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(swaks libnet-ssleay-perl libio-socket-ssl-perl haproxy postfix openssl dovecot-core dovecot-lmtpd redis-server iproute2)
+debian_packages=(swaks libnet-ssleay-perl libio-socket-ssl-perl haproxy postfix openssl dovecot-core dovecot-lmtpd redis-server iproute2 opendkim-tools libmail-dkim-perl)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

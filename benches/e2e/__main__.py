@@ -13,7 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import body_memory, durable, forwarding, idle_memory, shared_limits, starttls, throughput
+from . import (
+    authentication,
+    body_memory,
+    durable,
+    forwarding,
+    idle_memory,
+    shared_limits,
+    starttls,
+    throughput,
+)
 from .common import MEASUREMENTS, Settings
 from .conditions import conditions
 from .prerequisites import check_tools, make_certificates, raise_open_file_limit
@@ -27,6 +36,7 @@ MODULES = {
     "idle_memory": idle_memory,
     "durable": durable,
     "body_memory": body_memory,
+    "authentication": authentication,
 }
 assert tuple(MODULES) == MEASUREMENTS
 

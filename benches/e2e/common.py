@@ -50,6 +50,11 @@ KUMO_FORWARD = ServerKind("kumo_forward", "kumo_listener (forward_to)")
 KUMO_FORWARD_OBSERVED = ServerKind(
     "kumo_forward_observed", "kumo_listener (forward_to, INFO logs, metrics)"
 )
+# The authentication benchmark: `annotate` for every method, against the same
+# policy without it (KUMO_DISCARD).
+KUMO_AUTHENTICATION = ServerKind(
+    "kumo_authentication", "kumo_listener (discard, authentication annotate)"
+)
 POSTFIX_PROXY = ServerKind("postfix_proxy", "Postfix (smtpd_proxy_filter)")
 AIOSMTPD_PROXY = ServerKind("aiosmtpd_proxy", "aiosmtpd (Proxy handler)")
 # The per-client limits on (for loopback too), counted per process or in Redis.
@@ -67,6 +72,7 @@ KUMO_SERVERS = (
     KUMO_FORWARD,
     KUMO_FORWARD_OBSERVED,
     *KUMO_LIMITED,
+    KUMO_AUTHENTICATION,
 )
 COUNTED = (*KUMO_SERVERS, AIOSMTPD, AIOSMTPD_PROXY)
 """The servers that count the messages they receive (asked with SIGUSR1);
@@ -82,6 +88,7 @@ MEASUREMENTS = (
     "idle_memory",
     "durable",
     "body_memory",
+    "authentication",
 )
 
 

@@ -31,6 +31,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         ("idle_memory", idle_memory_table),
         ("durable", durable_table),
         ("body_memory", body_memory_table),
+        ("authentication", authentication_table),
     ):
         if name in results:
             lines += ["", *table(data)]
@@ -265,6 +266,35 @@ def round_trips_line(trips: Section) -> str:
     )
 
 
+def authentication_table(data: dict[str, Any]) -> list[str]:
+    """Authentication annotated (every method) against off: rates, then the
+    server CPU per message and its ratio."""
+    shapes = data["results"]["authentication"]
+    titles = server_titles(shapes)
+    header = ["authentication (msgs/s, median)", *titles.values()]
+    rates = rate_rows(shapes, titles, "kumo_authentication", ())
+    cpu_header = ["authentication: CPU µs per message (median), server / load generator"]
+    cpu_header += [*titles.values(), "server CPU, annotate/off (target 1 KB ≤ 1.5x)"]
+    cpu_rows = []
+    for shape in shapes.values():
+        servers = shape["servers"]
+        cells = [cpu_cell(servers.get(key)) for key in titles]
+        top, bottom = (
+            cpu_of(servers.get("kumo_authentication")),
+            cpu_of(servers.get("kumo_discard")),
+        )
+        cells.append(
+            ratio_cell(None if top is None or bottom is None else ratio(top[0], bottom[0]))
+        )
+        cpu_rows.append([shape["title"], *cells])
+    note = (
+        "Authentication: SPF, DKIM, DMARC, ARC and iprev annotated, warm DNS cache (a dnslib "
+        "server on loopback), one RSA-2048 signature by dkimpy; the load generator is "
+        "benches/auth_load.py (smtplib), not smtp-source."
+    )
+    return [note, "", *table(header, rates), "", *table(cpu_header, cpu_rows)]
+
+
 def idle_memory_table(data: dict[str, Any]) -> list[str]:
     idle = data["conditions"]["settings"]["idle_connections"]
     header = ["server", "RSS before (MiB)", f"RSS, {idle} idle connections (MiB)"]
@@ -330,6 +360,7 @@ def measurements(results: dict[str, Any]) -> Iterator[tuple[str, Section]]:
         ("forwarding", "forwarding, "),
         ("shared_limits", "shared limits, "),
         ("durable", "durable, "),
+        ("authentication", "authentication, "),
     )
     for name, prefix in shaped:
         for shape in results.get(name, {}).values():

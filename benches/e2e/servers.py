@@ -22,6 +22,7 @@ from .common import (
     BENCHES,
     COUNTED,
     FORWARDERS,
+    KUMO_AUTHENTICATION,
     KUMO_FORWARD_OBSERVED,
     KUMO_LIMITED,
     KUMO_MAILDIR,
@@ -116,6 +117,8 @@ def running_server(
         policy_settings["KUMO_BENCH_FORWARD_TO"] = f"smtp://{LOOPBACK}:{upstream.port}"
     if kind in KUMO_LIMITED:
         policy_settings["KUMO_BENCH_CLIENT_LIMITS"] = "1"
+    if kind is KUMO_AUTHENTICATION:
+        policy_settings["KUMO_BENCH_AUTHENTICATION"] = "annotate"
     env.update(policy_settings)
     command = server_command(kind, tools, settings, port, count_file, maildir)
     command += [*arguments, *extra_arguments]

@@ -20,6 +20,7 @@ from ._core import (
     ParamsError,
     validate_overrides,
 )
+from .authentication import check_authentication, check_authentication_async
 from .memoize import invalidate_all as invalidate_memoized
 from .memoize import memoize
 from .policy import EVENTS, Policy, default_policy, on
@@ -46,6 +47,8 @@ __all__ = [
     "Policy",
     "Reject",
     "Server",
+    "check_authentication",
+    "check_authentication_async",
     "configure",
     "configure_dns",
     "default_policy",

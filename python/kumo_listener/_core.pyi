@@ -22,6 +22,7 @@ __all__ = [
     "ListenerParams",
     "Message",
     "ParamsError",
+    "check_authentication",
     "check_event",
     "configure_dns",
     "duration_seconds",
@@ -149,3 +150,15 @@ def check_event(name: str) -> None:
 
 def configure_dns(servers: list[str], timeout: float, attempts: int, budget: float) -> None:
     """Point the process's resolver at ``servers`` (none: the system's)."""
+
+def check_authentication(
+    message: Message,
+    conn_meta: ConnectionMeta,
+    spf: bool,
+    dkim: bool,
+    dmarc: bool,
+    arc: bool,
+    iprev: bool,
+    add_header: bool,
+) -> list[dict[str, Any]]:
+    """Run the checks asked on ``message``, blocking without the GIL."""

@@ -352,3 +352,45 @@ fn dkim_result(output: &DkimOutput) -> AuthResult {
         None => result,
     }
 }
+
+/// What policy's `check_authentication` asks: the checks of one message
+/// and its connection, on demand, whatever the `authentication` parameter says.
+pub struct OnDemand {
+    pub message: MessageInput,
+    /// SPF of the MAIL FROM identity (the null sender: `postmaster@<helo>`).
+    pub spf: bool,
+    pub iprev: bool,
+}
+
+/// The results of [`OnDemand`], in the order the `authentication`
+/// parameter gives them: SPF, iprev, DKIM (one per signature), ARC, DMARC.
+/// SPF and iprev are looked up together; DMARC uses that SPF result.
+pub async fn on_demand(request: OnDemand) -> Vec<AuthResult> {
+    let OnDemand { mut message, spf: want_spf, iprev: want_iprev } = request;
+    let ip = message.remote_ip;
+    let spf_check = async {
+        if !want_spf {
+            return None;
+        }
+        let identity = Identity::MailFrom(message.sender.clone());
+        Some(spf(ip, message.helo.clone(), message.hostname.clone(), identity).await)
+    };
+    let iprev_check = async {
+        if want_iprev {
+            Some(iprev(ip).await)
+        } else {
+            None
+        }
+    };
+    let (spf_done, iprev_done) = tokio::join!(spf_check, iprev_check);
+    let mut results = Vec::new();
+    if let Some(done) = spf_done {
+        message.spf = Some(done.output);
+        results.push(done.result);
+    }
+    results.extend(iprev_done);
+    if message.dkim || message.arc || message.dmarc {
+        results.extend(self::message(message).await.results);
+    }
+    results
+}

@@ -130,3 +130,13 @@ pub fn start<T: Send + 'static>(check: impl Future<Output = T> + Send + 'static)
 pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     runtime().spawn_blocking(work).await.ok()
 }
+
+/// Run `check` on the authentication runtime and block the calling thread
+/// (one that is not the runtime's) until it is done; `None` if it panicked.
+pub fn wait<T: Send + 'static>(check: impl Future<Output = T> + Send + 'static) -> Option<T> {
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    runtime().spawn(async move {
+        let _ = done.send(check.await);
+    });
+    result.recv().ok()
+}

@@ -7,6 +7,6 @@ pub mod checks;
 pub mod engine;
 pub mod results;
 
-pub use checks::{Identity, MessageInput, MessageOutcome, Spf};
+pub use checks::{Identity, MessageInput, MessageOutcome, OnDemand, Spf};
 pub use engine::{configure, DnsConfig};
 pub use results::AuthResult;

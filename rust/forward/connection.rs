@@ -235,7 +235,7 @@ impl Connection {
     ) -> Result<(), DataError> {
         let mut out = start;
         let mut offset = 0;
-        let mut piece = message.head.clone();
+        let mut piece = message.full_head();
         loop {
             match &mut stuffer {
                 Some(stuffer) => stuffer.feed(&piece, &mut out),

@@ -1,5 +1,6 @@
 //! The `kumo_listener._core` extension module: a thin layer over the core.
 
+mod authentication;
 mod convert;
 mod core;
 mod errors;
@@ -104,6 +105,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(duration_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(check_event, m)?)?;
     m.add_function(wrap_pyfunction!(configure_dns, m)?)?;
+    m.add_function(wrap_pyfunction!(authentication::check_authentication, m)?)?;
     m.add("AUTHENTICATION_FIELDS", crate::params::Authentication::FIELDS.to_vec())?;
     let dns = crate::auth::DnsConfig::default();
     m.add("DEFAULT_DNS", (dns.timeout.as_secs_f64(), dns.attempts, dns.budget.as_secs_f64()))?;

@@ -135,7 +135,7 @@ impl PyMessage {
     #[getter]
     fn data<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let message = &self.message;
-        if let (true, Body::Memory(bytes)) = (message.head.is_empty(), &message.data) {
+        if let (true, Body::Memory(bytes)) = (message.full_head().is_empty(), &message.data) {
             return Ok(PyBytes::new(py, bytes));
         }
         PyBytes::new_with(py, message.len(), |out| message.read_into(out).map_err(PyErr::from))
@@ -149,7 +149,7 @@ impl PyMessage {
             return py.import("io")?.call_method1("BytesIO", (self.data(py)?,));
         };
         let fd = spilled.file().try_clone()?.into_raw_fd();
-        let head = PyBytes::new(py, &message.head);
+        let head = PyBytes::new(py, &message.full_head());
         let args = (head, fd, spilled.offset(), message.data.len());
         let opened = py.import("kumo_listener.body").and_then(|module| module.call_method1("open_spilled", args));
         if opened.is_err() {

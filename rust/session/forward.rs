@@ -175,7 +175,7 @@ impl<S: Transport> Session<S> {
                     message::new_message_id(),
                     message.sender.clone(),
                     vec![(*recipient).clone()],
-                    message.head.clone(),
+                    message.full_head(),
                     message.data.clone(),
                 );
                 copy.meta.copy_from(&message.meta);
