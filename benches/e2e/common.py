@@ -40,6 +40,12 @@ KUMO_DISCARD = ServerKind("kumo_discard", "kumo_listener (discard)")
 # The defaults an operator runs with: INFO logging (a line per message and per
 # connection) and the Prometheus endpoint, so that their cost is visible.
 KUMO_OBSERVED = ServerKind("kumo_observed", "kumo_listener (discard, INFO logs, metrics)")
+# The same as kumo_observed (whose hooks are memoized and `@kumo.inline`),
+# with the hooks as a user writes them first (see benches/policy_bench.py).
+KUMO_DEF_HOOKS = ServerKind("kumo_def_hooks", "kumo_listener (plain def hooks, INFO logs, metrics)")
+KUMO_SEED = ServerKind("kumo_seed", "kumo_listener (the seed's toml_load hook, INFO logs, metrics)")
+HOOKS_WRITTEN = {KUMO_DEF_HOOKS: "def", KUMO_SEED: "seed"}
+"""The servers whose policy's hooks are not the default (``KUMO_BENCH_HOOKS``)."""
 KUMO_MAILDIR = ServerKind("kumo_maildir", "kumo_listener (maildir)")
 AIOSMTPD = ServerKind("aiosmtpd", "aiosmtpd")
 SMTP_SINK = ServerKind("smtp_sink", "smtp-sink")
@@ -68,12 +74,15 @@ FORWARDERS = (KUMO_FORWARD, KUMO_FORWARD_OBSERVED, POSTFIX_PROXY, AIOSMTPD_PROXY
 KUMO_SERVERS = (
     KUMO_DISCARD,
     KUMO_OBSERVED,
+    *HOOKS_WRITTEN,
     KUMO_MAILDIR,
     KUMO_FORWARD,
     KUMO_FORWARD_OBSERVED,
     *KUMO_LIMITED,
     KUMO_AUTHENTICATION,
 )
+OBSERVED = (KUMO_OBSERVED, *HOOKS_WRITTEN, KUMO_FORWARD_OBSERVED)
+"""The kumo_listener servers run as an operator does: INFO logs, the metrics endpoint."""
 COUNTED = (*KUMO_SERVERS, AIOSMTPD, AIOSMTPD_PROXY)
 """The servers that count the messages they receive (asked with SIGUSR1);
 aiosmtpd's Proxy handler counts those its upstream took."""

@@ -26,6 +26,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         ("starttls", starttls_table),
         ("throughput", cpu_table),
         ("throughput", cpu_ratio_table),
+        ("throughput", hooks_table),
         ("forwarding", forwarding_table),
         ("shared_limits", shared_limits_table),
         ("idle_memory", idle_memory_table),
@@ -128,6 +129,32 @@ def rate_rows(
         ratios = [ratio_cell(ratio(top, median(shape, key))) for key in unders]
         rows.append([shape["title"], *rates, *ratios])
     return rows
+
+
+HOOK_COLUMNS = {"kumo_observed": "inline", "kumo_def_hooks": "def", "kumo_seed": "seed"}
+
+
+def hooks_table(data: dict[str, Any]) -> list[str]:
+    """The policy's hooks as written (INFO logs, metrics): memoized and
+    ``@kumo.inline``, the same as plain ``def``, and the seed's example
+    (plain ``def``, ``toml_load`` per connection): server CPU per message
+    against smtp-sink's, and plain ``def``'s rate against smtp-sink's."""
+    header = ["hooks at INFO: server CPU µs per message (median)", *HOOK_COLUMNS.values()]
+    header += ["smtp-sink", "def/sink (≤ 1.1x)", "inline/sink (≤ 1.0x)", "seed/inline (≤ 1.15x)"]
+    header += ["def rate/sink (≥ 1.0x)"]
+    rows = []
+    for shape in data["results"]["throughput"].values():
+        cpu = {key: cpu_of(shape["servers"].get(key)) for key in (*HOOK_COLUMNS, "smtp_sink")}
+        server = {key: None if value is None else value[0] for key, value in cpu.items()}
+        cells = [rate_cell(server[key]) for key in (*HOOK_COLUMNS, "smtp_sink")]
+        cells += [
+            ratio_cell(ratio(server["kumo_def_hooks"], server["smtp_sink"])),
+            ratio_cell(ratio(server["kumo_observed"], server["smtp_sink"])),
+            ratio_cell(ratio(server["kumo_seed"], server["kumo_observed"])),
+            ratio_cell(ratio(median(shape, "kumo_def_hooks"), median(shape, "smtp_sink"))),
+        ]
+        rows.append([shape["title"], *cells])
+    return table(header, rows)
 
 
 def starttls_table(data: dict[str, Any]) -> list[str]:

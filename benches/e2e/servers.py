@@ -22,13 +22,13 @@ from .common import (
     BENCHES,
     COUNTED,
     FORWARDERS,
+    HOOKS_WRITTEN,
     KUMO_AUTHENTICATION,
-    KUMO_FORWARD_OBSERVED,
     KUMO_LIMITED,
     KUMO_MAILDIR,
-    KUMO_OBSERVED,
     KUMO_SERVERS,
     LOOPBACK,
+    OBSERVED,
     POSTFIX_PROXY,
     POSTFIX_QUEUE,
     UPSTREAM_SINK,
@@ -54,7 +54,7 @@ def server_command(
 ) -> list[str]:
     if kind in KUMO_SERVERS:
         command = [sys.executable, "-m", "kumo_listener", "serve", "--policy", str(POLICY)]
-        if kind in (KUMO_OBSERVED, KUMO_FORWARD_OBSERVED):
+        if kind in OBSERVED:
             command += ["--log-level", "INFO", "--metrics", f"{LOOPBACK}:{free_port()}"]
         else:
             command += ["--log-level", settings.kumo_log_level]
@@ -119,6 +119,8 @@ def running_server(
         policy_settings["KUMO_BENCH_CLIENT_LIMITS"] = "1"
     if kind is KUMO_AUTHENTICATION:
         policy_settings["KUMO_BENCH_AUTHENTICATION"] = "annotate"
+    if kind in HOOKS_WRITTEN:
+        policy_settings["KUMO_BENCH_HOOKS"] = HOOKS_WRITTEN[kind]
     env.update(policy_settings)
     command = server_command(kind, tools, settings, port, count_file, maildir)
     command += [*arguments, *extra_arguments]

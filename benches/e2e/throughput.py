@@ -14,9 +14,11 @@ from typing import Any
 
 from .common import (
     AIOSMTPD,
+    KUMO_DEF_HOOKS,
     KUMO_DISCARD,
     KUMO_MAILDIR,
     KUMO_OBSERVED,
+    KUMO_SEED,
     LOOPBACK,
     RECIPIENT,
     SENDER,
@@ -40,7 +42,15 @@ SHAPES = (
     Shape("reused_connection_1k", "reused connections, 1 KB", 1024, True, 320, 20),
     Shape("reused_connection_100k", "reused connections, 100 KB", 102400, True, 64, 5),
 )
-SERVERS = (KUMO_DISCARD, KUMO_OBSERVED, KUMO_MAILDIR, AIOSMTPD, SMTP_SINK)
+SERVERS = (
+    KUMO_DISCARD,
+    KUMO_OBSERVED,
+    KUMO_DEF_HOOKS,
+    KUMO_SEED,
+    KUMO_MAILDIR,
+    AIOSMTPD,
+    SMTP_SINK,
+)
 MIN_CALIBRATION_SECONDS = 0.5
 MESSAGE_OVERHEAD_BYTES = 4096  # headers smtp-source and the server add, file system slack
 MESSAGES_PER_CONNECTION_CAP = 5000  # kumo_listener's max_messages_per_connection is 10000
