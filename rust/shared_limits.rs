@@ -51,53 +51,53 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// client, for a Redis Cluster).
 const KEY_PREFIX: &str = "kumo_listener:";
 
-/// A new connection: prune expired leases; refuse past the concurrent
-/// limit (1) or the connection rate (2, GCRA); else take a lease (0).
-const ADMIT: &str = r"
+/// The Lua every script starts with: Redis's clock, and the two steps the
+/// scripts share, declared once.
+macro_rules! lua_prelude {
+    () => {
+        r"
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
+-- One event under a GCRA rate of `count` per `period` microseconds: false if refused.
+local function gcra(key, count, period)
+  local tat = tonumber(redis.call('GET', key)) or now_us
+  if tat < now_us then tat = now_us end
+  local new_tat = tat + period / count
+  if new_tat - period > now_us then return false end
+  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now_us) / 1000) + 1)
+  return true
+end
+-- Hold the lease `member` for `ttl` milliseconds from now.
+local function lease(key, member, ttl)
+  redis.call('ZADD', key, now_ms + ttl, member)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+"
+    };
+}
+
+/// A new connection: prune expired leases; refuse past the concurrent
+/// limit (1) or the connection rate (2, GCRA); else take a lease (0).
+const ADMIT: &str = concat!(
+    lua_prelude!(),
+    r"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 1 end
 local count = tonumber(ARGV[4])
-if count > 0 then
-  local period = tonumber(ARGV[5])
-  local tat = tonumber(redis.call('GET', KEYS[2])) or now_us
-  if tat < now_us then tat = now_us end
-  local new_tat = tat + period / count
-  if new_tat - period > now_us then return 2 end
-  redis.call('SET', KEYS[2], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now_us) / 1000) + 1)
-end
-local ttl = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], now_ms + ttl, ARGV[1])
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+if count > 0 and not gcra(KEYS[2], count, tonumber(ARGV[5])) then return 2 end
+lease(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 return 0
-";
+"
+);
 
 /// A lease's session still lives: push its expiry on (adding it again if
 /// it expired meanwhile, say while Redis was down).
-const RENEW: &str = r"
-local t = redis.call('TIME')
-local now_ms = math.floor((tonumber(t[1]) * 1000000 + tonumber(t[2])) / 1000)
-local ttl = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], now_ms + ttl, ARGV[1])
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-return 0
-";
+const RENEW: &str = concat!(lua_prelude!(), "lease(KEYS[1], ARGV[1], tonumber(ARGV[2]))\nreturn 0\n");
 
 /// One event under a GCRA rate: 0 allowed (and counted), 2 refused.
-const RATE: &str = r"
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local count = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now_us
-if tat < now_us then tat = now_us end
-local new_tat = tat + period / count
-if new_tat - period > now_us then return 2 end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now_us) / 1000) + 1)
-return 0
-";
+const RATE: &str =
+    concat!(lua_prelude!(), "if not gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])) then return 2 end\nreturn 0\n");
 
 /// How the operator configured the shared limits.
 #[derive(Clone, Debug)]
