@@ -9,7 +9,7 @@
 //! reach Python's `logging`. What a call carries is in [`crate::events`].
 
 use crate::events::{Event, EventKind, Outcome};
-use crate::handler_threads::{HandlerThreads, Taken};
+use crate::handler_threads::{HandlerThreads, Taken, PATIENCE};
 use crate::log::{self, LogEntry, LogFormat, LogLevel, LogRecord, LogRecords, LOG_ERROR};
 use crate::policy_latency::PolicyLatency;
 use ipnet::IpNet;
@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::futures::Notified;
 use tokio::sync::{oneshot, Notify};
@@ -36,6 +36,8 @@ pub struct Call {
     /// threads fairly between clients.
     pub client: Option<IpNet>,
     reply: oneshot::Sender<Outcome>,
+    /// Set when a handler thread takes the call (calls for the loop have none).
+    taken: Option<Arc<AtomicBool>>,
 }
 
 impl Call {
@@ -196,10 +198,36 @@ impl Bridge {
         }
     }
 
+    /// `outcome`, having woken an idle handler thread if no thread took
+    /// the call (`taken`) within [`PATIENCE`]: those running may be blocked.
+    async fn nudging(
+        &self,
+        outcome: oneshot::Receiver<Outcome>,
+        taken: Option<Arc<AtomicBool>>,
+    ) -> Result<Outcome, oneshot::error::RecvError> {
+        let Some(taken) = taken else { return outcome.await };
+        tokio::pin!(outcome);
+        tokio::select! {
+            biased;
+            answer = &mut outcome => return answer,
+            () = tokio::time::sleep(PATIENCE) => {}
+        }
+        if !taken.load(Ordering::Acquire) {
+            if let Some(threads) = self.handler_threads.get() {
+                threads.nudge();
+            }
+        }
+        outcome.await
+    }
+
     /// Wait (blocking) for a call for a handler thread, having finished one
     /// of `finished`'s, if any; `None` once the threads are closed.
     pub fn take_for_handler_thread(&self, finished: Option<Option<IpNet>>) -> Option<Taken<IpNet, Call>> {
-        self.handler_threads.get()?.take(finished, Call::is_abandoned)
+        let taken = self.handler_threads.get()?.take(finished, Call::is_abandoned)?;
+        if let Some(flag) = &taken.item.taken {
+            flag.store(true, Ordering::Release);
+        }
+        Some(taken)
     }
 
     /// Queue `event` for Python and wait up to `timeout` for its outcome.
@@ -208,16 +236,15 @@ impl Bridge {
         let kind = event.kind();
         let _waiting = Waiting::count(&self.waiting);
         let (reply, outcome) = oneshot::channel();
-        let call = Call { event, client, reply };
-        let call = match self.threaded.load(Ordering::Acquire) & kind.bit() {
-            0 => Err(call),
-            _ => self.run_on_handler_thread(call),
-        };
-        if let Err(call) = call {
+        let threaded = self.threaded.load(Ordering::Acquire) & kind.bit() != 0 && self.handler_threads.get().is_some();
+        let taken = threaded.then(|| Arc::new(AtomicBool::new(false)));
+        let call = Call { event, client, reply, taken: taken.clone() };
+        let queued = if threaded { self.run_on_handler_thread(call) } else { Err(call) };
+        if let Err(call) = queued {
             self.push(|queue| queue.calls.push(call));
         }
         let started = std::time::Instant::now();
-        let answered = tokio::time::timeout(timeout, outcome).await;
+        let answered = tokio::time::timeout(timeout, self.nudging(outcome, taken)).await;
         self.latency.observe(kind, started.elapsed());
         match answered {
             Ok(Ok(outcome)) => outcome,

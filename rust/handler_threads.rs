@@ -10,10 +10,20 @@
 //! them): one client runs handlers on at most [`fair_share`] of the threads
 //! at once, and clients with calls waiting take turns, one call each. A call
 //! whose session stopped waiting before a thread took it is dropped unrun.
+//!
+//! Handlers hold the GIL while they run, so two threads running quick ones
+//! only take turns at it, at the price of two thread switches per call. So
+//! a thread that finishes a call takes the next one waiting, and a new call
+//! wakes a thread only when none is running one; a call that has waited
+//! [`PATIENCE`] without a thread (those running may be blocked: a slow
+//! database, a lock) wakes another with [`HandlerThreads::nudge`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// How long a call waits for a busy thread before it wakes an idle one.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Threads started by default: AnyIO's (and so FastAPI's), enough for
 /// handlers that wait on I/O.
@@ -126,6 +136,10 @@ struct Pool<K, T> {
     /// Threads started or asked to start.
     threads: usize,
     idle: usize,
+    /// Threads running a call.
+    running: usize,
+    /// Idle threads woken that have not taken a call yet.
+    waking: usize,
     closing: bool,
     dropped: u64,
 }
@@ -133,7 +147,8 @@ struct Pool<K, T> {
 impl<K: Copy + Eq + Hash, T> HandlerThreads<K, T> {
     pub fn new(size: usize) -> Self {
         let size = size.max(1);
-        let pool = Pool { queue: FairQueue::new(fair_share(size)), threads: 0, idle: 0, closing: false, dropped: 0 };
+        let queue = FairQueue::new(fair_share(size));
+        let pool = Pool { queue, threads: 0, idle: 0, running: 0, waking: 0, closing: false, dropped: 0 };
         Self { size, state: Mutex::new(pool), wake: Condvar::new() }
     }
 
@@ -146,10 +161,28 @@ impl<K: Copy + Eq + Hash, T> HandlerThreads<K, T> {
         self.lock().threads += 1;
     }
 
+    /// Queue a call; it wakes a thread only if none is running one (a
+    /// running thread takes it when done, or [`HandlerThreads::nudge`] helps).
     pub fn push(&self, client: Option<K>, item: T) {
         let mut pool = self.lock();
         pool.queue.push(client, item);
-        if pool.idle > 0 {
+        if pool.running == 0 {
+            self.wake_one(&mut pool);
+        }
+    }
+
+    /// A call has waited [`PATIENCE`] and no thread took it: wake an idle
+    /// one, unless one is on its way already.
+    pub fn nudge(&self) {
+        let mut pool = self.lock();
+        if pool.waking == 0 && pool.queue.has_startable() {
+            self.wake_one(&mut pool);
+        }
+    }
+
+    fn wake_one(&self, pool: &mut Pool<K, T>) {
+        if pool.idle > pool.waking {
+            pool.waking += 1;
             self.wake.notify_one();
         }
     }
@@ -161,17 +194,16 @@ impl<K: Copy + Eq + Hash, T> HandlerThreads<K, T> {
         let mut pool = self.lock();
         if let Some(client) = finished {
             pool.queue.done(client);
+            pool.running -= 1;
         }
         loop {
             let (next, dropped) = pool.queue.next(&abandoned);
             pool.dropped += dropped as u64;
             if let Some((client, item)) = next {
+                pool.running += 1;
                 let start_another = pool.idle == 0 && pool.threads < self.size;
                 if start_another {
                     pool.threads += 1;
-                }
-                if pool.idle > 0 && pool.queue.has_startable() {
-                    self.wake.notify_one();
                 }
                 return Some(Taken { client, item, start_another });
             }
@@ -182,6 +214,7 @@ impl<K: Copy + Eq + Hash, T> HandlerThreads<K, T> {
             pool.idle += 1;
             pool = self.wake.wait(pool).unwrap_or_else(|poisoned| poisoned.into_inner());
             pool.idle -= 1;
+            pool.waking = pool.waking.saturating_sub(1);
         }
     }
 
@@ -279,5 +312,23 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         pool.push(Some(7), 42);
         assert_eq!(thread.join().unwrap(), Some(42));
+    }
+
+    #[test]
+    fn a_call_wakes_an_idle_thread_only_when_none_runs_or_it_waited_too_long() {
+        let pool = std::sync::Arc::new(HandlerThreads::<u8, u32>::new(4));
+        pool.thread_started();
+        pool.thread_started();
+        pool.push(None, 1);
+        let running = pool.take(None, |_| false).unwrap();
+        let idle = pool.clone();
+        let thread = std::thread::spawn(move || idle.take(None, |_| false).map(|taken| taken.item));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        pool.push(None, 2);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!thread.is_finished(), "the running thread takes it when done");
+        pool.nudge();
+        assert_eq!(thread.join().unwrap(), Some(2));
+        assert_eq!(running.item, 1);
     }
 }
