@@ -54,7 +54,7 @@ pub async fn spf(ip: IpAddr, helo: String, hostname: String, identity: Identity)
                 Identity::Helo => SpfParameters::verify_ehlo(ip, &helo, &hostname),
                 Identity::MailFrom(sender) => SpfParameters::verify_mail_from(ip, &helo, &hostname, sender),
             };
-            resolver.authenticator.verify_spf(params).await
+            resolver.authenticator.verify_spf(resolver.caches.parameters(params)).await
         };
         let output = tokio::time::timeout(budget, verify).await;
         let timed_out = output.is_err();
@@ -109,7 +109,7 @@ pub async fn iprev(ip: IpAddr) -> AuthResult {
     };
     let budget = resolver.config.budget;
     let check = async move {
-        let output = tokio::time::timeout(budget, resolver.authenticator.verify_iprev(ip)).await;
+        let output = tokio::time::timeout(budget, resolver.authenticator.verify_iprev(resolver.caches.parameters(ip))).await;
         let Ok(output) = output else {
             return AuthResult::new("iprev", "temperror").reason(BUDGET_EXHAUSTED).prop("policy.iprev", ip.to_string());
         };
@@ -211,6 +211,7 @@ fn all_temperror(input: &MessageInput, reason: &str) -> Vec<AuthResult> {
 
 async fn verify_message(resolver: &Resolver, bytes: &[u8], input: &MessageInput) -> Vec<AuthResult> {
     let authenticator = &resolver.authenticator;
+    let caches = &resolver.caches;
     let mut results = Vec::new();
     // Strict: a signature with l= is not verified (mail-auth reports it neutral).
     let Some(mut message) = AuthenticatedMessage::parse_with_opts(bytes, None, true) else {
@@ -247,7 +248,7 @@ async fn verify_message(resolver: &Resolver, bytes: &[u8], input: &MessageInput)
     // a `neutral` ("body hash did not verify") for a good signature. The
     // hashes are computed by `AuthenticatedMessage::parse_with_opts` above.
     let dkim_output: Vec<DkimOutput> =
-        if input.dkim || input.dmarc { authenticator.verify_dkim(&message).await } else { Vec::new() };
+        if input.dkim || input.dmarc { authenticator.verify_dkim(caches.parameters(&message)).await } else { Vec::new() };
     if input.dkim {
         results.extend(dkim_output.iter().map(dkim_result));
         results.extend(refused);
@@ -256,7 +257,7 @@ async fn verify_message(resolver: &Resolver, bytes: &[u8], input: &MessageInput)
         }
     }
     if input.arc {
-        let output = authenticator.verify_arc(&message).await;
+        let output = authenticator.verify_arc(caches.parameters(&message)).await;
         let (word, reason) = match output.result() {
             DkimResult::Pass => ("pass", None),
             DkimResult::None => ("none", None),
@@ -283,11 +284,11 @@ async fn verify_message(resolver: &Resolver, bytes: &[u8], input: &MessageInput)
             None => {
                 let hostname = &input.hostname;
                 let params = SpfParameters::verify_mail_from(input.remote_ip, &input.helo, hostname, &input.sender);
-                authenticator.verify_spf(params).await
+                authenticator.verify_spf(caches.parameters(params)).await
             }
         };
         let params = DmarcParameters::new(&message, &dkim_output, &mail_from_domain, &spf_output);
-        let output = authenticator.verify_dmarc(params).await;
+        let output = authenticator.verify_dmarc(caches.parameters(params)).await;
         let (word, reason) = match output.result() {
             DmarcResult::Pass => ("pass", None),
             DmarcResult::Fail(error) => ("fail", Some(error.to_string())),

@@ -11,6 +11,7 @@
 use mail_auth::hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverConfig, ResolverOpts,
 };
+use super::cache::Caches;
 use mail_auth::hickory_resolver::system_conf::read_system_conf;
 use mail_auth::MessageAuthenticator;
 use std::future::Future;
@@ -49,6 +50,8 @@ impl Default for DnsConfig {
 /// The resolver in use and its configuration.
 pub struct Resolver {
     pub authenticator: MessageAuthenticator,
+    /// The records met, parsed; replaced with the resolver.
+    pub caches: Caches,
     pub config: DnsConfig,
 }
 
@@ -113,7 +116,7 @@ fn build(config: DnsConfig) -> Result<Resolver, String> {
     options.cache_size = 8192;
     let _inside = runtime().enter();
     let authenticator = MessageAuthenticator::new(resolver_config, options).map_err(|error| error.to_string())?;
-    Ok(Resolver { authenticator, config })
+    Ok(Resolver { authenticator, caches: Caches::default(), config })
 }
 
 /// Run `check` on the authentication runtime; `None` if it panicked.

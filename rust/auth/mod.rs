@@ -3,6 +3,7 @@
 //! with the process's one resolver; the results as policy sees them and as
 //! the `Authentication-Results:` header (RFC 8601) writes them.
 
+pub mod cache;
 pub mod checks;
 pub mod engine;
 pub mod results;
