@@ -119,6 +119,20 @@ fn build(config: DnsConfig) -> Result<Resolver, String> {
     Ok(Resolver { authenticator, caches: Caches::default(), config })
 }
 
+/// Poll `check` on the calling task, inside the authentication runtime's
+/// context: what it spawns (hickory's connections, on a lookup its cache
+/// cannot answer) and its timers belong to that runtime, as with [`run`],
+/// without the two hops between threads [`run`] costs (about 20 µs of CPU).
+/// For checks that are cheap when their records are cached.
+pub async fn inline<T>(check: impl Future<Output = T>) -> T {
+    let mut check = std::pin::pin!(check);
+    std::future::poll_fn(|context| {
+        let _inside = runtime().enter();
+        check.as_mut().poll(context)
+    })
+    .await
+}
+
 /// Run `check` on the authentication runtime; `None` if it panicked.
 pub async fn run<T: Send + 'static>(check: impl Future<Output = T> + Send + 'static) -> Option<T> {
     runtime().spawn(check).await.ok()
