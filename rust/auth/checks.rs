@@ -109,7 +109,8 @@ pub async fn iprev(ip: IpAddr) -> AuthResult {
     };
     let budget = resolver.config.budget;
     let check = async move {
-        let output = tokio::time::timeout(budget, resolver.authenticator.verify_iprev(resolver.caches.parameters(ip))).await;
+        let output =
+            tokio::time::timeout(budget, resolver.authenticator.verify_iprev(resolver.caches.parameters(ip))).await;
         let Ok(output) = output else {
             return AuthResult::new("iprev", "temperror").reason(BUDGET_EXHAUSTED).prop("policy.iprev", ip.to_string());
         };
@@ -213,7 +214,12 @@ async fn check_message(input: MessageInput) -> MessageOutcome {
             let data = input.data.clone();
             match engine::blocking(move || data.to_vec()).await {
                 Some(Ok(bytes)) => Bytes::from(bytes),
-                _ => return MessageOutcome { results: all_temperror(&input, "reading the body failed"), rewritten: None },
+                _ => {
+                    return MessageOutcome {
+                        results: all_temperror(&input, "reading the body failed"),
+                        rewritten: None,
+                    }
+                }
             }
         }
     };
@@ -279,8 +285,11 @@ async fn verify_message(resolver: &Resolver, bytes: &[u8], input: &MessageInput)
     // which needs a newer rustc than 1.95): such a body's hash may not match,
     // a `neutral` ("body hash did not verify") for a good signature. The
     // hashes are computed by `AuthenticatedMessage::parse_with_opts` above.
-    let dkim_output: Vec<DkimOutput> =
-        if input.dkim || input.dmarc { authenticator.verify_dkim(caches.parameters(&message)).await } else { Vec::new() };
+    let dkim_output: Vec<DkimOutput> = if input.dkim || input.dmarc {
+        authenticator.verify_dkim(caches.parameters(&message)).await
+    } else {
+        Vec::new()
+    };
     if input.dkim {
         results.extend(dkim_output.iter().map(dkim_result));
         results.extend(refused);
@@ -426,4 +435,17 @@ pub async fn on_demand(request: OnDemand) -> Vec<AuthResult> {
         results.extend(self::message(message).await.results);
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_counted_in_the_header_only() {
+        let message = b"DKIM-Signature: v=1;\r\n b=x\r\narc-seal: i=1\r\nARC-Message-Signature: i=1\r\n\
+            Subject: DKIM-Signature:\r\n\r\nDKIM-Signature: in the body\r\n";
+        assert_eq!(signatures(message), 3);
+        assert_eq!(signatures(b"Subject: x\r\n\r\n"), 0);
+    }
 }

@@ -8,10 +8,10 @@
 //! Ed25519 verifications off the sessions' loops. The resolver (with its
 //! cache) is replaced by [`configure`], for the lookups started after it.
 
+use super::cache::Caches;
 use mail_auth::hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverConfig, ResolverOpts,
 };
-use super::cache::Caches;
 use mail_auth::hickory_resolver::system_conf::read_system_conf;
 use mail_auth::MessageAuthenticator;
 use std::future::Future;
