@@ -69,10 +69,11 @@ SERVERS = (KUMO_AUTHENTICATION, KUMO_DISCARD)
 @contextlib.contextmanager
 def sender_zone(public_key_der: bytes) -> Iterator[str]:
     """A dnslib server on loopback for the sender's domain; its address."""
-    from dnslib import QTYPE, RCODE, RR, TXT
+    from dnslib import QTYPE, RCODE, RR, SOA, TXT
     from dnslib.server import BaseResolver, DNSServer
 
     key = base64.b64encode(public_key_der).decode()
+    negative_soa = SOA("ns.example.", "hostmaster.example.", (1, 3600, 600, 86400, 86400))
     records = {
         f"{SENDER_DOMAIN}.": "v=spf1 ip4:127.0.0.0/8 -all",
         f"{HELO}.": "v=spf1 ip4:127.0.0.0/8 -all",
@@ -85,7 +86,11 @@ def sender_zone(public_key_der: bytes) -> Iterator[str]:
             reply = request.reply()
             text = records.get(str(request.q.qname).lower())
             if text is None:
+                # With the zone's SOA, as an authoritative server answers: the
+                # resolver caches the negative answer (RFC 2308), e.g. for the
+                # DMARC tree walk's `_dmarc.example.`.
                 reply.header.rcode = RCODE.NXDOMAIN
+                reply.add_auth(RR("example.", QTYPE.SOA, rdata=negative_soa, ttl=86400))
             elif request.q.qtype == QTYPE.TXT:
                 data = text.encode()
                 strings = [data[i : i + 255] for i in range(0, len(data), 255)]

@@ -59,9 +59,18 @@ def conditions_lines(conditions: Section) -> list[str]:
         f"Postfix {versions['postfix']}, Python {versions['python']}",
         f"- Command: `{shlex.join(conditions['command'])}`",
         f"- Load: smtp-source, {settings['sessions']} parallel sessions, {runs}"
+        + authentication_load(settings)
         + ("; quick (smoke) mode, the numbers mean little" if settings["quick"] else ""),
         f"- Measurements skipped: {skipped}",
     ]
+
+
+def authentication_load(settings: Section) -> str:
+    """The authentication section's own load generator, when it was measured."""
+    if "authentication" in settings["skipped"]:
+        return ""
+    sessions = min(settings["sessions"], 10)
+    return f" (authentication: benches/auth_load.py, smtplib, {sessions} parallel sessions)"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

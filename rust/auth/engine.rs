@@ -8,6 +8,7 @@
 //! Ed25519 verifications off the sessions' loops. The resolver (with its
 //! cache) is replaced by [`configure`], for the lookups started after it.
 
+use super::cache::Caches;
 use mail_auth::hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverConfig, ResolverOpts,
 };
@@ -49,6 +50,8 @@ impl Default for DnsConfig {
 /// The resolver in use and its configuration.
 pub struct Resolver {
     pub authenticator: MessageAuthenticator,
+    /// The records met, parsed; replaced with the resolver.
+    pub caches: Caches,
     pub config: DnsConfig,
 }
 
@@ -113,7 +116,21 @@ fn build(config: DnsConfig) -> Result<Resolver, String> {
     options.cache_size = 8192;
     let _inside = runtime().enter();
     let authenticator = MessageAuthenticator::new(resolver_config, options).map_err(|error| error.to_string())?;
-    Ok(Resolver { authenticator, config })
+    Ok(Resolver { authenticator, caches: Caches::default(), config })
+}
+
+/// Poll `check` on the calling task, inside the authentication runtime's
+/// context: what it spawns (hickory's connections, on a lookup its cache
+/// cannot answer) and its timers belong to that runtime, as with [`run`],
+/// without the two hops between threads [`run`] costs (about 20 µs of CPU).
+/// For checks that are cheap when their records are cached.
+pub async fn inline<T>(check: impl Future<Output = T>) -> T {
+    let mut check = std::pin::pin!(check);
+    std::future::poll_fn(|context| {
+        let _inside = runtime().enter();
+        check.as_mut().poll(context)
+    })
+    .await
 }
 
 /// Run `check` on the authentication runtime; `None` if it panicked.

@@ -3,8 +3,9 @@
 //! the MAIL FROM identity at MAIL FROM (awaited there when enforced), DKIM,
 //! ARC and DMARC once the data is in; the refusals of `enforce`, the
 //! results in the metadata, the `Authentication-Results:` header and the
-//! metric. The checks run on the authentication runtime ([`crate::auth`]):
-//! the session's loop only waits for them.
+//! metric. The checks run on the authentication runtime ([`crate::auth`]),
+//! the session's loop only waiting for them, except those of a small message
+//! with few signatures, run on the session's task (their lookups async).
 
 use super::transaction::Transaction;
 use super::{Session, Stop};
