@@ -188,13 +188,13 @@ impl Bridge {
 
     /// Queue `call` for a handler thread (see [`crate::handler_threads`]);
     /// given back when there are none.
-    pub fn run_on_handler_thread(&self, call: Call) -> Result<(), Call> {
+    pub fn run_on_handler_thread(&self, call: Call) -> Option<Call> {
         match self.handler_threads.get() {
             Some(threads) => {
                 threads.push(call.client, call);
-                Ok(())
+                None
             }
-            None => Err(call),
+            None => Some(call),
         }
     }
 
@@ -239,8 +239,8 @@ impl Bridge {
         let threaded = self.threaded.load(Ordering::Acquire) & kind.bit() != 0 && self.handler_threads.get().is_some();
         let taken = threaded.then(|| Arc::new(AtomicBool::new(false)));
         let call = Call { event, client, reply, taken: taken.clone() };
-        let queued = if threaded { self.run_on_handler_thread(call) } else { Err(call) };
-        if let Err(call) = queued {
+        let left = if threaded { self.run_on_handler_thread(call) } else { Some(call) };
+        if let Some(call) = left {
             self.push(|queue| queue.calls.push(call));
         }
         let started = std::time::Instant::now();

@@ -175,15 +175,13 @@ pub const INLINE_MAX_SIGNATURES: usize = 3;
 /// signatures verified off the session's loop. Within the resolver's
 /// budget; what is not done by then is `temperror`.
 pub async fn message(input: MessageInput) -> MessageOutcome {
-    if let Body::Memory(bytes) = &input.data {
-        if bytes.len() <= INLINE_MAX_SIZE && signatures(bytes) <= INLINE_MAX_SIGNATURES {
-            return engine::inline(check_message(input)).await;
-        }
-    }
-    match engine::run(check_message(input)).await {
-        Some(outcome) => outcome,
-        None => MessageOutcome { results: Vec::new(), rewritten: None },
-    }
+    let small = match &input.data {
+        Body::Memory(bytes) => bytes.len() <= INLINE_MAX_SIZE && signatures(bytes) <= INLINE_MAX_SIGNATURES,
+        _ => false,
+    };
+    let outcome =
+        if small { engine::inline(check_message(input)).await } else { engine::run(check_message(input)).await };
+    outcome.unwrap_or_else(|| MessageOutcome { results: Vec::new(), rewritten: None })
 }
 
 /// The `DKIM-Signature:`, `ARC-Seal:` and `ARC-Message-Signature:` fields in

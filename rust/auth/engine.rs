@@ -123,12 +123,17 @@ fn build(config: DnsConfig) -> Result<Resolver, String> {
 /// context: what it spawns (hickory's connections, on a lookup its cache
 /// cannot answer) and its timers belong to that runtime, as with [`run`],
 /// without the two hops between threads [`run`] costs (about 20 µs of CPU).
-/// For checks that are cheap when their records are cached.
-pub async fn inline<T>(check: impl Future<Output = T>) -> T {
+/// For checks that are cheap when their records are cached. `None` if it
+/// panicked (a bug of the library on hostile input must cost only the
+/// message's results, as with [`run`], not the session).
+pub async fn inline<T>(check: impl Future<Output = T>) -> Option<T> {
     let mut check = std::pin::pin!(check);
     std::future::poll_fn(|context| {
         let _inside = runtime().enter();
-        check.as_mut().poll(context)
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check.as_mut().poll(context))) {
+            Ok(poll) => poll.map(Some),
+            Err(_) => std::task::Poll::Ready(None),
+        }
     })
     .await
 }

@@ -142,11 +142,14 @@ impl PyCore {
     /// Hand `job` (taken from the loop's queue) to the handler threads.
     fn run_on_handler_thread(&self, job: &PyJob) -> PyResult<()> {
         let call = job.take_call()?;
-        self.state.bridge.run_on_handler_thread(call).map_err(|call| {
-            let message = format!("{}: the handler threads are not started", call.event.kind().name());
-            call.finish(Outcome::Failed(message.clone()));
-            PyRuntimeError::new_err(message)
-        })
+        match self.state.bridge.run_on_handler_thread(call) {
+            None => Ok(()),
+            Some(call) => {
+                let message = format!("{}: the handler threads are not started", call.event.kind().name());
+                call.finish(Outcome::Failed(message.clone()));
+                Err(PyRuntimeError::new_err(message))
+            }
+        }
     }
 
     /// Let the handler threads end once the calls queued are done.
