@@ -148,7 +148,7 @@ impl Maildir {
         Ok(Self { files, queue })
     }
 
-    /// Hand messages to the committers; the answer comes once they are durable.
+    /// Hand messages to the committer; the answer comes once they are durable.
     fn submit(&self, messages: Vec<Arc<Message>>) -> oneshot::Receiver<io::Result<()>> {
         let (answer, receiver) = oneshot::channel();
         self.queue.lock().waiting.push(Delivery { messages, answer });
@@ -158,7 +158,7 @@ impl Maildir {
 }
 
 impl Drop for Maildir {
-    /// The committers finish what they hold, then end.
+    /// The committer finishes what it holds, then ends.
     fn drop(&mut self) {
         self.queue.lock().closed = true;
         self.queue.arrived.notify_all();
