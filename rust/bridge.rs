@@ -177,9 +177,12 @@ impl Bridge {
         self.threaded.store(mask, Ordering::Release);
     }
 
-    /// Make the queue of at most `size` handler threads; `false` if it exists.
-    pub fn start_handler_threads(&self, size: usize) -> bool {
-        self.handler_threads.set(HandlerThreads::new(size)).is_ok()
+    /// The queue of at most `size` handler threads (made the first time;
+    /// after that, open again with the size it was made with).
+    pub fn start_handler_threads(&self, size: usize) -> &HandlerThreads<IpNet, Call> {
+        let threads = self.handler_threads.get_or_init(|| HandlerThreads::new(size));
+        threads.reopen();
+        threads
     }
 
     pub fn handler_threads(&self) -> Option<&HandlerThreads<IpNet, Call>> {

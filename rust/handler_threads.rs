@@ -218,6 +218,11 @@ impl<K: Copy + Eq + Hash, T> HandlerThreads<K, T> {
         }
     }
 
+    /// Serve again after [`HandlerThreads::close`] (a server run again).
+    pub fn reopen(&self) {
+        self.lock().closing = false;
+    }
+
     /// Let every thread end once the calls queued before are done.
     pub fn close(&self) {
         self.lock().closing = true;

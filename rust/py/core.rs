@@ -115,16 +115,14 @@ impl PyCore {
         Ok(())
     }
 
-    /// Make the queue of at most `size` handler threads, counting the one
-    /// the caller starts now; each then calls [`PyCore::next_handler_job`].
+    /// Make (or, for a server run again, reopen) the queue of at most
+    /// `size` handler threads, counting the one the caller starts now; each
+    /// then calls [`PyCore::next_handler_job`].
     fn start_handler_threads(&self, size: usize) -> PyResult<()> {
         if size < 1 {
             return Err(PyValueError::new_err(format!("handler_threads must be at least 1, got {size}")));
         }
-        if !self.state.bridge.start_handler_threads(size) {
-            return Err(PyRuntimeError::new_err("the handler threads are started already"));
-        }
-        self.state.bridge.handler_threads().expect("made above").thread_started();
+        self.state.bridge.start_handler_threads(size).thread_started();
         Ok(())
     }
 
