@@ -16,11 +16,12 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 from cryptography import x509
@@ -593,3 +594,18 @@ def tls_session(
     client.hello()
     upgrade(client, context, server_hostname)
     return client, client.ehlo()
+
+
+def in_threads(count: int, call: Callable[[], T]) -> list[T]:
+    """``call()`` on ``count`` threads at once; their results in order."""
+    results: list[Any] = [None] * count
+
+    def run(index: int) -> None:
+        results[index] = call()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results

@@ -10,6 +10,7 @@ import time
 
 import kumo_listener as kumo
 import pytest
+from support import in_threads
 
 
 class Slow:
@@ -26,20 +27,6 @@ class Slow:
             number = self.calls
         time.sleep(self.delay)
         return f"{key}:{number}"
-
-
-def in_threads(count: int, call) -> list:
-    results: list = [None] * count
-
-    def run(index: int) -> None:
-        results[index] = call()
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    return results
 
 
 def test_concurrent_callers_share_one_populate():

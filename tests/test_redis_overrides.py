@@ -13,7 +13,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,7 +22,7 @@ import kumo_listener as kumo
 import pytest
 from kumo_listener.redis_overrides import DEFAULT_CHANNEL, DEFAULT_KEY_PREFIX, RedisOverrides
 from peers import Redis
-from support import RawClient, free_port, logged, require_tool, run_kumo, wait_until
+from support import RawClient, free_port, in_threads, logged, require_tool, run_kumo, wait_until
 
 NAME = "127.0.0.1:0"  # the listener's `listen`, the hook's key
 KEY = DEFAULT_KEY_PREFIX + NAME
@@ -254,20 +253,6 @@ def sleeping(redis: Redis) -> bool:
         except TimeoutError:
             return True
         return False
-
-
-def in_threads(count: int, call: Callable[[], str]) -> list[str]:
-    results = [""] * count
-
-    def run(index: int) -> None:
-        results[index] = call()
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    return results
 
 
 def test_without_the_redis_package_the_error_names_the_extra():

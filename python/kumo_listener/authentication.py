@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import cast
+from typing import Unpack, cast
 
 from . import _core
-from .types import AuthenticationResult
+from .types import AuthenticationChecks, AuthenticationResult
 
 
 def check_authentication(
@@ -45,25 +45,10 @@ def check_authentication(
 async def check_authentication_async(
     message: _core.Message,
     conn_meta: _core.ConnectionMeta,
-    *,
-    spf: bool = True,
-    dkim: bool = True,
-    dmarc: bool = True,
-    arc: bool = True,
-    iprev: bool = True,
-    add_header: bool = False,
+    **checks: Unpack[AuthenticationChecks],
 ) -> list[AuthenticationResult]:
-    """:func:`check_authentication` for ``async def`` handlers: the wait
-    is on a thread of the event loop's default executor, not the loop."""
-    check = functools.partial(
-        check_authentication,
-        message,
-        conn_meta,
-        spf=spf,
-        dkim=dkim,
-        dmarc=dmarc,
-        arc=arc,
-        iprev=iprev,
-        add_header=add_header,
-    )
+    """:func:`check_authentication` for ``async def`` handlers, with its
+    options: the wait is on a thread of the event loop's default executor,
+    not the loop."""
+    check = functools.partial(check_authentication, message, conn_meta, **checks)
     return await asyncio.get_running_loop().run_in_executor(None, check)

@@ -74,6 +74,18 @@ class AuthenticationResult(TypedDict):
     props: dict[str, str]
 
 
+class AuthenticationChecks(TypedDict, total=False):
+    """The options of ``kumo.check_authentication``: the methods to run
+    (each ``True`` by default) and whether to add the header (``False``)."""
+
+    spf: bool
+    dkim: bool
+    dmarc: bool
+    arc: bool
+    iprev: bool
+    add_header: bool
+
+
 class OverrideParameters(TypedDict, total=False):
     """Parameters allowed anywhere: at the top level, in ``peer`` and ``via``
     blocks, and in what ``smtp_server_get_dynamic_parameters`` returns."""
