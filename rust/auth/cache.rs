@@ -20,6 +20,12 @@ pub struct RecordCache<K, V> {
     entries: Mutex<HashMap<K, (V, Instant)>>,
 }
 
+impl<K, V> RecordCache<K, V> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, (V, Instant)>> {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 impl<K, V> Default for RecordCache<K, V> {
     fn default() -> Self {
         Self { entries: Mutex::new(HashMap::new()) }
@@ -32,7 +38,7 @@ impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for RecordCache<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut entries = self.lock();
         match entries.get(name) {
             Some((value, valid_until)) if *valid_until > Instant::now() => Some(value.clone()),
             Some(_) => {
@@ -48,12 +54,12 @@ impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for RecordCache<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut entries = self.lock();
         entries.remove(name).map(|(value, _)| value)
     }
 
     fn insert(&self, key: K, value: V, valid_until: Instant) {
-        let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut entries = self.lock();
         if entries.len() >= CAPACITY {
             let now = Instant::now();
             entries.retain(|_, (_, until)| *until > now);
